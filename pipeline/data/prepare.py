@@ -1,0 +1,421 @@
+"""The prepare stage: sources -> parse -> normalize -> quality / harmful / PII / language ->
+exact dedup -> fuzzy dedup -> decontamination -> split -> tokenizer -> packed Parquet shards,
+with a manifest, an audit of what was removed and why, quarantine, and a report.
+
+``run_prepare(cfg)`` expects Ray to be initialised (``jobs/prepare.py`` does it). Output goes to
+``<output_dir>/<name>-<hash of the result-affecting config>``; each sub-step writes to
+``<step>.tmp`` and renames on success, and ``manifest.json`` is written last, so a finished run is
+not recomputed and an interrupted one resumes at the first unfinished step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+import pipeline
+from pipeline import schema as S
+from pipeline.config import check, config_hash, to_dict
+from pipeline.data import ray_ops
+from pipeline.data.clean import CleanConfig, ParseConfig
+from pipeline.data.decontam import DecontamConfig, NgramIndex
+from pipeline.data.dedup import DedupConfig, components_from_edges
+from pipeline.data.harmful import HarmfulConfig
+from pipeline.data.language import LanguageConfig
+from pipeline.data.normalize import NormalizeConfig
+from pipeline.data.pii import PIIConfig
+from pipeline.data.quality import QualityConfig
+from pipeline.data.sources import SourceConfig, expand_source, read_file
+from pipeline.data.split import SplitConfig
+from pipeline.data.tokenizer import TokenizerConfig, copy_tokenizer, train_tokenizer
+
+logger = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackConfig:
+    seq_len: int = 512
+    docs_per_shard: int = 2000  # documents per packing group = per output shard
+
+    def __post_init__(self) -> None:
+        check(self.seq_len >= 2, f"pack.seq_len must be >= 2, got {self.seq_len}")
+        check(self.docs_per_shard >= 1, f"pack.docs_per_shard must be >= 1, got {self.docs_per_shard}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """Execution knobs: they change speed, never the result (so they are not in the output hash)."""
+
+    read_bundle_bytes: int = 16 << 20  # files are read in bundles of about this many bytes per task
+    num_partitions: int | None = None  # shuffle partitions for dedup; default 2 x cluster CPUs
+
+    def __post_init__(self) -> None:
+        check(self.read_bundle_bytes > 0, f"runtime.read_bundle_bytes must be > 0, got {self.read_bundle_bytes}")
+        check(self.num_partitions is None or self.num_partitions >= 1,
+              f"runtime.num_partitions must be >= 1, got {self.num_partitions}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareConfig:
+    sources: list[SourceConfig]
+    output_dir: str = "outputs/prepare"
+    name: str = "prepare"
+    parse: ParseConfig = field(default_factory=ParseConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    harmful: HarmfulConfig = field(default_factory=HarmfulConfig)
+    pii: PIIConfig = field(default_factory=PIIConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        check(bool(self.sources), "sources must list at least one source")
+        names = [s.source_name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        check(not dup, f"sources: two sources are named {dup}; give each a distinct 'name'")
+        check(bool(self.name) and "/" not in self.name, f"name must be a non-empty path component, got {self.name!r}")
+
+    @property
+    def clean(self) -> CleanConfig:
+        return CleanConfig(normalize=self.normalize, quality=self.quality, harmful=self.harmful,
+                           pii=self.pii, language=self.language)
+
+    def result_hash(self) -> str:
+        data = to_dict(self)
+        for key in ("output_dir", "name", "runtime"):
+            data.pop(key)
+        return config_hash(data)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / f"{self.name}-{self.result_hash()}"
+
+
+# ---------------------------------------------------------------- step bookkeeping
+def _step(out: Path, name: str, build) -> Path:
+    """Run ``build(tmp_dir)`` unless ``out/name`` is complete; publish by rename."""
+    final = out / name
+    if (final / "_SUCCESS").exists():
+        logger.info("step %s: already complete, reusing %s", name, final)
+        return final
+    tmp = out / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = time.time()
+    build(tmp)
+    (tmp / "_SUCCESS").write_text("")
+    os.replace(tmp, final)
+    logger.info("step %s: done in %.1fs", name, time.time() - start)
+    return final
+
+
+def _parquet_files(path: Path) -> list[str]:
+    return sorted(str(p) for p in path.glob("*.parquet"))
+
+
+def _scan(path: Path, columns: list[str], filter=None):
+    files = _parquet_files(path)
+    if not files:
+        return iter(())
+    return pads.dataset(files, format="parquet").to_batches(columns=columns, filter=filter, batch_size=8192)
+
+
+def _value_counts(path: Path, column: str, filter=None) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for batch in _scan(path, [column], filter):
+        for item in batch.column(0).value_counts().to_pylist():
+            counts[str(item["values"])] = counts.get(str(item["values"]), 0) + item["counts"]
+    return counts
+
+
+def _is(column: str, value: str):
+    return pads.field(column) == value
+
+
+def _read_kept(path: Path, split: str | None = None, columns: list[str] | None = None):
+    """Ray dataset of the kept documents of a step's output (optionally one split)."""
+    import ray
+    from ray.data.expressions import col
+
+    files = _parquet_files(path)
+    if not files:
+        empty = S.DOCS_SCHEMA.empty_table()
+        return ray.data.from_arrow(empty.select(columns) if columns else empty)
+    expr = col(S.STATUS) == S.STATUS_KEPT
+    if split is not None:
+        expr = expr & (col(S.SPLIT) == split)
+    ds = ray.data.read_parquet(files).filter(expr=expr)
+    return ds.select_columns(columns) if columns else ds
+
+
+def _write(ds, tmp: Path) -> None:
+    ds.write_parquet(str(tmp))
+
+
+def _bundle(tasks: list[dict], target_bytes: int) -> list[list[dict]]:
+    bundles, current, size = [], [], 0
+    for task in tasks:
+        current.append(task)
+        size += max(task["size"], 4096)
+        if size >= target_bytes:
+            bundles.append(current)
+            current, size = [], 0
+    if current:
+        bundles.append(current)
+    return bundles
+
+
+# ---------------------------------------------------------------- the stage
+def run_prepare(cfg: PrepareConfig) -> dict:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic shard composition
+    run_dir = cfg.run_dir
+    manifest_path = run_dir / "manifest.json"
+    if manifest_path.exists():
+        logger.info("prepare: %s is already complete (same config); not recomputing", run_dir)
+        return json.loads(manifest_path.read_text())
+    start = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    work = run_dir / "_work"
+    work.mkdir(exist_ok=True)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    partitions = cfg.runtime.num_partitions or cfg.dedup.fuzzy.num_partitions or max(2, 2 * cpus)
+
+    # 0) list inputs up front: a missing path fails now, not after hours
+    tasks = [t for i, src in enumerate(cfg.sources) for t in expand_source(src, i)]
+    logger.info("prepare: %d files from %d source(s) -> %s", len(tasks), len(cfg.sources), run_dir)
+
+    # 1) read, parse, normalize, filter, redact: every input record becomes one row
+    def build_clean(tmp: Path) -> None:
+        bundles = _bundle(tasks, cfg.runtime.read_bundle_bytes)
+        items = [{"bundle": json.dumps(b)} for b in bundles]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ray_ops.read_and_clean, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={"cfg": cfg.clean, "max_doc_bytes": cfg.parse.max_doc_bytes},
+        )
+        _write(ds, tmp)
+
+    clean_dir = _step(work, "clean", build_clean)
+
+    # 2) exact dedup, global: a hash shuffle puts equal texts together; the smallest id is kept
+    def build_exact(tmp: Path) -> None:
+        ds = _read_kept(clean_dir)
+        if cfg.dedup.exact.enabled:
+            ds = ray_ops.exact_dedup(ds, partitions)
+        _write(ds, tmp)
+
+    exact_dir = _step(work, "exact", build_exact)
+
+    # 3) fuzzy dedup: MinHash-LSH candidates -> connected components -> optional verification
+    def build_fuzzy(tmp: Path) -> None:
+        fz = cfg.dedup.fuzzy
+        rows = pa.Table.from_pylist([], schema=ray_ops.FUZZY_SCHEMA)
+        if fz.enabled:
+            docs = _read_kept(exact_dir, columns=[S.DOC_ID, S.TEXT])
+            edges = ray_ops.candidate_edges(docs, fz, partitions)
+            edge_tables = [t.select(["a", "b"]) for t in edges.iter_batches(batch_format="pyarrow", batch_size=65536)]
+            edge_table = pa.concat_tables(edge_tables) if edge_tables else pa.table({"a": pa.array([], pa.string()), "b": pa.array([], pa.string())})
+            comp = components_from_edges([(edge_table["a"].to_pylist(), edge_table["b"].to_pylist())])
+            logger.info("fuzzy dedup: %d candidate pairs over %d documents", edge_table.num_rows, len(comp))
+            if fz.verify and comp:
+                comp_path, edges_path = tmp / "components.parquet", tmp / "edges.parquet"
+                pq.write_table(pa.table({"doc_id": list(comp), "component": list(comp.values())}), comp_path)
+                pq.write_table(edge_table.append_column("component", pa.array([comp[a] for a in edge_table["a"].to_pylist()], pa.string())), edges_path)
+                verified = ray_ops.verified_duplicates(docs, str(comp_path), str(edges_path), fz, partitions)
+                parts = [t for t in verified.iter_batches(batch_format="pyarrow") if t.num_rows]
+                if parts:
+                    rows = pa.concat_tables([p.cast(ray_ops.FUZZY_SCHEMA) for p in parts])
+            elif comp:
+                dups = sorted((d, r) for d, r in comp.items() if d != r)
+                rows = pa.table({S.DOC_ID: [d for d, _ in dups], S.CLUSTER_ID: [r for _, r in dups],
+                                 S.REPRESENTATIVE: [r for _, r in dups],
+                                 S.SIMILARITY: pa.nulls(len(dups), pa.float32())}, schema=ray_ops.FUZZY_SCHEMA)
+        pq.write_table(rows.sort_by(S.DOC_ID), tmp / "duplicates.parquet")
+
+    fuzzy_dir = _step(work, "fuzzy", build_fuzzy)
+
+    # 4) decontamination index (n-grams of the evaluation set)
+    def build_decontam(tmp: Path) -> None:
+        dc = cfg.decontam
+        texts = []
+        for i, path in enumerate(dc.eval_paths):
+            for task in expand_source(SourceConfig(path=path, name=f"eval{i}", text_field=dc.text_field), i):
+                texts.extend(r[S.TEXT] for r in read_file(task, cfg.parse.max_doc_bytes) if r.get(S.TEXT))
+        np.save(tmp / "ngrams.npy", NgramIndex.from_texts(texts, dc.ngram).hashes)
+
+    ngram_path = ""
+    if cfg.decontam.enabled:
+        ngram_path = str(_step(work, "decontam", build_decontam) / "ngrams.npy")
+
+    # 5) remove fuzzy duplicates and contaminated docs, assign splits
+    def build_final(tmp: Path) -> None:
+        ds = ray_ops.finalize(_read_kept(exact_dir), str(fuzzy_dir / "duplicates.parquet"), ngram_path,
+                              cfg.decontam.ngram, cfg.split)
+        _write(ds, tmp)
+
+    final_dir = _step(work, "final", build_final)
+
+    # 6) tokenizer: trained on the train split (or a given local one), saved in HF format
+    def build_tokenizer(tmp: Path) -> None:
+        if cfg.tokenizer.path:
+            copy_tokenizer(cfg.tokenizer.path, tmp, cfg.tokenizer)
+            return
+        flt = _is(S.STATUS, S.STATUS_KEPT) & _is(S.SPLIT, "train")
+        limit = cfg.tokenizer.max_train_docs
+
+        def texts():
+            n = 0
+            for batch in _scan(final_dir, [S.TEXT], flt):
+                for text in batch.column(0).to_pylist():
+                    if limit is not None and n >= limit:
+                        return
+                    n += 1
+                    yield text
+
+        train_tokenizer(texts(), cfg.tokenizer, tmp)
+
+    tok_dir = _step(run_dir, "tokenizer", build_tokenizer)
+
+    # 7) tokenize + pack + write shards per split
+    shards: list[dict] = []
+    token_stats: dict[str, dict] = {}
+    for split in SPLITS:
+        def build_split(tmp: Path, split=split) -> None:
+            ds = _read_kept(final_dir, split, columns=[S.DOC_ID, S.SOURCE, S.TEXT])
+            meta = ray_ops.pack_shards(ds, str(tok_dir), cfg.pack.seq_len, str(tmp), cfg.pack.docs_per_shard)
+            meta.sort(key=lambda m: m["first_doc_id"])
+            for i, m in enumerate(meta):
+                name = f"shard-{i:05d}-of-{len(meta):05d}.parquet"
+                os.replace(m["path"], tmp / name)
+                m["path"] = f"{split}/{name}"
+            (tmp / "_shards.json").write_text(json.dumps(meta, indent=1))
+
+        split_dir = _step(run_dir, split, build_split)
+        meta = json.loads((split_dir / "_shards.json").read_text())
+        shards.extend({"path": m["path"], "split": split, "rows": m["rows"]} for m in meta)
+        per_source: dict[str, int] = {}
+        for m in meta:
+            for src, n in m["source_tokens"].items():
+                per_source[src] = per_source.get(src, 0) + n
+        token_stats[split] = {
+            "packed": sum(m["packed_tokens"] for m in meta), "documents": sum(m["doc_tokens"] for m in meta),
+            "remainder": sum(m["remainder"] for m in meta), "rows": sum(m["rows"] for m in meta),
+            "num_docs": sum(m["num_docs"] for m in meta), "per_source": per_source,
+        }
+
+    # 8) labeled splits (text, label) for fine-tuning
+    def build_labeled(tmp: Path) -> None:
+        for split in SPLITS:
+            flt = _is(S.STATUS, S.STATUS_KEPT) & _is(S.SPLIT, split) & pads.field(S.LABEL).is_valid()
+            batches = list(_scan(final_dir, [S.DOC_ID, S.SOURCE, S.TEXT, S.LABEL], flt))
+            table = pa.Table.from_batches(batches) if batches else None
+            if table is not None and table.num_rows:
+                pq.write_table(table.sort_by(S.DOC_ID), tmp / f"{split}.parquet")
+
+    labeled_dir = _step(run_dir, "labeled", build_labeled)
+
+    # 9) audit: removed documents with their reason, and quarantined records
+    def build_removed(tmp: Path) -> None:
+        cols = S.REMOVED_SCHEMA.names
+        with pq.ParquetWriter(tmp / "removed.parquet", S.REMOVED_SCHEMA) as writer:
+            for path in (clean_dir, exact_dir, final_dir):
+                for batch in _scan(path, cols, _is(S.STATUS, S.STATUS_DROPPED)):
+                    writer.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=S.REMOVED_SCHEMA))
+
+    _step(run_dir, "removed", build_removed)
+
+    def build_quarantine(tmp: Path) -> None:
+        cols = S.REMOVED_SCHEMA.names
+        with pq.ParquetWriter(tmp / "quarantine.parquet", S.REMOVED_SCHEMA) as writer:
+            for batch in _scan(clean_dir, cols, _is(S.STATUS, S.STATUS_QUARANTINED)):
+                writer.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=S.REMOVED_SCHEMA))
+
+    _step(run_dir, "quarantine", build_quarantine)
+
+    # 10) counts (with the invariant), report, manifest last
+    counts = count_documents(clean_dir, exact_dir, final_dir)
+    from pipeline.data.report import write_report
+
+    manifest = {
+        "name": cfg.name,
+        "config_hash": cfg.result_hash(),
+        "output_dir": str(run_dir),
+        "counts": counts,
+        "tokens": {"train": token_stats["train"]["packed"], "val": token_stats["val"]["packed"],
+                   "test": token_stats["test"]["packed"], "seq_len": cfg.pack.seq_len, "per_split": token_stats},
+        "shards": shards,
+        "tokenizer": str(tok_dir),
+        "labeled": sorted(str(p.relative_to(run_dir)) for p in labeled_dir.glob("*.parquet")),
+        "removed": "removed/removed.parquet",
+        "quarantine": "quarantine/quarantine.parquet",
+        "duplicates": {"exact": counts["dropped"].get("exact_duplicate", 0),
+                       "fuzzy": counts["dropped"].get("fuzzy_duplicate", 0)},
+        "config": to_dict(cfg),
+        "versions": _versions(),
+        "seconds": round(time.time() - start, 2),
+    }
+    manifest["report"] = write_report(run_dir, manifest, clean_dir, final_dir)
+    tmp_manifest = run_dir / "manifest.json.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    os.replace(tmp_manifest, manifest_path)
+    logger.info("prepare: finished in %.1fs -> %s", manifest["seconds"], run_dir)
+    return manifest
+
+
+def count_documents(clean_dir: Path, exact_dir: Path, final_dir: Path) -> dict:
+    clean = _value_counts(clean_dir, S.STATUS)
+    exact = _value_counts(exact_dir, S.STATUS)
+    final = _value_counts(final_dir, S.STATUS)
+    dropped: dict[str, int] = {}
+    for path in (clean_dir, exact_dir, final_dir):
+        for reason, n in _value_counts(path, S.REASON, _is(S.STATUS, S.STATUS_DROPPED)).items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    quarantined_by_reason = _value_counts(clean_dir, S.REASON, _is(S.STATUS, S.STATUS_QUARANTINED))
+    counts = {
+        "input_docs": sum(clean.values()),
+        "kept_docs": final.get(S.STATUS_KEPT, 0),
+        "quarantined": clean.get(S.STATUS_QUARANTINED, 0),
+        "dropped": dict(sorted(dropped.items())),
+        "quarantined_by_reason": dict(sorted(quarantined_by_reason.items())),
+        "kept_by_split": _value_counts(final_dir, S.SPLIT, _is(S.STATUS, S.STATUS_KEPT)),
+        "kept_by_source": _value_counts(final_dir, S.SOURCE, _is(S.STATUS, S.STATUS_KEPT)),
+        "input_by_source": _value_counts(clean_dir, S.SOURCE),
+    }
+    # Every stage passes each of its input rows on exactly once.
+    assert sum(exact.values()) == clean.get(S.STATUS_KEPT, 0), f"exact dedup lost rows: {exact} vs {clean}"
+    assert sum(final.values()) == exact.get(S.STATUS_KEPT, 0), f"finalize lost rows: {final} vs {exact}"
+    total = counts["kept_docs"] + sum(dropped.values()) + counts["quarantined"]
+    assert counts["input_docs"] == total, f"document accounting is off: {counts}"
+    return counts
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "pipeline": pipeline.__version__}
+    for pkg in ("ray", "pyarrow", "tokenizers", "transformers", "datasets", "numpy", "ftfy", "trafilatura", "langid"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out

