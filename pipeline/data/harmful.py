@@ -48,7 +48,7 @@ class BlocklistFilter:
     def check(self, text: str) -> tuple[bool, str | None]:
         if not self.cfg.enabled or self.pattern is None:
             return True, None
-        hits = [m.group(0).lower() for m in self.pattern.finditer(text)]
+        hits = [" ".join(m.group(0).lower().split()) for m in self.pattern.finditer(text)]
         if len(hits) >= self.cfg.min_hits:
             return False, f"{len(hits)} hit(s): {', '.join(sorted(set(hits))[:5])}"
         return True, None

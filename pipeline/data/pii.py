@@ -52,7 +52,9 @@ def luhn_valid(digits: str) -> bool:
 
 
 def _is_ipv6(candidate: str) -> bool:
-    if candidate.count(":") < 2:
+    groups = [g for g in candidate.split(":") if g]
+    # "a::b" or "std::map" parse or nearly parse as IPv6; real addresses have a long group or many groups
+    if candidate.count(":") < 2 or not (len(groups) >= 4 or any(len(g) >= 3 for g in groups)):
         return False
     try:
         ipaddress.IPv6Address(candidate)

@@ -246,9 +246,20 @@ def _field_record(task: dict, doc_id: str, obj: dict, raw: Any) -> dict:
     return _doc(task, doc_id, text, label)
 
 
+def _iter_lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a binary stream; works on decompressors without readline (zstd)."""
+    pending = b""
+    while chunk := f.read(chunk_size):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        yield from lines
+    if pending:
+        yield pending
+
+
 def _read_jsonl(task: dict, max_bytes: int) -> Iterator[dict]:
     with _open(task["path"]) as f:
-        for lineno, line in enumerate(f, start=1):
+        for lineno, line in enumerate(_iter_lines(f), start=1):
             doc_id = f"{task['source']}:{task['rel']}:{lineno}"
             if not line.strip():
                 continue  # blank lines carry no record

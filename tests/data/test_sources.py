@@ -1,0 +1,129 @@
+"""Source formats and bad input: every record is either a document or a quarantine record with a
+reason; nothing raises, nothing disappears."""
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from pipeline import schema as S
+from pipeline.data.sources import SourceConfig, expand_source, read_file
+
+MAX = 1_000_000
+
+
+def read_all(src: SourceConfig) -> list[dict]:
+    return [r for t in expand_source(src) for r in read_file(t, MAX)]
+
+
+def reasons(records):
+    return sorted(r[S.REASON] for r in records if r.get(S.STATUS) == S.STATUS_QUARANTINED)
+
+
+def test_text_dir_with_bad_files(tmp_path):
+    (tmp_path / "a.txt").write_text("A good document.")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("Another one.")
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")  # Latin-1, not UTF-8
+    (tmp_path / "empty.txt").write_text("  \n ")
+    (tmp_path / "big.txt").write_bytes(b"word " * 2_100_000)  # 10.5 MB
+    (tmp_path / "notes.xyz").write_text("unknown extension")
+    recs = read_all(SourceConfig(path=str(tmp_path), name="d"))
+    docs = {r[S.DOC_ID]: r for r in recs if r.get(S.STATUS) is None}
+    assert set(docs) == {"d:a.txt", "d:sub/b.md"}
+    assert docs["d:a.txt"][S.TEXT] == "A good document." and docs["d:a.txt"][S.SOURCE] == "d"
+    assert reasons(recs) == ["empty_text", "invalid_utf8", "too_large", "unsupported_format"]
+    bad = next(r for r in recs if r.get(S.REASON) == "invalid_utf8")
+    assert "byte 3" in bad[S.DETAIL] and bad[S.RAW_EXCERPT].startswith("caf")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_jsonl_with_malformed_lines(tmp_path, suffix):
+    lines = [
+        json.dumps({"text": "First good document.", "label": "a", "id": "x1"}),
+        "{not json",
+        json.dumps({"body": "no text field"}),
+        json.dumps({"text": 42}),
+        json.dumps({"text": None}),
+        json.dumps(["a", "list"]),
+        "",
+        json.dumps({"text": "   "}),
+        json.dumps({"text": "Second good document.", "label": 3}),
+    ]
+    raw = ("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff byte"}\n'
+    path = tmp_path / f"data{suffix}"
+    if suffix.endswith(".gz"):
+        raw = gzip.compress(raw)
+    elif suffix.endswith(".zst"):
+        raw = zstandard.ZstdCompressor().compress(raw)
+    path.write_bytes(raw)
+    recs = read_all(SourceConfig(path=str(path), label_field="label", id_field="id"))
+    docs = [r for r in recs if r.get(S.STATUS) is None]
+    assert [d[S.TEXT] for d in docs] == ["First good document.", "Second good document."]
+    assert [d[S.LABEL] for d in docs] == ["a", "3"]
+    assert docs[0][S.DOC_ID] == "data:x1" and docs[1][S.DOC_ID] == "data:data" + suffix + ":9"
+    assert reasons(recs) == sorted(["malformed_json", "missing_text_field", "non_string_text", "missing_text_field",
+                                    "malformed_json", "empty_text", "invalid_utf8"])
+    assert len(recs) == 9  # 10 lines, one blank
+
+
+def test_parquet_csv_hf_and_file_uri(tmp_path):
+    pq.write_table(pa.table({"content": ["Parquet doc one.", None, "Parquet doc two."], "y": [1, 2, 3]}),
+                   tmp_path / "t.parquet")
+    (tmp_path / "t.csv").write_text('content,y\n"CSV doc, with comma.",a\n"multi\nline",b\n,c\n')
+    import datasets
+
+    datasets.Dataset.from_dict({"content": ["HF doc."], "y": ["z"]}).save_to_disk(str(tmp_path / "hf"))
+
+    recs = read_all(SourceConfig(path=f"file://{tmp_path}/t.parquet", text_field="content", label_field="y"))
+    assert [r.get(S.TEXT) for r in recs] == ["Parquet doc one.", None, "Parquet doc two."]
+    assert reasons(recs) == ["missing_text_field"] and recs[2][S.LABEL] == "3"
+    assert recs[0][S.PATH].startswith("file://")
+
+    recs = read_all(SourceConfig(path=str(tmp_path / "t.csv"), text_field="content", label_field="y"))
+    assert [r.get(S.TEXT) for r in recs] == ["CSV doc, with comma.", "multi\nline", None]
+    assert reasons(recs) == ["empty_text"]
+
+    recs = read_all(SourceConfig(path=str(tmp_path / "hf"), text_field="content", label_field="y"))
+    assert [(r[S.TEXT], r[S.LABEL]) for r in recs] == [("HF doc.", "z")]
+
+
+def test_html_main_text(tmp_path):
+    body = "<p>" + " ".join(["This is the main article text about trains and stations."] * 5) + "</p>"
+    (tmp_path / "page.html").write_text(
+        f"<html><head><title>T</title></head><body><nav>Home | About</nav><article>{body}</article>"
+        "<footer>Copyright</footer></body></html>")
+    (tmp_path / "empty.html").write_text("<html><body><script>var x = 1;</script></body></html>")
+    recs = read_all(SourceConfig(path=str(tmp_path)))
+    doc = next(r for r in recs if r.get(S.STATUS) is None)
+    assert "main article text" in doc[S.TEXT] and "Home | About" not in doc[S.TEXT]
+    assert reasons(recs) == ["html_no_main_text"]
+
+
+def test_builtin_sources():
+    bbc = expand_source(SourceConfig(path="bbc-news"))
+    assert len(bbc) == 2225
+    assert {t["label"] for t in bbc} == {"business", "entertainment", "politics", "sports", "tech"}
+    chat = read_all(SourceConfig(path="chatterbot"))
+    docs = [r for r in chat if r.get(S.STATUS) is None]
+    assert len(docs) > 1500 and all(r[S.SOURCE] == "chatterbot" for r in docs)
+    assert any("computer" in d[S.TEXT].lower() for d in docs)
+
+
+def test_missing_path_and_bad_uri_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        expand_source(SourceConfig(path=str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="matched no files|no such file"):
+        expand_source(SourceConfig(path=str(tmp_path / "*.jsonl")))
+    with pytest.raises(ValueError, match="s3fs|URI"):
+        expand_source(SourceConfig(path="s3://bucket/key.jsonl"))
+
+
+def test_corrupt_file_is_quarantined_not_raised(tmp_path):
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"\x1f\x8b garbage")
+    recs = read_all(SourceConfig(path=str(tmp_path)))
+    assert reasons(recs) == ["unreadable_file", "unreadable_file"]

@@ -1,0 +1,61 @@
+"""Tokenizer round trip and packing accounting."""
+
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data.packing import pack
+from pipeline.data.shards import write_packed_shard
+from pipeline.data.tokenizer import TokenizerConfig, load_backend, train_tokenizer
+
+TEXTS = [
+    "The cat sat on the mat.", "Profits rose 76% to $1.13bn (£600m).", "Ünïcödé and emoji 🚀 survive.",
+    "Multiple\nlines\n\nand  spaces.", "<|user|> hello <|assistant|> hi",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(iter(TEXTS), TokenizerConfig(vocab_size=400, min_frequency=1), out)
+    return str(out)
+
+
+def test_tokenizer_round_trip_and_hf_loading(tok_dir):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    assert hf.eos_token == "<|endoftext|>" and hf.pad_token == "<|pad|>" and hf.mask_token == "<|mask|>"
+    for text in TEXTS[:5] + ["never seen: Zyxwvut ßç 中文"]:
+        ids = hf(text, add_special_tokens=False)["input_ids"]
+        assert hf.decode(ids) == text
+    assert len(hf("<|user|>", add_special_tokens=False)["input_ids"]) == 1  # chat roles are single tokens
+    tok, eos = load_backend(tok_dir)
+    assert eos == hf.eos_token_id
+    assert tok.encode("The cat sat on the mat.").ids == hf("The cat sat on the mat.", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 64])
+def test_packing_loses_no_token(seq_len):
+    rng = random.Random(seq_len)
+    docs = [[rng.randrange(1, 100) for _ in range(rng.randrange(0, 40))] for _ in range(50)]
+    rows, remainder = pack(docs, eos_id=0, seq_len=seq_len)
+    assert rows.shape[1] == seq_len and rows.dtype == np.int32
+    assert sum(len(d) + 1 for d in docs) == rows.size + remainder and 0 <= remainder < seq_len
+    flat = [t for d in docs for t in d + [0]]
+    assert rows.reshape(-1).tolist() == flat[: rows.size]
+
+
+def test_shard_writer_accounts_for_every_token(tok_dir, tmp_path):
+    texts = TEXTS[:30]
+    meta = write_packed_shard([f"d{i}" for i in range(30)], texts, ["s1"] * 20 + ["s2"] * 10, tok_dir, 16, str(tmp_path))
+    table = pq.read_table(meta["path"])
+    assert table.num_rows == meta["rows"] and all(len(r) == 16 for r in table.column("input_ids").to_pylist())
+    assert meta["doc_tokens"] == meta["packed_tokens"] + meta["remainder"]
+    tok, _ = load_backend(tok_dir)
+    assert meta["doc_tokens"] == sum(len(tok.encode(t, add_special_tokens=False).ids) + 1 for t in texts)
+    assert sum(meta["source_tokens"].values()) == meta["doc_tokens"]
+    again = write_packed_shard([f"d{i}" for i in range(30)], texts, ["s1"] * 30, tok_dir, 16, str(tmp_path))
+    assert again["path"] == meta["path"] and len(list(tmp_path.glob("*.parquet"))) == 1  # retry-safe name

@@ -1,0 +1,88 @@
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from jobs.prepare import parse_config
+from pipeline.config import config_hash, from_dict, load_config, parse_override
+from pipeline.data.prepare import PrepareConfig
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("jobs", "configs").glob("*.yaml"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inner:
+    size: int = 1
+    rate: float = 0.5
+    kind: Literal["a", "b"] = "a"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outer:
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+    tags: list[str] = field(default_factory=list)
+    limit: int | None = None
+
+
+def test_nested_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: y\ninner:\n  size: 3\n")
+    cfg = load_config(Outer, path, ["inner.rate=2", "tags=[p, q]", "limit=null", "inner.kind=b"])
+    assert cfg == Outer(name="y", inner=Inner(size=3, rate=2.0, kind="b"), tags=["p", "q"], limit=None)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"nmae": "x"}, "nmae"),
+        ({"inner": {"sise": 2}}, "inner.sise"),
+        ({"inner": {"size": "big"}}, "inner.size"),
+        ({"inner": {"size": True}}, "inner.size"),
+        ({"inner": {"kind": "c"}}, "inner.kind"),
+        ({"tags": "notalist"}, "tags"),
+        ({"limit": 1.5}, "limit"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key(data, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        from_dict(Outer, data)
+
+
+def test_override_syntax():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a=hello world") == (["a"], "hello world")
+    with pytest.raises(ValueError):
+        parse_override("novalue")
+
+
+def test_config_hash_is_stable_and_sensitive():
+    assert config_hash(Outer()) == config_hash(Outer())
+    assert config_hash(Outer()) != config_hash(Outer(inner=Inner(size=2)))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_yaml_loads(path):
+    assert CONFIGS, "no shipped configs found"
+    cfg = parse_config(["--config", str(path)])
+    assert isinstance(cfg, PrepareConfig)
+
+
+def test_prepare_config_validation_names_keys(tmp_path):
+    with pytest.raises(ValueError, match="pack.seq_len"):
+        parse_config(["--config", str(CONFIGS[0]), "pack.seq_len=0"])
+    with pytest.raises(ValueError, match="quality.gopher_quality.min_wrds"):
+        parse_config(["--config", str(CONFIGS[0]), "quality.gopher_quality.min_wrds=3"])
+    with pytest.raises(ValueError, match="dedup.fuzzy.bands"):
+        parse_config(["--config", str(CONFIGS[0]), "dedup.fuzzy.bands=100"])
+    cfg = parse_config(["--config", str(CONFIGS[0]), "--input", str(tmp_path), "--output", "/tmp/x"])
+    assert [s.path for s in cfg.sources] == [str(tmp_path)] and cfg.output_dir == "/tmp/x"
+
+
+def test_output_dir_depends_on_result_fields_only():
+    base = from_dict(PrepareConfig, {"sources": ["bbc-news"]})
+    faster = from_dict(PrepareConfig, {"sources": ["bbc-news"], "runtime": {"read_bundle_bytes": 1000}})
+    other = from_dict(PrepareConfig, {"sources": ["bbc-news"], "pack": {"seq_len": 64}})
+    assert base.run_dir == faster.run_dir
+    assert base.run_dir != other.run_dir
