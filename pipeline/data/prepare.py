@@ -379,7 +379,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False))
     os.replace(tmp_manifest, manifest_path)
     logger.info("prepare: finished in %.1fs -> %s", manifest["seconds"], run_dir)
-    return manifest
+    return json.loads(manifest_path.read_text())  # the same plain data a rerun returns
 
 
 def count_documents(clean_dir: Path, exact_dir: Path, final_dir: Path) -> dict:

@@ -1,0 +1,190 @@
+"""The prepare stage end to end on a local Ray cluster: a small mixed corpus with planted
+duplicates and bad records; manifest invariant; loadable outputs; rerun and interrupted run."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import schema as S
+from pipeline.config import from_dict
+from pipeline.data import prepare as prepare_mod
+from pipeline.data import ray_ops
+from pipeline.data.prepare import PrepareConfig, run_prepare
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+def word(rng: random.Random) -> str:
+    return "".join(rng.choice("bcdfghjklmnprstvwz") + rng.choice("aeiou") for _ in range(rng.randrange(2, 5)))
+
+
+def sentence(rng: random.Random) -> str:
+    w = [word(rng) for _ in range(8)]
+    return f"The {w[0]} {w[1]} of the {w[2]} {w[3]} and {w[4]} {w[5]} to {w[6]} with {w[7]}."
+
+
+def document(rng: random.Random, paragraphs: int = 4) -> str:
+    return "\n\n".join(" ".join(sentence(rng) for _ in range(3)) for _ in range(paragraphs))
+
+
+def perturb(rng: random.Random, text: str) -> str:
+    words = text.split(" ")
+    for i in rng.sample(range(len(words)), 3):
+        words[i] = "changed"
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    rng = random.Random(7)
+    root = tmp_path_factory.mktemp("corpus")
+    docs = [document(rng) for _ in range(60)]
+    lines = [json.dumps({"text": t}) for t in docs]
+    lines.append(json.dumps({"text": docs[0]}))  # exact duplicate of line 1
+    lines.append(json.dumps({"text": perturb(rng, docs[1])}))  # near duplicate of line 2
+    lines.append(json.dumps({"text": document(rng) + "\n\nContact jane.doe@example.com or call 555-123-4567."}))
+    lines.append("{malformed json")
+    lines.append(json.dumps({"text": ""}))
+    lines.append(json.dumps({"text": "Too short."}))
+    lines.append(json.dumps({"text": "Le conseil municipal a visité le nouveau marché. " * 12}))
+    lines.append(json.dumps({"text": document(rng) + " Visit our online casino and buy viagra today."}))
+    (root / "news.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "\xff\xfe"}\n')
+    rows = ["text,topic"] + [f'"{document(rng, 2)}",{rng.choice(["a", "b"])}' for _ in range(30)]
+    (root / "labeled.csv").write_text("\n".join(rows) + "\n")
+    return {"root": root, "docs": docs}
+
+
+def config(corpus: dict, out: Path, **extra) -> PrepareConfig:
+    data = {
+        "name": "t",
+        "output_dir": str(out),
+        "sources": [{"path": str(corpus["root"] / "news.jsonl")},
+                    {"path": str(corpus["root"] / "labeled.csv"), "label_field": "topic"}],
+        "tokenizer": {"vocab_size": 500},
+        "pack": {"seq_len": 64, "docs_per_shard": 25},
+        "split": {"val_fraction": 0.1, "test_fraction": 0.2},
+    }
+    data.update(extra)
+    return from_dict(PrepareConfig, data)
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    cfg = config(corpus, out)
+    return cfg, run_prepare(cfg)
+
+
+def test_manifest_counts_and_invariant(prepared):
+    cfg, m = prepared
+    c = m["counts"]
+    assert c["input_docs"] == 69 + 31 - 1  # 69 JSONL records (+1 invalid UTF-8 line), 30 CSV rows
+    assert c["input_docs"] == c["kept_docs"] + sum(c["dropped"].values()) + c["quarantined"]
+    assert c["quarantined_by_reason"] == {"empty_text": 1, "invalid_utf8": 1, "malformed_json": 1}
+    assert c["dropped"]["exact_duplicate"] == 1 and c["dropped"]["fuzzy_duplicate"] == 1
+    assert c["dropped"]["gopher_quality:min_words"] == 1
+    assert c["dropped"]["gopher_repetition:top_2gram_frac"] == 1  # the French line repeated 12 times
+    assert c["dropped"]["harmful:blocklist"] == 1
+    assert m["duplicates"] == {"exact": 1, "fuzzy": 1}
+    assert set(c["kept_by_split"]) <= {"train", "val", "test"} and c["kept_by_split"]["train"] > 40
+    assert Path(m["output_dir"]) == cfg.run_dir and (cfg.run_dir / "manifest.json").exists()
+    for key in ("config", "versions", "tokenizer", "shards", "tokens"):
+        assert key in m
+    assert (cfg.run_dir / m["report"]).exists()
+    for png in ("doc_length.png", "drops_per_reason.png", "tokens_per_source.png"):
+        assert (cfg.run_dir / "report" / png).stat().st_size > 1000
+
+
+def test_audit_tables(prepared):
+    cfg, m = prepared
+    removed = pq.read_table(cfg.run_dir / m["removed"]).to_pylist()
+    assert len(removed) == sum(m["counts"]["dropped"].values())
+    exact = [r for r in removed if r[S.REASON] == "exact_duplicate"]
+    assert exact[0][S.DOC_ID] == "news:news.jsonl:61" and exact[0][S.REPRESENTATIVE] == "news:news.jsonl:1"
+    fuzzy = [r for r in removed if r[S.REASON] == "fuzzy_duplicate"]
+    assert fuzzy[0][S.DOC_ID] == "news:news.jsonl:62" and fuzzy[0][S.REPRESENTATIVE] == "news:news.jsonl:2"
+    assert fuzzy[0][S.CLUSTER_ID] and fuzzy[0][S.SIMILARITY] >= 0.8
+    quarantine = pq.read_table(cfg.run_dir / m["quarantine"]).to_pylist()
+    assert sorted(q[S.REASON] for q in quarantine) == ["empty_text", "invalid_utf8", "malformed_json"]
+    final = pq.read_table(cfg.run_dir / "_work" / "final").to_pylist()
+    pii = next(r for r in final if r[S.DOC_ID] == "news:news.jsonl:63")
+    assert "<EMAIL>" in pii[S.TEXT] and "<PHONE>" in pii[S.TEXT] and pii[S.PII_EMAIL] == 1 and pii[S.PII_PHONE] == 1
+
+
+def test_shards_and_tokenizer_load(prepared):
+    import datasets
+    from transformers import AutoTokenizer
+
+    cfg, m = prepared
+    run = cfg.run_dir
+    tok = AutoTokenizer.from_pretrained(m["tokenizer"], local_files_only=True)
+    train = [str(run / s["path"]) for s in m["shards"] if s["split"] == "train"]
+    assert len(train) >= 2  # docs_per_shard=25
+    ds = datasets.load_dataset("parquet", data_files={"train": train}, split="train")
+    assert len(ds) == sum(s["rows"] for s in m["shards"] if s["split"] == "train")
+    assert all(len(x) == 64 for x in ds["input_ids"])
+    assert m["tokens"]["train"] == len(ds) * 64
+    for split in ("train", "val", "test"):
+        stats = m["tokens"]["per_split"][split]
+        assert stats["documents"] == stats["packed"] + stats["remainder"]
+        assert stats["num_docs"] == m["counts"]["kept_by_split"].get(split, 0)
+    text = tok.decode(pq.read_table(train[0]).column("input_ids")[0].as_py())
+    assert " of the " in text
+    assert sorted(p.name for p in (run / "train").glob("*.parquet")) == sorted(Path(p).name for p in train)
+    labeled = pq.read_table(run / "labeled" / "train.parquet")
+    assert set(labeled.column(S.LABEL).to_pylist()) == {"a", "b"}
+    assert set(labeled.column(S.SOURCE).to_pylist()) == {"labeled"}
+    assert "test" in m["counts"]["kept_by_split"]  # labeled sources get a test split
+    news_splits = {r[S.SPLIT] for r in pq.read_table(run / "_work" / "final").to_pylist()
+                   if r[S.SOURCE] == "news" and r[S.STATUS] == "kept"}
+    assert "test" not in news_splits
+
+
+def test_rerun_is_not_recomputed(prepared, caplog):
+    cfg, m = prepared
+    before = (cfg.run_dir / "manifest.json").stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        again = run_prepare(cfg)
+    assert again == m
+    assert (cfg.run_dir / "manifest.json").stat().st_mtime_ns == before
+    assert "already complete" in caplog.text
+
+
+def test_interrupted_run_resumes_without_duplicates(corpus, tmp_path, monkeypatch, prepared):
+    cfg = config(corpus, tmp_path)
+    real = ray_ops.pack_shards
+
+    def crash_on_val(ds, tokenizer_dir, seq_len, out_dir, docs_per_shard):
+        if out_dir.endswith("val.tmp"):
+            Path(out_dir, "part-partial.parquet").write_bytes(b"half a file")
+            raise RuntimeError("simulated crash")
+        return real(ds, tokenizer_dir, seq_len, out_dir, docs_per_shard)
+
+    monkeypatch.setattr(ray_ops, "pack_shards", crash_on_val)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_prepare(cfg)
+    assert not (cfg.run_dir / "manifest.json").exists()
+    assert (cfg.run_dir / "train" / "_SUCCESS").exists() and (cfg.run_dir / "val.tmp").exists()
+    train_files = sorted((cfg.run_dir / "train").iterdir())
+
+    monkeypatch.setattr(ray_ops, "pack_shards", real)
+    m = run_prepare(cfg)
+    assert sorted((cfg.run_dir / "train").iterdir()) == train_files  # finished step reused as is
+    assert not list(cfg.run_dir.glob("*.tmp")) and not list((cfg.run_dir / "_work").glob("*.tmp"))
+    on_disk = sorted(str(p.relative_to(cfg.run_dir)) for p in cfg.run_dir.glob("*/shard-*.parquet"))
+    assert on_disk == sorted(s["path"] for s in m["shards"])
+    assert m["counts"] == prepared[1]["counts"] and m["tokens"]["train"] == prepared[1]["tokens"]["train"]
+
+
+def test_job_entry_errors(tmp_path, capsys):
+    from jobs.prepare import main
+
+    assert main(["--config", "jobs/configs/prepare_demo.yaml", "--input", str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["--config", "jobs/configs/prepare_demo.yaml", "pack.sequence_len=3"]) == 2
+    assert "pack.sequence_len" in capsys.readouterr().err
