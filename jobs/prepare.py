@@ -46,6 +46,8 @@ def summary(manifest: dict) -> str:
         f"  documents: input {c['input_docs']}, kept {c['kept_docs']}, dropped {sum(c['dropped'].values())}, "
         f"quarantined {c['quarantined']}",
         f"  duplicates found: exact {manifest['duplicates']['exact']}, fuzzy {manifest['duplicates']['fuzzy']}",
+        *[f"    {src:<20} exact {r.get('exact_duplicate', 0)}, fuzzy {r.get('fuzzy_duplicate', 0)}"
+          for src, r in c["removed_by_source"].items()],
         "  dropped per reason:",
         *[f"    {k:<40} {v}" for k, v in sorted(c["dropped"].items(), key=lambda kv: -kv[1])],
         "  quarantined per reason:",

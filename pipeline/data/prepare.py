@@ -304,15 +304,16 @@ def run_prepare(cfg: PrepareConfig) -> dict:
             ds = _read_kept(final_dir, split, columns=[S.DOC_ID, S.SOURCE, S.TEXT])
             meta = ray_ops.pack_shards(ds, str(tok_dir), cfg.pack.seq_len, str(tmp), cfg.pack.docs_per_shard)
             meta.sort(key=lambda m: m["first_doc_id"])
-            for i, m in enumerate(meta):
-                name = f"shard-{i:05d}-of-{len(meta):05d}.parquet"
+            written = [m for m in meta if m["path"]]
+            for i, m in enumerate(written):
+                name = f"shard-{i:05d}-of-{len(written):05d}.parquet"
                 os.replace(m["path"], tmp / name)
                 m["path"] = f"{split}/{name}"
             (tmp / "_shards.json").write_text(json.dumps(meta, indent=1))
 
         split_dir = _step(run_dir, split, build_split)
         meta = json.loads((split_dir / "_shards.json").read_text())
-        shards.extend({"path": m["path"], "split": split, "rows": m["rows"]} for m in meta)
+        shards.extend({"path": m["path"], "split": split, "rows": m["rows"]} for m in meta if m["path"])
         per_source: dict[str, int] = {}
         for m in meta:
             for src, n in m["source_tokens"].items():
@@ -391,6 +392,12 @@ def count_documents(clean_dir: Path, exact_dir: Path, final_dir: Path) -> dict:
         for reason, n in _value_counts(path, S.REASON, _is(S.STATUS, S.STATUS_DROPPED)).items():
             dropped[reason] = dropped.get(reason, 0) + n
     quarantined_by_reason = _value_counts(clean_dir, S.REASON, _is(S.STATUS, S.STATUS_QUARANTINED))
+    by_source: dict[str, dict[str, int]] = {}
+    for path in (clean_dir, exact_dir, final_dir):
+        for batch in _scan(path, [S.SOURCE, S.REASON], pads.field(S.STATUS) != S.STATUS_KEPT):
+            for src, reason in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                by_source.setdefault(src, {}).setdefault(reason, 0)
+                by_source[src][reason] += 1
     counts = {
         "input_docs": sum(clean.values()),
         "kept_docs": final.get(S.STATUS_KEPT, 0),
@@ -400,6 +407,7 @@ def count_documents(clean_dir: Path, exact_dir: Path, final_dir: Path) -> dict:
         "kept_by_split": _value_counts(final_dir, S.SPLIT, _is(S.STATUS, S.STATUS_KEPT)),
         "kept_by_source": _value_counts(final_dir, S.SOURCE, _is(S.STATUS, S.STATUS_KEPT)),
         "input_by_source": _value_counts(clean_dir, S.SOURCE),
+        "removed_by_source": {k: dict(sorted(v.items())) for k, v in sorted(by_source.items())},
     }
     # Every stage passes each of its input rows on exactly once.
     assert sum(exact.values()) == clean.get(S.STATUS_KEPT, 0), f"exact dedup lost rows: {exact} vs {clean}"

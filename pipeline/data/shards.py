@@ -36,11 +36,12 @@ def write_packed_shard(
     # Content-addressed name: a retried task rewrites the same file instead of adding a duplicate.
     digest = hashlib.sha256("\x00".join(doc_ids).encode()).hexdigest()[:16]
     out = Path(out_dir) / f"part-{digest}.parquet"
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    if len(rows):  # a group shorter than one sequence only contributes its remainder
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
     return {
-        "path": str(out), "rows": len(rows), "num_docs": len(texts), "first_doc_id": min(doc_ids) if doc_ids else "",
+        "path": str(out) if len(rows) else "", "rows": len(rows), "num_docs": len(texts), "first_doc_id": min(doc_ids) if doc_ids else "",
         "doc_tokens": int(sum(per_source.values())), "packed_tokens": int(rows.size), "remainder": int(remainder),
         "source_tokens": dict(per_source),
     }
