@@ -7,9 +7,11 @@ become a candidate pair when any band matches, which happens with probability
 ``1 - (1 - J**rows)**bands`` (an S-curve with threshold about ``(1/bands)**(1/rows)``).
 
 Shingles are word n-grams of the lower-cased text. Each word is hashed once with CRC-32 (C speed,
-stable across processes unlike ``hash()``), n-gram hashes are combined with numpy, and the
-permutations are the universal hashes ``(a*x + b) mod (2**61 - 1)`` truncated to 32 bits, all
-vectorised (datasketch uses the same family but a SHA-1 per shingle).
+stable across processes unlike ``hash()``) and n-gram hashes are combined with numpy. The
+permutations are multiply-shift hashes ``h(x) = ((a*x + b) mod 2**64) >> 32`` with random 64-bit
+``a, b``, a strongly universal family for 32-bit keys (Dietzfelbinger 1996, "Universal hashing and
+k-wise independent random variables via integer arithmetic without primes"): one multiply, add and
+shift per (shingle, permutation), where datasketch pays a SHA-1 per shingle and a 64-bit modulo.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import numpy as np
 
 from pipeline.config import check
 
-MERSENNE_PRIME = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)
 _WORD = re.compile(r"\w+")
 _CHUNK = 4096  # shingles per block of the (shingles x permutations) matrix: bounds memory on huge docs
@@ -64,18 +65,16 @@ def candidate_probability(jaccard: float, bands: int, rows: int) -> float:
 def word_hashes(text: str, cache: dict[str, int] | None = None) -> np.ndarray:
     words = _WORD.findall(text.lower())
     if cache is None:
-        return np.fromiter((zlib.crc32(w.encode()) for w in words), dtype=np.uint64, count=len(words))
-    out = np.empty(len(words), dtype=np.uint64)
-    for i, w in enumerate(words):
-        h = cache.get(w)
-        if h is None:
-            h = cache[w] = zlib.crc32(w.encode())
-        out[i] = h
-    return out
+        cache = {}
+    # hash each distinct new word once; the lookups below run in C (map over a dict method)
+    for w in set(words).difference(cache):
+        cache[w] = zlib.crc32(w.encode())
+    return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
 
 
-def shingle_hashes(text: str, k: int, cache: dict[str, int] | None = None) -> np.ndarray:
-    """Sorted unique 32-bit hashes of the word k-grams (the whole text when shorter than k words)."""
+def shingle_hashes(text: str, k: int, cache: dict[str, int] | None = None, unique: bool = True) -> np.ndarray:
+    """32-bit hashes of the word k-grams (the whole text when shorter than k words), sorted and
+    unique unless ``unique=False`` (MinHash does not need it: repeats do not change a minimum)."""
     w = word_hashes(text, cache)
     if len(w) == 0:
         return np.empty(0, dtype=np.uint64)
@@ -84,28 +83,33 @@ def shingle_hashes(text: str, k: int, cache: dict[str, int] | None = None) -> np
     h = np.zeros(n, dtype=np.uint64)
     with np.errstate(over="ignore"):  # wrap-around multiplication is the point of a polynomial hash
         for j in range(k):
-            h = h * np.uint64(1_000_003) + w[j : j + n]
+            h *= np.uint64(1_000_003)
+            h += w[j : j + n]
         h ^= h >> np.uint64(29)
         h *= np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(32)
-    return np.unique(h & MAX_HASH)
+    h &= MAX_HASH
+    return np.unique(h) if unique else h
 
 
 class MinHasher:
     def __init__(self, num_perm: int, seed: int = 42):
         rng = np.random.RandomState(seed)
-        # a < 2**31 and x < 2**32 keep a*x + b below 2**64: no overflow before the modulus
-        self.a = rng.randint(1, 1 << 31, size=num_perm, dtype=np.int64).astype(np.uint64)
-        self.b = rng.randint(0, 1 << 31, size=num_perm, dtype=np.int64).astype(np.uint64)
+        self.a = rng.randint(0, 1 << 63, size=num_perm, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+        self.b = rng.randint(0, 1 << 63, size=num_perm, dtype=np.int64).astype(np.uint64)
         self.num_perm = num_perm
 
     def signature(self, shingles: np.ndarray) -> np.ndarray:
-        sig = np.full(self.num_perm, MAX_HASH, dtype=np.uint64)
-        for start in range(0, len(shingles), _CHUNK):
-            x = shingles[start : start + _CHUNK, None]
-            phv = ((x * self.a + self.b) % MERSENNE_PRIME) & MAX_HASH
-            np.minimum(sig, phv.min(axis=0), out=sig)
-        return sig.astype(np.uint32)
+        """32-bit MinHash signature of a set of 32-bit shingle hashes (all-ones for the empty set)."""
+        sig = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
+        with np.errstate(over="ignore"):  # arithmetic mod 2**64 is the hash
+            for start in range(0, len(shingles), _CHUNK):
+                x = shingles[start : start + _CHUNK, None]
+                phv = x * self.a
+                phv += self.b
+                np.minimum(sig, phv.min(axis=0), out=sig)
+        # ">> 32" is monotone, so it commutes with the minimum: shift once per permutation
+        return (sig >> np.uint64(32)).astype(np.uint32)
 
 
 def band_keys(signature: np.ndarray, bands: int, rows: int) -> list[int]:

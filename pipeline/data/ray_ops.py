@@ -114,7 +114,7 @@ def _band_rows(batch: pa.Table, cfg: MinHashConfig) -> pa.Table:
     keys: list[int] = []
     ids: list[str] = []
     for doc_id, text in zip(batch.column(S.DOC_ID).to_pylist(), batch.column(S.TEXT).to_pylist()):
-        sig = hasher.signature(shingle_hashes(text, cfg.shingle_size, cache))
+        sig = hasher.signature(shingle_hashes(text, cfg.shingle_size, cache, unique=False))
         keys.extend(band_keys(sig, cfg.bands, cfg.rows))
         ids.extend([doc_id] * cfg.bands)
     return pa.table({"band_key": pa.array(keys, pa.int64()), S.DOC_ID: pa.array(ids, pa.string())})
