@@ -86,3 +86,12 @@ def test_output_dir_depends_on_result_fields_only():
     other = from_dict(PrepareConfig, {"sources": ["bbc-news"], "pack": {"seq_len": 64}})
     assert base.run_dir == faster.run_dir
     assert base.run_dir != other.run_dir
+
+
+def test_sources_need_distinct_names(tmp_path):
+    with pytest.raises(ValueError, match="distinct 'name'"):
+        from_dict(PrepareConfig, {"sources": [str(tmp_path / "a" / "x.jsonl"), str(tmp_path / "b" / "x.jsonl")]})
+    cfg = from_dict(PrepareConfig, {"sources": [{"path": "a/x.jsonl", "name": "a"}, {"path": "b/x.jsonl", "name": "b"}]})
+    assert [s.source_name for s in cfg.sources] == ["a", "b"]
+    with pytest.raises(ValueError, match="sources must list"):
+        from_dict(PrepareConfig, {"sources": []})

@@ -336,22 +336,17 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     labeled_dir = _step(run_dir, "labeled", build_labeled)
 
     # 9) audit: removed documents with their reason, and quarantined records
-    def build_removed(tmp: Path) -> None:
-        cols = S.REMOVED_SCHEMA.names
-        with pq.ParquetWriter(tmp / "removed.parquet", S.REMOVED_SCHEMA) as writer:
-            for path in (clean_dir, exact_dir, final_dir):
-                for batch in _scan(path, cols, _is(S.STATUS, S.STATUS_DROPPED)):
-                    writer.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=S.REMOVED_SCHEMA))
+    def audit(name: str, status: str, dirs: tuple[Path, ...]):
+        def build(tmp: Path) -> None:
+            with pq.ParquetWriter(tmp / f"{name}.parquet", S.REMOVED_SCHEMA) as writer:
+                for path in dirs:
+                    for batch in _scan(path, S.REMOVED_SCHEMA.names, _is(S.STATUS, status)):
+                        writer.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=S.REMOVED_SCHEMA))
 
-    _step(run_dir, "removed", build_removed)
+        _step(run_dir, name, build)
 
-    def build_quarantine(tmp: Path) -> None:
-        cols = S.REMOVED_SCHEMA.names
-        with pq.ParquetWriter(tmp / "quarantine.parquet", S.REMOVED_SCHEMA) as writer:
-            for batch in _scan(clean_dir, cols, _is(S.STATUS, S.STATUS_QUARANTINED)):
-                writer.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=S.REMOVED_SCHEMA))
-
-    _step(run_dir, "quarantine", build_quarantine)
+    audit("removed", S.STATUS_DROPPED, (clean_dir, exact_dir, final_dir))
+    audit("quarantine", S.STATUS_QUARANTINED, (clean_dir,))
 
     # 10) counts (with the invariant), report, manifest last
     counts = count_documents(clean_dir, exact_dir, final_dir)

@@ -270,6 +270,8 @@ def _read_jsonl(task: dict, max_bytes: int) -> Iterator[dict]:
             if text is None:
                 yield quarantine(task, doc_id, "invalid_utf8", err, line)
                 continue
+            if lineno == 1:
+                text = text.lstrip("\ufeff")  # a byte-order mark written by some editors
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
@@ -307,7 +309,7 @@ def _read_csv(task: dict, max_bytes: int) -> Iterator[dict]:
     csv.field_size_limit(max(max_bytes * 4, 1 << 20))
     with _open(task["path"]) as f:
         # surrogateescape keeps undecodable bytes visible, so the affected rows are quarantined
-        stream = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+        stream = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
         reader = csv.DictReader(stream, delimiter=delimiter)
         row = 0
         try:

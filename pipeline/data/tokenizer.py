@@ -4,6 +4,7 @@ split, or loaded from a local directory; saved in Hugging Face format so that
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -77,6 +78,12 @@ def save_hf_tokenizer(tok, cfg: TokenizerConfig, out_dir: str | Path):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out_dir))
+    # transformers 5 records its internal class name; older releases (and other loaders) know the
+    # public PreTrainedTokenizerFast, which transformers 5 loads as well
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2))
     return hf
 
 
@@ -96,8 +103,6 @@ def copy_tokenizer(src: str | Path, out_dir: str | Path, cfg: TokenizerConfig):
 @lru_cache(maxsize=4)
 def load_backend(tokenizer_dir: str):
     """(tokenizers.Tokenizer, eos id) from a saved HF tokenizer directory, cached per process."""
-    import json
-
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))

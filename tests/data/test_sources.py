@@ -53,7 +53,7 @@ def test_jsonl_with_malformed_lines(tmp_path, suffix):
         json.dumps({"text": "   "}),
         json.dumps({"text": "Second good document.", "label": 3}),
     ]
-    raw = ("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff byte"}\n'
+    raw = b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff byte"}\n'
     path = tmp_path / f"data{suffix}"
     if suffix.endswith(".gz"):
         raw = gzip.compress(raw)
@@ -73,7 +73,7 @@ def test_jsonl_with_malformed_lines(tmp_path, suffix):
 def test_parquet_csv_hf_and_file_uri(tmp_path):
     pq.write_table(pa.table({"content": ["Parquet doc one.", None, "Parquet doc two."], "y": [1, 2, 3]}),
                    tmp_path / "t.parquet")
-    (tmp_path / "t.csv").write_text('content,y\n"CSV doc, with comma.",a\n"multi\nline",b\n,c\n')
+    (tmp_path / "t.csv").write_text('\ufeffcontent,y\n"CSV doc, with comma.",a\n"multi\nline",b\n,c\n')  # with a BOM
     import datasets
 
     datasets.Dataset.from_dict({"content": ["HF doc."], "y": ["z"]}).save_to_disk(str(tmp_path / "hf"))
