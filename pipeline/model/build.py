@@ -1,0 +1,102 @@
+"""Build a language model from a typed config and a tokenizer's vocabulary.
+
+Architectures are ``transformers`` classes (no ``trust_remote_code``), so a saved model reloads
+with ``AutoModelForCausalLM`` / ``AutoModelForMaskedLM``. SDPA attention is requested explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.config import check
+
+Arch = Literal["gpt2", "llama"]
+Objective = Literal["causal", "masked"]
+Preset = Literal["tiny", "small", "gpt2-124m", "custom"]
+
+# (n_layer, n_head, n_embd)
+PRESETS = {"tiny": (2, 2, 64), "small": (4, 4, 256), "gpt2-124m": (12, 12, 768)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    arch: Arch = "gpt2"
+    objective: Objective = "causal"  # masked: BERT-style encoder with an MLM head (arch is ignored)
+    preset: Preset = "small"
+    n_layer: int | None = None  # override the preset (required for preset: custom)
+    n_head: int | None = None
+    n_embd: int | None = None
+    n_kv_head: int | None = None  # llama: grouped-query attention (default: n_head)
+    max_seq_len: int = 1024
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        layer, head, embd = self.dims
+        check(layer >= 1, f"model.n_layer must be >= 1, got {layer}")
+        check(head >= 1 and embd % head == 0, f"model.n_embd ({embd}) must be divisible by model.n_head ({head})")
+        check(self.max_seq_len >= 2, f"model.max_seq_len must be >= 2, got {self.max_seq_len}")
+        check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.n_kv_head is not None:
+            check(head % self.n_kv_head == 0, f"model.n_head ({head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        if self.preset == "custom":
+            check(None not in (self.n_layer, self.n_head, self.n_embd),
+                  "model.preset custom needs model.n_layer, model.n_head and model.n_embd")
+            base = (0, 0, 0)
+        else:
+            base = PRESETS[self.preset]
+        return (self.n_layer or base[0], self.n_head or base[1], self.n_embd or base[2])
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int | None, eos_id: int | None):
+    import transformers
+
+    n_layer, n_head, n_embd = cfg.dims
+    if cfg.objective == "masked":
+        return transformers.BertConfig(
+            vocab_size=vocab_size, hidden_size=n_embd, num_hidden_layers=n_layer, num_attention_heads=n_head,
+            intermediate_size=4 * n_embd, max_position_embeddings=cfg.max_seq_len, type_vocab_size=1,
+            hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout, pad_token_id=pad_id or 0,
+            tie_word_embeddings=cfg.tie_embeddings,
+        )
+    if cfg.arch == "llama":
+        hidden = int(8 * n_embd / 3)
+        return transformers.LlamaConfig(
+            vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=(hidden + 63) // 64 * 64,
+            num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=cfg.n_kv_head or n_head,
+            max_position_embeddings=cfg.max_seq_len, attention_dropout=cfg.dropout, rms_norm_eps=1e-5,
+            tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        )
+    return transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=cfg.max_seq_len, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, bos_token_id=eos_id,
+        eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=cfg.tie_embeddings,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int | None = None, eos_id: int | None = None, seed: int = 0):
+    import torch
+    import transformers
+
+    config = hf_config(cfg, vocab_size, pad_id, eos_id)
+    torch.manual_seed(seed)
+    cls = transformers.AutoModelForMaskedLM if cfg.objective == "masked" else transformers.AutoModelForCausalLM
+    return cls.from_config(config, attn_implementation="sdpa")
+
+
+def num_params(model, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12 * n_layer * d_model * seq_len (Kaplan et al. 2020; the
+    attention term as in the PaLM paper's MFU formula)."""
+    c = model.config
+    n_layer = getattr(c, "n_layer", None) or c.num_hidden_layers
+    d = getattr(c, "n_embd", None) or c.hidden_size
+    n = num_params(model) - model.get_input_embeddings().weight.numel()
+    return 6 * n + 12 * n_layer * d * seq_len

@@ -1,0 +1,81 @@
+"""Checkpoints in Hugging Face format: ``save_pretrained`` (safetensors) plus the tokenizer, and
+``training_state.pt`` with the optimizer, step, data position and RNG states to resume exactly.
+A checkpoint directory is itself a loadable model (``AutoModelForCausalLM.from_pretrained``)."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.train.loop import TrainState
+
+STATE_FILE = "training_state.pt"
+
+
+def unwrap(model):
+    """The bare model behind DDP / FSDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def save_checkpoint(path: str | Path, model, tokenizer=None, optimizer=None, state: TrainState | None = None,
+                    extra: dict | None = None) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    unwrap(model).save_pretrained(str(path), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    if optimizer is not None or state is not None:
+        torch.save({
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "state": state.to_dict() if state is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "extra": extra or {},
+        }, path / STATE_FILE)
+    return path
+
+
+def load_training_state(path: str | Path, optimizer=None) -> tuple[TrainState, dict]:
+    blob = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    if optimizer is not None and blob["optimizer"] is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+    names = {f.name for f in fields(TrainState)}
+    state = TrainState(**{k: v for k, v in (blob["state"] or {}).items() if k in names})
+    rng = blob.get("rng") or {}
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+    return state, blob.get("extra", {})
+
+
+def load_model_weights(model, path: str | Path) -> None:
+    """Load safetensors weights saved by ``save_checkpoint`` into an already built model."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    assert files, f"no safetensors weights in {path}"
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    target = unwrap(model)
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    # tied output embeddings are not stored twice
+    missing = [m for m in missing if not m.endswith(("lm_head.weight", "decoder.weight", "decoder.bias"))]
+    assert not missing and not unexpected, f"checkpoint mismatch: missing {missing}, unexpected {unexpected}"
+    if hasattr(target, "tie_weights"):
+        target.tie_weights()
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)

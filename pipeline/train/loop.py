@@ -1,0 +1,246 @@
+"""The training loop, in plain torch: gradient accumulation and clipping, cosine LR with warmup,
+autocast (bf16 on GPU, fp32 on CPU), periodic evaluation, early stopping and checkpoint hooks.
+
+One loop serves pretraining (causal or masked), SFT and classification: each batch is a dict of
+tensors that the model consumes as ``model(**batch).loss``. Distribution is injected: ``reduce``
+averages a metric across workers (identity on one process), and the Ray Train wrapper passes
+callbacks that report and checkpoint. Runs without Ray (``benchmarks/``, GPU scripts, tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Literal
+
+import torch
+
+from pipeline.config import check
+from pipeline.train.optim import make_optimizer
+from pipeline.train.schedule import get_lr
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"optim.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # sequences per worker per micro-batch
+    grad_accum: int = 1
+    eval_every: int = 100
+    eval_batches: int = 20  # per worker; 0 = the whole validation split (a checkpoint follows each evaluation)
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    log_every: int = 10
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every"):
+            check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        check(self.eval_batches >= 0, f"train.eval_batches must be >= 0, got {self.eval_batches}")
+        check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+              f"train.early_stopping_patience must be >= 1 or null, got {self.early_stopping_patience}")
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer needed to continue a run exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches consumed in the current epoch (data position)
+    tokens: int = 0
+    best_val_loss: float = math.inf
+    evals_without_improvement: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def count_tokens(batch: dict) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def label_tokens(batch: dict) -> int:
+    """Tokens that carry loss: labels != -100 for token-level objectives, else one per sequence."""
+    labels = batch.get("labels")
+    if labels is None or labels.dim() == 1:
+        return int(batch["input_ids"].shape[0])
+    if labels.shape == batch["input_ids"].shape and "attention_mask" not in batch and (labels == -100).sum() == 0:
+        return int(labels.numel() - labels.shape[0])  # causal LM: one prediction less per row
+    return int((labels != -100).sum())
+
+
+@torch.no_grad()
+def estimate_loss(model, batches: Iterator[dict], device: torch.device, precision: str = "auto",
+                  max_batches: int = 0, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Token-weighted mean loss over the batches (summed across workers with ``reduce``)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        batch = to_device(batch, device)
+        with autocast_context(device, precision):
+            loss = model(**batch).loss
+        n = label_tokens(batch)
+        total += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=device)
+    if reduce is not None:
+        total = reduce(total)
+    model.train(was_training)
+    loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1])}
+
+
+class Trainer:
+    """Runs optimizer steps over an endless stream of micro-batches."""
+
+    def __init__(self, model, optim: OptimConfig, loop: LoopConfig, device: torch.device,
+                 flops_per_token: float = 0.0, peak_flops: float = 0.0):
+        self.model = model
+        self.optim_cfg = optim
+        self.cfg = loop
+        self.device = device
+        self.optimizer = make_optimizer(model, optim.lr, optim.weight_decay, (optim.beta1, optim.beta2),
+                                        fused=device.type == "cuda")
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+
+    def lr_at(self, step: int) -> float:
+        o = self.optim_cfg
+        return get_lr(step, lr=o.lr, warmup_steps=o.warmup_steps, max_steps=self.cfg.max_steps,
+                      min_lr=o.lr * o.min_lr_ratio)
+
+    def train_step(self, micro_batches: list[dict], step: int) -> tuple[float, int]:
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_loss, tokens = 0.0, 0
+        for i, batch in enumerate(micro_batches):
+            batch = to_device(batch, self.device)
+            sync = getattr(self.model, "no_sync", None)
+            ctx = sync() if sync is not None and i < len(micro_batches) - 1 else nullcontext()
+            with ctx, autocast_context(self.device, self.cfg.precision):
+                loss = self.model(**batch).loss / len(micro_batches)
+            loss.backward()
+            total_loss += float(loss.detach())
+            tokens += count_tokens(batch)
+        if self.optim_cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss, tokens
+
+    def fit(
+        self,
+        state: TrainState,
+        train_batches: Callable[[int], Iterator[dict]],
+        val_batches: Callable[[], Iterator[dict]] | None = None,
+        *,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        on_log: Callable[[dict], None] | None = None,
+        on_eval: Callable[[dict, TrainState, bool], None] | None = None,
+        world_size: int = 1,
+    ) -> TrainState:
+        """Train until ``max_steps`` or early stopping. ``train_batches(epoch)`` yields the
+        micro-batches of one epoch; on resume the first ``state.batches_in_epoch`` are skipped.
+        ``on_eval(metrics, state, is_last)`` is called after each evaluation, at the same steps
+        on every worker (so a Ray Train wrapper can report and checkpoint from it)."""
+        cfg = self.cfg
+        self.model.train()
+        it = self._epoch_iter(train_batches, state)
+        t_last, tokens_last = time.perf_counter(), 0
+        while state.step < cfg.max_steps:
+            micro = []
+            while len(micro) < cfg.grad_accum:
+                batch = next(it, None)
+                if batch is None:  # epoch finished
+                    state.epoch += 1
+                    state.batches_in_epoch = 0
+                    it = self._epoch_iter(train_batches, state)
+                    batch = next(it, None)
+                    if batch is None:
+                        raise ValueError("the training split yields no batch: too little data for train.batch_size")
+                micro.append(batch)
+                state.batches_in_epoch += 1
+            loss, tokens = self.train_step(micro, state.step)
+            state.step += 1
+            state.tokens += tokens * world_size
+            tokens_last += tokens * world_size
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                dt = time.perf_counter() - t_last
+                tps = tokens_last / dt if dt > 0 else 0.0
+                record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": self.lr_at(state.step - 1),
+                          "tokens": state.tokens, "tokens_per_s": tps}
+                if self.peak_flops and self.flops_per_token:
+                    record["mfu"] = tps * self.flops_per_token / (self.peak_flops * world_size)
+                state.history.append(record)
+                if on_log:
+                    on_log(record)
+                t_last, tokens_last = time.perf_counter(), 0
+            is_last = state.step == cfg.max_steps
+            if state.step % cfg.eval_every == 0 or is_last:
+                metrics = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens, "train_loss": loss}
+                if val_batches is not None:
+                    metrics.update(estimate_loss(self.model, val_batches(), self.device, cfg.precision,
+                                                 cfg.eval_batches, reduce))
+                    improved = metrics["val_loss"] < state.best_val_loss
+                    if improved:
+                        state.best_val_loss = metrics["val_loss"]
+                        state.evals_without_improvement = 0
+                    else:
+                        state.evals_without_improvement += 1
+                    patience = cfg.early_stopping_patience
+                    if patience is not None and state.evals_without_improvement >= patience:
+                        logger.info("early stopping at step %d: no val improvement in %d evaluations", state.step, patience)
+                        is_last = True
+                if on_eval:
+                    on_eval(metrics, state, is_last)
+                if is_last:
+                    break
+        return state
+
+    @staticmethod
+    def _epoch_iter(train_batches, state: TrainState) -> Iterator[dict]:
+        it = iter(train_batches(state.epoch))
+        for _ in range(state.batches_in_epoch):  # resume mid-epoch at the recorded data position
+            if next(it, None) is None:
+                break
+        return it

@@ -1,0 +1,162 @@
+"""Ray Train wiring: the per-worker function (dataset shard, ``prepare_model``, resume from
+``get_checkpoint``, ``report`` with HF-format checkpoints) and the ``TorchTrainer`` around it.
+The training itself is ``pipeline.train.loop.Trainer``; nothing here computes a loss."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from pipeline.config import check
+from pipeline.train.checkpoint import load_model_weights, load_training_state, save_checkpoint
+from pipeline.train.loop import LoopConfig, OptimConfig, TrainState, Trainer
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device, for MFU (NVIDIA datasheets, SXM parts).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int | None = None  # torch intra-op threads; default: cpus_per_worker
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        check(self.cpus_per_worker > 0, f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        check(self.threads_per_worker is None or self.threads_per_worker >= 1,
+              f"scaling.threads_per_worker must be >= 1, got {self.threads_per_worker}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfigCfg:
+    num_to_keep: int = 2  # checkpoints kept (best by val loss)
+    max_failures: int = 2  # worker failures tolerated; training resumes from the latest checkpoint
+    fail_at_step: int | None = None  # fault injection for tests: rank 1 dies once at this step
+
+    def __post_init__(self) -> None:
+        check(self.num_to_keep >= 1, f"run.num_to_keep must be >= 1, got {self.num_to_keep}")
+        check(self.max_failures >= -1, f"run.max_failures must be >= -1, got {self.max_failures}")
+
+
+def peak_flops(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0)
+
+
+def train_worker(config: dict) -> dict:
+    """Runs on every Ray Train worker. ``config`` holds plain data only (see ``fit``)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from pipeline.config import from_dict
+
+    setup = config["setup"]  # a picklable callable building (model, batcher, tokenizer) from config
+    optim = from_dict(OptimConfig, config["optim"])
+    loop = from_dict(LoopConfig, config["loop"])
+    scaling = from_dict(ScalingConfig, config["scaling"])
+    run = from_dict(RunConfigCfg, config["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(scaling.threads_per_worker or max(1, int(scaling.cpus_per_worker)))
+    torch.manual_seed(loop.seed + rank)
+
+    model, batcher, tokenizer, flops_per_token = setup(config)
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            load_model_weights(model, ckpt_dir)
+    model = ray.train.torch.prepare_model(model, parallel_strategy=scaling.strategy)
+    device = ray.train.torch.get_device()
+    trainer = Trainer(model, optim, loop, device, flops_per_token, peak_flops(device))
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state, _ = load_training_state(ckpt_dir, trainer.optimizer)
+        logger.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch, state.batches_in_epoch)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if "val" in config["datasets"] else None
+    column = config["column"]
+
+    def batches(shard):
+        for b in shard.iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long, drop_last=True):
+            yield batcher(b[column]) if column else batcher(b)
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        if world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    metrics_path = Path(config["metrics_path"])
+    marker = metrics_path.parent / ".fault_injected"
+
+    def on_log(record: dict) -> None:
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps({"kind": "train", **record}) + "\n")
+        if run.fail_at_step is not None and record["step"] >= run.fail_at_step and rank == min(1, world - 1) \
+                and not marker.exists():
+            marker.write_text(str(record["step"]))
+            os._exit(1)  # a hard worker death, as a preempted node would look
+
+    def on_eval(metrics: dict, st: TrainState, is_last: bool) -> None:
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps({"kind": "eval", **metrics}) + "\n")
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, model, tokenizer, trainer.optimizer, st, extra={"metrics": metrics})
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+    state = trainer.fit(
+        state, lambda epoch: batches(train_shard),
+        (lambda: batches(val_shard)) if val_shard is not None else None,
+        reduce=reduce, on_log=on_log, on_eval=on_eval, world_size=world,
+    )
+    return {"step": state.step, "tokens": state.tokens, "best_val_loss": state.best_val_loss,
+            "history": state.history if rank == 0 else []}
+
+
+def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config: dict, scaling: ScalingConfig,
+        run: RunConfigCfg, metrics_path: str, column: str | None = "input_ids"):
+    """Build and run the TorchTrainer; rerunning with the same name and storage path resumes."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    loop_config = dict(config, setup=setup, datasets=sorted(datasets), metrics_path=metrics_path, column=column)
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker=resources),
+        datasets=datasets,
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=run.num_to_keep,
+                checkpoint_score_attribute="val_loss" if "val" in datasets else None,
+                checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=run.max_failures),
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,17 @@
+"""Learning-rate schedule: linear warmup then cosine decay to ``min_lr`` (as in nanoGPT/GPT-3)."""
+
+from __future__ import annotations
+
+import math
+
+
+def get_lr(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr: float) -> float:
+    # 1) linear warmup from lr/warmup to lr
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    # 2) after the schedule: stay at the floor
+    if step >= max_steps:
+        return min_lr
+    # 3) cosine from lr down to min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)

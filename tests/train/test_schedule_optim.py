@@ -1,0 +1,45 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.model.build import ModelConfig, build_model
+from pipeline.train.loop import LoopConfig, OptimConfig
+from pipeline.train.optim import param_groups
+from pipeline.train.schedule import get_lr
+
+
+def test_lr_schedule():
+    kw = dict(lr=1.0, warmup_steps=10, max_steps=110, min_lr=0.1)
+    assert get_lr(0, **kw) == pytest.approx(0.1)
+    assert get_lr(9, **kw) == pytest.approx(1.0)
+    assert get_lr(10, **kw) == pytest.approx(1.0)
+    assert get_lr(60, **kw) == pytest.approx(0.55)  # half way down the cosine
+    assert get_lr(110, **kw) == pytest.approx(0.1) and get_lr(500, **kw) == pytest.approx(0.1)
+    lrs = [get_lr(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert get_lr(0, lr=1.0, warmup_steps=0, max_steps=10, min_lr=0.0) == pytest.approx(1.0)
+
+
+def test_no_weight_decay_on_biases_norms_embeddings():
+    model = build_model(ModelConfig(preset="tiny", max_seq_len=32), 100)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decayed and all(n.endswith("weight") and "ln" not in n and "wte" not in n and "wpe" not in n for n in decayed)
+    assert {names[id(p)] for p in no_decay["params"]} >= {"transformer.wte.weight", "transformer.wpe.weight",
+                                                            "transformer.ln_f.weight", "transformer.ln_f.bias"}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    total = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls, kwargs, key", [
+    (OptimConfig, dict(lr=0), "optim.lr"),
+    (OptimConfig, dict(beta2=1.0), "optim.beta1/beta2"),
+    (LoopConfig, dict(batch_size=0), "train.batch_size"),
+    (LoopConfig, dict(early_stopping_patience=0), "train.early_stopping_patience"),
+])
+def test_bad_values_name_the_key(cls, kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        cls(**kwargs)
