@@ -30,3 +30,24 @@ def ray_session():
                  log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(ray_session, tmp_path_factory):
+    """A finished prepare output of ~200 synthetic documents (seq_len 32, vocab 300)."""
+    import random
+
+    from pipeline.config import from_dict
+    from pipeline.data.prepare import PrepareConfig, run_prepare
+    from tests.helpers import document, write_jsonl
+
+    rng = random.Random(11)
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    write_jsonl(root / "docs.jsonl", [document(rng, 2) for _ in range(200)])
+    cfg = from_dict(PrepareConfig, {
+        "name": "tiny", "output_dir": str(tmp_path_factory.mktemp("tiny_prepared")), "sources": [str(root / "docs.jsonl")],
+        "tokenizer": {"vocab_size": 300}, "pack": {"seq_len": 32, "docs_per_shard": 50},
+        "split": {"val_fraction": 0.1},
+    })
+    manifest = run_prepare(cfg)
+    return cfg.run_dir, manifest

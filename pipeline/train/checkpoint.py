@@ -40,7 +40,23 @@ def save_checkpoint(path: str | Path, model, tokenizer=None, optimizer=None, sta
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "extra": extra or {},
         }, path / STATE_FILE)
+        if state is not None:
+            write_json(path / "trainer_state.json", {"step": state.step, "epoch": state.epoch,
+                                                     "batches_in_epoch": state.batches_in_epoch})
     return path
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint directory under ``root`` with the highest training step, if any."""
+    best, best_step = None, -1
+    for marker in Path(root).glob("checkpoint_*/trainer_state.json"):
+        try:
+            step = json.loads(marker.read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            continue  # a checkpoint being written or damaged: skip it
+        if step > best_step and (marker.parent / STATE_FILE).exists():
+            best, best_step = marker.parent, step
+    return best
 
 
 def load_training_state(path: str | Path, optimizer=None) -> tuple[TrainState, dict]:

@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import torch
 
 from pipeline.config import check
-from pipeline.train.checkpoint import load_model_weights, load_training_state, save_checkpoint
+from pipeline.train.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from pipeline.train.loop import LoopConfig, OptimConfig, TrainState, Trainer
 
 logger = logging.getLogger(__name__)
@@ -28,8 +28,10 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
 class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    threads_per_worker: int | None = None  # torch intra-op threads; default: cpus_per_worker
+    # CPUs reserved per worker. Ray Data's read tasks need free CPUs too: if the workers reserve
+    # every CPU of the cluster, ingestion waits forever. On 2 CPUs use 2 workers x 0.5.
+    cpus_per_worker: float = 0.5
+    threads_per_worker: int | None = None  # torch intra-op threads; default: max(1, cpus_per_worker)
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
@@ -78,6 +80,9 @@ def train_worker(config: dict) -> dict:
     model, batcher, tokenizer, flops_per_token = setup(config)
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_dir"):
+        # a rerun of a run that ended in an error: Ray does not hand back its checkpoint, we do
+        checkpoint = Checkpoint.from_directory(config["resume_dir"])
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             load_model_weights(model, ckpt_dir)
@@ -140,7 +145,11 @@ def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    loop_config = dict(config, setup=setup, datasets=sorted(datasets), metrics_path=metrics_path, column=column)
+    resume = latest_checkpoint(Path(storage_path) / name)
+    if resume is not None:
+        logger.info("resuming from %s", resume)
+    loop_config = dict(config, setup=setup, datasets=sorted(datasets), metrics_path=metrics_path, column=column,
+                       resume_dir=str(resume) if resume else None)
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1

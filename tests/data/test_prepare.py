@@ -16,21 +16,9 @@ from pipeline.config import from_dict
 from pipeline.data import prepare as prepare_mod
 from pipeline.data import ray_ops
 from pipeline.data.prepare import PrepareConfig, run_prepare
+from tests.helpers import document
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-def word(rng: random.Random) -> str:
-    return "".join(rng.choice("bcdfghjklmnprstvwz") + rng.choice("aeiou") for _ in range(rng.randrange(2, 5)))
-
-
-def sentence(rng: random.Random) -> str:
-    w = [word(rng) for _ in range(8)]
-    return f"The {w[0]} {w[1]} of the {w[2]} {w[3]} and {w[4]} {w[5]} to {w[6]} with {w[7]}."
-
-
-def document(rng: random.Random, paragraphs: int = 4) -> str:
-    return "\n\n".join(" ".join(sentence(rng) for _ in range(3)) for _ in range(paragraphs))
-
 
 def perturb(rng: random.Random, text: str) -> str:
     words = text.split(" ")
