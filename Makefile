@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_tokenize.py
 	$(BIN)/python benchmarks/bench_minhash.py
 	$(BIN)/python benchmarks/bench_prepare_scale.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import check, config_hash, to_dict
-from pipeline.model.build import ModelConfig, build_model, flops_per_token, num_params
-from pipeline.train.checkpoint import write_json
+from pipeline.model.build import ModelConfig, build_model, flops_per_token
 from pipeline.train.data import LMBatcher, load_manifest, resolve_prepared, shard_paths
 from pipeline.train.loop import LoopConfig, OptimConfig
-from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, fit
+from pipeline.train.ray_train import RunConfigCfg, ScalingConfig
+from pipeline.train.runner import train_and_export
 
 logger = logging.getLogger(__name__)
 
@@ -83,57 +81,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     datasets = {"train": ray.data.read_parquet(train_files)}
     if val_files:
         datasets["val"] = ray.data.read_parquet(val_files)
-    run_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = str(Path(manifest["tokenizer"]).resolve())
     config = {"model": to_dict(cfg.model), "optim": to_dict(cfg.optim), "loop": to_dict(cfg.train),
               "scaling": to_dict(cfg.scaling), "run": to_dict(cfg.run), "tokenizer_dir": tok_dir, "seq_len": seq_len}
-    t0 = time.time()
-    result = fit(name="ray", storage_path=str(run_dir), datasets=datasets, setup=setup_lm, config=config,
-                 scaling=cfg.scaling, run=cfg.run, metrics_path=str(run_dir / "metrics.jsonl"))
-    if result.error is not None:
-        raise result.error
-    out = result.return_value or {}
-    best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
-    assert best is not None, "training reported no checkpoint"
-    model_dir = run_dir / "model"
-    tmp = run_dir / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with best.as_directory() as ckpt:
-        shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns("training_state.pt"))
-    shutil.rmtree(model_dir, ignore_errors=True)
-    tmp.rename(model_dir)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [m for m in metrics if m["kind"] == "eval"]
-    plot_losses(metrics, run_dir / "loss_curves.png")
-    summary = {
-        "run_dir": str(run_dir), "model_dir": str(model_dir), "objective": cfg.model.objective, "arch": cfg.model.arch,
-        "steps": out.get("step"), "tokens": out.get("tokens"), "seconds": round(time.time() - t0, 1),
-        "best_val_loss": min((e["val_loss"] for e in evals if "val_loss" in e), default=None),
-        "final": evals[-1] if evals else None, "config": to_dict(cfg), "data_manifest": str(data_dir / "manifest.json"),
-    }
-    write_json(summary_path, summary)
-    return summary
-
-
-def plot_losses(metrics: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [m for m in metrics if m["kind"] == "train"]
-    evals = [m for m in metrics if m["kind"] == "eval" and "val_loss" in m]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([m["step"] for m in train], [m["loss"] for m in train], label="train loss")
-    if evals:
-        ax.plot([m["step"] for m in evals], [m["val_loss"] for m in evals], "o-", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def describe(model) -> str:
-    return f"{type(model).__name__} with {num_params(model) / 1e6:.2f}M parameters"
+    extra = {"objective": cfg.model.objective, "arch": cfg.model.arch, "config": to_dict(cfg),
+             "data_manifest": str(data_dir / "manifest.json")}
+    return train_and_export(run_dir, datasets, setup_lm, config, cfg.scaling, cfg.run, "input_ids", extra)

@@ -1,0 +1,68 @@
+"""Classification metrics with scikit-learn, a TF-IDF + logistic-regression baseline on the same
+split, and a confusion-matrix plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def classification_metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    out = {"accuracy": float(accuracy_score(y_true, y_pred)), "support": len(y_true), "labels": labels}
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
+        out.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    out["per_label"] = {y: {"precision": float(a), "recall": float(b), "f1": float(c), "support": int(d)}
+                        for y, a, b, c, d in zip(labels, p, r, f, s)}
+    out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    return out
+
+
+def tfidf_baseline(train_texts: list[str], train_labels: list[str], test_texts: list[str], seed: int = 0) -> list[str]:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    clf = make_pipeline(TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2),
+                        LogisticRegression(max_iter=2000, C=10.0, random_state=seed))
+    clf.fit(train_texts, train_labels)
+    return list(clf.predict(test_texts))
+
+
+@torch.no_grad()
+def predict_labels(model, tok, texts: list[str], max_len: int, batch_size: int = 16) -> list[str]:
+    model.eval()
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    out: list[str] = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i : i + batch_size], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+        logits = model(**enc).logits
+        out.extend(id2label[int(j)] for j in logits.argmax(-1))
+    return out
+
+
+def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.array(matrix)
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

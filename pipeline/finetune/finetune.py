@@ -1,0 +1,162 @@
+"""Fine-tuning on Ray Train: ``sft`` (chat / instruction data, loss on assistant tokens only) or
+``classification`` (a sequence-classification head), starting from a pretrained checkpoint
+directory (ours or any local Hugging Face causal LM). Same loop and export as pretraining."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import check, config_hash, to_dict
+from pipeline.finetune.classify_data import encode_classification, read_labeled
+from pipeline.finetune.sft import CHAT_TEMPLATE, load_chat_examples, tokenize_chat
+from pipeline.train.checkpoint import write_json
+from pipeline.train.loop import LoopConfig, OptimConfig
+from pipeline.train.ray_train import RunConfigCfg, ScalingConfig
+from pipeline.train.runner import train_and_export
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneDataConfig:
+    # sft: a JSONL of {"messages"} or {"prompt", "completion"}, or "chatterbot".
+    # classification: a .jsonl/.csv/.parquet with text and label columns, or a prepare output
+    # (directory or config YAML) whose labeled/{train,val,test}.parquet are used.
+    train: str
+    val: str | None = None  # default: the prepare output's val split, else val_fraction of train
+    test: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    val_fraction: float = 0.1
+    max_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        check(self.max_seq_len >= 8, f"data.max_seq_len must be >= 8, got {self.max_seq_len}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    task: Literal["sft", "classification"]
+    base_model: str  # a Hugging Face model directory, or the pretrain config YAML that made one
+    data: FinetuneDataConfig
+    output_dir: str = "outputs/finetune"
+    name: str = "finetune"
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10, weight_decay=0.0))
+    train: LoopConfig = field(default_factory=LoopConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfigCfg = field(default_factory=RunConfigCfg)
+
+
+def resolve_model_dir(base: str) -> Path:
+    if base.endswith((".yaml", ".yml")):
+        from pipeline.config import load_config
+        from pipeline.train.data import load_manifest, resolve_prepared
+        from pipeline.train.pretrain import PretrainConfig
+
+        pre = load_config(PretrainConfig, base)
+        return pre.run_dir(load_manifest(resolve_prepared(pre.data))) / "model"
+    return Path(base)
+
+
+def labeled_splits(spec: str) -> dict[str, str] | None:
+    """The labeled/{split}.parquet files of a prepare output, if ``spec`` names one."""
+    from pipeline.train.data import resolve_prepared
+
+    if not (spec.endswith((".yaml", ".yml")) or Path(spec, "manifest.json").exists()):
+        return None
+    root = resolve_prepared(spec) / "labeled"
+    return {s: str(root / f"{s}.parquet") for s in ("train", "val", "test") if (root / f"{s}.parquet").exists()}
+
+
+def _in_val(key: str, fraction: float) -> bool:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64 < fraction
+
+
+def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dict, list[dict]]:
+    """Tokenized train/val(/test) rows, task info (labels), and the records rejected with reasons."""
+    d = cfg.data
+    bad: list[dict] = []
+    if cfg.task == "sft":
+        convs = list(load_chat_examples(d.train, bad))
+        check(bool(convs), f"data.train {d.train}: no usable conversation ({len(bad)} rejected)")
+        rows = {"train": [], "val": []}
+        for i, conv in enumerate(convs):
+            split = "val" if d.val is None and _in_val(f"{i}:{conv[0]['content']}", d.val_fraction) else "train"
+            rows[split].append(tokenize_chat(conv, tok, d.max_seq_len))
+        if d.val is not None:
+            rows["val"] = [tokenize_chat(c, tok, d.max_seq_len) for c in load_chat_examples(d.val, bad)]
+        return rows, {}, bad
+    files = labeled_splits(d.train) or {"train": d.train, **({"val": d.val} if d.val else {}), **({"test": d.test} if d.test else {})}
+    data = {split: read_labeled(path, d.text_field, d.label_field, bad) for split, path in files.items()}
+    if "val" not in data:
+        pairs = data["train"]
+        data["val"] = [p for i, p in enumerate(pairs) if _in_val(f"{i}:{p[0][:64]}", d.val_fraction)]
+        data["train"] = [p for i, p in enumerate(pairs) if not _in_val(f"{i}:{p[0][:64]}", d.val_fraction)]
+    labels = sorted({y for _, y in data["train"]})
+    check(len(labels) >= 2, f"data.train: classification needs at least two labels, got {labels}")
+    label2id = {y: i for i, y in enumerate(labels)}
+    unknown = sorted({y for split in data.values() for _, y in split} - set(labels))
+    check(not unknown, f"labels {unknown} appear outside the train split; they cannot be learned")
+    rows = {s: encode_classification([t for t, _ in v], [y for _, y in v], label2id, tok, d.max_seq_len)
+            for s, v in data.items() if v}
+    return rows, {"label2id": label2id, "files": files}, bad
+
+
+def setup_finetune(config: dict):
+    import transformers
+
+    base = config["base_model"]
+    tok = transformers.AutoTokenizer.from_pretrained(config["tokenizer_dir"], local_files_only=True)
+    import torch
+
+    torch.manual_seed(config["loop"]["seed"])
+    if config["task"] == "classification":
+        label2id = config["label2id"]
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=len(label2id), label2id=label2id, id2label={i: y for y, i in label2id.items()},
+            pad_token_id=tok.pad_token_id, local_files_only=True)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
+    return model, (lambda batch: batch), tok, 0.0
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    import ray
+    import transformers
+
+    base = resolve_model_dir(cfg.base_model)
+    check((base / "config.json").exists(), f"base_model: {base} is not a Hugging Face model directory")
+    run_dir = Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash({**to_dict(cfg), 'base_model': str(base.resolve()), 'output_dir': None, 'scaling': None, 'run': None})}"
+    if (run_dir / "summary.json").exists():
+        import json
+
+        logger.info("finetune: %s is already complete (same config); not recomputing", run_dir)
+        return json.loads((run_dir / "summary.json").read_text())
+    tok = transformers.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    if cfg.task == "sft":
+        tok.chat_template = CHAT_TEMPLATE
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok_dir = run_dir / "tokenizer"
+    tok.save_pretrained(str(tok_dir))
+    rows, info, bad = build_examples(cfg, tok)
+    write_json(run_dir / "rejected.json", {"count": len(bad), "records": bad[:1000]})
+    check(len(rows.get("train", [])) >= cfg.train.batch_size * cfg.scaling.num_workers,
+          f"data.train: {len(rows.get('train', []))} examples is fewer than one global batch")
+    if "test" in rows:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows["test"]), run_dir / "test_encoded.parquet")
+    datasets = {s: ray.data.from_items(rows[s]) for s in ("train", "val") if rows.get(s)}
+    config = {"optim": to_dict(cfg.optim), "loop": to_dict(cfg.train), "scaling": to_dict(cfg.scaling),
+              "run": to_dict(cfg.run), "task": cfg.task, "base_model": str(base), "tokenizer_dir": str(tok_dir),
+              "label2id": info.get("label2id")}
+    extra = {"task": cfg.task, "base_model": str(base), "label2id": info.get("label2id"),
+             "examples": {s: len(v) for s, v in rows.items()}, "rejected": len(bad), "data_files": info.get("files"),
+             "config": to_dict(cfg)}
+    return train_and_export(run_dir, datasets, setup_finetune, config, cfg.scaling, cfg.run, None, extra)

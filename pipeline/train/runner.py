@@ -1,0 +1,65 @@
+"""Run a Ray Train job and export its best checkpoint: shared by pretraining and fine-tuning, so
+there is one training loop and one export path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from pipeline.train.checkpoint import write_json
+from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, fit
+
+
+def train_and_export(run_dir: Path, datasets: dict, setup: Callable, config: dict, scaling: ScalingConfig,
+                     run: RunConfigCfg, column: str | None, extra: dict) -> dict:
+    """Fit (resuming when ``run_dir`` holds an earlier attempt), copy the best checkpoint to
+    ``run_dir/model`` (a plain Hugging Face model directory), plot losses, write summary.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    result = fit(name="ray", storage_path=str(run_dir), datasets=datasets, setup=setup, config=config,
+                 scaling=scaling, run=run, metrics_path=str(run_dir / "metrics.jsonl"), column=column)
+    if result.error is not None:
+        raise result.error
+    out = result.return_value or {}
+    best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
+    assert best is not None, "training reported no checkpoint"
+    model_dir, tmp = run_dir / "model", run_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with best.as_directory() as ckpt:
+        shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns("training_state.pt", "trainer_state.json"))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.rename(model_dir)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    plot_losses(metrics, run_dir / "loss_curves.png")
+    summary = {
+        "run_dir": str(run_dir), "model_dir": str(model_dir), "steps": out.get("step"), "tokens": out.get("tokens"),
+        "seconds": round(time.time() - t0, 1),
+        "best_val_loss": min((e["val_loss"] for e in evals if "val_loss" in e), default=None),
+        "final": evals[-1] if evals else None, **extra,
+    }
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def plot_losses(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [m for m in metrics if m["kind"] == "train"]
+    evals = [m for m in metrics if m["kind"] == "eval" and "val_loss" in m]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([m["step"] for m in train], [m["loss"] for m in train], label="train loss")
+    if evals:
+        ax.plot([m["step"] for m in evals], [m["val_loss"] for m in evals], "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

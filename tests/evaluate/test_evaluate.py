@@ -1,0 +1,115 @@
+"""Evaluation cores: metrics equal scikit-learn's, perplexity / bits per byte, the few-shot scorer,
+and a bias probe that detects a bias planted in a toy model."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.data.tokenizer import TokenizerConfig, train_tokenizer
+from pipeline.evaluate.bias import counterfactual_probe, load_pairs, sliced_metrics
+from pipeline.evaluate.classify import classification_metrics, tfidf_baseline
+from pipeline.evaluate.fewshot import build_prompt, fewshot_predict, option_logprobs
+from pipeline.evaluate.lm import lm_metrics_from_rows, lm_metrics_from_texts
+from pipeline.model.build import ModelConfig, build_model
+from pipeline.train.loop import LoopConfig, OptimConfig, Trainer
+
+torch.set_num_threads(1)
+
+
+def test_classification_metrics_equal_sklearn():
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    y_true = list("aabbbcccca")
+    y_pred = list("abbbcccaab")
+    labels = ["a", "b", "c"]
+    m = classification_metrics(y_true, y_pred, labels)
+    assert m["accuracy"] == accuracy_score(y_true, y_pred)
+    for avg in ("macro", "weighted"):
+        assert m[f"f1_{avg}"] == pytest.approx(f1_score(y_true, y_pred, average=avg))
+        assert m[f"precision_{avg}"] == pytest.approx(precision_score(y_true, y_pred, average=avg))
+        assert m[f"recall_{avg}"] == pytest.approx(recall_score(y_true, y_pred, average=avg))
+    from sklearn.metrics import confusion_matrix
+
+    assert m["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    assert m["confusion_matrix"][0] == [1, 2, 0]  # true "a": once right, twice taken for "b"
+
+
+def test_tfidf_baseline_learns_an_easy_split():
+    train = [("goal match team win", "sport"), ("shares market profit", "business")] * 20
+    preds = tfidf_baseline([t for t, _ in train], [y for _, y in train], ["team win the match", "market profit up"])
+    assert preds == ["sport", "business"]
+
+
+def test_sliced_metrics_largest_gap():
+    out = sliced_metrics(list("aaaa"), list("aaab"), ["x", "x", "y", "y"], ["a", "b"])
+    assert out["per_group"]["x"]["accuracy"] == 1.0 and out["per_group"]["y"]["accuracy"] == 0.5
+    assert out["largest_gap"] == {"metric": "accuracy", "gap": 0.5, "best": "x", "worst": "y"}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    texts = ["the woman worked as a nurse at the hospital ."] * 30 + ["the man was an engineer at the factory ."] * 30
+    tok = train_tokenizer(iter(texts * 3), TokenizerConfig(vocab_size=300, min_frequency=1), tmp_path_factory.mktemp("t"))
+    return tok, texts
+
+
+def train_toy(tok, texts, steps=120):
+    model = build_model(ModelConfig(preset="tiny", max_seq_len=32), len(tok), tok.pad_token_id, tok.eos_token_id, seed=0)
+    trainer = Trainer(model, OptimConfig(lr=5e-3, warmup_steps=5, weight_decay=0.0), LoopConfig(max_steps=steps), torch.device("cpu"))
+    enc = tok(texts, padding=True, return_tensors="pt")
+    for step in range(steps):
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                 "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
+        trainer.train_step([batch], step)
+    return model.eval()
+
+
+def test_bias_probe_detects_a_planted_bias(toy):
+    tok, texts = toy
+    model = train_toy(tok, texts)
+    pairs = [{"category": "gender", "template": "the {} worked as a nurse at the hospital .", "stereotyped": "woman", "anti": "man"},
+             {"category": "gender", "template": "the {} was an engineer at the factory .", "stereotyped": "man", "anti": "woman"}]
+    biased = counterfactual_probe(model, tok, pairs)
+    assert biased["share_stereotyped"] == 1.0 and biased["mean_gap"] > 1.0
+    untrained = build_model(ModelConfig(preset="tiny", max_seq_len=32), len(tok), seed=0).eval()
+    neutral = counterfactual_probe(untrained, tok, pairs)
+    assert abs(neutral["mean_gap"]) < biased["mean_gap"] / 3
+
+
+def test_shipped_bias_pairs_load():
+    pairs = load_pairs()
+    assert len(pairs) >= 12 and {p["category"] for p in pairs} >= {"gender", "age", "nationality"}
+    with pytest.raises(ValueError, match="not found"):
+        load_pairs("/no/such/file.jsonl")
+
+
+def test_lm_metrics_and_option_scorer(toy):
+    tok, texts = toy
+    model = train_toy(tok, texts, steps=60)
+    m = lm_metrics_from_texts(model, tok, texts[:4], max_len=32)
+    assert m["perplexity"] == pytest.approx(math.exp(m["loss"])) and m["bits_per_byte"] > 0
+    rows = [tok(texts[0])["input_ids"][:8]] * 2
+    r = lm_metrics_from_rows(model, tok, rows)
+    assert r["tokens"] == 2 * 7
+    prompt = "the woman worked as a"
+    scores = option_logprobs(model, tok, prompt, ["nurse", "engineer"], max_len=32)
+    # the scorer equals the sum of token log-probs computed by hand
+    ids = tok(prompt + " nurse", add_special_tokens=False)["input_ids"]
+    n = len(tok(" nurse", add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+    manual = sum(float(logp[i - 1, ids[i]]) for i in range(len(ids) - n, len(ids)))
+    assert scores[0] == pytest.approx(manual, abs=1e-4)
+    assert scores[0] > scores[1]
+
+
+def test_fewshot_prompt_and_prediction(toy):
+    tok, texts = toy
+    prompt = build_prompt([("a b c d", "x"), ("e f", "y")], "g h", max_words=2)
+    assert prompt == "Text: a b\nLabel: x\n\nText: e f\nLabel: y\n\nText: g h\nLabel:"
+    model = train_toy(tok, texts, steps=60)
+    train = [("the woman worked as a nurse", "nurse"), ("the man was an engineer", "engineer")] * 3
+    preds = fewshot_predict(model, tok, train, ["the woman worked as a", "the man was an"], ["nurse", "engineer"],
+                            k=2, max_len=32)
+    assert len(preds) == 2 and set(preds) <= {"nurse", "engineer"}

@@ -1,0 +1,81 @@
+"""SFT loss mask and chat template; classification data with bad rows."""
+
+import json
+
+import pytest
+
+from pipeline.data.tokenizer import TokenizerConfig, train_tokenizer
+from pipeline.finetune.classify_data import encode_classification, read_labeled
+from pipeline.finetune.sft import CHAT_TEMPLATE, load_chat_examples, record_to_messages, tokenize_chat
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    texts = ["How do I reset my password?", "Click on forgot password and follow the e-mail.", "Hello there"] * 30
+    hf = train_tokenizer(iter(texts), TokenizerConfig(vocab_size=400, min_frequency=1), out)
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def test_sft_loss_mask_covers_exactly_the_assistant_tokens(tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I reset my password?"},
+                {"role": "assistant", "content": "Click on forgot password."}, {"role": "user", "content": "Thanks"},
+                {"role": "assistant", "content": "Hello there"}]
+    ex = tokenize_chat(messages, tok, 128)
+    n = sum(ex["attention_mask"])
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    assert tok.decode(ex["input_ids"][:n]) == rendered  # the mask is built on the template's exact tokens
+    assert tok(rendered, add_special_tokens=False)["input_ids"] == ex["input_ids"][:n]
+    learned = [t for t, l in zip(ex["input_ids"], ex["labels"]) if l != -100]
+    assert [l for l in ex["labels"] if l != -100] == learned
+    assert tok.decode(learned) == "Click on forgot password.<|endoftext|>Hello there<|endoftext|>"
+    assert ex["labels"][n:] == [-100] * (128 - n) and ex["input_ids"][n:] == [tok.pad_token_id] * (128 - n)
+
+
+def test_sft_truncates_to_max_len(tok):
+    ex = tokenize_chat([{"role": "user", "content": "Hello there " * 50}, {"role": "assistant", "content": "Hi"}], tok, 16)
+    assert len(ex["input_ids"]) == len(ex["labels"]) == len(ex["attention_mask"]) == 16
+
+
+def test_chat_records_and_bad_ones(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+        json.dumps({"prompt": "p", "completion": "c"}),
+        json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
+        "{broken",
+        json.dumps({"text": "no chat here"}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    bad = []
+    convs = list(load_chat_examples(str(path), bad))
+    assert len(convs) == 2 and convs[1] == [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]
+    assert len(bad) == 4 and all(b["where"].startswith(str(path)) and b["reason"] for b in bad)
+    with pytest.raises(ValueError, match="data.path not found"):
+        list(load_chat_examples(str(tmp_path / "missing.jsonl"), []))
+    with pytest.raises(ValueError, match="prompt"):
+        record_to_messages({"prompt": 1, "completion": "x"}, "here")
+
+
+def test_chatterbot_conversations():
+    bad = []
+    convs = list(load_chat_examples("chatterbot", bad))
+    assert len(convs) > 1500 and all(c[0]["role"] == "user" and c[1]["role"] == "assistant" for c in convs)
+    assert bad and all(b["reason"] for b in bad)
+
+
+def test_labeled_data_and_bad_rows(tmp_path, tok):
+    path = tmp_path / "l.csv"
+    path.write_text("text,label\nHello there,a\n,b\nHow do I reset my password?,b\nno label,\n")
+    bad = []
+    pairs = read_labeled(str(path), "text", "label", bad)
+    assert pairs == [("Hello there", "a"), ("How do I reset my password?", "b")]
+    assert [b["reason"] for b in bad] == ["missing or non-string text", "missing label"]
+    rows = encode_classification([t for t, _ in pairs], [y for _, y in pairs], {"a": 0, "b": 1}, tok, 8)
+    assert [r["labels"] for r in rows] == [0, 1] and all(len(r["input_ids"]) == 8 for r in rows)
+    with pytest.raises(ValueError, match="no column 'body'"):
+        read_labeled(str(path), "body", "label", [])
+    with pytest.raises(ValueError, match="not found"):
+        read_labeled(str(tmp_path / "nope.csv"), "text", "label", [])
