@@ -4,44 +4,72 @@
 
 1. prepare: bbc-news + chatterbot -> clean, deduplicated, packed shards (prepare_demo.yaml)
 2. pretrain: the small GPT-2 on those shards with Ray Train, 2 workers (pretrain_demo.yaml)
+3. fine-tune: a BBC topic classifier and a chatterbot chat model (finetune_*_demo.yaml)
+4. evaluate: perplexity, classifier vs TF-IDF baseline, few-shot, bias probe (evaluate_demo.yaml)
 
-and a summary of both. Each stage is skipped when its output for the same config exists.
+then a summary table. Each stage is skipped when its output for the same config exists.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
 from jobs.common import setup_logging
-from jobs.prepare import parse_config as parse_prepare
-from jobs.prepare import summary as prepare_summary
-from jobs.pretrain import parse_config as parse_pretrain
-from pipeline.data.prepare import run_prepare
-from pipeline.ray_utils import init_ray
-from pipeline.train.pretrain import run_pretrain
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    prepare_cfg = parse_prepare(["--config", "jobs/configs/prepare_demo.yaml"])
-    pretrain_cfg = parse_pretrain(["--config", "jobs/configs/pretrain_demo.yaml"])
+    from jobs import evaluate, finetune, prepare, pretrain
+    from pipeline.data.prepare import run_prepare
+    from pipeline.evaluate.run import run_evaluate
+    from pipeline.finetune.finetune import run_finetune
+    from pipeline.ray_utils import init_ray
+    from pipeline.train.pretrain import run_pretrain
+
+    configs = {
+        "prepare": prepare.parse_config(["--config", "jobs/configs/prepare_demo.yaml"]),
+        "pretrain": pretrain.parse_config(["--config", "jobs/configs/pretrain_demo.yaml"]),
+        "classify": finetune.parse_config(["--config", "jobs/configs/finetune_classify_demo.yaml"]),
+        "sft": finetune.parse_config(["--config", "jobs/configs/finetune_sft_demo.yaml"]),
+        "evaluate": evaluate.parse_config(["--config", "jobs/configs/evaluate_demo.yaml"]),
+    }
     started = init_ray()
     t0 = time.time()
+    times = {}
     try:
-        manifest = run_prepare(prepare_cfg)
-        t_prepare = time.time() - t0
-        pre = run_pretrain(pretrain_cfg)
+        def timed(name, fn, cfg):
+            t = time.time()
+            out = fn(cfg)
+            times[name] = time.time() - t
+            return out
+
+        manifest = timed("prepare", run_prepare, configs["prepare"])
+        pre = timed("pretrain", run_pretrain, configs["pretrain"])
+        cls = timed("finetune classifier", run_finetune, configs["classify"])
+        sft = timed("finetune chat (SFT)", run_finetune, configs["sft"])
+        ev = timed("evaluate", run_evaluate, configs["evaluate"])
         print("\n== prepare ==")
-        print(prepare_summary(manifest))
-        print("\n== pretrain ==")
-        final = pre["final"] or {}
-        print(f"  {pre['arch']} ({pre['objective']}), {pre['steps']} steps, {pre['tokens']} tokens, {pre['seconds']} s")
-        print(f"  val loss {final.get('val_loss', float('nan')):.3f}, val perplexity {final.get('val_ppl', math.nan):.1f} "
-              f"(best val loss {pre['best_val_loss']:.3f})")
-        print(f"  model: {pre['model_dir']}  loss curves: {pre['run_dir']}/loss_curves.png")
-        print(f"\ndemo finished in {time.time() - t0:.1f}s (prepare {t_prepare:.1f}s)")
+        print(prepare.summary(manifest))
+        c, b = ev["classification"], ev["classification"]["baseline_tfidf_logreg"]
+        rows = [
+            ("pretrain val loss / perplexity", f"{ev['lm']['loss']:.3f} / {ev['lm']['perplexity']:.1f} "
+                                               f"({ev['lm']['bits_per_byte']:.3f} bits/byte, {pre['steps']} steps)"),
+            ("BBC classifier macro-F1 (test)", f"{c['f1_macro']:.3f} (accuracy {c['accuracy']:.3f}, {c['support']} articles)"),
+            ("TF-IDF + LogReg macro-F1 (same split)", f"{b['f1_macro']:.3f} (accuracy {b['accuracy']:.3f})"),
+            (f"{ev['fewshot']['k']}-shot macro-F1 (pretrained LM)", f"{ev['fewshot']['f1_macro']:.3f}"),
+            ("chat SFT best val loss", f"{sft['best_val_loss']:.3f} ({sft['examples']['train']} dialogs, {sft['rejected']} rejected)"),
+            ("bias probe", f"mean gap {ev['bias']['mean_gap']:.3f} nats, stereotyped preferred "
+                           f"{ev['bias']['share_stereotyped']:.0%} of {ev['bias']['n']} pairs"),
+        ]
+        print("\n== summary ==")
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"  {k:<{width}}  {v}")
+        print("\n  stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+        print(f"  reports: {manifest['output_dir']}/report/report.md, {ev['output_dir']}/report.md, "
+              f"{pre['run_dir']}/loss_curves.png")
+        print(f"\ndemo finished in {time.time() - t0:.1f}s")
         return 0
     finally:
         if started:

@@ -125,13 +125,28 @@ def setup_finetune(config: dict):
     return model, (lambda batch: batch), tok, 0.0
 
 
+def finetune_run_dir(cfg: FinetuneConfig) -> Path:
+    base = resolve_model_dir(cfg.base_model)
+    key = {**to_dict(cfg), "base_model": str(base.resolve()), "output_dir": None, "scaling": None, "run": None}
+    return Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash(key)}"
+
+
+def resolve_finetuned(spec: str) -> Path:
+    """A model directory, or the finetune config YAML whose exported model to use."""
+    if spec.endswith((".yaml", ".yml")):
+        from pipeline.config import load_config
+
+        return finetune_run_dir(load_config(FinetuneConfig, spec)) / "model"
+    return Path(spec)
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict:
     import ray
     import transformers
 
     base = resolve_model_dir(cfg.base_model)
-    check((base / "config.json").exists(), f"base_model: {base} is not a Hugging Face model directory")
-    run_dir = Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash({**to_dict(cfg), 'base_model': str(base.resolve()), 'output_dir': None, 'scaling': None, 'run': None})}"
+    check((base / "config.json").exists(), f"base_model: {base} is not a Hugging Face model directory (train it first)")
+    run_dir = finetune_run_dir(cfg)
     if (run_dir / "summary.json").exists():
         import json
 

@@ -62,7 +62,7 @@ def setup_lm(config: dict):
     return model, batcher, tok, flops_per_token(model, config["seq_len"])
 
 
-def run_pretrain(cfg: PretrainConfig) -> dict:
+def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
     import ray
 
     data_dir = resolve_prepared(cfg.data)
@@ -86,4 +86,4 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
               "scaling": to_dict(cfg.scaling), "run": to_dict(cfg.run), "tokenizer_dir": tok_dir, "seq_len": seq_len}
     extra = {"objective": cfg.model.objective, "arch": cfg.model.arch, "config": to_dict(cfg),
              "data_manifest": str(data_dir / "manifest.json")}
-    return train_and_export(run_dir, datasets, setup_lm, config, cfg.scaling, cfg.run, "input_ids", extra)
+    return train_and_export(run_dir, datasets, setup_lm, config, cfg.scaling, cfg.run, "input_ids", extra, callbacks)

@@ -139,7 +139,7 @@ def train_worker(config: dict) -> dict:
 
 
 def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config: dict, scaling: ScalingConfig,
-        run: RunConfigCfg, metrics_path: str, column: str | None = "input_ids"):
+        run: RunConfigCfg, metrics_path: str, column: str | None = "input_ids", callbacks: list | None = None):
     """Build and run the TorchTrainer; rerunning with the same name and storage path resumes."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -166,6 +166,7 @@ def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config
                 checkpoint_score_attribute="val_loss" if "val" in datasets else None,
                 checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=run.max_failures),
+            callbacks=callbacks or None,
         ),
     )
     return trainer.fit()

@@ -1,0 +1,71 @@
+"""Ray Data wrappers for large evaluation sets: an actor pool (each actor loads the model once)
+maps the pure scorers over batches. Fractional CPUs per actor leave room for the read tasks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.evaluate.lm import sequence_nll
+
+
+class ClassifierPredictor:
+    def __init__(self, model_dir: str, max_len: int):
+        import torch
+        import transformers
+
+        torch.set_num_threads(1)
+        self.tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
+        self.max_len = max_len
+
+    def __call__(self, batch: dict) -> dict:
+        from pipeline.evaluate.classify import predict_labels
+
+        batch["prediction"] = np.array(predict_labels(self.model, self.tok, list(batch["text"]), self.max_len))
+        return batch
+
+
+class LMScorer:
+    def __init__(self, model_dir: str):
+        import torch
+        import transformers
+
+        torch.set_num_threads(1)
+        self.tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        x = torch.tensor(np.stack(batch["input_ids"]), dtype=torch.long)
+        nll = sequence_nll(self.model, x).numpy()
+        num_bytes = [len(self.tok.decode(r[1:]).encode("utf-8")) for r in x.tolist()]
+        return {"nll": nll, "tokens": np.full(len(x), x.shape[1] - 1), "bytes": np.array(num_bytes)}
+
+
+def predict_dataset(rows: list[dict], model_dir: str, max_len: int, actors: int = 2, batch_size: int = 32) -> list[str]:
+    import ray
+
+    ds = ray.data.from_items(rows).map_batches(
+        ClassifierPredictor, fn_constructor_kwargs={"model_dir": model_dir, "max_len": max_len},
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5, batch_size=batch_size, batch_format="numpy",
+    )
+    out = {r["idx"]: r["prediction"] for r in ds.select_columns(["idx", "prediction"]).take_all()}
+    return [str(out[i]) for i in range(len(rows))]
+
+
+def score_shards(files: list[str], model_dir: str, actors: int = 2, batch_size: int = 16, max_rows: int = 0) -> dict:
+    import ray
+
+    ds = ray.data.read_parquet(files)
+    if max_rows:
+        ds = ds.limit(max_rows)
+    scored = ds.map_batches(LMScorer, fn_constructor_kwargs={"model_dir": model_dir},
+                            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5, batch_size=batch_size,
+                            batch_format="numpy")
+    totals = np.zeros(3)
+    for b in scored.iter_batches(batch_format="numpy", batch_size=1024):
+        totals += [b["nll"].sum(), b["tokens"].sum(), b["bytes"].sum()]
+    from pipeline.evaluate.lm import _summary
+
+    return _summary(float(totals[0]), int(totals[1]), int(totals[2]))

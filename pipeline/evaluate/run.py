@@ -1,0 +1,224 @@
+"""The evaluation job: language modeling, classification (with a TF-IDF baseline on the same
+split), few-shot in-context classification and bias probes; JSON results and a markdown report
+with plots. Sections are optional: ``null`` skips one."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import check, config_hash, to_dict
+from pipeline.train.checkpoint import write_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMEvalConfig:
+    model: str  # causal LM directory, or the pretrain config YAML that made it
+    data: str | None = None  # prepare output (dir or config YAML): its val shards
+    text_file: str | None = None  # or any text file (one document per non-empty line, or the whole file)
+    max_rows: int = 0  # 0 = every val row
+    max_len: int = 256
+
+    def __post_init__(self) -> None:
+        check(self.data is not None or self.text_file is not None, "lm: set lm.data or lm.text_file")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifyEvalConfig:
+    model: str  # sequence-classification directory, or the finetune config YAML that made it
+    data: str  # prepare output (dir or YAML) with labeled splits, or a labeled file for the test split
+    train_data: str | None = None  # for the baseline when data is a single file
+    split: str = "test"
+    text_field: str = "text"
+    label_field: str = "label"
+    group_field: str | None = "source"  # slice metrics by this column (bias/fairness); null to skip
+    baseline: bool = True
+    max_len: int = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class FewshotEvalConfig:
+    model: str  # causal LM directory or pretrain YAML
+    data: str  # prepare output with labeled splits
+    k: int = 4
+    max_queries: int = 100
+    max_words: int = 40
+    max_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.k >= 0, f"fewshot.k must be >= 0, got {self.k}")
+        check(self.max_queries >= 1, f"fewshot.max_queries must be >= 1, got {self.max_queries}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BiasEvalConfig:
+    model: str  # causal LM directory or pretrain YAML
+    pairs_path: str | None = None  # JSONL of {category, template with {}, stereotyped, anti}; default shipped
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    output_dir: str = "outputs/evaluate"
+    name: str = "evaluate"
+    lm: LMEvalConfig | None = None
+    classification: ClassifyEvalConfig | None = None
+    fewshot: FewshotEvalConfig | None = None
+    bias: BiasEvalConfig | None = None
+    actors: int = 2  # Ray Data actor pool size for batched scoring
+
+    def __post_init__(self) -> None:
+        check(any((self.lm, self.classification, self.fewshot, self.bias)),
+              "evaluate: enable at least one of lm, classification, fewshot, bias")
+        check(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
+
+
+def _causal_dir(spec: str) -> Path:
+    from pipeline.finetune.finetune import resolve_model_dir
+
+    path = resolve_model_dir(spec)
+    check((path / "config.json").exists(), f"model {spec}: {path} is not a model directory (train it first)")
+    return path
+
+
+def _labeled_files(spec: str) -> dict[str, str]:
+    from pipeline.finetune.finetune import labeled_splits
+
+    files = labeled_splits(spec)
+    return files if files else {"test": spec}
+
+
+def _read_split(path: str, text_field: str, label_field: str, extra: str | None, bad: list) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    from pipeline.finetune.classify_data import read_labeled
+
+    pairs = read_labeled(path, text_field, label_field, bad)
+    groups = None
+    if extra and path.endswith(".parquet"):
+        t = pq.read_table(path)
+        if extra in t.column_names:
+            # read_labeled skips bad rows: recompute the same filter to align the group column
+            texts, labels, g = t.column(text_field).to_pylist(), t.column(label_field).to_pylist(), t.column(extra).to_pylist()
+            groups = [gi for ti, li, gi in zip(texts, labels, g)
+                      if isinstance(ti, str) and ti.strip() and li is not None and str(li).strip()]
+    return [{"idx": i, "text": t, "label": y, "group": groups[i] if groups else None} for i, (t, y) in enumerate(pairs)]
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    import transformers
+
+    out = Path(cfg.output_dir) / f"{cfg.name}-{config_hash({**to_dict(cfg), 'output_dir': None, 'actors': None})}"
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"output_dir": str(out)}
+    report = [f"# Evaluation: {cfg.name}", ""]
+
+    if cfg.lm is not None:
+        from pipeline.evaluate.lm import lm_metrics_from_texts
+        from pipeline.evaluate.ray_eval import score_shards
+        from pipeline.train.data import load_manifest, resolve_prepared, shard_paths
+
+        model_dir = _causal_dir(cfg.lm.model)
+        if cfg.lm.data is not None:
+            data_dir = resolve_prepared(cfg.lm.data)
+            files = shard_paths(data_dir, load_manifest(data_dir), "val")
+            check(bool(files), f"lm.data {data_dir}: no val shards")
+            res = score_shards(files, str(model_dir), cfg.actors, max_rows=cfg.lm.max_rows)
+        else:
+            path = Path(cfg.lm.text_file)
+            check(path.is_file(), f"lm.text_file not found: {path}")
+            texts = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+            tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+            res = lm_metrics_from_texts(model, tok, texts, cfg.lm.max_len)
+        results["lm"] = {"model": str(model_dir), **res}
+        report += ["## Language modeling", "", f"- model: `{model_dir}`",
+                   f"- loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}, bits/byte {res['bits_per_byte']:.4f} "
+                   f"over {res['tokens']} tokens", ""]
+
+    if cfg.classification is not None:
+        results["classification"], lines = _eval_classification(cfg.classification, cfg.actors, out)
+        report += lines
+
+    if cfg.fewshot is not None:
+        from pipeline.evaluate.classify import classification_metrics
+        from pipeline.evaluate.fewshot import fewshot_predict
+
+        f = cfg.fewshot
+        model_dir = _causal_dir(f.model)
+        files = _labeled_files(f.data)
+        check("train" in files and "test" in files, f"fewshot.data {f.data}: needs labeled train and test splits")
+        bad: list = []
+        train = [(r["text"], r["label"]) for r in _read_split(files["train"], "text", "label", None, bad)]
+        test = _read_split(files["test"], "text", "label", None, bad)[: f.max_queries]
+        labels = sorted({y for _, y in train})
+        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+        preds = fewshot_predict(model, tok, train, [r["text"] for r in test], labels, f.k, f.max_len, f.seed, f.max_words)
+        m = classification_metrics([r["label"] for r in test], preds, labels)
+        results["fewshot"] = {"model": str(model_dir), "k": f.k, **m}
+        report += ["## Few-shot classification", "", f"- {f.k}-shot, {len(test)} queries: accuracy {m['accuracy']:.3f}, "
+                   f"macro-F1 {m['f1_macro']:.3f} (chance {1 / len(labels):.3f})", ""]
+
+    if cfg.bias is not None:
+        from pipeline.evaluate.bias import counterfactual_probe, load_pairs, plot_gaps
+
+        model_dir = _causal_dir(cfg.bias.model)
+        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+        probe = counterfactual_probe(model, tok, load_pairs(cfg.bias.pairs_path))
+        plot_gaps(probe["gaps"], out / "bias_gaps.png")
+        results["bias"] = {"model": str(model_dir), **probe}
+        report += ["## Bias: counterfactual probe", "",
+                   f"- {probe['n']} pairs: mean gap {probe['mean_gap']:.3f} nats, median {probe['median_gap']:.3f}, "
+                   f"stereotyped variant preferred in {probe['share_stereotyped']:.0%}", "",
+                   "| category | mean gap | share stereotyped | pairs |", "|---|---:|---:|---:|",
+                   *[f"| {c} | {v['mean_gap']:.3f} | {v['share_stereotyped']:.0%} | {v['n']} |" for c, v in probe["by_category"].items()],
+                   "", "![bias gaps](bias_gaps.png)", ""]
+
+    write_json(out / "results.json", results)
+    (out / "report.md").write_text("\n".join(report))
+    return results
+
+
+def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple[dict, list[str]]:
+    from pipeline.evaluate.bias import sliced_metrics
+    from pipeline.evaluate.classify import classification_metrics, plot_confusion, tfidf_baseline
+    from pipeline.evaluate.ray_eval import predict_dataset
+    from pipeline.finetune.finetune import resolve_finetuned
+
+    model_dir = resolve_finetuned(c.model)
+    check((model_dir / "config.json").exists(), f"classification.model: {model_dir} is not a model directory")
+    files = _labeled_files(c.data)
+    check(c.split in files, f"classification.data {c.data}: no {c.split!r} split")
+    bad: list = []
+    rows = _read_split(files[c.split], c.text_field, c.label_field, c.group_field, bad)
+    check(bool(rows), f"classification: the {c.split} split has no usable rows")
+    preds = predict_dataset(rows, str(model_dir), c.max_len, actors)
+    y_true = [r["label"] for r in rows]
+    cfg = json.loads((model_dir / "config.json").read_text())
+    labels = [cfg["id2label"][str(i)] for i in range(len(cfg["id2label"]))]
+    m = classification_metrics(y_true, preds, labels)
+    plot_confusion(m["confusion_matrix"], labels, out / "confusion_matrix.png", "fine-tuned classifier")
+    res = {"model": str(model_dir), "split": c.split, "rejected_rows": len(bad), **m}
+    lines = ["## Classification", "", f"- model `{model_dir}`, {len(rows)} {c.split} examples",
+             "", "| | accuracy | macro-F1 | weighted-F1 |", "|---|---:|---:|---:|",
+             f"| fine-tuned classifier | {m['accuracy']:.3f} | {m['f1_macro']:.3f} | {m['f1_weighted']:.3f} |"]
+    if c.baseline:
+        train_path = files.get("train") or c.train_data
+        check(train_path is not None, "classification.baseline needs a train split (or classification.train_data)")
+        train = _read_split(train_path, c.text_field, c.label_field, None, bad)
+        base_preds = tfidf_baseline([r["text"] for r in train], [r["label"] for r in train], [r["text"] for r in rows])
+        b = classification_metrics(y_true, base_preds, labels)
+        res["baseline_tfidf_logreg"] = b
+        lines.append(f"| TF-IDF + LogisticRegression | {b['accuracy']:.3f} | {b['f1_macro']:.3f} | {b['f1_weighted']:.3f} |")
+    if c.group_field and rows[0]["group"] is not None:
+        res["sliced"] = sliced_metrics(y_true, preds, [r["group"] for r in rows], labels)
+        gap = res["sliced"]["largest_gap"]
+        lines += ["", f"- sliced by `{c.group_field}`: largest accuracy gap {gap['gap']:.3f} ({gap['best']} vs {gap['worst']})"]
+    lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
+    return res, lines

@@ -1,0 +1,154 @@
+"""Ray Tune sweep over the real pretraining function: each trial is a full ``run_pretrain`` (a
+Ray Train ``TorchTrainer``) whose evaluations reach Tune through ``TuneReportCallback``; ASHA
+(Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning") stops weak trials
+early on validation loss. The best trial is written as a pretrain YAML that
+``jobs.pretrain`` accepts unchanged."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import apply_overrides, check, config_hash, from_dict, load_yaml, to_dict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpace:
+    lr: list[float] = field(default_factory=lambda: [1e-4, 3e-3])  # log-uniform [low, high]
+    batch_size: list[int] = field(default_factory=lambda: [4, 8])  # choice
+    weight_decay: list[float] = field(default_factory=lambda: [0.0, 0.1])  # choice
+    warmup_steps: list[int] = field(default_factory=lambda: [5, 20])  # choice
+    n_layer: list[int] = field(default_factory=list)  # choice; empty = keep the base config's
+    n_embd: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check(len(self.lr) == 2 and 0 < self.lr[0] < self.lr[1], f"space.lr must be [low, high] with 0 < low < high, got {self.lr}")
+        for name in ("batch_size", "weight_decay", "warmup_steps"):
+            check(bool(getattr(self, name)), f"space.{name} must list at least one value")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig:
+    base: str  # the pretrain config YAML every trial starts from
+    output_dir: str = "outputs/tune"
+    name: str = "tune"
+    space: SearchSpace = field(default_factory=SearchSpace)
+    num_samples: int = 4
+    max_steps: int = 40  # per trial
+    eval_every: int = 10  # one Tune iteration per evaluation
+    grace_period: int = 1  # evaluations before ASHA may stop a trial
+    reduction_factor: int = 2
+    max_concurrent: int | None = None  # default: as many trials as the cluster's CPUs hold
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
+        check(self.max_steps >= self.eval_every >= 1, f"max_steps ({self.max_steps}) must be >= eval_every ({self.eval_every}) >= 1")
+        check(self.reduction_factor >= 2, f"reduction_factor must be >= 2, got {self.reduction_factor}")
+
+
+def trial_overrides(sample: dict) -> list[str]:
+    """Sampled values -> the pretrain ``key=value`` overrides they stand for."""
+    mapping = {"lr": "optim.lr", "batch_size": "train.batch_size", "weight_decay": "optim.weight_decay",
+               "warmup_steps": "optim.warmup_steps", "n_layer": "model.n_layer", "n_embd": "model.n_embd"}
+    return [f"{mapping[k]}={v}" for k, v in sorted(sample.items()) if k in mapping]
+
+
+def run_trial(config: dict) -> None:
+    """A Tune trainable: the config dict becomes a PretrainConfig on the first line."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.train.pretrain import PretrainConfig, run_pretrain
+
+    cfg = from_dict(PretrainConfig, apply_overrides(config["base"], trial_overrides(config["sample"])))
+    run_pretrain(cfg, callbacks=[TuneReportCallback()])
+
+
+def run_tune(cfg: TuneConfig) -> dict:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from pipeline.train.pretrain import PretrainConfig
+
+    base = load_yaml(cfg.base)
+    out = Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash({**to_dict(cfg), 'base': base, 'output_dir': None})}"
+    base = apply_overrides(base, [f"train.max_steps={cfg.max_steps}", f"train.eval_every={cfg.eval_every}",
+                                  "train.early_stopping_patience=null", f"output_dir={out / 'trials'}"])
+    # `data: some.yaml` is relative to where the job runs; trials run elsewhere: make paths absolute
+    if isinstance(base.get("data"), str) and Path(base["data"]).exists():
+        base["data"] = str(Path(base["data"]).resolve())
+    base_cfg = from_dict(PretrainConfig, base)
+    s = cfg.space
+    space = {"lr": tune.loguniform(*s.lr), "batch_size": tune.choice(s.batch_size),
+             "weight_decay": tune.choice(s.weight_decay), "warmup_steps": tune.choice(s.warmup_steps)}
+    if s.n_layer:
+        space["n_layer"] = tune.choice(s.n_layer)
+    if s.n_embd:
+        space["n_embd"] = tune.choice(s.n_embd)
+    per_trial_cpus = base_cfg.scaling.num_workers * base_cfg.scaling.cpus_per_worker
+    cpus = ray.cluster_resources().get("CPU", 1)
+    # each trial also needs room for its Ray Data ingestion: about one CPU beside its workers
+    concurrency = cfg.max_concurrent or max(1, int(cpus // (per_trial_cpus + 1)))
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=math.ceil(cfg.max_steps / cfg.eval_every),
+                              grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, {"CPU": 0.01}),  # the trial driver idles; its TorchTrainer holds the CPUs
+        param_space={"base": base, "sample": space},
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, num_samples=cfg.num_samples,
+                                    max_concurrent_trials=concurrency, search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed)),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out)),
+    )
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        history = r.metrics_dataframe
+        rows.append({"trial": r.path.rsplit("/", 1)[-1] if r.path else "?", **r.config["sample"],
+                     "val_loss": (r.metrics or {}).get("val_loss"), "iterations": (r.metrics or {}).get("training_iteration"),
+                     "error": str(r.error)[:200] if r.error else None,
+                     "curve": [] if history is None or "val_loss" not in history else
+                     list(zip(history["step"].tolist(), history["val_loss"].tolist()))})
+    ok = [r for r in rows if r["val_loss"] is not None and not r["error"]]
+    check(bool(ok), f"tune: every trial failed: {[r['error'] for r in rows]}")
+    best = min(ok, key=lambda r: r["val_loss"])
+    best_yaml = apply_overrides(load_yaml(cfg.base), trial_overrides(best))
+    best_path = out / "best_pretrain.yaml"
+    best_path.write_text(yaml.safe_dump(best_yaml, sort_keys=False))
+    _write_table(rows, out)
+    summary = {"output_dir": str(out), "best": {k: v for k, v in best.items() if k != "curve"},
+               "best_config": str(best_path), "num_trials": len(rows),
+               "stopped_early": sum(1 for r in ok if (r["iterations"] or 0) < scheduler._max_t), "concurrency": concurrency,
+               "trials": [{k: v for k, v in r.items() if k != "curve"} for r in rows]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _write_table(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in rows[0] if k not in ("curve",)]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in sorted(rows, key=lambda r: (r["val_loss"] is None, r["val_loss"] or 0)):
+        lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["curve"]:
+            xs, ys = zip(*r["curve"])
+            ax.plot(xs, ys, "o-", label=f"lr={r['lr']:.1e} bs={r['batch_size']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "trials.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,118 @@
+"""Fine-tuning and evaluation end to end on Ray (tiny models): a labeled prepare output -> tiny
+pretrain -> classifier and SFT fine-tunes -> the evaluate job's four sections."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from pipeline.config import from_dict
+from pipeline.data.prepare import PrepareConfig, run_prepare
+from pipeline.evaluate.run import EvaluateConfig, run_evaluate
+from pipeline.finetune.finetune import FinetuneConfig, run_finetune
+from pipeline.train.pretrain import PretrainConfig, run_pretrain
+from tests.helpers import write_jsonl
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(900)]
+
+TOPICS = {"sport": "match goal team player coach league score win season stadium".split(),
+          "money": "market shares profit bank price investor trade growth company economy".split()}
+FILLER = "the of and to with for on that this from".split()
+
+
+def labeled_doc(rng: random.Random, topic: str) -> str:
+    sentences = []
+    for _ in range(8):
+        words = [rng.choice(TOPICS[topic]) if rng.random() < 0.5 else rng.choice(FILLER) for _ in range(9)]
+        sentences.append(" ".join(words).capitalize() + f" {rng.randrange(10**6)}.")
+    return " ".join(sentences)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dirs(tmp_path_factory):
+    rng = random.Random(3)
+    root = tmp_path_factory.mktemp("labeled")
+    rows = [{"text": labeled_doc(rng, t), "topic": t} for t in ["sport", "money"] * 100]
+    (root / "news.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path_factory.mktemp("pipe")
+    prep = from_dict(PrepareConfig, {
+        "name": "lab", "output_dir": str(out / "prep"), "sources": [{"path": str(root / "news.jsonl"), "label_field": "topic"}],
+        "quality": {"gopher_repetition": {"enabled": False}, "fineweb": {"enabled": False}},
+        "language": {"enabled": False}, "tokenizer": {"vocab_size": 300}, "pack": {"seq_len": 32},
+        "split": {"val_fraction": 0.15, "test_fraction": 0.2},
+    })
+    run_prepare(prep)
+    scaling = {"num_workers": 2, "cpus_per_worker": 0.5, "threads_per_worker": 1}
+    pre = from_dict(PretrainConfig, {
+        "data": str(prep.run_dir), "output_dir": str(out / "pre"), "model": {"preset": "tiny", "max_seq_len": 64},
+        "train": {"max_steps": 10, "batch_size": 4, "eval_every": 10, "eval_batches": 2}, "scaling": scaling,
+    })
+    pre_summary = run_pretrain(pre)
+    return {"prep": prep, "pre": pre_summary, "out": out, "scaling": scaling, "chat_root": root}
+
+
+def test_classifier_finetune_and_evaluate(pipeline_dirs):
+    d = pipeline_dirs
+    cls = from_dict(FinetuneConfig, {
+        "task": "classification", "base_model": d["pre"]["model_dir"], "output_dir": str(d["out"] / "ft"),
+        "data": {"train": str(d["prep"].run_dir), "max_seq_len": 64},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"max_steps": 30, "batch_size": 8, "eval_every": 15, "eval_batches": 0}, "scaling": d["scaling"],
+    })
+    summary = run_finetune(cls)
+    assert summary["task"] == "classification" and set(summary["label2id"]) == {"money", "sport"}
+    assert summary["examples"]["train"] > 50 and "test" in summary["examples"]
+    ev = from_dict(EvaluateConfig, {
+        "output_dir": str(d["out"] / "eval"),
+        "lm": {"model": d["pre"]["model_dir"], "data": str(d["prep"].run_dir)},
+        "classification": {"model": summary["model_dir"], "data": str(d["prep"].run_dir), "group_field": "source"},
+        "fewshot": {"model": d["pre"]["model_dir"], "data": str(d["prep"].run_dir), "k": 2, "max_queries": 10, "max_len": 64},
+        "bias": {"model": d["pre"]["model_dir"]},
+    })
+    res = run_evaluate(ev)
+    c = res["classification"]
+    assert c["support"] == summary["examples"]["test"]
+    assert c["accuracy"] > 0.8, c  # the topics are separable by vocabulary
+    assert c["baseline_tfidf_logreg"]["accuracy"] > 0.9
+    assert c["sliced"]["per_group"].keys() == {"news"}
+    assert res["lm"]["perplexity"] > 1 and res["lm"]["bits_per_byte"] > 0
+    assert res["fewshot"]["support"] == 10 and res["bias"]["n"] >= 12
+    out = res["output_dir"]
+    for name in ("results.json", "report.md", "confusion_matrix.png", "bias_gaps.png"):
+        assert (d["out"] / "eval").exists() and __import__("pathlib").Path(out, name).exists(), name
+
+
+def test_sft_finetune_masks_prompts_and_loads(pipeline_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = pipeline_dirs
+    chat = tmp_path / "chat.jsonl"
+    convs = [{"messages": [{"role": "user", "content": f"What wins {w}?"}, {"role": "assistant", "content": f"The {w} team."}]}
+             for w in TOPICS["sport"]] * 4
+    chat.write_text("".join(json.dumps(c) + "\n" for c in convs) + "{broken\n")
+    sft = from_dict(FinetuneConfig, {
+        "task": "sft", "base_model": d["pre"]["model_dir"], "output_dir": str(d["out"] / "sft"),
+        "data": {"train": str(chat), "max_seq_len": 32}, "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"max_steps": 10, "batch_size": 4, "eval_every": 10, "eval_batches": 0}, "scaling": d["scaling"],
+    })
+    summary = run_finetune(sft)
+    assert summary["rejected"] == 1 and summary["examples"]["train"] + summary["examples"]["val"] == 40
+    tok = AutoTokenizer.from_pretrained(summary["model_dir"])
+    assert tok.chat_template and "<|assistant|>" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    AutoModelForCausalLM.from_pretrained(summary["model_dir"])
+
+
+def test_finetune_bad_inputs(pipeline_dirs, tmp_path):
+    d = pipeline_dirs
+    base = {"base_model": d["pre"]["model_dir"], "output_dir": str(tmp_path), "scaling": d["scaling"]}
+    with pytest.raises(ValueError, match="not a Hugging Face model directory"):
+        run_finetune(from_dict(FinetuneConfig, {**base, "task": "sft", "base_model": str(tmp_path), "data": {"train": "chatterbot"}}))
+    one_label = tmp_path / "one.jsonl"
+    write_jsonl(one_label, ["a text"] * 5)
+    with pytest.raises(ValueError, match="no column 'label'"):
+        run_finetune(from_dict(FinetuneConfig, {**base, "task": "classification", "data": {"train": str(one_label)}}))
+    with pytest.raises(ValueError, match="task"):
+        from_dict(FinetuneConfig, {**base, "task": "regression", "data": {"train": "x"}})

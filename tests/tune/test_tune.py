@@ -1,0 +1,43 @@
+"""Ray Tune over the real pretraining function: >= 4 trials, ASHA stops some early, and the best
+configuration comes back as a YAML that the pretrain job accepts unchanged."""
+
+import json
+
+import pytest
+import yaml
+
+from jobs import pretrain
+from pipeline.config import from_dict
+from pipeline.tune.sweep import SearchSpace, TuneConfig, run_tune, trial_overrides
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(900)]
+
+
+def test_trial_overrides():
+    assert trial_overrides({"lr": 0.001, "batch_size": 4, "unrelated": 1}) == ["train.batch_size=4", "optim.lr=0.001"]
+    with pytest.raises(ValueError, match="space.lr"):
+        SearchSpace(lr=[0.1, 0.01])
+
+
+def test_tune_runs_trials_and_asha_stops_some(tiny_prepared, tmp_path):
+    run_dir, _ = tiny_prepared
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({
+        "data": str(run_dir), "output_dir": str(tmp_path / "unused"), "name": "p",
+        "model": {"preset": "tiny", "max_seq_len": 32},
+        "train": {"batch_size": 4, "eval_batches": 2, "log_every": 1},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "threads_per_worker": 1},
+    }))
+    cfg = from_dict(TuneConfig, {"base": str(base), "output_dir": str(tmp_path / "tune"), "num_samples": 4,
+                                 "max_steps": 8, "eval_every": 2, "seed": 1,
+                                 "space": {"lr": [1e-6, 5e-3], "batch_size": [4], "weight_decay": [0.0],
+                                           "warmup_steps": [1]}})
+    summary = run_tune(cfg)
+    assert summary["num_trials"] == 4 and not any(t["error"] for t in summary["trials"])
+    assert summary["stopped_early"] >= 1, summary["trials"]
+    best = yaml.safe_load(open(summary["best_config"]))
+    assert best["optim"]["lr"] == pytest.approx(summary["best"]["lr"])
+    cfg2 = pretrain.parse_config(["--config", summary["best_config"]])  # accepted unchanged
+    assert cfg2.optim.lr == pytest.approx(summary["best"]["lr"])
+    out = json.loads(open(f"{summary['output_dir']}/summary.json").read())
+    assert out["best"]["val_loss"] == min(t["val_loss"] for t in out["trials"] if t["val_loss"] is not None)
