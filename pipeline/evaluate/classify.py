@@ -36,7 +36,10 @@ def tfidf_baseline(train_texts: list[str], train_labels: list[str], test_texts: 
 
 @torch.no_grad()
 def predict_labels(model, tok, texts: list[str], max_len: int, batch_size: int = 16) -> list[str]:
+    from pipeline.evaluate.lm import context_length
+
     model.eval()
+    max_len = context_length(model, max_len)
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     out: list[str] = []
     for i in range(0, len(texts), batch_size):

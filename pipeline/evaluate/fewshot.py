@@ -25,7 +25,10 @@ def build_prompt(examples: list[tuple[str, str]], query: str, max_words: int = 4
 def option_logprobs(model, tok, prompt: str, options: list[str], max_len: int) -> list[float]:
     """Sum of log p(option tokens | prompt) per option (options get a leading space). The prompt is
     cut from the left so that prompt + option fits ``max_len``."""
+    from pipeline.evaluate.lm import context_length
+
     model.eval()
+    max_len = context_length(model, max_len)
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     scores = []
     for option in options:

@@ -10,6 +10,14 @@ import math
 import torch
 
 
+def context_length(model, requested: int) -> int:
+    """``requested`` capped at the model's number of positions (longer inputs would index past
+    the position table)."""
+    c = model.config
+    limit = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None) or requested
+    return min(requested, int(limit))
+
+
 @torch.no_grad()
 def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Summed next-token NLL (nats) per row, ignoring padding."""
@@ -35,6 +43,7 @@ def lm_metrics_from_rows(model, tok, rows: list[list[int]], batch_size: int = 8)
 def lm_metrics_from_texts(model, tok, texts: list[str], max_len: int, batch_size: int = 8) -> dict:
     """Each text scored on its own (truncated to ``max_len`` tokens, the first token unscored)."""
     model.eval()
+    max_len = context_length(model, max_len)
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
     for i in range(0, len(texts), batch_size):
         enc = tok(texts[i : i + batch_size], truncation=True, max_length=max_len, padding=True, return_tensors="pt")

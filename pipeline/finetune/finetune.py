@@ -167,6 +167,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         import pyarrow.parquet as pq
 
         pq.write_table(pa.Table.from_pylist(rows["test"]), run_dir / "test_encoded.parquet")
+    import random
+
+    random.Random(cfg.train.seed).shuffle(rows["train"])  # files come sorted by id / label
     datasets = {s: ray.data.from_items(rows[s]) for s in ("train", "val") if rows.get(s)}
     config = {"optim": to_dict(cfg.optim), "loop": to_dict(cfg.train), "scaling": to_dict(cfg.scaling),
               "run": to_dict(cfg.run), "task": cfg.task, "base_model": str(base), "tokenizer_dir": str(tok_dir),

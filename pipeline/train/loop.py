@@ -51,6 +51,9 @@ class LoopConfig:
     grad_accum: int = 1
     eval_every: int = 100
     eval_batches: int = 20  # per worker; 0 = the whole validation split (a checkpoint follows each evaluation)
+    # rows shuffled within a buffer of this size (seeded by seed + epoch); corpora arrive sorted by
+    # source and labeled files by id, and label- or source-homogeneous batches make training swing
+    shuffle_buffer: int = 1024
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     log_every: int = 10
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -61,6 +64,7 @@ class LoopConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every"):
             check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         check(self.eval_batches >= 0, f"train.eval_batches must be >= 0, got {self.eval_batches}")
+        check(self.shuffle_buffer >= 0, f"train.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
               f"train.early_stopping_patience must be >= 1 or null, got {self.early_stopping_patience}")
 

@@ -67,6 +67,7 @@ def train_worker(config: dict) -> dict:
 
     from pipeline.config import from_dict
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     setup = config["setup"]  # a picklable callable building (model, batcher, tokenizer) from config
     optim = from_dict(OptimConfig, config["optim"])
     loop = from_dict(LoopConfig, config["loop"])
@@ -87,6 +88,8 @@ def train_worker(config: dict) -> dict:
         with checkpoint.as_directory() as ckpt_dir:
             load_model_weights(model, ckpt_dir)
     model = ray.train.torch.prepare_model(model, parallel_strategy=scaling.strategy)
+    if loop.compile:
+        model = torch.compile(model)
     device = ray.train.torch.get_device()
     trainer = Trainer(model, optim, loop, device, flops_per_token, peak_flops(device))
     if checkpoint is not None:
@@ -98,8 +101,10 @@ def train_worker(config: dict) -> dict:
     val_shard = ray.train.get_dataset_shard("val") if "val" in config["datasets"] else None
     column = config["column"]
 
-    def batches(shard):
-        for b in shard.iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long, drop_last=True):
+    def batches(shard, epoch: int | None = None):
+        shuffle = {"local_shuffle_buffer_size": loop.shuffle_buffer, "local_shuffle_seed": loop.seed + epoch} \
+            if epoch is not None and loop.shuffle_buffer else {}
+        for b in shard.iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long, drop_last=True, **shuffle):
             yield batcher(b[column]) if column else batcher(b)
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
@@ -112,6 +117,7 @@ def train_worker(config: dict) -> dict:
 
     def on_log(record: dict) -> None:
         if rank == 0:
+            logger.info("train %s", json.dumps(record))  # shows in the job's logs on the Ray dashboard
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"kind": "train", **record}) + "\n")
         if run.fail_at_step is not None and record["step"] >= run.fail_at_step and rank == min(1, world - 1) \
@@ -130,7 +136,7 @@ def train_worker(config: dict) -> dict:
             ray.train.report(metrics)
 
     state = trainer.fit(
-        state, lambda epoch: batches(train_shard),
+        state, lambda epoch: batches(train_shard, epoch),
         (lambda: batches(val_shard)) if val_shard is not None else None,
         reduce=reduce, on_log=on_log, on_eval=on_eval, world_size=world,
     )

@@ -103,7 +103,7 @@ def run_tune(cfg: TuneConfig) -> dict:
         tune.with_resources(run_trial, {"CPU": 0.01}),  # the trial driver idles; its TorchTrainer holds the CPUs
         param_space={"base": base, "sample": space},
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, num_samples=cfg.num_samples,
-                                    max_concurrent_trials=concurrency, search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed)),
+                                    search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency)),
         run_config=tune.RunConfig(name="tune", storage_path=str(out)),
     )
     grid = tuner.fit()

@@ -10,7 +10,7 @@ from jobs import pretrain
 from pipeline.config import from_dict
 from pipeline.tune.sweep import SearchSpace, TuneConfig, run_tune, trial_overrides
 
-pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(420)]
 
 
 def test_trial_overrides():
