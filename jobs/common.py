@@ -1,10 +1,15 @@
-"""Shared command-line plumbing for the jobs: ``--config``, ``key=value`` overrides, logging."""
+"""Shared command-line plumbing for the jobs: ``--config``, ``key=value`` overrides, logging, and
+the parse -> connect -> run -> tear down sequence every job follows."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 def setup_logging() -> None:
@@ -19,3 +24,37 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. pack.seq_len=256")
     return parser
+
+
+def parse_typed(cls: type[T], argv: list[str], description: str) -> T:
+    """``--config FILE [key=value ...]`` -> the job's typed config (ValueError names a bad key)."""
+    from pipeline.config import apply_overrides, from_dict, load_yaml
+
+    args = base_parser(description).parse_args(argv)
+    return from_dict(cls, apply_overrides(load_yaml(args.config), args.overrides))
+
+
+def run_job(argv: list[str] | None, parse: Callable[[list[str]], T], run: Callable[[T], dict],
+            render: Callable[[dict], str]) -> int:
+    """Parse the config, connect to Ray (or start a local cluster), run one library function,
+    print its summary, and shut down what this call started. Bad input exits 2 with a message."""
+    from pipeline.ray_utils import init_ray
+
+    setup_logging()
+    try:
+        cfg = parse(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    started = init_ray()
+    try:
+        print(render(run(cfg)))
+        return 0
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

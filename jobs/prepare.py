@@ -14,16 +14,11 @@ On a running cluster::
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
-from jobs.common import base_parser, setup_logging
+from jobs.common import base_parser, run_job
 from pipeline.config import apply_overrides, from_dict, load_yaml
 from pipeline.data.prepare import PrepareConfig, run_prepare
-from pipeline.ray_utils import init_ray
-
-logger = logging.getLogger("jobs.prepare")
-
 
 def parse_config(argv: list[str]) -> PrepareConfig:
     parser = base_parser(__doc__.splitlines()[0])
@@ -61,26 +56,8 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    except ValueError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    started = init_ray()
-    try:
-        manifest = run_prepare(cfg)
-        print(summary(manifest))
-        print(json.dumps({"manifest": f"{manifest['output_dir']}/manifest.json"}))
-        return 0
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    return run_job(argv, parse_config, run_prepare,
+                   lambda m: summary(m) + "\n" + json.dumps({"manifest": f"{m['output_dir']}/manifest.json"}))
 
 
 if __name__ == "__main__":

@@ -15,37 +15,20 @@ from __future__ import annotations
 import json
 import sys
 
-from jobs.common import base_parser, setup_logging
-from pipeline.config import apply_overrides, from_dict, load_yaml
-from pipeline.ray_utils import init_ray
+from jobs.common import parse_typed, run_job
 from pipeline.train.pretrain import PretrainConfig, run_pretrain
 
 
 def parse_config(argv: list[str]) -> PretrainConfig:
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
-    return from_dict(PretrainConfig, apply_overrides(load_yaml(args.config), args.overrides))
+    return parse_typed(PretrainConfig, argv, __doc__.splitlines()[0])
+
+
+def render(summary: dict) -> str:
+    return json.dumps({k: summary[k] for k in ("model_dir", "steps", "tokens", "best_val_loss", "seconds")})
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    except ValueError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    started = init_ray()
-    try:
-        summary = run_pretrain(cfg)
-        print(json.dumps({k: summary[k] for k in ("model_dir", "steps", "tokens", "best_val_loss", "seconds")}))
-        return 0
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    return run_job(argv, parse_config, run_pretrain, render)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:  # Optional[X]: X's own, more precise error
+            return _coerce(value, non_none[0], key)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -99,3 +99,12 @@ def test_sources_need_distinct_names(tmp_path):
     assert [s.source_name for s in cfg.sources] == ["a", "b"]
     with pytest.raises(ValueError, match="sources must list"):
         from_dict(PrepareConfig, {"sources": []})
+
+
+def test_optional_sections_report_the_inner_key():
+    from jobs.evaluate import parse_config as parse_eval
+
+    with pytest.raises(ValueError, match=r"lm\.modell"):
+        parse_eval(["--config", "jobs/configs/evaluate_demo.yaml", "lm.modell=3"])
+    cfg = parse_eval(["--config", "jobs/configs/evaluate_demo.yaml", "bias=null", "fewshot=null"])
+    assert cfg.bias is None and cfg.fewshot is None and cfg.lm is not None
