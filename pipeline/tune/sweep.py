@@ -37,6 +37,7 @@ class SearchSpace:
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig:
     base: str  # the pretrain config YAML every trial starts from
+    overrides: list[str] = field(default_factory=list)  # key=value applied to base for every trial
     output_dir: str = "outputs/tune"
     name: str = "tune"
     space: SearchSpace = field(default_factory=SearchSpace)
@@ -80,7 +81,7 @@ def run_tune(cfg: TuneConfig) -> dict:
 
     base = load_yaml(cfg.base)
     out = Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash({**to_dict(cfg), 'base': base, 'output_dir': None})}"
-    base = apply_overrides(base, [f"train.max_steps={cfg.max_steps}", f"train.eval_every={cfg.eval_every}",
+    base = apply_overrides(base, [*cfg.overrides, f"train.max_steps={cfg.max_steps}", f"train.eval_every={cfg.eval_every}",
                                   "train.early_stopping_patience=null", f"output_dir={out / 'trials'}"])
     # `data: some.yaml` is relative to where the job runs; trials run elsewhere: make paths absolute
     if isinstance(base.get("data"), str) and Path(base["data"]).exists():
@@ -95,12 +96,17 @@ def run_tune(cfg: TuneConfig) -> dict:
         space["n_embd"] = tune.choice(s.n_embd)
     per_trial_cpus = base_cfg.scaling.num_workers * base_cfg.scaling.cpus_per_worker
     cpus = ray.cluster_resources().get("CPU", 1)
-    # each trial also needs room for its Ray Data ingestion: about one CPU beside its workers
-    concurrency = cfg.max_concurrent or max(1, int(cpus // (per_trial_cpus + 1)))
+    # each trial also needs room for its Ray Data ingestion: one whole CPU beside its workers
+    concurrency = cfg.max_concurrent or max(1, int(cpus // (per_trial_cpus + 1.01)))
+    check(cpus - concurrency * (per_trial_cpus + 0.01) >= 1,
+          f"tune: {cpus} CPUs cannot hold a trial ({per_trial_cpus} CPUs of workers + 0.01 for the trial) and "
+          f"one free CPU for its data ingestion; lower scaling.cpus_per_worker in {cfg.base}")
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=math.ceil(cfg.max_steps / cfg.eval_every),
                               grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
     tuner = tune.Tuner(
-        tune.with_resources(run_trial, {"CPU": 0.01}),  # the trial driver idles; its TorchTrainer holds the CPUs
+        # The trial driver only waits on its TorchTrainer and reserves almost nothing. Ray Data's
+        # read tasks need one whole free CPU beside trial + workers (see the concurrency rule).
+        tune.with_resources(run_trial, {"CPU": 0.01}),
         param_space={"base": base, "sample": space},
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, num_samples=cfg.num_samples,
                                     search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency)),
@@ -118,7 +124,7 @@ def run_tune(cfg: TuneConfig) -> dict:
     ok = [r for r in rows if r["val_loss"] is not None and not r["error"]]
     check(bool(ok), f"tune: every trial failed: {[r['error'] for r in rows]}")
     best = min(ok, key=lambda r: r["val_loss"])
-    best_yaml = apply_overrides(load_yaml(cfg.base), trial_overrides(best))
+    best_yaml = apply_overrides(load_yaml(cfg.base), [*cfg.overrides, *trial_overrides(best)])
     best_path = out / "best_pretrain.yaml"
     best_path.write_text(yaml.safe_dump(best_yaml, sort_keys=False))
     _write_table(rows, out)
