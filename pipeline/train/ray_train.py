@@ -64,6 +64,7 @@ def train_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
+    from ray.util import get_current_placement_group
 
     from pipeline.config import from_dict
 
@@ -125,15 +126,21 @@ def train_worker(config: dict) -> dict:
             marker.write_text(str(record["step"]))
             os._exit(1)  # a hard worker death, as a preempted node would look
 
+    # The worker group's placement group and this worker's actor id, reported so that a Tune sweep
+    # can release the group once Tune has stopped the trial (pipeline.tune.sweep).
+    pg = get_current_placement_group()
+    pg_id = {"placement_group_id": pg.id.hex(), "train_worker_actor_id": ray.get_runtime_context().get_actor_id()} \
+        if pg is not None else {}
+
     def on_eval(metrics: dict, st: TrainState, is_last: bool) -> None:
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"kind": "eval", **metrics}) + "\n")
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, model, tokenizer, trainer.optimizer, st, extra={"metrics": metrics})
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+                ray.train.report({**metrics, **pg_id}, checkpoint=Checkpoint.from_directory(tmp))
         else:
-            ray.train.report(metrics)
+            ray.train.report({**metrics, **pg_id})
 
     state = trainer.fit(
         state, lambda epoch: batches(train_shard, epoch),

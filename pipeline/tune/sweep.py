@@ -62,6 +62,66 @@ def trial_overrides(sample: dict) -> list[str]:
     return [f"{mapping[k]}={v}" for k, v in sorted(sample.items()) if k in mapping]
 
 
+def release_train_placement_groups_callback():
+    """A Tune callback that removes the Ray Train placement group a stopped trial leaves behind.
+
+    When Tune stops a trial (ASHA, or ``max_t`` reached) the trial's actor exits and takes the
+    TorchTrainer's controller with it, before the controller removes its workers' placement
+    group (placement groups are not fate-shared with the actor that creates them). Ray Train's
+    own ``PlacementGroupCleaner`` notices a dead controller through the state API, which only
+    answers on clusters that run the dashboard; elsewhere the group keeps its CPUs and the next
+    trial waits for them forever.
+
+    The workers report their group's id and their actor id with every result. Once a trial has
+    ended, this callback waits until that worker is dead (so a live controller is never
+    disturbed, it would retry on a new group) and then removes the group if it still exists."""
+    import ray
+    from ray import tune
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    def actor_dead(actor_id: str) -> bool:
+        # GCS actor table (ray.util.state would need the dashboard, the very thing missing)
+        return (ray._private.state.actors(actor_id) or {}).get("State", "DEAD") == "DEAD"
+
+    class ReleaseTrainPlacementGroups(tune.Callback):
+        def __init__(self) -> None:
+            self.running: dict[str, tuple[str, str]] = {}  # trial id -> (group id, worker actor id)
+            self.ended: list[tuple[str, str, str]] = []
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if result.get("placement_group_id") and result.get("train_worker_actor_id"):
+                self.running[trial.trial_id] = (result["placement_group_id"], result["train_worker_actor_id"])
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            if trial.trial_id in self.running:
+                self.ended.append((trial.trial_id, *self.running.pop(trial.trial_id)))
+
+        on_trial_error = on_trial_complete
+
+        def on_step_begin(self, iteration, trials, **info) -> None:
+            self.ended = [t for t in self.ended if not self._release(*t)]
+
+        def on_experiment_end(self, trials, **info) -> None:
+            self.on_step_begin(0, trials)
+
+        @staticmethod
+        def _release(trial_id: str, pg_hex: str, worker_id: str) -> bool:
+            """True once nothing is left to do for this trial."""
+            try:
+                if not actor_dead(worker_id):
+                    return False
+                pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex)))
+                if placement_group_table(pg).get("state") != "REMOVED":
+                    remove_placement_group(pg)
+                    logger.info("released Ray Train placement group %s left by trial %s", pg_hex, trial_id)
+            except Exception as e:  # the group is already gone, or the id is unknown: nothing to do
+                logger.debug("placement group %s of trial %s: %s", pg_hex, trial_id, e)
+            return True
+
+    return ReleaseTrainPlacementGroups()
+
+
 def run_trial(config: dict) -> None:
     """A Tune trainable: the config dict becomes a PretrainConfig on the first line."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -110,7 +170,8 @@ def run_tune(cfg: TuneConfig) -> dict:
         param_space={"base": base, "sample": space},
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, num_samples=cfg.num_samples,
                                     search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency)),
-        run_config=tune.RunConfig(name="tune", storage_path=str(out)),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out),
+                                  callbacks=[release_train_placement_groups_callback()]),
     )
     grid = tuner.fit()
     rows = []

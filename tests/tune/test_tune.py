@@ -19,9 +19,6 @@ def test_trial_overrides():
         SearchSpace(lr=[0.1, 0.01])
 
 
-@pytest.mark.skip(reason="on the 2-CPU test cluster the first trial completes but the second one never starts "
-                         "training (resources of the finished trial apparently not yet released); unresolved, "
-                         "see the closing note of issue 3")
 def test_tune_runs_trials_and_asha_stops_some(tiny_prepared, tmp_path):
     run_dir, _ = tiny_prepared
     base = tmp_path / "base.yaml"
