@@ -6,6 +6,7 @@
 2. pretrain: the small GPT-2 on those shards with Ray Train, 2 workers (pretrain_demo.yaml)
 3. fine-tune: a BBC topic classifier and a chatterbot chat model (finetune_*_demo.yaml)
 4. evaluate: perplexity, classifier vs TF-IDF baseline, few-shot, bias probe (evaluate_demo.yaml)
+5. tune: a 4-trial ASHA sweep of short pretraining runs (tune_demo.yaml)
 
 then a summary table. Each stage is skipped when its output for the same config exists.
 """
@@ -20,12 +21,13 @@ from jobs.common import setup_logging
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    from jobs import evaluate, finetune, prepare, pretrain
+    from jobs import evaluate, finetune, prepare, pretrain, tune
     from pipeline.data.prepare import run_prepare
     from pipeline.evaluate.run import run_evaluate
     from pipeline.finetune.finetune import run_finetune
     from pipeline.ray_utils import init_ray
     from pipeline.train.pretrain import run_pretrain
+    from pipeline.tune.sweep import run_tune
 
     configs = {
         "prepare": prepare.parse_config(["--config", "jobs/configs/prepare_demo.yaml"]),
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         "classify": finetune.parse_config(["--config", "jobs/configs/finetune_classify_demo.yaml"]),
         "sft": finetune.parse_config(["--config", "jobs/configs/finetune_sft_demo.yaml"]),
         "evaluate": evaluate.parse_config(["--config", "jobs/configs/evaluate_demo.yaml"]),
+        "tune": tune.parse_config(["--config", "jobs/configs/tune_demo.yaml"]),
     }
     started = init_ray()
     t0 = time.time()
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         cls = timed("finetune classifier", run_finetune, configs["classify"])
         sft = timed("finetune chat (SFT)", run_finetune, configs["sft"])
         ev = timed("evaluate", run_evaluate, configs["evaluate"])
+        sweep = timed("tune", run_tune, configs["tune"])
         print("\n== prepare ==")
         print(prepare.summary(manifest))
         c, b = ev["classification"], ev["classification"]["baseline_tfidf_logreg"]
@@ -61,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             ("chat SFT best val loss", f"{sft['best_val_loss']:.3f} ({sft['examples']['train']} dialogs, {sft['rejected']} rejected)"),
             ("bias probe", f"mean gap {ev['bias']['mean_gap']:.3f} nats, stereotyped preferred "
                            f"{ev['bias']['share_stereotyped']:.0%} of {ev['bias']['n']} pairs"),
+            ("sweep best (val loss)", f"{sweep['best']['val_loss']:.3f}: lr {sweep['best']['lr']:.2e}, batch "
+                                      f"{sweep['best']['batch_size']}, weight decay {sweep['best']['weight_decay']}, warmup "
+                                      f"{sweep['best']['warmup_steps']} ({sweep['num_trials']} trials, "
+                                      f"{sweep['stopped_early']} stopped early by ASHA)"),
+            ("sweep best config", sweep["best_config"]),
         ]
         print("\n== summary ==")
         width = max(len(k) for k, _ in rows)

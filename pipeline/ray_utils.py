@@ -25,7 +25,9 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
             address="local",
             num_cpus=num_cpus,
             object_store_memory=object_store_memory,
-            include_dashboard=False,
+            # the dashboard (http://127.0.0.1:8265) shows jobs, logs and metrics; Ray Train's placement
+            # group cleaner also relies on its state API. PIPELINE_RAY_DASHBOARD=0 turns it off.
+            include_dashboard=os.environ.get("PIPELINE_RAY_DASHBOARD", "1") != "0",
         )
     return True
 

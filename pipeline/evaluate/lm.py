@@ -13,9 +13,9 @@ import torch
 def context_length(model, requested: int) -> int:
     """``requested`` capped at the model's number of positions (longer inputs would index past
     the position table)."""
-    c = model.config
-    limit = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None) or requested
-    return min(requested, int(limit))
+    from pipeline.model.build import context_length as limit
+
+    return min(requested, limit(model.config))
 
 
 @torch.no_grad()

@@ -100,3 +100,12 @@ def flops_per_token(model, seq_len: int) -> float:
     d = getattr(c, "n_embd", None) or c.hidden_size
     n = num_params(model) - model.get_input_embeddings().weight.numel()
     return 6 * n + 12 * n_layer * d * seq_len
+
+
+def context_length(config) -> int:
+    """The number of positions a model config allows (GPT-2 ``n_positions``, Llama and BERT
+    ``max_position_embeddings``)."""
+    for key in ("n_positions", "max_position_embeddings"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise ValueError("the model config names no context length (n_positions / max_position_embeddings)")

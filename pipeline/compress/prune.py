@@ -1,0 +1,151 @@
+"""Pruning, pure torch on Hugging Face models.
+
+- ``magnitude_prune``: global unstructured magnitude pruning over every 2-D projection weight
+  (``nn.Linear`` and GPT-2's ``Conv1D``; embeddings and the tied LM head stay dense). The masks
+  are made permanent (``prune.remove``): the saved tensors hold real zeros, shapes unchanged.
+- ``structured_prune``: MLP neurons (GPT-2, Llama) and attention heads (Llama) are physically
+  removed, and the config's sizes are updated, so ``from_pretrained`` builds the smaller model
+  and loads it. Importance is weight magnitude: a neuron scores the product of the L2 norms of
+  its input row and output column, a head the L2 norm of its output-projection columns. Every
+  layer keeps the same count, since a Hugging Face config holds one size for all layers.
+
+GPT-2's attention derives its head size from ``n_embd / n_head``, so a GPT-2 model cannot lose
+heads and still load with the stock class: asking for it is an error; use Llama for head
+pruning."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def projection_modules(model) -> list[tuple[str, nn.Module]]:
+    """Every Linear / Conv1D inside the transformer blocks (not embeddings or the LM head)."""
+    from transformers.pytorch_utils import Conv1D
+
+    emb = model.get_input_embeddings()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D)) and m is not out and m is not emb and "score" not in n
+            and "classifier" not in n]
+
+
+def magnitude_prune(model, sparsity: float) -> dict:
+    import torch.nn.utils.prune as prune
+
+    if not 0 < sparsity < 1:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+    params = [(m, "weight") for _, m in projection_modules(model)]
+    if not params:
+        raise ValueError("no Linear/Conv1D projection weights to prune")
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=sparsity)
+    for m, name in params:
+        prune.remove(m, name)  # permanent: weight is a plain tensor again, with zeros
+    total = sum(m.weight.numel() for m, _ in params)
+    zeros = sum(int((m.weight == 0).sum()) for m, _ in params)
+    return {"pruned_weights": total, "zero_weights": zeros, "sparsity": zeros / total}
+
+
+def _keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    return torch.topk(scores, keep).indices.sort().values
+
+
+@torch.no_grad()
+def structured_prune(model, *, mlp_keep: float = 1.0, heads_keep: float = 1.0) -> dict:
+    """Keep the top ``mlp_keep`` share of MLP neurons and ``heads_keep`` share of attention heads
+    (key/value groups under grouped-query attention) in every layer."""
+    if not 0 < mlp_keep <= 1 or not 0 < heads_keep <= 1:
+        raise ValueError(f"mlp_keep and heads_keep must be in (0, 1], got {mlp_keep}, {heads_keep}")
+    kind = model.config.model_type
+    if kind == "gpt2":
+        if heads_keep < 1:
+            raise ValueError("gpt2 derives its head size from n_embd / n_head, so heads cannot be removed and the "
+                             "model still load with GPT2 classes; prune MLP neurons only (heads_keep: 1.0) or use "
+                             "a llama model")
+        return _prune_gpt2_mlp(model, mlp_keep)
+    if kind == "llama":
+        info = _prune_llama_mlp(model, mlp_keep)
+        info.update(_prune_llama_heads(model, heads_keep))
+        return info
+    raise ValueError(f"structured pruning supports gpt2 and llama models, not {kind!r}")
+
+
+def _prune_gpt2_mlp(model, keep_share: float) -> dict:
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = model.transformer.h
+    inner = blocks[0].mlp.c_fc.weight.shape[1]
+    keep = max(1, round(inner * keep_share))
+    for block in blocks:
+        fc, proj = block.mlp.c_fc, block.mlp.c_proj  # Conv1D: weight is (in, out)
+        score = fc.weight.norm(dim=0) * proj.weight.norm(dim=1)
+        idx = _keep(score, keep)
+        new_fc = Conv1D(keep, fc.weight.shape[0])
+        new_fc.weight.copy_(fc.weight[:, idx])
+        new_fc.bias.copy_(fc.bias[idx])
+        new_proj = Conv1D(proj.weight.shape[1], keep)
+        new_proj.weight.copy_(proj.weight[idx, :])
+        new_proj.bias.copy_(proj.bias)
+        block.mlp.c_fc, block.mlp.c_proj = new_fc, new_proj
+    model.config.n_inner = keep
+    return {"mlp_neurons": f"{inner} -> {keep}"}
+
+
+def _prune_llama_mlp(model, keep_share: float) -> dict:
+    layers = model.model.layers
+    inner = model.config.intermediate_size
+    keep = max(1, round(inner * keep_share))
+    if keep == inner:
+        return {}
+    for layer in layers:
+        mlp = layer.mlp  # gate/up: (inner, d) rows; down: (d, inner) columns
+        score = (mlp.gate_proj.weight.norm(dim=1) + mlp.up_proj.weight.norm(dim=1)) * mlp.down_proj.weight.norm(dim=0)
+        idx = _keep(score, keep)
+        mlp.gate_proj = _linear_rows(mlp.gate_proj, idx)
+        mlp.up_proj = _linear_rows(mlp.up_proj, idx)
+        mlp.down_proj = _linear_cols(mlp.down_proj, idx)
+    model.config.intermediate_size = keep
+    return {"mlp_neurons": f"{inner} -> {keep}"}
+
+
+def _prune_llama_heads(model, keep_share: float) -> dict:
+    c = model.config
+    n_heads, n_kv = c.num_attention_heads, c.num_key_value_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+    group = n_heads // n_kv
+    keep_kv = max(1, round(n_kv * keep_share))
+    if keep_kv == n_kv:
+        return {}
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        o = attn.o_proj.weight.view(c.hidden_size, n_kv, group, head_dim)  # columns grouped by kv group
+        kv_idx = _keep(o.pow(2).sum(dim=(0, 2, 3)).sqrt(), keep_kv)
+        q_heads = (kv_idx[:, None] * group + torch.arange(group)).flatten()
+        q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        kv_rows = (kv_idx[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        attn.q_proj = _linear_rows(attn.q_proj, q_rows)
+        attn.k_proj = _linear_rows(attn.k_proj, kv_rows)
+        attn.v_proj = _linear_rows(attn.v_proj, kv_rows)
+        attn.o_proj = _linear_cols(attn.o_proj, q_rows)
+        for name in ("num_heads", "num_key_value_heads"):
+            if hasattr(attn, name):
+                setattr(attn, name, keep_kv * group if name == "num_heads" else keep_kv)
+    c.head_dim = head_dim
+    c.num_attention_heads, c.num_key_value_heads = keep_kv * group, keep_kv
+    return {"attention_heads": f"{n_heads} -> {keep_kv * group}"}
+
+
+def _linear_rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(lin.in_features, len(idx), bias=lin.bias is not None)
+    new.weight.data.copy_(lin.weight[idx])
+    if lin.bias is not None:
+        new.bias.data.copy_(lin.bias[idx])
+    return new
+
+
+def _linear_cols(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(len(idx), lin.out_features, bias=lin.bias is not None)
+    new.weight.data.copy_(lin.weight[:, idx])
+    if lin.bias is not None:
+        new.bias.data.copy_(lin.bias)
+    return new
