@@ -1,0 +1,249 @@
+"""The compress job: every variant (pruned, quantized) of every model, saved as a servable
+directory, and one table against the base: parameters, weight-file size, decode tokens/s
+(greedy, batch 1, KV cache, one thread, median of ``repeats``), validation perplexity for
+causal LMs, macro-F1 on the labeled test split for classifiers.
+
+    python -m jobs.compress --config jobs/configs/compress_demo.yaml
+
+Output: ``<output_dir>/<name>-<config hash>/{<model>-<variant>/, results.json, results.md}``;
+a rerun with the same config returns the stored results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import check, config_hash, to_dict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    name: str
+    path: str  # a model directory, or the pretrain / finetune config YAML whose exported model to use
+    kind: Literal["causal", "classifier"] = "causal"
+
+    def __post_init__(self) -> None:
+        check(bool(self.name) and "/" not in self.name, f"models[].name must be a plain name, got {self.name!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VariantSpec:
+    name: str
+    method: Literal["magnitude", "structured", "int8"]
+    sparsity: float = 0.5  # magnitude
+    mlp_keep: float = 0.5  # structured
+    heads_keep: float = 1.0  # structured (llama only)
+
+    def __post_init__(self) -> None:
+        check(bool(self.name) and "/" not in self.name, f"variants[].name must be a plain name, got {self.name!r}")
+        if self.method == "magnitude":
+            check(0 < self.sparsity < 1, f"variants[{self.name}].sparsity must be in (0, 1), got {self.sparsity}")
+        if self.method == "structured":
+            check(0 < self.mlp_keep <= 1 and 0 < self.heads_keep <= 1,
+                  f"variants[{self.name}]: mlp_keep and heads_keep must be in (0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressEvalConfig:
+    lm_data: str | None = None  # prepare config or output dir: its val shards score perplexity
+    lm_rows: int = 64  # packed val rows scored
+    classify_data: str | None = None  # prepare config / output dir with labeled/, or a labeled file
+    classify_split: str = "test"
+    classify_rows: int = 300
+    max_len: int = 256
+    decode_tokens: int = 64
+    decode_prompt: str = "The government said on Monday that"
+    repeats: int = 3
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.repeats >= 1 and self.decode_tokens >= 1, "eval.repeats and eval.decode_tokens must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressConfig:
+    name: str = "compress"
+    output_dir: str = "outputs/compress"
+    models: list[ModelSpec] = field(default_factory=list)
+    variants: list[VariantSpec] = field(default_factory=list)
+    eval: CompressEvalConfig = field(default_factory=CompressEvalConfig)
+
+    def __post_init__(self) -> None:
+        check(bool(self.models), "models: name at least one model to compress")
+        check(bool(self.variants), "variants: name at least one variant")
+        for what, items in (("models", self.models), ("variants", self.variants)):
+            names = [m.name for m in items]
+            check(len(set(names)) == len(names), f"{what}: names must be unique, got {names}")
+
+
+def resolve_model(spec: str) -> Path:
+    """A model directory, or a pretrain / finetune YAML (a finetune config has a ``task`` key)."""
+    from pipeline.config import load_yaml
+    from pipeline.finetune.finetune import resolve_finetuned, resolve_model_dir
+
+    if spec.endswith((".yaml", ".yml")):
+        path = resolve_finetuned(spec) if "task" in load_yaml(spec) else resolve_model_dir(spec)
+    else:
+        path = Path(spec)
+    check((path / "config.json").exists(), f"model {spec}: {path} is not a model directory (train it first)")
+    return path
+
+
+def make_variant(model_dir: Path, kind: str, v: VariantSpec, out: Path) -> dict:
+    import transformers
+
+    from pipeline.compress.prune import magnitude_prune, structured_prune
+    from pipeline.compress.quantize import load_model, quantize_int8, save_int8
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = load_model(model_dir, kind)
+    if v.method == "int8":
+        save_int8(quantize_int8(model), tok, out, source=str(model_dir))
+        return {"method": "int8"}
+    info = magnitude_prune(model, v.sparsity) if v.method == "magnitude" else \
+        structured_prune(model, mlp_keep=v.mlp_keep, heads_keep=v.heads_keep)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    (out / "compression.json").write_text(json.dumps({**to_dict(v), **info, "source": str(model_dir)}, indent=2))
+    return info
+
+
+def measure(model_dir: Path, kind: str, e: CompressEvalConfig, lm_rows: list | None, cls_rows: list | None) -> dict:
+    import torch
+    import transformers
+
+    from pipeline.compress.quantize import file_size, load_model
+
+    torch.set_num_threads(e.threads)
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = load_model(model_dir, kind)
+    params = sum(p.numel() for p in model.parameters())
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear
+
+    params += sum(m.weight().numel() + (m.bias().numel() if m.bias() is not None else 0)
+                  for m in model.modules() if isinstance(m, QLinear))
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters()) + \
+        sum(int((m.weight().int_repr() != 0).sum()) for m in model.modules() if isinstance(m, QLinear))
+    row = {"parameters": params, "nonzero_parameters": nonzero, "file_bytes": file_size(model_dir)}
+    if kind == "causal":
+        from pipeline.serve.engine import Engine, SamplingParams
+
+        engine = Engine(model, tok, max_batch_size=1)
+        prompt = engine.encode(e.decode_prompt)
+        n = min(e.decode_tokens, engine.context_length - len(prompt))
+        engine.generate([(prompt, SamplingParams(max_tokens=4, temperature=0))])  # warm-up
+        speeds = []
+        for _ in range(e.repeats):
+            t = time.perf_counter()
+            g = engine.generate([(prompt, SamplingParams(max_tokens=n, temperature=0, stop=()))])[0]
+            speeds.append(max(1, len(g.token_ids)) / (time.perf_counter() - t))
+        row["decode_tokens_per_s"] = statistics.median(speeds)
+        if lm_rows:
+            from pipeline.evaluate.lm import lm_metrics_from_rows
+
+            row.update({f"val_{k}": v for k, v in lm_metrics_from_rows(model, tok, lm_rows).items()
+                        if k in ("loss", "perplexity")})
+    elif cls_rows:
+        from pipeline.evaluate.classify import classification_metrics, predict_labels
+
+        labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+        preds = predict_labels(model, tok, [r["text"] for r in cls_rows], e.max_len)
+        m = classification_metrics([r["label"] for r in cls_rows], preds, labels)
+        row.update({"f1_macro": m["f1_macro"], "accuracy": m["accuracy"]})
+    return row
+
+
+def _lm_rows(e: CompressEvalConfig) -> list | None:
+    if not e.lm_data:
+        return None
+    import pyarrow.parquet as pq
+
+    from pipeline.train.data import load_manifest, resolve_prepared, shard_paths
+
+    prepared = resolve_prepared(e.lm_data)
+    files = shard_paths(prepared, load_manifest(prepared), "val")
+    check(bool(files), f"eval.lm_data {e.lm_data}: no val shards")
+    rows: list = []
+    for f in files:
+        rows += pq.read_table(f, columns=["input_ids"]).column("input_ids").to_pylist()
+        if len(rows) >= e.lm_rows:
+            break
+    return [r[: e.max_len] for r in rows[: e.lm_rows]]
+
+
+def _cls_rows(e: CompressEvalConfig) -> list | None:
+    if not e.classify_data:
+        return None
+    from pipeline.evaluate.run import _labeled_files, _read_split
+
+    files = _labeled_files(e.classify_data)
+    check(e.classify_split in files, f"eval.classify_data {e.classify_data}: no {e.classify_split!r} split")
+    rows = _read_split(files[e.classify_split], "text", "label", None, [])
+    return rows[: e.classify_rows]
+
+
+def run_compress(cfg: CompressConfig) -> dict:
+    models = {m.name: (m, resolve_model(m.path)) for m in cfg.models}
+    key = {**to_dict(cfg), "output_dir": None, "models": [{**to_dict(m), "path": str(p.resolve())} for m, p in models.values()]}
+    out = Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash(key)}"
+    if (out / "results.json").exists():
+        logger.info("compress: %s is already complete (same config); not recomputing", out)
+        return json.loads((out / "results.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    lm_rows, cls_rows = _lm_rows(cfg.eval), _cls_rows(cfg.eval)
+    rows = []
+    for spec, src in models.values():
+        base = {"model": spec.name, "variant": "base", "kind": spec.kind, "path": str(src),
+                **measure(src, spec.kind, cfg.eval, lm_rows, cls_rows)}
+        rows.append(base)
+        logger.info("compress: %s base %s", spec.name, base)
+        for v in cfg.variants:
+            vdir = out / f"{spec.name}-{v.name}"
+            tmp = vdir.with_name(vdir.name + ".tmp")
+            if not vdir.exists():
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+                info = make_variant(src, spec.kind, v, tmp)
+                tmp.rename(vdir)
+            else:
+                info = {}
+            row = {"model": spec.name, "variant": v.name, "kind": spec.kind, "path": str(vdir), "method": v.method,
+                   **{k: str(val) for k, val in info.items() if k != "method"},
+                   **measure(vdir, spec.kind, cfg.eval, lm_rows, cls_rows)}
+            _relative(row, base)
+            rows.append(row)
+            logger.info("compress: %s %s %s", spec.name, v.name, row)
+    result = {"output_dir": str(out), "rows": rows}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "results.md").write_text(render_table(rows))
+    return result
+
+
+def _relative(row: dict, base: dict) -> None:
+    if base.get("decode_tokens_per_s") and row.get("decode_tokens_per_s"):
+        row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    if base.get("val_perplexity") and row.get("val_perplexity"):
+        row["perplexity_change"] = row["val_perplexity"] / base["val_perplexity"] - 1
+    row["size_ratio"] = row["file_bytes"] / max(1, base["file_bytes"])
+
+
+def render_table(rows: list[dict]) -> str:
+    def f(r, k, fmt):
+        return format(r[k], fmt) if r.get(k) is not None else "-"
+
+    lines = ["| model | variant | parameters | non-zero | file MB | size vs base | decode tok/s | speed-up | "
+             "val ppl | ppl change | macro-F1 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant']} | {r['parameters']:,} | {r['nonzero_parameters']:,} | "
+                     f"{r['file_bytes'] / 1e6:.1f} | {f(r, 'size_ratio', '.2f')} | {f(r, 'decode_tokens_per_s', '.1f')} | "
+                     f"{f(r, 'decode_speedup', '.2f')} | {f(r, 'val_perplexity', '.2f')} | "
+                     f"{f(r, 'perplexity_change', '+.1%')} | {f(r, 'f1_macro', '.3f')} |")
+    return "\n".join(lines) + "\n"

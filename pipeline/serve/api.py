@@ -1,0 +1,155 @@
+"""Request shapes of the HTTP API (OpenAI's for completions, chat and models) and OpenAI's error
+JSON. Validation is strict: a wrong type, an out-of-range value or an unknown field is a 400
+naming the parameter; OpenAI parameters this server does not implement are accepted only at
+their neutral values."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+Number = StrictInt | StrictFloat
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+
+
+class _Sampling(_Strict):
+    model: StrictStr | None = None  # default: the server's first model of the right kind
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)  # the newer name in chat
+    temperature: Number = Field(default=1.0, ge=0, le=2)
+    top_p: Number = Field(default=1.0, gt=0, le=1)
+    top_k: StrictInt = Field(default=0, ge=0)  # not in OpenAI's API; vLLM's extension
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    # OpenAI parameters accepted at their neutral value only
+    n: StrictInt = Field(default=1, ge=1, le=1)
+    presence_penalty: Number = Field(default=0, ge=0, le=0)
+    frequency_penalty: Number = Field(default=0, ge=0, le=0)
+    logit_bias: dict[str, Any] | None = None
+    logprobs: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported by this server")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        if v not in (None, False, 0):
+            raise ValueError("logprobs are not supported by this server")
+        return v
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr]
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt = Field(default=1, ge=1, le=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("send one prompt per request (a list must hold exactly one string)")
+            v = v[0]
+        if not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v):
+        if v:
+            raise ValueError("echo is not supported by this server")
+        return v
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+    name: StrictStr | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class PredictRequest(_Strict):
+    text: StrictStr = Field(min_length=1)
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+
+
+class ClassifyRequest(_Strict):
+    input: StrictStr | list[StrictStr]
+    model: StrictStr | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v):
+        items = [v] if isinstance(v, str) else v
+        if not items or len(items) > 64:
+            raise ValueError("input must hold 1 to 64 texts")
+        if any(not t for t in items):
+            raise ValueError("input texts must be non-empty")
+        return items
+
+
+class FeedbackRequest(_Strict):
+    id: StrictStr = Field(min_length=1, max_length=128)
+    rating: StrictInt
+    comment: StrictStr | None = Field(default=None, max_length=4000)
+
+
+def validation_error(exc) -> APIError:
+    """A pydantic ValidationError (or FastAPI's RequestValidationError) as a 400 naming the field."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    tags = {"int", "float", "str", "bool", "dict", "list", "none", "json-or-python"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not (  # drop union member tags
+        isinstance(p, str) and (p in tags or "[" in p or p.startswith(("function-", "constrained-"))))]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":
+        msg = f"unknown parameter {param!r}"
+    elif first.get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", param=None, code="invalid_json")
+    return APIError(400, f"{param}: {msg}" if param else msg, param=param,
+                    code="invalid_type" if "type" in first.get("type", "") else "invalid_value")

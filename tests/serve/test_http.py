@@ -1,0 +1,220 @@
+"""The Serve application over real HTTP on 127.0.0.1: every route, OpenAI shapes, SSE, stop
+strings, seeds, KV cache vs no cache, batching, errors, overload, API key, durable feedback."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.serve.conftest import deploy
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(300)]
+
+
+def post(app, path, body, **kw):
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return requests.post(app["url"] + path, data=data, headers={"Content-Type": "application/json", **kw.pop("headers", {})},
+                         timeout=60, **kw)
+
+
+def complete(app, **body):
+    r = post(app, "/v1/completions", {"model": "tiny", "prompt": "the market", "max_tokens": 12, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def assert_openai_error(r, status, param=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "Traceback" not in r.text
+    if param:
+        assert err["param"] == param, err
+
+
+def test_health_ready_models(serve_app):
+    assert requests.get(serve_app["url"] + "/health", timeout=10).json() == {"status": "ok"}
+    assert requests.get(serve_app["url"] + "/ready", timeout=10).json()["status"] == "ready"
+    data = requests.get(serve_app["url"] + "/v1/models", timeout=10).json()
+    assert data["object"] == "list" and {m["id"] for m in data["data"]} >= {"tiny", "tiny-chat", "topics"}
+    assert all(m["object"] == "model" for m in data["data"])
+
+
+def test_completion_shape_and_usage(serve_app):
+    r = complete(serve_app)
+    body = r.json()
+    assert body["id"].startswith("cmpl-") and r.headers["X-Response-Id"] == body["id"]
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    choice = body["choices"][0]
+    assert choice["index"] == 0 and isinstance(choice["text"], str) and choice["finish_reason"] in ("stop", "length")
+    u = body["usage"]
+    assert u["prompt_tokens"] > 0 and 0 < u["completion_tokens"] <= 12
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_chat_completion(serve_app):
+    r = post(serve_app, "/v1/chat/completions", {"model": "tiny-chat", "max_tokens": 8, "temperature": 0,
+                                                  "messages": [{"role": "user", "content": "hello there"}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+    # a model without a chat template says so
+    r = post(serve_app, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+    assert_openai_error(r, 400)
+
+
+def read_sse(r) -> list:
+    events = []
+    for line in r.iter_lines(decode_unicode=True):
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        events.append(line[len("data: "):])
+    return events
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streaming_sse(serve_app, chat):
+    path, body = ("/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "the market"}]}) \
+        if chat else ("/v1/completions", {"model": "tiny", "prompt": "the market"})
+    body = {**body, "max_tokens": 12, "temperature": 0}
+    plain = post(serve_app, path, body).json()
+    with requests.post(serve_app["url"] + path, json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                       stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = read_sse(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    if chat:
+        assert chunks[0]["object"] == "chat.completion.chunk" and choices[0]["delta"]["role"] == "assistant"
+        text = "".join(c["delta"].get("content", "") for c in choices)
+        assert text == plain["choices"][0]["message"]["content"]
+    else:
+        text = "".join(c["text"] for c in choices)
+        assert text == plain["choices"][0]["text"]
+    assert choices[-1]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert all(c["finish_reason"] is None for c in choices[:-1])
+
+
+def test_stop_strings(serve_app):
+    text = complete(serve_app, max_tokens=20).json()["choices"][0]["text"]
+    assert len(text) > 4
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    cut = text.find(stop)
+    r = complete(serve_app, max_tokens=20, stop=[stop]).json()
+    assert r["choices"][0]["text"] == text[:cut] and r["choices"][0]["finish_reason"] == "stop"
+    with requests.post(serve_app["url"] + "/v1/completions", stream=True, timeout=60, json={
+            "model": "tiny", "prompt": "the market", "max_tokens": 20, "temperature": 0, "stop": stop, "stream": True}) as s:
+        streamed = "".join(json.loads(e)["choices"][0]["text"] for e in read_sse(s)[:-1])
+    assert streamed == text[:cut]  # a stop string never leaks into the stream
+
+
+def test_seed_reproducible(serve_app):
+    a = complete(serve_app, temperature=1.0, top_p=0.95, top_k=50, seed=7, max_tokens=16).json()["choices"][0]["text"]
+    b = complete(serve_app, temperature=1.0, top_p=0.95, top_k=50, seed=7, max_tokens=16).json()["choices"][0]["text"]
+    others = {complete(serve_app, temperature=1.0, seed=s, max_tokens=16).json()["choices"][0]["text"] for s in range(4)}
+    assert a == b and len(others) > 1
+
+
+def test_kv_cache_matches_no_cache_over_http(serve_app):
+    for prompt in ("the market", "sport results today"):
+        with_cache = complete(serve_app, prompt=prompt, max_tokens=20).json()["choices"][0]["text"]
+        without = complete(serve_app, model="tiny-nocache", prompt=prompt, max_tokens=20).json()["choices"][0]["text"]
+        assert with_cache == without
+
+
+def test_concurrent_requests_are_batched_and_equal_sequential(serve_app):
+    prompts = [f"the market {i}" for i in range(6)]
+    sequential = [complete(serve_app, prompt=p).json()["choices"][0]["text"] for p in prompts]
+    with ThreadPoolExecutor(6) as pool:
+        rs = list(pool.map(lambda p: complete(serve_app, prompt=p), prompts))
+    assert [r.json()["choices"][0]["text"] for r in rs] == sequential
+    assert max(int(r.headers["X-Batch-Size"]) for r in rs) > 1
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "tiny", "prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": -3}, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"model": "tiny", "prompt": 42}, None),
+    ({"model": "tiny", "prompt": "x", "stop": [1]}, None),
+    ({"model": "tiny", "prompt": "x", "n": 3}, "n"),
+    ({"model": "tiny", "prompt": "x", "bogus": 1}, "bogus"),
+    ({"model": "tiny"}, "prompt"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 10_000}, "max_tokens"),
+])
+def test_bad_parameters_are_400(serve_app, body, param):
+    assert_openai_error(post(serve_app, "/v1/completions", body), 400, param)
+
+
+def test_malformed_json_unknown_model_and_routes(serve_app):
+    assert_openai_error(post(serve_app, "/v1/completions", "{not json"), 400)
+    assert_openai_error(post(serve_app, "/v1/completions", "[1, 2]"), 400)
+    assert_openai_error(post(serve_app, "/v1/completions", b"\xff\xfe"), 400)
+    assert_openai_error(post(serve_app, "/v1/completions", {"model": "nope", "prompt": "x"}), 404, "model")
+    assert_openai_error(post(serve_app, "/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "robot", "content": "x"}]}), 400)
+    assert_openai_error(post(serve_app, "/v1/classify", {"model": "tiny", "input": "x"}), 400, "model")
+    assert_openai_error(requests.get(serve_app["url"] + "/v1/nothing", timeout=10), 404)
+    assert_openai_error(post(serve_app, "/v1/completions", {"model": "tiny", "prompt": "x" * 2_000_000}), 413)
+
+
+def test_overload_answers_503_quickly(serve_app):
+    def one(_):
+        r = post(serve_app, "/v1/completions", {"model": "tiny-busy", "prompt": "the market", "max_tokens": 40,
+                                                 "temperature": 0})
+        return r.status_code, r
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+    for c, r in results:
+        if c == 503:
+            assert_openai_error(r, 503)
+
+
+def test_classify_and_predict(serve_app):
+    r = post(serve_app, "/v1/classify", {"model": "topics", "input": ["stocks fell sharply", "the match ended"]})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert len(data) == 2 and all(d["label"] in ("business", "sport", "tech") for d in data)
+    assert all(abs(sum(d["probabilities"].values()) - 1) < 1e-4 for d in data)
+    assert r.json()["id"].startswith("clf-")
+    r = post(serve_app, "/predict", {"text": "the market"})
+    assert r.status_code == 200 and isinstance(r.json()["response"], str) and r.json()["id"]
+
+
+def test_compressed_variants_answer(serve_app):
+    for name in ("tiny-int8", "tiny-pruned"):
+        body = complete(serve_app, model=name).json()
+        assert body["model"] == name and body["usage"]["completion_tokens"] > 0
+
+
+def test_api_key_and_feedback_survives_restart(serve_app):
+    rid = complete(serve_app).json()["id"]
+    ok = post(serve_app, "/v1/feedback", {"id": rid, "rating": 4, "comment": "useful"})
+    assert ok.status_code == 200 and ok.json()["status"] == "stored", ok.text
+    assert_openai_error(post(serve_app, "/v1/feedback", {"id": "cmpl-unknown", "rating": 4}), 404, "id")
+    assert_openai_error(post(serve_app, "/v1/feedback", {"id": rid, "rating": 99}), 400, "rating")
+    assert_openai_error(post(serve_app, "/v1/feedback", {"id": rid, "rating": "good"}), 400, "rating")
+    # restart the application with an API key: the feedback is still there, and the key is enforced
+    deploy({**serve_app["config"], "api_key": "s3cret"}, serve_app["url"])
+    try:
+        assert_openai_error(complete_raw(serve_app), 401)
+        assert_openai_error(complete_raw(serve_app, headers={"Authorization": "Bearer wrong"}), 401)
+        assert complete_raw(serve_app, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        stored = requests.get(f"{serve_app['url']}/v1/responses/{rid}", headers={"Authorization": "Bearer s3cret"},
+                              timeout=10).json()
+        assert stored["feedback"][0]["rating"] == 4 and stored["feedback"][0]["comment"] == "useful"
+    finally:
+        deploy(serve_app["config"], serve_app["url"])
+
+
+def complete_raw(app, **kw):
+    return post(app, "/v1/completions", {"model": "tiny", "prompt": "the market", "max_tokens": 4}, **kw)
