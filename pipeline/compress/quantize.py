@@ -115,6 +115,8 @@ def load_model(model_dir: str | Path, kind: str = "causal"):
     model = quantize_int8(auto.from_config(config))
     tensors = load_file(str(model_dir / WEIGHTS))
     for name, m in _quantized_layers(model).items():
+        if f"{name}.qweight" not in tensors:
+            raise ValueError(f"{model_dir}: int8 weights do not match the config (no {name}.qweight)")
         w = torch._make_per_channel_quantized_tensor(
             tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales").double(),
             tensors.pop(f"{name}.zero_points").long(), 0)

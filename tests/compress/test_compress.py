@@ -1,0 +1,101 @@
+"""Pruning and int8 quantization on tiny GPT-2 and Llama models, and the compress job's table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from pipeline.compress.prune import magnitude_prune, structured_prune
+from pipeline.compress.quantize import file_size, load_model, quantize_int8, save_int8
+from pipeline.config import from_dict
+from pipeline.model.build import ModelConfig, build_model
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_prepared):
+    return transformers.AutoTokenizer.from_pretrained(str(tiny_prepared[0] / "tokenizer"))
+
+
+def saved(tok, tmp_path, arch="gpt2", name="m"):
+    model = build_model(ModelConfig(arch=arch, preset="tiny", max_seq_len=64), len(tok), tok.pad_token_id, tok.eos_token_id)
+    model.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def ids(tok):
+    return torch.tensor([tok("the market rose today")["input_ids"]])
+
+
+def test_magnitude_pruning_zeroes_the_requested_share(tok, tmp_path):
+    model = load_model(saved(tok, tmp_path))
+    info = magnitude_prune(model, 0.6)
+    assert info["sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert not any("weight_orig" in n for n, _ in model.named_parameters())  # masks made permanent
+    with pytest.raises(ValueError, match="sparsity"):
+        magnitude_prune(model, 1.5)
+
+
+@pytest.mark.parametrize("arch,heads", [("gpt2", 1.0), ("llama", 0.5)])
+def test_structured_pruning_is_smaller_and_reloads(tok, tmp_path, arch, heads):
+    src = saved(tok, tmp_path, arch)
+    base = load_model(src)
+    model = load_model(src)
+    info = structured_prune(model, mlp_keep=0.5, heads_keep=heads)
+    logits = model(ids(tok)).logits
+    model.save_pretrained(tmp_path / "pruned")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")  # the stock class loads it
+    assert torch.allclose(back(ids(tok)).logits, logits, atol=1e-5)
+    assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in base.parameters())
+    assert file_size(tmp_path / "pruned") < file_size(src)
+    assert "mlp_neurons" in info and (heads == 1.0 or "attention_heads" in info)
+
+
+def test_gpt2_head_pruning_is_refused(tok, tmp_path):
+    with pytest.raises(ValueError, match="head"):
+        structured_prune(load_model(saved(tok, tmp_path)), heads_keep=0.5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_int8_round_trip_and_close_to_fp32(tok, tmp_path, arch):
+    src = saved(tok, tmp_path, arch)
+    fp32 = load_model(src)(ids(tok)).logits
+    q = quantize_int8(load_model(src))
+    out = q(ids(tok)).logits
+    save_int8(q, tok, tmp_path / "q", source=str(src))
+    again = load_model(tmp_path / "q")(ids(tok)).logits
+    assert torch.equal(again, out)  # the stored int8 values are exactly what was quantized
+    assert (out - fp32).abs().max() < 0.1 * fp32.abs().max()
+    assert file_size(tmp_path / "q") < file_size(src)
+
+
+def test_int8_loader_rejects_mismatched_weights(tok, tmp_path):
+    src = saved(tok, tmp_path)
+    save_int8(quantize_int8(load_model(src)), tok, tmp_path / "q", source=str(src))
+    cfg = (tmp_path / "q" / "config.json")
+    cfg.write_text(cfg.read_text().replace('"n_layer": 2', '"n_layer": 3'))
+    with pytest.raises(ValueError, match="do not match"):
+        load_model(tmp_path / "q")
+
+
+def test_compress_job_table(tok, tmp_path, tiny_prepared):
+    from pipeline.compress.run import CompressConfig, run_compress
+
+    src = saved(tok, tmp_path)
+    cfg = from_dict(CompressConfig, {
+        "output_dir": str(tmp_path / "out"), "models": [{"name": "lm", "path": str(src)}],
+        "variants": [{"name": "mag", "method": "magnitude", "sparsity": 0.5},
+                     {"name": "mlp", "method": "structured", "mlp_keep": 0.5}, {"name": "int8", "method": "int8"}],
+        "eval": {"lm_data": str(tiny_prepared[0]), "lm_rows": 8, "decode_tokens": 8, "repeats": 1, "max_len": 32},
+    })
+    res = run_compress(cfg)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"base", "mag", "mlp", "int8"}
+    assert rows["mlp"]["parameters"] < rows["base"]["parameters"] and rows["mlp"]["file_bytes"] < rows["base"]["file_bytes"]
+    assert rows["mag"]["nonzero_parameters"] < rows["base"]["nonzero_parameters"]
+    assert rows["int8"]["file_bytes"] < rows["base"]["file_bytes"]
+    assert all(r["val_perplexity"] > 1 and r["decode_tokens_per_s"] > 0 for r in rows.values())
+    assert "| lm | int8 |" in (tmp_path / "out").glob("*/results.md").__next__().read_text()
+    with pytest.raises(ValueError, match="variants"):
+        from_dict(CompressConfig, {"models": [{"name": "lm", "path": "x"}], "variants": [{"name": "v", "method": "zip"}]})

@@ -1,0 +1,67 @@
+"""The generation engine and dynamic batcher without Ray or HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import transformers
+
+from pipeline.model.build import ModelConfig, build_model
+from pipeline.serve.batcher import DynamicBatcher, Overloaded
+from pipeline.serve.engine import Engine, SamplingParams, sample
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_prepared):
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_prepared[0] / "tokenizer"))
+    model = build_model(ModelConfig(preset="tiny", max_seq_len=64), len(tok), tok.pad_token_id, tok.eos_token_id, seed=5)
+    return Engine(model, tok, max_batch_size=4)
+
+
+def test_kv_cache_greedy_equals_no_cache_token_for_token(engine):
+    reqs = [(engine.encode(p), SamplingParams(max_tokens=24, temperature=0)) for p in ("the market", "a long sport story")]
+    cached = engine.generate(reqs)
+    plain = engine.generate(reqs, use_cache=False)
+    assert [g.token_ids for g in cached] == [g.token_ids for g in plain]
+    alone = engine.generate(reqs[:1])[0]
+    assert alone.token_ids == cached[0].token_ids  # left padding in a batch changes nothing
+
+
+def test_sampling_filters():
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
+    rng = torch.Generator().manual_seed(0)
+    assert sample(logits, SamplingParams(temperature=0), rng) == 1
+    draws = {sample(logits, SamplingParams(temperature=1.0, top_k=2), rng) for _ in range(200)}
+    assert draws == {1, 2}
+    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.01), rng) for _ in range(50)} == {1}
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+
+
+def test_context_overflow_is_refused(engine):
+    with pytest.raises(ValueError, match="context length"):
+        engine.generate([(engine.encode("x"), SamplingParams(max_tokens=1000))])
+
+
+def test_batcher_batches_streams_and_bounds_its_queue(engine):
+    async def main():
+        b = DynamicBatcher(engine, max_batch_size=4, batch_wait_s=0.05, max_queue=2)
+
+        async def one(prompt):
+            text, final = "", None
+            async for ev in await b.submit(engine.encode(prompt), SamplingParams(max_tokens=10, temperature=0)):
+                text += ev.delta
+                final = ev
+            return text, final.generation.text, final.batch_size
+        res = await asyncio.gather(*[one(p) for p in ("a", "b")])
+        assert all(t == full for t, full, _ in res) and max(n for *_, n in res) == 2
+        streams = [await b.submit(engine.encode("c"), SamplingParams(max_tokens=5)) for _ in range(2)]
+        with pytest.raises(Overloaded):
+            for _ in range(3):
+                await b.submit(engine.encode("c"), SamplingParams(max_tokens=5))
+        for s in streams:
+            async for _ in s:
+                pass
+    asyncio.run(main())
