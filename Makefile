@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo serve test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m jobs.demo
 
+# Keeps the demo's models up on http://127.0.0.1:8000 (run `make demo` first); Ctrl-C stops it.
+serve: install
+	$(BIN)/python -m jobs.serve --config jobs/configs/serve_demo.yaml
+
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -35,6 +39,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_minhash.py
 	$(BIN)/python benchmarks/bench_prepare_scale.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean:
 	rm -rf outputs .pytest_cache

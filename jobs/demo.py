@@ -7,6 +7,9 @@
 3. fine-tune: a BBC topic classifier and a chatterbot chat model (finetune_*_demo.yaml)
 4. evaluate: perplexity, classifier vs TF-IDF baseline, few-shot, bias probe (evaluate_demo.yaml)
 5. tune: a 4-trial ASHA sweep of short pretraining runs (tune_demo.yaml)
+6. compress: pruned and int8 variants with a size / speed / quality table (compress_demo.yaml)
+7. serve: the models behind the OpenAI-compatible HTTP API; one completion, chat, streamed
+   completion, classification and feedback, then shut down (serve_models_demo.yaml)
 
 then a summary table. Each stage is skipped when its output for the same config exists.
 """
@@ -21,7 +24,10 @@ from jobs.common import setup_logging
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    from jobs import evaluate, finetune, prepare, pretrain, tune
+    from jobs import compress, evaluate, finetune, prepare, pretrain, tune
+    from jobs import serve as serve_job
+    from pipeline.compress.run import render_table, run_compress
+    from pipeline.serve.launch import smoke, start
     from pipeline.data.prepare import run_prepare
     from pipeline.evaluate.run import run_evaluate
     from pipeline.finetune.finetune import run_finetune
@@ -36,14 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         "sft": finetune.parse_config(["--config", "jobs/configs/finetune_sft_demo.yaml"]),
         "evaluate": evaluate.parse_config(["--config", "jobs/configs/evaluate_demo.yaml"]),
         "tune": tune.parse_config(["--config", "jobs/configs/tune_demo.yaml"]),
+        "compress": compress.parse_config(["--config", "jobs/configs/compress_demo.yaml"]),
+        "serve": serve_job.parse_config(["--config", "jobs/configs/serve_models_demo.yaml"]),
     }
     started = init_ray()
     t0 = time.time()
     times = {}
     try:
-        def timed(name, fn, cfg):
+        def timed(name, fn, *args):
             t = time.time()
-            out = fn(cfg)
+            out = fn(*args)
             times[name] = time.time() - t
             return out
 
@@ -53,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         sft = timed("finetune chat (SFT)", run_finetune, configs["sft"])
         ev = timed("evaluate", run_evaluate, configs["evaluate"])
         sweep = timed("tune", run_tune, configs["tune"])
+        comp = timed("compress", run_compress, configs["compress"])
+        url = timed("serve start", start, configs["serve"])
+        answers = timed("serve requests", smoke, url, configs["serve"])
         print("\n== prepare ==")
         print(prepare.summary(manifest))
         c, b = ev["classification"], ev["classification"]["baseline_tfidf_logreg"]
@@ -71,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                                       f"{sweep['stopped_early']} stopped early by ASHA)"),
             ("sweep best config", sweep["best_config"]),
         ]
+        print("\n== compression ==")
+        print(render_table(comp["rows"]))
+        print(f"== serving at {url} ==")
+        for what, answer in answers:
+            print(f"  {what}: {answer!r}")
         print("\n== summary ==")
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
@@ -81,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ndemo finished in {time.time() - t0:.1f}s")
         return 0
     finally:
+        from ray import serve
+
+        serve.shutdown()
         if started:
             import ray
 

@@ -189,10 +189,23 @@ def _cls_rows(e: CompressEvalConfig) -> list | None:
     return rows[: e.classify_rows]
 
 
+def compress_run_dir(cfg: CompressConfig) -> Path:
+    models = [(m, resolve_model(m.path)) for m in cfg.models]
+    key = {**to_dict(cfg), "output_dir": None, "models": [{**to_dict(m), "path": str(p.resolve())} for m, p in models]}
+    return Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash(key)}"
+
+
+def resolve_variant(spec: str) -> Path:
+    """``compress.yaml#<model>-<variant>``: that variant's directory in the compress job's output."""
+    from pipeline.config import load_config
+
+    path, _, name = spec.partition("#")
+    return compress_run_dir(load_config(CompressConfig, path)) / name
+
+
 def run_compress(cfg: CompressConfig) -> dict:
     models = {m.name: (m, resolve_model(m.path)) for m in cfg.models}
-    key = {**to_dict(cfg), "output_dir": None, "models": [{**to_dict(m), "path": str(p.resolve())} for m, p in models.values()]}
-    out = Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash(key)}"
+    out = compress_run_dir(cfg)
     if (out / "results.json").exists():
         logger.info("compress: %s is already complete (same config); not recomputing", out)
         return json.loads((out / "results.json").read_text())

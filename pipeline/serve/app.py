@@ -86,6 +86,14 @@ class ServeConfig:
 
 
 def resolve_path(spec: str) -> str:
+    """A model directory; a pretrain / finetune YAML (its exported model); or
+    ``compress.yaml#<model>-<variant>`` (a compressed variant)."""
+    if "#" in spec:
+        from pipeline.compress.run import resolve_variant
+
+        path = resolve_variant(spec)
+        check(Path(path, "config.json").exists(), f"models[].path: {spec} -> {path} does not exist (run the compress job)")
+        return str(path)
     if spec.endswith((".yaml", ".yml")):
         from pipeline.compress.run import resolve_model
 
@@ -538,6 +546,9 @@ def _gateway_class(cfg: ServeConfig):
                 pass
             except asyncio.TimeoutError:
                 yield sse(api.APIError(504, "generation timed out", type="timeout", code="timeout").body())
+            except Exception:  # the replica failed mid-stream: say so in the stream, no stack trace
+                logger.exception("stream %s failed", rid)
+                yield sse(api.APIError(500, "generation failed", type="server_error").body())
             yield sse("[DONE]")
 
         # -- the seed's route ----------------------------------------------------------------

@@ -81,7 +81,9 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
     datasets = {"train": ray.data.read_parquet(train_files)}
     if val_files:
         datasets["val"] = ray.data.read_parquet(val_files)
-    tok_dir = str(Path(manifest["tokenizer"]).resolve())
+    # the tokenizer sits in the prepare output (the manifest's path is relative to where prepare ran)
+    tok_dir = str((Path(data_dir) / "tokenizer").resolve() if (Path(data_dir) / "tokenizer").is_dir()
+                  else Path(manifest["tokenizer"]).resolve())
     config = {"model": to_dict(cfg.model), "optim": to_dict(cfg.optim), "loop": to_dict(cfg.train),
               "scaling": to_dict(cfg.scaling), "run": to_dict(cfg.run), "tokenizer_dir": tok_dir, "seq_len": seq_len}
     extra = {"objective": cfg.model.objective, "arch": cfg.model.arch, "config": to_dict(cfg),

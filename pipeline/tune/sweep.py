@@ -143,9 +143,12 @@ def run_tune(cfg: TuneConfig) -> dict:
     out = Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash({**to_dict(cfg), 'base': base, 'output_dir': None})}"
     base = apply_overrides(base, [*cfg.overrides, f"train.max_steps={cfg.max_steps}", f"train.eval_every={cfg.eval_every}",
                                   "train.early_stopping_patience=null", f"output_dir={out / 'trials'}"])
-    # `data: some.yaml` is relative to where the job runs; trials run elsewhere: make paths absolute
-    if isinstance(base.get("data"), str) and Path(base["data"]).exists():
-        base["data"] = str(Path(base["data"]).resolve())
+    # `data:` (a directory, or a prepare YAML whose output_dir is relative) is resolved where the
+    # job runs: trials run in their own working directories
+    if isinstance(base.get("data"), str):
+        from pipeline.train.data import resolve_prepared
+
+        base["data"] = str(Path(resolve_prepared(base["data"])).resolve())
     base_cfg = from_dict(PretrainConfig, base)
     s = cfg.space
     space = {"lr": tune.loguniform(*s.lr), "batch_size": tune.choice(s.batch_size),

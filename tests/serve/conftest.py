@@ -88,7 +88,7 @@ def deploy(cfg: dict, url: str) -> None:
     raise TimeoutError("the Serve app did not become ready")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def serve_app(ray_session, tiny_models, tmp_path_factory):
     from ray import serve
 
@@ -98,4 +98,4 @@ def serve_app(ray_session, tiny_models, tmp_path_factory):
     cfg = serve_config(tiny_models, tmp_path_factory.mktemp("serve"))
     deploy(cfg, url)
     yield {"url": url, "config": cfg}
-    serve.shutdown()
+    serve.shutdown()  # frees the replicas' CPUs for the training tests that follow

@@ -218,3 +218,22 @@ def test_api_key_and_feedback_survives_restart(serve_app):
 
 def complete_raw(app, **kw):
     return post(app, "/v1/completions", {"model": "tiny", "prompt": "the market", "max_tokens": 4}, **kw)
+
+
+def test_metrics_reach_rays_prometheus_endpoint(serve_app):
+    import time
+
+    import ray
+
+    complete(serve_app)
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    deadline, text = time.time() + 90, ""
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if "llm_requests_total" in text and "llm_time_to_first_token_seconds" in text and "llm_batch_size" in text:
+            break
+        time.sleep(2)
+    for name in ("llm_requests_total", "llm_request_latency_seconds", "llm_time_to_first_token_seconds",
+                 "llm_time_per_output_token_seconds", "llm_tokens_generated_total", "llm_batch_size"):
+        assert name in text, name
+    assert 'route="/v1/completions"' in text and 'status="200"' in text

@@ -1,0 +1,199 @@
+"""Benchmark: serving throughput, latency and time to first token; KV cache vs no cache; int8.
+
+    .venv/bin/python benchmarks/bench_serve.py [--model DIR] [--requests 32] [--max-tokens 32]
+
+Model: ``--model`` or the demo's pretrained model (``make demo`` first), else a freshly built
+"small" GPT-2 on the demo tokenizer. All torch work runs on one thread on each side.
+
+1. Serve vs baseline at concurrency 1, 4, 16. Serve: the real application over HTTP (one replica,
+   dynamic batching up to 16, KV cache). Baseline: the same model in a plain loop of Hugging Face
+   ``generate`` (greedy, its own KV cache), one request at a time (the clients queue on a lock),
+   the usual unbatched server. Same prompts, same greedy decoding, same max_tokens.
+2. KV cache vs no cache: our engine, batch 1, greedy, 200 new tokens, tokens/s.
+3. int8 vs fp32: decode tokens/s (engine, batch 1) and validation perplexity on the demo val shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine  # noqa: E402
+
+PROMPTS = ["The government said on Monday that", "Shares in the company rose after", "The film won the award for",
+           "The minister told reporters that", "The new phone will be sold in", "The team's manager said"]
+
+
+def pick_model(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    from pipeline.compress.run import resolve_model
+
+    try:
+        return resolve_model("jobs/configs/pretrain_demo.yaml")
+    except ValueError:
+        pass
+    import transformers
+
+    from pipeline.model.build import ModelConfig, build_model
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(next(Path("outputs/prepare").glob("*/tokenizer"))))
+    out = Path(tempfile.mkdtemp()) / "small"
+    build_model(ModelConfig(preset="small", max_seq_len=256), len(tok), tok.pad_token_id, tok.eos_token_id).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def run_clients(fn, n: int, concurrency: int) -> dict:
+    lat = []
+
+    def one(i):
+        t = time.perf_counter()
+        fn(i)
+        lat.append(time.perf_counter() - t)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(n)))
+    wall = time.perf_counter() - t0
+    return {"requests_per_s": n / wall, "p50_s": percentile(lat, 0.5), "p95_s": percentile(lat, 0.95)}
+
+
+def bench_http(model_dir: Path, n: int, max_tokens: int, levels: list[int]) -> tuple[dict, dict]:
+    import ray
+    import requests
+
+    from pipeline.config import from_dict
+    from pipeline.serve.app import ServeConfig
+    from pipeline.serve.launch import start
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cfg = from_dict(ServeConfig, {"port": 8123, "feedback_db": str(Path(tempfile.mkdtemp()) / "fb.sqlite"),
+                                  "models": [{"name": "m", "path": str(model_dir), "max_batch_size": 16,
+                                              "batch_wait_ms": 5, "max_queue": 256, "max_ongoing_requests": 64,
+                                              "max_queued_requests": 256, "cpus": 0.5, "threads": 1}]})
+    url = start(cfg)
+    session = requests.Session()
+
+    def call(i):
+        r = session.post(url + "/v1/completions", json={"model": "m", "prompt": PROMPTS[i % len(PROMPTS)],
+                                                        "max_tokens": max_tokens, "temperature": 0}, timeout=300)
+        r.raise_for_status()
+    for i in range(4):
+        call(i)  # warm-up
+    results = {c: run_clients(call, n, c) for c in levels}
+    ttft = []
+    for i in range(12):
+        t = time.perf_counter()
+        with requests.post(url + "/v1/completions", stream=True, timeout=300, json={
+                "model": "m", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0,
+                "stream": True}) as r:
+            for line in r.iter_lines(decode_unicode=True):
+                if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:])["choices"][0]["text"]:
+                    ttft.append(time.perf_counter() - t)
+                    break
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    return results, {"ttft_p50_s": statistics.median(ttft), "ttft_p95_s": percentile(ttft, 0.95)}
+
+
+def bench_baseline(model_dir: Path, n: int, max_tokens: int, levels: list[int]) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    lock = threading.Lock()
+
+    def call(i):
+        ids = tok(PROMPTS[i % len(PROMPTS)], return_tensors="pt")
+        with lock, torch.inference_mode():
+            model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    for i in range(2):
+        call(i)
+    return {c: run_clients(call, n, c) for c in levels}
+
+
+def bench_engine(model_dir: Path, tokens: int, repeats: int, lm_data: str | None) -> dict:
+    import torch
+
+    from pipeline.compress.quantize import load_model, quantize_int8
+    from pipeline.serve.engine import Engine, SamplingParams
+
+    torch.set_num_threads(1)
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    out = {}
+    fp32 = load_model(model_dir)
+    int8 = quantize_int8(load_model(model_dir))
+    for name, model, use_cache in (("kv_cache", fp32, True), ("no_cache", fp32, False), ("int8_kv_cache", int8, True)):
+        e = Engine(model, tok, max_batch_size=1)
+        prompt = e.encode(PROMPTS[0])
+        n = min(tokens, e.context_length - len(prompt))
+        speeds = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            g = e.generate([(prompt, SamplingParams(max_tokens=n, temperature=0))], use_cache=use_cache)[0]
+            speeds.append(len(g.token_ids) / (time.perf_counter() - t))
+        out[name] = {"tokens_per_s": statistics.median(speeds), "tokens": len(g.token_ids)}
+    if lm_data:
+        from pipeline.compress.run import CompressEvalConfig, _lm_rows
+        from pipeline.evaluate.lm import lm_metrics_from_rows
+
+        rows = _lm_rows(CompressEvalConfig(lm_data=lm_data, lm_rows=64))
+        out["fp32_val_perplexity"] = lm_metrics_from_rows(fp32, tok, rows)["perplexity"]
+        out["int8_val_perplexity"] = lm_metrics_from_rows(int8, tok, rows)["perplexity"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--lm-data", default="jobs/configs/prepare_demo.yaml")
+    p.add_argument("--skip-http", action="store_true")
+    a = p.parse_args()
+    model_dir = pick_model(a.model)
+    levels = [1, 4, 16]
+    print(f"machine: {machine()}; model: {model_dir}")
+    eng = bench_engine(model_dir, a.decode_tokens, a.repeats, a.lm_data)
+    print(json.dumps(eng, indent=1))
+    print(f"KV cache vs no cache: {eng['kv_cache']['tokens_per_s'] / eng['no_cache']['tokens_per_s']:.2f}x "
+          f"({eng['kv_cache']['tokens']} tokens, batch 1)")
+    print(f"int8 vs fp32 decode: {eng['int8_kv_cache']['tokens_per_s'] / eng['kv_cache']['tokens_per_s']:.2f}x")
+    if "int8_val_perplexity" in eng:
+        print(f"int8 perplexity change: {eng['int8_val_perplexity'] / eng['fp32_val_perplexity'] - 1:+.2%}")
+    if a.skip_http:
+        return
+    base = bench_baseline(model_dir, a.requests, a.max_tokens, levels)
+    serve_res, ttft = bench_http(model_dir, a.requests, a.max_tokens, levels)
+    print("\n| concurrency | Serve req/s | Serve p50 s | Serve p95 s | HF generate req/s | HF p50 s | HF p95 s | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in levels:
+        s, b = serve_res[c], base[c]
+        print(f"| {c} | {s['requests_per_s']:.2f} | {s['p50_s']:.3f} | {s['p95_s']:.3f} | {b['requests_per_s']:.2f} | "
+              f"{b['p50_s']:.3f} | {b['p95_s']:.3f} | {s['requests_per_s'] / b['requests_per_s']:.2f}x |")
+    print(f"\nTTFT (streamed, concurrency 1): p50 {ttft['ttft_p50_s'] * 1000:.1f} ms, p95 {ttft['ttft_p95_s'] * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Start the Serve application on the connected Ray cluster, wait until it is ready, and (for the
+demo) send one request of each kind and print the answers."""
+
+import json
+import logging
+import time
+
+import requests
+
+from pipeline.config import from_dict, load_yaml
+from pipeline.serve.app import API_KEY_ENV, ServeConfig, build_app
+
+logger = logging.getLogger(__name__)
+
+
+def config_from_file(path: str, overrides: list[str] | None = None) -> ServeConfig:
+    """Our models file, or Serve's config file (``applications: [...]``) whose application uses
+    ``pipeline.serve.app:app_builder``: its ``args`` (``config:`` file and inline keys) and its
+    ``http_options`` host and port."""
+    from pipeline.config import apply_overrides
+
+    data = load_yaml(path)
+    if "applications" in data:
+        apps = [a for a in data["applications"] if str(a.get("import_path", "")).startswith("pipeline.serve.app:")]
+        if not apps:
+            raise ValueError(f"{path}: no application imports pipeline.serve.app:app_builder")
+        args = dict(apps[0].get("args") or {})
+        inner = load_yaml(args.pop("config")) if "config" in args else {}
+        http = data.get("http_options") or {}
+        data = {**inner, **args, **{k: http[k] for k in ("host", "port") if k in http},
+                "app_name": apps[0].get("name", "llm")}
+    return from_dict(ServeConfig, apply_overrides(data, overrides or []))
+
+
+def start(cfg: ServeConfig) -> str:
+    """Deploy (or redeploy) the application; returns its base URL once /ready answers 200."""
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+    url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/ready", timeout=5).status_code == 200:
+                return url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the Serve application at {url} did not become ready within 300 s")
+
+
+def smoke(url: str, cfg: ServeConfig) -> list[tuple[str, str]]:
+    """One completion, one chat, one streamed completion, one classification and one feedback."""
+    import os
+
+    key = cfg.api_key or os.environ.get(API_KEY_ENV)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    kinds = {m.kind: m.name for m in reversed(cfg.models)}
+    out = []
+
+    def post(path, body):
+        r = requests.post(url + path, json=body, headers=headers, timeout=120)
+        r.raise_for_status()
+        return r.json()
+
+    lm = kinds.get("causal") or kinds.get("chat")
+    if lm:
+        c = post("/v1/completions", {"model": lm, "prompt": "The government said on Monday that", "max_tokens": 24,
+                                     "temperature": 0.7, "top_p": 0.9, "seed": 1})
+        out.append((f"completion ({lm})", c["choices"][0]["text"]))
+        chunks = []
+        with requests.post(url + "/v1/completions", json={"model": lm, "prompt": "Shares in the company", "max_tokens": 24,
+                                                          "temperature": 0, "stream": True}, headers=headers,
+                           stream=True, timeout=120) as r:
+            r.raise_for_status()
+            for line in r.iter_lines(decode_unicode=True):
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:])["choices"][0]["text"])
+        out.append((f"streamed ({len(chunks)} SSE chunks)", "".join(chunks)))
+        fb = post("/v1/feedback", {"id": c["id"], "rating": cfg.rating_max, "comment": "demo feedback"})
+        out.append(("feedback", f"{fb['status']} for {c['id']}"))
+    if "chat" in kinds:
+        c = post("/v1/chat/completions", {"model": kinds["chat"], "max_tokens": 32, "temperature": 0,
+                                          "messages": [{"role": "user", "content": "How do I reset my password?"}]})
+        out.append((f"chat ({kinds['chat']})", c["choices"][0]["message"]["content"]))
+    if "classifier" in kinds:
+        c = post("/v1/classify", {"model": kinds["classifier"],
+                                  "input": "The striker scored twice as the home side won the cup final."})
+        d = c["data"][0]
+        out.append((f"classify ({kinds['classifier']})", f"{d['label']} (p={d['probabilities'][d['label']]:.2f})"))
+    return out
