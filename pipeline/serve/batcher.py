@@ -34,6 +34,7 @@ class _Pending:
     params: SamplingParams
     queue: asyncio.Queue
     enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # the consumer stopped reading (client gone): stop generating for it
 
 
 class DynamicBatcher:
@@ -66,13 +67,19 @@ class DynamicBatcher:
 
     @staticmethod
     async def _events(pending: _Pending) -> AsyncIterator[Event]:
-        while True:
-            event = await pending.queue.get()
-            if event.error is not None:
-                raise event.error
-            yield event
-            if event.finished:
-                return
+        finished = False
+        try:
+            while True:
+                event = await pending.queue.get()
+                if event.error is not None:
+                    raise event.error
+                finished = event.finished
+                yield event
+                if event.finished:
+                    return
+        finally:
+            if not finished:  # closed or cancelled before the end
+                pending.cancelled = True
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -87,6 +94,9 @@ class DynamicBatcher:
                     batch.append(await asyncio.wait_for(self._waiting.get(), max(timeout, 0)))
                 except asyncio.TimeoutError:
                     break
+            batch = [p for p in batch if not p.cancelled]
+            if not batch:
+                continue
             self.batch_sizes.append(len(batch))
             if self.on_batch is not None:
                 self.on_batch(len(batch))
@@ -101,7 +111,8 @@ class DynamicBatcher:
             try:
                 gens = await loop.run_in_executor(
                     None, lambda: self.engine.generate([(p.prompt_ids, p.params) for p in batch],
-                                                       use_cache=self.use_cache, on_event=on_event))
+                                                       use_cache=self.use_cache, on_event=on_event,
+                                                       cancelled=lambda row: batch[row].cancelled))
             except Exception as e:  # the batch failed: every request in it hears why
                 for p in batch:
                     p.queue.put_nowait(Event(finished=True, error=e))

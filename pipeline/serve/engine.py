@@ -50,6 +50,8 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""  # decoded completion, cut at a stop string
     emitted: int = 0  # characters of ``text`` already handed to the caller
+    prefix_offset: int = 0  # incremental detokenization: text is complete up to read_offset
+    read_offset: int = 0
     finish_reason: str | None = None  # "stop" | "length"
     first_token_s: float | None = None  # seconds from the batch start to this row's first token
 
@@ -79,7 +81,11 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, requests: list[tuple[list[int], SamplingParams]], *, use_cache: bool = True,
-                 on_event: EventFn | None = None) -> list[Generation]:
+                 on_event: EventFn | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> list[Generation]:
+        """Run a batch to completion. ``cancelled(row)`` is polled every step: a row whose client
+        has gone stops generating (finish reason "cancelled"), and the batch ends early when no
+        row is left."""
         if not requests:
             return []
         if len(requests) > self.max_batch_size:
@@ -114,6 +120,9 @@ class Engine:
             for i, g in enumerate(gens):
                 if g.finish_reason is not None:
                     continue
+                if cancelled is not None and cancelled(i):
+                    g.finish_reason = "cancelled"
+                    continue
                 tok = sample(logits[i], g.params, rngs[i])
                 next_ids[i] = tok
                 self._advance(g, tok, start)
@@ -133,16 +142,32 @@ class Engine:
             g.first_token_s = time.perf_counter() - start
         if tok == self.eos_id:
             g.finish_reason = "stop"
+            self._flush(g)
             return
         g.token_ids.append(tok)
-        text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
-        cut = min((text.find(s) for s in g.params.stop if s and s in text), default=-1)
-        if cut >= 0:
-            g.text, g.finish_reason = text[:cut], "stop"
-        else:
-            g.text = text
-            if len(g.token_ids) >= g.params.max_tokens:
-                g.finish_reason = "length"
+        before = len(g.text)
+        # incremental detokenization (decode only the last few tokens, not the whole completion):
+        # text grows once the new tokens form complete characters
+        prefix = self.tokenizer.decode(g.token_ids[g.prefix_offset:g.read_offset], skip_special_tokens=True)
+        new = self.tokenizer.decode(g.token_ids[g.prefix_offset:], skip_special_tokens=True)
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            g.text += new[len(prefix):]
+            g.prefix_offset, g.read_offset = g.read_offset, len(g.token_ids)
+        if len(g.token_ids) >= g.params.max_tokens:
+            g.finish_reason = "length"
+            self._flush(g)
+        if g.params.stop:  # only the tail can hold a new match
+            window = max(0, before - max(len(s) for s in g.params.stop) + 1)
+            cut = min((i for i in (g.text.find(s, window) for s in g.params.stop if s) if i >= 0), default=-1)
+            if cut >= 0:
+                g.text, g.finish_reason = g.text[:cut], "stop"
+
+    def _flush(self, g: Generation) -> None:
+        """At the end, whatever tokens still wait for completing bytes become text as they are."""
+        if g.read_offset < len(g.token_ids):
+            prefix = self.tokenizer.decode(g.token_ids[g.prefix_offset:g.read_offset], skip_special_tokens=True)
+            g.text += self.tokenizer.decode(g.token_ids[g.prefix_offset:], skip_special_tokens=True)[len(prefix):]
+            g.prefix_offset = g.read_offset = len(g.token_ids)
 
     @staticmethod
     def _take_delta(g: Generation) -> str:

@@ -41,6 +41,7 @@ class FeedbackStore:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=10)
         db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL: committed rows survive a process crash
         return db
 
     def record_response(self, *, id: str, route: str, model: str, prompt: str, completion: str,

@@ -1,0 +1,35 @@
+"""The serve job's command line and config files (ours and Serve's), and config errors."""
+
+import pytest
+
+from jobs.serve import parse_args
+from pipeline.config import from_dict
+from pipeline.serve.app import ServeConfig
+
+
+def test_model_flags_name_kind_and_overrides():
+    cfg, smoke = parse_args(["--model", "out/run/model", "--model", "chat=/m/sft:chat", "--model", "t=/m/clf:classifier",
+                             "--port", "9000", "--api-key", "k", "request_timeout_s=5", "--smoke"])
+    assert [(m.name, m.path, m.kind) for m in cfg.models] == [
+        ("model", "out/run/model", "causal"), ("chat", "/m/sft", "chat"), ("t", "/m/clf", "classifier")]
+    assert cfg.port == 9000 and cfg.api_key == "k" and cfg.request_timeout_s == 5 and smoke
+
+
+def test_serve_config_file_and_models_file_agree():
+    a, _ = parse_args(["--config", "jobs/configs/serve_demo.yaml"])
+    b, _ = parse_args(["--config", "jobs/configs/serve_models_demo.yaml"])
+    assert a.models == b.models and a.host == "127.0.0.1" and a.port == 8000
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"models": []}, "models"),
+    ({"models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "unique"),
+    ({"models": [{"name": "a b", "path": "x"}]}, "name"),
+    ({"models": [{"name": "a", "path": "x", "kind": "seq2seq"}]}, "kind"),
+    ({"models": [{"name": "a", "path": "x", "autoscaling": {"min_replicas": 3, "max_replicas": 1}}]}, "min_replicas"),
+    ({"models": [{"name": "a", "path": "x"}], "rating_min": 5, "rating_max": 1}, "rating_min"),
+    ({"models": [{"name": "a", "path": "x", "max_batch": 4}]}, "max_batch"),
+])
+def test_bad_serve_config_names_the_key(data, key):
+    with pytest.raises(ValueError, match=key):
+        from_dict(ServeConfig, data)
