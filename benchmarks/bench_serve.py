@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/bench_serve.py [--model DIR] [--requests 32] [--max-tokens 32]
 
-Model: ``--model`` or the demo's pretrained model (``make demo`` first), else a freshly built
-"small" GPT-2 on the demo tokenizer. All torch work runs on one thread on each side.
+Model: ``--model``, or ``--preset NAME`` (a freshly built, untrained model of that size, for
+speed only), or the demo's pretrained model (``make demo`` first), else an untrained "small"
+GPT-2 on the demo tokenizer. All torch work runs on one thread on each side.
 
 1. Serve vs baseline at concurrency 1, 4, 16. Serve: the real application over HTTP (one replica,
    dynamic batching up to 16, KV cache). Baseline: the same model in a plain loop of Hugging Face
@@ -32,22 +33,24 @@ PROMPTS = ["The government said on Monday that", "Shares in the company rose aft
            "The minister told reporters that", "The new phone will be sold in", "The team's manager said"]
 
 
-def pick_model(arg: str | None) -> Path:
+def pick_model(arg: str | None, preset: str | None = None) -> Path:
     if arg:
         return Path(arg)
     from pipeline.compress.run import resolve_model
 
-    try:
-        return resolve_model("jobs/configs/pretrain_demo.yaml")
-    except ValueError:
-        pass
+    if preset is None:
+        try:
+            return resolve_model("jobs/configs/pretrain_demo.yaml")
+        except ValueError:
+            pass
     import transformers
 
     from pipeline.model.build import ModelConfig, build_model
 
     tok = transformers.AutoTokenizer.from_pretrained(str(next(Path("outputs/prepare").glob("*/tokenizer"))))
-    out = Path(tempfile.mkdtemp()) / "small"
-    build_model(ModelConfig(preset="small", max_seq_len=256), len(tok), tok.pad_token_id, tok.eos_token_id).save_pretrained(out)
+    out = Path(tempfile.mkdtemp()) / (preset or "small")
+    build_model(ModelConfig(preset=preset or "small", max_seq_len=256), len(tok), tok.pad_token_id,
+                tok.eos_token_id).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -166,6 +169,7 @@ def bench_engine(model_dir: Path, tokens: int, repeats: int, lm_data: str | None
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model")
+    p.add_argument("--preset", help="benchmark a freshly built (untrained) model of this preset, e.g. gpt2-124m")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--decode-tokens", type=int, default=200)
@@ -174,7 +178,7 @@ def main() -> None:
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
     a = p.parse_args()
-    model_dir = pick_model(a.model)
+    model_dir = pick_model(a.model, a.preset)
     levels = [1, 4, 16]
     print(f"machine: {machine()}; model: {model_dir}")
     if not a.skip_engine:
