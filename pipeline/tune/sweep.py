@@ -159,8 +159,9 @@ def run_tune(cfg: TuneConfig) -> dict:
         space["n_embd"] = tune.choice(s.n_embd)
     per_trial_cpus = base_cfg.scaling.num_workers * base_cfg.scaling.cpus_per_worker
     cpus = ray.cluster_resources().get("CPU", 1)
-    # each trial also needs room for its Ray Data ingestion: one whole CPU beside its workers
-    concurrency = cfg.max_concurrent or max(1, int(cpus // (per_trial_cpus + 1.01)))
+    # Ray Data's read tasks need one whole CPU beside every trial's workers; concurrent trials
+    # share that CPU (their reads are short), so as many trials as fit in the rest run at once
+    concurrency = cfg.max_concurrent or max(1, int((cpus - 1) // (per_trial_cpus + 0.01)))
     check(cpus - concurrency * (per_trial_cpus + 0.01) >= 1,
           f"tune: {cpus} CPUs cannot hold a trial ({per_trial_cpus} CPUs of workers + 0.01 for the trial) and "
           f"one free CPU for its data ingestion; lower scaling.cpus_per_worker in {cfg.base}")
