@@ -65,3 +65,21 @@ def test_batcher_batches_streams_and_bounds_its_queue(engine):
             async for _ in s:
                 pass
     asyncio.run(main())
+
+
+def test_cancelled_rows_stop_and_leave_the_others_unchanged(engine):
+    reqs = [(engine.encode(p), SamplingParams(max_tokens=20, temperature=0)) for p in ("the market", "sport news")]
+    gens = engine.generate(reqs, cancelled=lambda row: row == 0)
+    assert gens[0].finish_reason == "cancelled" and gens[0].token_ids == []
+    assert gens[1].token_ids == engine.generate(reqs[1:])[0].token_ids
+
+
+def test_a_closed_stream_marks_its_request_cancelled(engine):
+    async def main():
+        b = DynamicBatcher(engine, max_batch_size=2, batch_wait_s=0.0)
+        stream = await b.submit(engine.encode("the market"), SamplingParams(max_tokens=40, temperature=0))
+        pending = b._waiting._queue[0]
+        await stream.__anext__()  # the first text arrives, then the client goes away
+        await stream.aclose()
+        assert pending.cancelled
+    asyncio.run(main())
