@@ -1,11 +1,14 @@
 """Benchmark: Ray Train steady-state tokens/s vs a plain PyTorch loop with the same model, global
 batch and threads (start-up reported apart).
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 40] [--warmup 10]
+    .venv/bin/python benchmarks/bench_train.py [--steps 40] [--warmup 10] [--rounds 3] [key=value ...]
 
 Data: the demo prepare output (made first if missing). Model: the demo's small GPT-2, seq_len 256.
 Ray: 2 workers x 1 thread x batch 8 (`jobs/configs/pretrain_demo.yaml`). Baseline: one process,
 2 threads, batch 16, the same `Trainer.train_step`. Steady state: steps after ``--warmup``.
+Rounds alternate the two sides (Ray fit, then Ray shut down and the plain loop) so that machine noise hits both;
+the ratio reported is the median of the per-round ratios. Extra ``key=value`` arguments override
+the pretrain config (e.g. ``train.shuffle_buffer=0``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
     import pyarrow.parquet as pq
@@ -39,44 +44,55 @@ def main() -> None:
     from pipeline.train.loop import Trainer
     from pipeline.train.pretrain import run_pretrain
 
-    out = tempfile.mkdtemp(prefix="bench_train")
-    init_ray(num_cpus=2)
-    manifest = run_prepare(parse_prepare(["--config", "jobs/configs/prepare_demo.yaml"]))
-    cfg = parse_pretrain(["--config", "jobs/configs/pretrain_demo.yaml", f"output_dir={out}",
-                          f"train.max_steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps}",
-                          "train.eval_batches=1", "train.early_stopping_patience=null"])
-    t0 = time.perf_counter()
-    summary = run_pretrain(cfg)
-    ray_wall = time.perf_counter() - t0
-    records = [json.loads(l) for l in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    ray_tps = statistics.median(r["tokens_per_s"] for r in records if r["kind"] == "train" and r["step"] > args.warmup)
     import ray
 
-    ray.shutdown()
-
-    # Plain PyTorch: same model, global batch 16 x 256, 2 threads, no Ray.
-    torch.set_num_threads(2)
+    init_ray(num_cpus=2)
+    manifest = run_prepare(parse_prepare(["--config", "jobs/configs/prepare_demo.yaml"]))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(manifest["tokenizer"])
-    model = build_model(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id, seed=0)
-    trainer = Trainer(model, cfg.optim, cfg.train, torch.device("cpu"))
     rows = pq.read_table(str(Path(manifest["output_dir"]) / manifest["shards"][0]["path"])).column("input_ids").to_pylist()
     data = torch.tensor(rows, dtype=torch.long)
-    gb = cfg.train.batch_size * cfg.scaling.num_workers
-    times = []
-    for step in range(args.steps):
-        x = data[(step * gb) % (len(data) - gb):][:gb]
-        t = time.perf_counter()
-        trainer.train_step([{"input_ids": x, "labels": x}], step)
-        times.append(time.perf_counter() - t)
-    plain_tps = gb * x.shape[1] / statistics.median(times[args.warmup:])
-    print(f"machine: {machine()}; model {cfg.model.preset} {cfg.model.arch}, global batch {gb} x {x.shape[1]} tokens")
-    print(f"plain PyTorch (1 process x 2 threads): {plain_tps:,.0f} tokens/s (median step after {args.warmup})")
-    print(f"Ray Train (2 workers x 1 thread):      {ray_tps:,.0f} tokens/s; whole fit() incl. start-up {ray_wall:.1f} s "
-          f"for {args.steps} steps")
-    print(f"ratio Ray / plain: {ray_tps / plain_tps:.2f}x (goal >= 0.95x)")
+    ray_tps, plain_tps, walls = [], [], []
+    for rnd in range(args.rounds):
+        if not ray.is_initialized():
+            init_ray(num_cpus=2)
+        cfg = parse_pretrain(["--config", "jobs/configs/pretrain_demo.yaml", f"output_dir={tempfile.mkdtemp(prefix='bench_train')}",
+                              f"train.max_steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps}",
+                              "train.eval_batches=1", "train.early_stopping_patience=null", *args.overrides])
+        t0 = time.perf_counter()
+        summary = run_pretrain(cfg)
+        walls.append(time.perf_counter() - t0)
+        records = [json.loads(l) for l in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        ray_tps.append(statistics.median(r["tokens_per_s"] for r in records
+                                         if r["kind"] == "train" and r["step"] > args.warmup))
 
+        # Plain PyTorch: same model, global batch 16 x 256, 2 threads, Ray shut down (its daemons idle
+        # on the same cores otherwise, which would slow the baseline).
+        ray.shutdown()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        model = build_model(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id, seed=0)
+        trainer = Trainer(model, cfg.optim, cfg.train, torch.device("cpu"))
+        gb = cfg.train.batch_size * cfg.scaling.num_workers
+        times = []
+        for step in range(args.steps):
+            x = data[(step * gb) % (len(data) - gb):][:gb]
+            t = time.perf_counter()
+            trainer.train_step([{"input_ids": x, "labels": x}], step)
+            times.append(time.perf_counter() - t)
+        torch.set_num_threads(threads)
+        plain_tps.append(gb * x.shape[1] / statistics.median(times[args.warmup:]))
+        print(f"round {rnd + 1}: ray {ray_tps[-1]:,.0f} tokens/s, plain {plain_tps[-1]:,.0f} tokens/s, "
+              f"ratio {ray_tps[-1] / plain_tps[-1]:.3f}", flush=True)
+    ratios = [r / p for r, p in zip(ray_tps, plain_tps)]
+    print(f"machine: {machine()}; model {cfg.model.preset} {cfg.model.arch}, global batch {gb} x {x.shape[1]} tokens; "
+          f"{args.rounds} rounds; overrides {args.overrides}")
+    print(f"plain PyTorch (1 process x 2 threads): median {statistics.median(plain_tps):,.0f} tokens/s")
+    print(f"Ray Train (2 workers x 1 thread):      median {statistics.median(ray_tps):,.0f} tokens/s; whole fit() "
+          f"incl. start-up median {statistics.median(walls):.1f} s for {args.steps} steps")
+    print(f"ratio Ray / plain: median {statistics.median(ratios):.2f}x (per round: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}; goal >= 0.95x)")
 
 if __name__ == "__main__":
     main()

@@ -190,9 +190,10 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         it = self._epoch_iter(train_batches, state)
-        t_last, tokens_last = time.perf_counter(), 0
+        t_last, tokens_last, wait = time.perf_counter(), 0, 0.0
         while state.step < cfg.max_steps:
             micro = []
+            t_wait = time.perf_counter()
             while len(micro) < cfg.grad_accum:
                 batch = next(it, None)
                 if batch is None:  # epoch finished
@@ -204,6 +205,7 @@ class Trainer:
                         raise ValueError("the training split yields no batch: too little data for train.batch_size")
                 micro.append(batch)
                 state.batches_in_epoch += 1
+            wait += time.perf_counter() - t_wait
             loss, tokens = self.train_step(micro, state.step)
             state.step += 1
             state.tokens += tokens * world_size
@@ -212,13 +214,14 @@ class Trainer:
                 dt = time.perf_counter() - t_last
                 tps = tokens_last / dt if dt > 0 else 0.0
                 record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": self.lr_at(state.step - 1),
-                          "tokens": state.tokens, "tokens_per_s": tps}
+                          "tokens": state.tokens, "tokens_per_s": tps,
+                          "data_wait_frac": wait / dt if dt > 0 else 0.0}  # time spent waiting for input
                 if self.peak_flops and self.flops_per_token:
                     record["mfu"] = tps * self.flops_per_token / (self.peak_flops * world_size)
                 state.history.append(record)
                 if on_log:
                     on_log(record)
-                t_last, tokens_last = time.perf_counter(), 0
+                t_last, tokens_last, wait = time.perf_counter(), 0, 0.0
             is_last = state.step == cfg.max_steps
             if state.step % cfg.eval_every == 0 or is_last:
                 metrics = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens, "train_loss": loss}
