@@ -25,7 +25,7 @@ def parse_config(argv: list[str]) -> FinetuneConfig:
 
 
 def render(summary: dict) -> str:
-    return json.dumps({k: summary.get(k) for k in ("task", "model_dir", "steps", "best_val_loss", "examples", "rejected")})
+    return json.dumps({k: summary.get(k) for k in ("task", "model_dir", "steps", "best_val_loss", "exported", "examples", "rejected")})
 
 
 def main(argv: list[str] | None = None) -> int:

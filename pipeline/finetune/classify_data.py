@@ -42,6 +42,30 @@ def read_labeled(path: str, text_field: str, label_field: str, bad: list[dict]) 
     return out
 
 
+def end_with_eos(tok) -> bool:
+    """Make ``tok`` append its end-of-text token to every encoded text, when it adds no special
+    tokens of its own (our BPE tokenizers, GPT-2's). A causal LM classifies from its last token:
+    without an end marker that is whatever word truncation cut at; with one, the model learns to
+    summarize the text at a fixed token. The change is in the tokenizer's post-processor, so it is
+    saved with the classifier and every later encoding (evaluation, serving, any HF user) matches.
+    Returns whether the tokenizer now ends texts with EOS."""
+    eos = tok.eos_token
+    if eos is None:
+        return False
+    probe = "a b"
+    with_special, plain = tok(probe)["input_ids"], tok(probe, add_special_tokens=False)["input_ids"]
+    if with_special != plain:  # the tokenizer has its own template (BERT's [CLS]/[SEP], Llama's BOS)
+        return bool(with_special) and with_special[-1] == tok.eos_token_id
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: no post-processor to set
+        return False
+    from tokenizers.processors import TemplateProcessing
+
+    backend.post_processor = TemplateProcessing(
+        single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1", special_tokens=[(eos, tok.eos_token_id)])
+    return tok(probe)["input_ids"] == plain + [tok.eos_token_id]
+
+
 def encode_classification(texts: list[str], labels: list[str], label2id: dict[str, int], tok, max_len: int) -> list[dict]:
     enc = tok(texts, truncation=True, max_length=max_len, padding="max_length")
     return [{"input_ids": ids, "attention_mask": mask, "labels": label2id[y]}

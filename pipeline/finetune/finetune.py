@@ -4,14 +4,16 @@ directory (ours or any local Hugging Face causal LM). Same loop and export as pr
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pipeline.config import check, config_hash, to_dict
-from pipeline.finetune.classify_data import encode_classification, read_labeled
+from pipeline.finetune.classify_data import encode_classification, end_with_eos, read_labeled
 from pipeline.finetune.sft import CHAT_TEMPLATE, load_chat_examples, tokenize_chat
 from pipeline.train.checkpoint import write_json
 from pipeline.train.loop import LoopConfig, OptimConfig
@@ -50,6 +52,26 @@ class FinetuneConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfigCfg = field(default_factory=RunConfigCfg)
+    # dropout while fine-tuning (residual, embedding and attention); null keeps the base model's
+    dropout: float | None = None
+
+    def __post_init__(self) -> None:
+        check(self.dropout is None or 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1) or null, got {self.dropout}")
+        check(not (self.task == "sft" and self.run.checkpoint_metric == "val_accuracy"),
+              "run.checkpoint_metric val_accuracy applies to task classification only")
+
+
+# config attributes that hold dropout probabilities, per architecture family
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout_prob",
+                "attention_probs_dropout_prob", "hidden_dropout", "dropout")
+
+
+def dropout_overrides(base: Path, p: float | None) -> dict:
+    """The from_pretrained kwargs setting every dropout probability the base config has to ``p``."""
+    if p is None:
+        return {}
+    cfg = json.loads((base / "config.json").read_text())
+    return {k: p for k in DROPOUT_KEYS if isinstance(cfg.get(k), (int, float))}
 
 
 def resolve_model_dir(base: str) -> Path:
@@ -115,13 +137,14 @@ def setup_finetune(config: dict):
     import torch
 
     torch.manual_seed(config["loop"]["seed"])
+    dropout = config.get("dropout_overrides") or {}
     if config["task"] == "classification":
         label2id = config["label2id"]
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             base, num_labels=len(label2id), label2id=label2id, id2label={i: y for y, i in label2id.items()},
-            pad_token_id=tok.pad_token_id, local_files_only=True)
+            pad_token_id=tok.pad_token_id, local_files_only=True, **dropout)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True, **dropout)
     return model, (lambda batch: batch), tok, 0.0
 
 
@@ -155,6 +178,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     tok = transformers.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     if cfg.task == "sft":
         tok.chat_template = CHAT_TEMPLATE
+    elif end_with_eos(tok):
+        logger.info("finetune: texts end with %s, where the classifier reads them", tok.eos_token)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = run_dir / "tokenizer"
     tok.save_pretrained(str(tok_dir))
@@ -171,10 +196,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     random.Random(cfg.train.seed).shuffle(rows["train"])  # files come sorted by id / label
     datasets = {s: ray.data.from_items(rows[s]) for s in ("train", "val") if rows.get(s)}
+    run_cfg = cfg.run
+    if cfg.task == "classification" and run_cfg.checkpoint_metric is None:
+        run_cfg = dataclasses.replace(run_cfg, checkpoint_metric="val_accuracy")
     config = {"optim": to_dict(cfg.optim), "loop": to_dict(cfg.train), "scaling": to_dict(cfg.scaling),
-              "run": to_dict(cfg.run), "task": cfg.task, "base_model": str(base), "tokenizer_dir": str(tok_dir),
+              "run": to_dict(run_cfg), "dropout_overrides": dropout_overrides(base, cfg.dropout), "task": cfg.task, "base_model": str(base), "tokenizer_dir": str(tok_dir),
               "label2id": info.get("label2id")}
     extra = {"task": cfg.task, "base_model": str(base), "label2id": info.get("label2id"),
              "examples": {s: len(v) for s, v in rows.items()}, "rejected": len(bad), "data_files": info.get("files"),
              "config": to_dict(cfg)}
-    return train_and_export(run_dir, datasets, setup_finetune, config, cfg.scaling, cfg.run, None, extra)
+    return train_and_export(run_dir, datasets, setup_finetune, config, cfg.scaling, run_cfg, None, extra)

@@ -117,20 +117,28 @@ def estimate_loss(model, batches: Iterator[dict], device: torch.device, precisio
     """Token-weighted mean loss over the batches (summed across workers with ``reduce``)."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    # loss * n, n, and for sequence classification (one label per row): rows right, rows
+    total = torch.zeros(4, dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         batch = to_device(batch, device)
         with autocast_context(device, precision):
-            loss = model(**batch).loss
+            out = model(**batch)
         n = label_tokens(batch)
-        total += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=device)
+        labels = batch.get("labels")
+        right, rows = 0, 0
+        if labels is not None and labels.dim() == 1 and out.logits.dim() == 2:
+            right, rows = int((out.logits.argmax(-1) == labels).sum()), int(labels.numel())
+        total += torch.tensor([float(out.loss) * n, n, right, rows], dtype=torch.float64, device=device)
     if reduce is not None:
         total = reduce(total)
     model.train(was_training)
     loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1])}
+    metrics = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1])}
+    if total[3] > 0:
+        metrics["val_accuracy"] = float(total[2] / total[3])
+    return metrics
 
 
 class Trainer:

@@ -52,6 +52,10 @@ class RunConfigCfg:
     num_to_keep: int = 2  # checkpoints kept (best by val loss)
     max_failures: int = 2  # worker failures tolerated; training resumes from the latest checkpoint
     fail_at_step: int | None = None  # fault injection for tests: rank 1 dies once at this step
+    # the validation metric that ranks checkpoints (the best one is exported). null: val_loss, or
+    # val_accuracy for classification, where the loss of a small validation split keeps rising on
+    # over-confident but still correct predictions long after accuracy stopped improving.
+    checkpoint_metric: Literal["val_loss", "val_accuracy"] | None = None
 
     def __post_init__(self) -> None:
         check(self.num_to_keep >= 1, f"run.num_to_keep must be >= 1, got {self.num_to_keep}")
@@ -189,8 +193,8 @@ def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config
             name=name, storage_path=storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=run.num_to_keep,
-                checkpoint_score_attribute="val_loss" if "val" in datasets else None,
-                checkpoint_score_order="min"),
+                checkpoint_score_attribute=(run.checkpoint_metric or "val_loss") if "val" in datasets else None,
+                checkpoint_score_order="max" if run.checkpoint_metric == "val_accuracy" else "min"),
             failure_config=FailureConfig(max_failures=run.max_failures),
             callbacks=callbacks or None,
         ),

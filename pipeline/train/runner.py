@@ -25,7 +25,7 @@ def train_and_export(run_dir: Path, datasets: dict, setup: Callable, config: dic
     if result.error is not None:
         raise result.error
     out = result.return_value or {}
-    best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
+    best, best_metrics = result.best_checkpoints[0] if result.best_checkpoints else (result.checkpoint, result.metrics)
     assert best is not None, "training reported no checkpoint"
     model_dir, tmp = run_dir / "model", run_dir / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -40,7 +40,10 @@ def train_and_export(run_dir: Path, datasets: dict, setup: Callable, config: dic
         "run_dir": str(run_dir), "model_dir": str(model_dir), "steps": out.get("step"), "tokens": out.get("tokens"),
         "seconds": round(time.time() - t0, 1),
         "best_val_loss": min((e["val_loss"] for e in evals if "val_loss" in e), default=None),
-        "final": evals[-1] if evals else None, **extra,
+        "final": evals[-1] if evals else None,
+        "exported": {k: v for k, v in (best_metrics or {}).items()
+                     if k in ("step", "epoch", "val_loss", "val_ppl", "val_accuracy")},  # what model/ holds
+        **extra,
     }
     write_json(run_dir / "summary.json", summary)
     return summary

@@ -79,3 +79,41 @@ def test_labeled_data_and_bad_rows(tmp_path, tok):
         read_labeled(str(path), "body", "label", [])
     with pytest.raises(ValueError, match="not found"):
         read_labeled(str(tmp_path / "nope.csv"), "text", "label", [])
+
+
+def test_classifier_texts_end_with_eos_after_truncation_and_reload(tmp_path, tok):
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from pipeline.finetune.classify_data import end_with_eos
+
+    t = copy.deepcopy(tok)
+    plain = t("How do I reset my password?", add_special_tokens=False)["input_ids"]
+    assert end_with_eos(t)
+    assert t("How do I reset my password?")["input_ids"] == plain + [t.eos_token_id]
+    cut = t("How do I reset my password? " * 20, truncation=True, max_length=6)["input_ids"]
+    assert len(cut) == 6 and cut[-1] == t.eos_token_id and cut[:5] == plain[:5]
+    rows = encode_classification(["Hello there"], ["a"], {"a": 0}, t, 8)
+    n = sum(rows[0]["attention_mask"])
+    assert rows[0]["input_ids"][n - 1] == t.eos_token_id and rows[0]["input_ids"][n:] == [t.pad_token_id] * (8 - n)
+    t.save_pretrained(str(tmp_path / "t"))
+    again = AutoTokenizer.from_pretrained(str(tmp_path / "t"))
+    assert again("Hello there")["input_ids"][-1] == t.eos_token_id
+    assert end_with_eos(again)  # idempotent: already ends with EOS
+    assert again("Hello there")["input_ids"].count(t.eos_token_id) == 1
+
+
+def test_finetune_dropout_overrides_only_keys_the_base_has(tmp_path):
+    from pipeline.config import from_dict
+    from pipeline.finetune.finetune import FinetuneConfig, dropout_overrides
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                                                      "attn_pdrop": 0.0, "n_embd": 64}))
+    assert dropout_overrides(tmp_path, 0.1) == {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+    assert dropout_overrides(tmp_path, None) == {}
+    with pytest.raises(ValueError, match="dropout"):
+        from_dict(FinetuneConfig, {"task": "classification", "base_model": "m", "data": {"train": "x"}, "dropout": 1.5})
+    with pytest.raises(ValueError, match="run.checkpoint_metric"):
+        from_dict(FinetuneConfig, {"task": "sft", "base_model": "m", "data": {"train": "x"},
+                                   "run": {"checkpoint_metric": "val_accuracy"}})

@@ -64,6 +64,18 @@ def test_classifier_finetune_and_evaluate(pipeline_dirs):
     summary = run_finetune(cls)
     assert summary["task"] == "classification" and set(summary["label2id"]) == {"money", "sport"}
     assert summary["examples"]["train"] > 50 and "test" in summary["examples"]
+    # the exported checkpoint is the one with the best validation accuracy, and its tokenizer ends
+    # every text with EOS, where the classifier reads it
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    evals = [json.loads(l) for l in Path(summary["run_dir"], "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in l]
+    assert summary["exported"]["val_accuracy"] == max(e["val_accuracy"] for e in evals)
+    tok = AutoTokenizer.from_pretrained(summary["model_dir"])
+    assert tok("shares rose")["input_ids"][-1] == tok.eos_token_id
     ev = from_dict(EvaluateConfig, {
         "output_dir": str(d["out"] / "eval"),
         "lm": {"model": d["pre"]["model_dir"], "data": str(d["prep"].run_dir)},
