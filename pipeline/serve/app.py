@@ -33,8 +33,12 @@ class AutoscalingCfg:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 4.0
+    upscale_delay_s: float = 5.0  # load must stay above target this long before a replica is added
+    downscale_delay_s: float = 30.0  # and below it this long before one is removed
 
     def __post_init__(self) -> None:
+        check(self.upscale_delay_s >= 0 and self.downscale_delay_s >= 0,
+              "autoscaling.upscale_delay_s and autoscaling.downscale_delay_s must be >= 0")
         check(1 <= self.min_replicas <= self.max_replicas,
               f"autoscaling: need 1 <= min_replicas ({self.min_replicas}) <= max_replicas ({self.max_replicas})")
         check(self.target_ongoing_requests > 0, "autoscaling.target_ongoing_requests must be > 0")
@@ -634,7 +638,7 @@ def build_app(cfg: ServeConfig):
         scaling = {"num_replicas": 1} if a.min_replicas == a.max_replicas == 1 else {
             "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                                    "target_ongoing_requests": a.target_ongoing_requests,
-                                   "upscale_delay_s": 5, "downscale_delay_s": 30}}
+                                   "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}}
         dep = serve.deployment(ModelServer, name=f"model-{m.name}", ray_actor_options={"num_cpus": m.cpus},
                                max_ongoing_requests=m.max_ongoing_requests,
                                max_queued_requests=m.max_queued_requests, health_check_period_s=5, **scaling)

@@ -65,6 +65,9 @@ def serve_config(tiny_models, tmp, **over) -> dict:
             {"name": "tiny-busy", "path": str(tiny_models / "lm"), **{**base, "max_batch_size": 1, "max_queue": 1,
                                                                       "max_ongoing_requests": 2, "max_queued_requests": 1}},
             {"name": "topics", "path": str(tiny_models / "clf"), "kind": "classifier", **base},
+            {"name": "tiny-scaling", "path": str(tiny_models / "lm"), **{**base, "max_batch_size": 1},
+             "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                             "upscale_delay_s": 0.5, "downscale_delay_s": 600}},
         ],
         **over,
     }

@@ -179,6 +179,41 @@ def test_overload_answers_503_quickly(serve_app):
             assert_openai_error(r, 503)
 
 
+def test_autoscaling_adds_a_replica_under_load(serve_app):
+    """min 1, max 2 replicas, target 1 ongoing request: sustained concurrent load adds the second
+    replica, and every request is still answered."""
+    import threading
+    import time
+
+    from ray import serve
+
+    def running() -> int:
+        dep = serve.status().applications["llm"].deployments["model-tiny-scaling"]
+        return dep.replica_states.get("RUNNING", 0)
+
+    assert running() == 1
+    stop, codes = threading.Event(), []
+
+    def load():
+        while not stop.is_set():
+            codes.append(post(serve_app, "/v1/completions", {"model": "tiny-scaling", "prompt": "the market",
+                                                              "max_tokens": 40, "temperature": 0}).status_code)
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.time() + 90
+        while running() < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        scaled = running()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert scaled == 2, serve.status().applications["llm"].deployments["model-tiny-scaling"]
+    assert codes and set(codes) == {200}, codes
+
+
 def test_classify_and_predict(serve_app):
     r = post(serve_app, "/v1/classify", {"model": "topics", "input": ["stocks fell sharply", "the match ended"]})
     assert r.status_code == 200, r.text
