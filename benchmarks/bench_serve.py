@@ -1,6 +1,6 @@
 """Benchmark: serving throughput, latency and time to first token; KV cache vs no cache; int8.
 
-    .venv/bin/python benchmarks/bench_serve.py [--model DIR] [--requests 32] [--max-tokens 32]
+    .venv/bin/python benchmarks/bench_serve.py [--model DIR] [--requests 32] [--max-tokens 32] [--rounds 3]
 
 Model: ``--model``, or ``--preset NAME`` (a freshly built, untrained model of that size, for
 speed only), or the demo's pretrained model (``make demo`` first), else an untrained "small"
@@ -61,17 +61,20 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def run_clients(fn, n: int, concurrency: int) -> dict:
-    lat = []
+    lat, batch = [], []
 
     def one(i):
         t = time.perf_counter()
-        fn(i)
+        size = fn(i)
         lat.append(time.perf_counter() - t)
+        if size is not None:
+            batch.append(size)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(n)))
     wall = time.perf_counter() - t0
-    return {"requests_per_s": n / wall, "p50_s": percentile(lat, 0.5), "p95_s": percentile(lat, 0.95)}
+    return {"requests_per_s": n / wall, "p50_s": percentile(lat, 0.5), "p95_s": percentile(lat, 0.95),
+            "mean_batch": statistics.mean(batch) if batch else None}
 
 
 def bench_http(model_dir: Path, n: int, max_tokens: int, levels: list[int]) -> tuple[dict, dict]:
@@ -94,6 +97,7 @@ def bench_http(model_dir: Path, n: int, max_tokens: int, levels: list[int]) -> t
         r = session.post(url + "/v1/completions", json={"model": "m", "prompt": PROMPTS[i % len(PROMPTS)],
                                                         "max_tokens": max_tokens, "temperature": 0}, timeout=300)
         r.raise_for_status()
+        return int(r.headers["X-Batch-Size"])  # the engine batch this request ran in
     for i in range(4):
         call(i)  # warm-up
     ttft = []
@@ -177,6 +181,7 @@ def main() -> None:
     p.add_argument("--lm-data", default="jobs/configs/prepare_demo.yaml")
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the HTTP comparison; medians are reported")
     a = p.parse_args()
     model_dir = pick_model(a.model, a.preset)
     levels = [1, 4, 16]
@@ -185,15 +190,25 @@ def main() -> None:
         report_engine(bench_engine(model_dir, a.decode_tokens, a.repeats, a.lm_data))
     if a.skip_http:
         return
-    base = bench_baseline(model_dir, a.requests, a.max_tokens, levels)
-    serve_res, ttft = bench_http(model_dir, a.requests, a.max_tokens, levels)
-    print("\n| concurrency | Serve req/s | Serve p50 s | Serve p95 s | HF generate req/s | HF p50 s | HF p95 s | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rounds = []  # (baseline, serve, ttft) per round; the two sides alternate so noise hits both
+    for _ in range(a.rounds):
+        base = bench_baseline(model_dir, a.requests, a.max_tokens, levels)
+        rounds.append((base, *bench_http(model_dir, a.requests, a.max_tokens, levels)))
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    print(f"\n{a.rounds} round(s); medians over rounds")
+    print("| concurrency | Serve req/s | Serve p50 s | Serve p95 s | mean batch | HF generate req/s | HF p50 s | HF p95 s "
+          "| ratio (median) | ratio per round |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for c in levels:
-        s, b = serve_res[c], base[c]
-        print(f"| {c} | {s['requests_per_s']:.2f} | {s['p50_s']:.3f} | {s['p95_s']:.3f} | {b['requests_per_s']:.2f} | "
-              f"{b['p50_s']:.3f} | {b['p95_s']:.3f} | {s['requests_per_s'] / b['requests_per_s']:.2f}x |")
-    print(f"\nTTFT (streamed, concurrency 1): p50 {ttft['ttft_p50_s'] * 1000:.1f} ms, p95 {ttft['ttft_p95_s'] * 1000:.1f} ms")
+        ss, bs = [r[1][c] for r in rounds], [r[0][c] for r in rounds]
+        ratios = [s["requests_per_s"] / b["requests_per_s"] for s, b in zip(ss, bs)]
+        g = lambda rows, k: med([r[k] for r in rows])  # noqa: E731
+        print(f"| {c} | {g(ss, 'requests_per_s'):.2f} | {g(ss, 'p50_s'):.3f} | {g(ss, 'p95_s'):.3f} | "
+              f"{g(ss, 'mean_batch'):.1f} | {g(bs, 'requests_per_s'):.2f} | {g(bs, 'p50_s'):.3f} | {g(bs, 'p95_s'):.3f} | "
+              f"{med(ratios):.2f}x | {', '.join(f'{r:.2f}' for r in ratios)} |")
+    ttft = [r[2] for r in rounds]
+    print(f"\nTTFT (streamed, concurrency 1): p50 {med([t['ttft_p50_s'] for t in ttft]) * 1000:.1f} ms, "
+          f"p95 {med([t['ttft_p95_s'] for t in ttft]) * 1000:.1f} ms")
 
 
 def report_engine(eng: dict) -> None:

@@ -170,8 +170,9 @@ class ModelServer:
                               top_k=int(req.get("top_k", 0)), stop=tuple(req.get("stop") or ()),
                               seed=req.get("seed"))
 
-    async def generate_stream(self, req: dict):
-        """Yields ``{"delta": str}`` events, then one final dict with finish reason and usage."""
+    async def generate_stream(self, req: dict, stream: bool = True):
+        """Yields ``{"delta": str}`` events (only with ``stream``), then one final dict with finish
+        reason and usage."""
         from pipeline.serve.batcher import Overloaded
 
         if self.spec.kind == "classifier":
@@ -181,7 +182,7 @@ class ModelServer:
             prompt = self._prompt(req)
             ids = self.engine.encode(prompt)
             params = self._params(req)
-            events = await self.batcher.submit(ids, params)
+            events = await self.batcher.submit(ids, params, stream=stream)
         except Overloaded as e:
             yield _err(503, f"model {self.spec.name} is overloaded: {e}", type="overloaded", code="overloaded")
             return
@@ -200,7 +201,7 @@ class ModelServer:
 
     async def generate(self, req: dict) -> dict:
         out = {}
-        async for ev in self.generate_stream(req):
+        async for ev in self.generate_stream(req, stream=False):
             if "error" in ev or ev.get("finished"):
                 out = ev
         return out

@@ -35,6 +35,7 @@ class _Pending:
     queue: asyncio.Queue
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # the consumer stopped reading (client gone): stop generating for it
+    stream: bool = True  # text deltas as they come; else only the final event (no per-token wake-ups)
 
 
 class DynamicBatcher:
@@ -55,13 +56,15 @@ class DynamicBatcher:
             self._waiting = asyncio.Queue()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Event]:
-        """Queue one request; yields its events (text deltas, then one final event)."""
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = True) -> AsyncIterator[Event]:
+        """Queue one request; yields its events: text deltas (``stream``), then one final event.
+        Without ``stream`` the engine thread never wakes the event loop for this request before it
+        ends, which matters at high concurrency: the wake-ups compete for the GIL with decoding."""
         self.engine.check_fits(len(prompt_ids), params.max_tokens)  # ValueError before queueing
         self._ensure_started()
         if self._waiting.qsize() >= self.max_queue:
             raise Overloaded(f"{self._waiting.qsize()} requests are already waiting (max_queue={self.max_queue})")
-        pending = _Pending(prompt_ids, params, asyncio.Queue())
+        pending = _Pending(prompt_ids, params, asyncio.Queue(), stream=stream)
         self._waiting.put_nowait(pending)
         return self._events(pending)
 
@@ -103,15 +106,16 @@ class DynamicBatcher:
             started = time.perf_counter()
 
             def on_event(row: int, delta: str, finished: bool, batch=batch) -> None:
-                if not finished:  # final events are sent below, with the whole generation
-                    loop.call_soon_threadsafe(batch[row].queue.put_nowait, Event(delta=delta))
-                elif delta:
+                # final events are sent below, with the whole generation; a last delta goes first
+                if batch[row].stream and delta:
                     loop.call_soon_threadsafe(batch[row].queue.put_nowait, Event(delta=delta))
 
             try:
+                any_stream = any(p.stream for p in batch)
                 gens = await loop.run_in_executor(
                     None, lambda: self.engine.generate([(p.prompt_ids, p.params) for p in batch],
-                                                       use_cache=self.use_cache, on_event=on_event,
+                                                       use_cache=self.use_cache,
+                                                       on_event=on_event if any_stream else None,
                                                        cancelled=lambda row: batch[row].cancelled))
             except Exception as e:  # the batch failed: every request in it hears why
                 for p in batch:

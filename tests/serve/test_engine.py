@@ -57,6 +57,14 @@ def test_batcher_batches_streams_and_bounds_its_queue(engine):
             return text, final.generation.text, final.batch_size
         res = await asyncio.gather(*[one(p) for p in ("a", "b")])
         assert all(t == full for t, full, _ in res) and max(n for *_, n in res) == 2
+
+        async def unary(prompt):  # no deltas, only the final event, the same text as streamed
+            events = [ev async for ev in await b.submit(engine.encode(prompt), SamplingParams(max_tokens=10, temperature=0),
+                                                        stream=False)]
+            assert len(events) == 1 and events[0].finished
+            return events[0].generation.text
+        mixed = await asyncio.gather(unary("a"), one("b"))
+        assert mixed[0] == res[0][1] and mixed[1][0] == res[1][1]
         streams = [await b.submit(engine.encode("c"), SamplingParams(max_tokens=5)) for _ in range(2)]
         with pytest.raises(Overloaded):
             for _ in range(3):
