@@ -39,6 +39,8 @@ class ScalingConfig:
     ddp_bucket_cap_mb: float | None = None
 
     def __post_init__(self) -> None:
+        check(self.strategy != "fsdp" or self.use_gpu,
+              "scaling.strategy fsdp needs scaling.use_gpu true: Ray Train's FSDP runs on GPUs only (use ddp on CPU)")
         check(self.ddp_bucket_cap_mb is None or self.ddp_bucket_cap_mb > 0,
               f"scaling.ddp_bucket_cap_mb must be > 0 or null, got {self.ddp_bucket_cap_mb}")
         check(self.num_workers >= 1, f"scaling.num_workers must be >= 1, got {self.num_workers}")

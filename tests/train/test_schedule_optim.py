@@ -6,6 +6,7 @@ import torch
 from pipeline.model.build import ModelConfig, build_model
 from pipeline.train.loop import LoopConfig, OptimConfig
 from pipeline.train.optim import param_groups
+from pipeline.train.ray_train import RunConfigCfg, ScalingConfig
 from pipeline.train.schedule import get_lr
 
 
@@ -39,6 +40,9 @@ def test_no_weight_decay_on_biases_norms_embeddings():
     (OptimConfig, dict(beta2=1.0), "optim.beta1/beta2"),
     (LoopConfig, dict(batch_size=0), "train.batch_size"),
     (LoopConfig, dict(early_stopping_patience=0), "train.early_stopping_patience"),
+    (ScalingConfig, dict(strategy="fsdp"), "scaling.strategy fsdp needs scaling.use_gpu"),
+    (ScalingConfig, dict(ddp_bucket_cap_mb=0), "scaling.ddp_bucket_cap_mb"),
+    (RunConfigCfg, dict(num_to_keep=0), "run.num_to_keep"),
 ])
 def test_bad_values_name_the_key(cls, kwargs, key):
     with pytest.raises(ValueError, match=key):
