@@ -1,11 +1,14 @@
 """Batched text generation with a KV cache: the pure-torch core of the serving stage.
 
-``Engine.generate`` runs one batch of requests to completion: the prompts are left-padded into
-one tensor, the first forward pass fills the KV cache, then each step feeds one token per row
-and reuses the cache (``use_cache=False`` recomputes the whole prefix every step, the baseline
-the cache is measured against and must agree with token for token under greedy decoding). Each
-request keeps its own sampling parameters and its own seeded ``torch.Generator``, so a seeded
-request gives the same text whether it runs alone or in a batch of identical composition.
+A batch in flight is a ``Running``: its prompts are left-padded into one tensor, the first
+forward pass fills the KV cache, then each ``step`` feeds one token per row and reuses the cache
+(``use_cache=False`` recomputes the whole prefix every step, the baseline the cache is measured
+against and must agree with token for token under greedy decoding). Batches are continuous:
+``merge`` joins newly prefilled requests to the running batch between steps (the shorter side is
+left-padded, its KV cache too, and masked out), and ``compact`` removes finished rows and the
+padding no remaining row needs. ``Engine.generate`` runs a fixed set of requests to completion
+on the same primitives. Each request keeps its own sampling parameters and its own seeded
+``torch.Generator``, so a seeded request gives the same text alone or in any batch.
 
 Nothing here knows about Ray, HTTP or asyncio (see ``batcher.py`` and ``app.py``)."""
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -56,8 +59,35 @@ class Generation:
     first_token_s: float | None = None  # seconds from the batch start to this row's first token
 
 
-# on_event(row, text_delta, finished): called after every step for rows that produced text
-EventFn = Callable[[int, str, bool], None]
+# on_event(owner, text_delta, finished): called after every step for rows that produced text;
+# ``owner`` is what the caller attached to the row (its index in ``generate``)
+EventFn = Callable[[Any, str, bool], None]
+
+
+@dataclass
+class Running:
+    """A batch in flight: one row per request, left-padded. Invariant after each step: the KV cache
+    holds every column of ``mask`` but the last, whose tokens (``next_ids``) are fed next."""
+
+    owners: list
+    gens: list[Generation]
+    rngs: list[torch.Generator]
+    ids: torch.Tensor  # [rows, columns]: prompt and generated tokens (the no-cache path feeds them all)
+    mask: torch.Tensor  # [rows, columns]: 1 for real tokens, 0 for left padding
+    start: float
+    next_ids: torch.Tensor | None = None  # [rows, 1]; None until the prefill step ran
+    cache: Any = None
+
+    def __len__(self) -> int:
+        return len(self.gens)
+
+
+def _left_pad(t: torch.Tensor, n: int, value: int | float, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([torch.full(shape, value, dtype=t.dtype, device=t.device), t], dim=dim)
 
 
 class Engine:
@@ -79,21 +109,11 @@ class Engine:
             raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
                              f"length ({self.context_length})")
 
-    @torch.inference_mode()
-    def generate(self, requests: list[tuple[list[int], SamplingParams]], *, use_cache: bool = True,
-                 on_event: EventFn | None = None,
-                 cancelled: Callable[[int], bool] | None = None) -> list[Generation]:
-        """Run a batch to completion. ``cancelled(row)`` is polled every step: a row whose client
-        has gone stops generating (finish reason "cancelled"), and the batch ends early when no
-        row is left."""
-        if not requests:
-            return []
-        if len(requests) > self.max_batch_size:
-            raise ValueError(f"{len(requests)} requests exceed max_batch_size {self.max_batch_size}")
+    def begin(self, requests: list[tuple[list[int], SamplingParams]], owners: list | None = None) -> Running:
+        """A new batch of requests, not yet run (its first ``step`` is the prefill)."""
         gens = [Generation(prompt_ids=list(ids), params=p) for ids, p in requests]
         for g in gens:
             self.check_fits(len(g.prompt_ids), g.params.max_tokens)
-        device = next(self.model.parameters()).device
         rngs = [torch.Generator().manual_seed(g.params.seed if g.params.seed is not None
                                               else int(torch.randint(0, 2**62, ()).item())) for g in gens]
         width = max(len(g.prompt_ids) for g in gens)
@@ -102,39 +122,100 @@ class Engine:
         for i, g in enumerate(gens):  # left padding: every row's next token lands in the last column
             ids[i, width - len(g.prompt_ids):] = torch.tensor(g.prompt_ids)
             mask[i, width - len(g.prompt_ids):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        start = time.perf_counter()
-        cache = None
-        step_ids = ids
-        steps = max(g.params.max_tokens for g in gens)
-        for step in range(steps):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            if use_cache:
-                out = self.model(input_ids=step_ids, attention_mask=mask, cache=cache, use_cache=True,
-                                 position_ids=positions[:, -step_ids.shape[1]:])
-                cache = out.cache
-            else:
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-            logits = out.logits[:, -1, :].float()
-            next_ids = torch.full((len(gens),), self.pad_id, dtype=torch.long)
-            for i, g in enumerate(gens):
-                if g.finish_reason is not None:
-                    continue
-                if cancelled is not None and cancelled(i):
-                    g.finish_reason = "cancelled"
-                    continue
-                tok = sample(logits[i], g.params, rngs[i])
-                next_ids[i] = tok
-                self._advance(g, tok, start)
-                if on_event is not None:
-                    delta = self._take_delta(g)
-                    if delta or g.finish_reason is not None:
-                        on_event(i, delta, g.finish_reason is not None)
-            if all(g.finish_reason is not None for g in gens):
-                break
-            step_ids = next_ids.to(device)[:, None]
-            ids = torch.cat([ids, step_ids], dim=1)
-            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+        device = next(self.model.parameters()).device
+        return Running(owners=list(range(len(gens)) if owners is None else owners), gens=gens, rngs=rngs,
+                       ids=ids.to(device), mask=mask.to(device), start=time.perf_counter())
+
+    @torch.inference_mode()
+    def step(self, run: Running, *, use_cache: bool = True, on_event: EventFn | None = None,
+             cancelled: Callable[[Any], bool] | None = None) -> None:
+        """One forward pass (the whole prompt on the first step, then one token per row) and one
+        sampled token per unfinished row. ``cancelled(owner)`` marks rows whose client left."""
+        positions = (run.mask.cumsum(-1) - 1).clamp(min=0)
+        if use_cache:
+            feed = run.ids if run.next_ids is None else run.next_ids
+            out = self.model(input_ids=feed, attention_mask=run.mask, cache=run.cache, use_cache=True,
+                             position_ids=positions[:, -feed.shape[1]:])
+            run.cache = out.cache
+        else:
+            out = self.model(input_ids=run.ids, attention_mask=run.mask, position_ids=positions, use_cache=False)
+        logits = out.logits[:, -1, :].float()
+        next_ids = torch.full((len(run),), self.pad_id, dtype=torch.long)
+        for i, g in enumerate(run.gens):
+            if g.finish_reason is not None:
+                continue
+            if cancelled is not None and cancelled(run.owners[i]):
+                g.finish_reason = "cancelled"
+                continue
+            tok = sample(logits[i], g.params, run.rngs[i])
+            next_ids[i] = tok
+            self._advance(g, tok, run.start)
+            if on_event is not None:
+                delta = self._take_delta(g)
+                if delta or g.finish_reason is not None:
+                    on_event(run.owners[i], delta, g.finish_reason is not None)
+        run.next_ids = next_ids.to(run.ids.device)[:, None]
+        run.ids = torch.cat([run.ids, run.next_ids], dim=1)
+        run.mask = torch.cat([run.mask, torch.ones_like(run.next_ids)], dim=1)
+
+    def merge(self, run: Running, new: Running) -> Running:
+        """Join ``new`` (after its prefill step) to ``run``: rows, tokens, mask and KV cache, the
+        shorter side left-padded with masked columns. Returns ``run``, extended."""
+        assert run.next_ids is not None and new.next_ids is not None, "merge runs after their prefill step"
+        a, b = run.mask.shape[1], new.mask.shape[1]
+        width = max(a, b)
+        run.ids = torch.cat([_left_pad(run.ids, width - a, self.pad_id, 1), _left_pad(new.ids, width - b, self.pad_id, 1)])
+        run.mask = torch.cat([_left_pad(run.mask, width - a, 0, 1), _left_pad(new.mask, width - b, 0, 1)])
+        run.next_ids = torch.cat([run.next_ids, new.next_ids])
+        if run.cache is not None:
+            for la, lb in zip(run.cache.layers, new.cache.layers):
+                la.keys = torch.cat([_left_pad(la.keys, width - a, 0.0, 2), _left_pad(lb.keys, width - b, 0.0, 2)])
+                la.values = torch.cat([_left_pad(la.values, width - a, 0.0, 2), _left_pad(lb.values, width - b, 0.0, 2)])
+        run.owners += new.owners
+        run.gens += new.gens
+        run.rngs += new.rngs
+        return run
+
+    def compact(self, run: Running) -> list[tuple[Any, Generation]]:
+        """Remove finished rows (returned as (owner, generation)) and the leading columns that are
+        padding in every remaining row."""
+        keep = [i for i, g in enumerate(run.gens) if g.finish_reason is None]
+        if len(keep) == len(run):
+            return []
+        done = [(run.owners[i], run.gens[i]) for i in range(len(run)) if run.gens[i].finish_reason is not None]
+        idx = torch.tensor(keep, dtype=torch.long, device=run.ids.device)
+        run.ids, run.mask = run.ids[idx], run.mask[idx]
+        if run.next_ids is not None:
+            run.next_ids = run.next_ids[idx]
+        layers = run.cache.layers if run.cache is not None else []
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+        run.owners = [run.owners[i] for i in keep]
+        run.gens = [run.gens[i] for i in keep]
+        run.rngs = [run.rngs[i] for i in keep]
+        if keep:
+            lead = int((run.mask.sum(0) == 0).long().cumprod(0).sum())  # all-padding leading columns
+            if lead:
+                run.ids, run.mask = run.ids[:, lead:], run.mask[:, lead:]
+                for layer in layers:
+                    layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+        return done
+
+    def generate(self, requests: list[tuple[list[int], SamplingParams]], *, use_cache: bool = True,
+                 on_event: EventFn | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> list[Generation]:
+        """Run a fixed batch to completion. ``cancelled(row)`` is polled every step: a row whose
+        client has gone stops generating (finish reason "cancelled"); finished rows leave the
+        batch, which ends when none is left."""
+        if not requests:
+            return []
+        if len(requests) > self.max_batch_size:
+            raise ValueError(f"{len(requests)} requests exceed max_batch_size {self.max_batch_size}")
+        run = self.begin(requests)
+        gens = list(run.gens)
+        while len(run):
+            self.step(run, use_cache=use_cache, on_event=on_event, cancelled=cancelled)
+            self.compact(run)
         return gens
 
     def _advance(self, g: Generation, tok: int, start: float) -> None:

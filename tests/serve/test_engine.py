@@ -29,6 +29,28 @@ def test_kv_cache_greedy_equals_no_cache_token_for_token(engine):
     assert alone.token_ids == cached[0].token_ids  # left padding in a batch changes nothing
 
 
+def test_rows_joining_a_running_batch_decode_as_alone(engine):
+    """Continuous batching: requests merged into a batch mid-flight (different prompt lengths, KV
+    caches left-padded) and rows leaving it give the tokens each request gets alone."""
+    prompts = ["the market", "a long sport story about the final", "news", "shares rose in the morning trade"]
+    reqs = [(engine.encode(p), SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(prompts, (20, 6, 14, 9))]
+    alone = [engine.generate([r])[0].token_ids for r in reqs]
+    run = engine.begin(reqs[:1], owners=[0])
+    done = {}
+    for step in range(40):
+        if step in (3, 5):  # two arrivals while the batch runs
+            new = engine.begin(reqs[1:3] if step == 3 else reqs[3:], owners=[1, 2] if step == 3 else [3])
+            engine.step(new)
+            run = engine.merge(run, new)
+        else:
+            engine.step(run)
+        done.update({o: g.token_ids for o, g in engine.compact(run)})
+        if not len(run):
+            break
+    assert [done[i] for i in range(4)] == alone
+    assert run.mask.shape[1] == 0 or run.ids.shape == run.mask.shape
+
+
 def test_sampling_filters():
     logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
     rng = torch.Generator().manual_seed(0)
@@ -82,11 +104,32 @@ def test_cancelled_rows_stop_and_leave_the_others_unchanged(engine):
     assert gens[1].token_ids == engine.generate(reqs[1:])[0].token_ids
 
 
+def test_a_request_arriving_mid_batch_joins_it(engine):
+    async def main():
+        b = DynamicBatcher(engine, max_batch_size=4, batch_wait_s=0.0)
+        params = SamplingParams(max_tokens=30, temperature=0)
+        first = await b.submit(engine.encode("the market"), params)
+        await first.__anext__()  # the first request is decoding
+        second = await b.submit(engine.encode("sport news today"), SamplingParams(max_tokens=8, temperature=0))
+        finals = {}
+        for name, stream in (("second", second), ("first", first)):
+            async for ev in stream:
+                if ev.finished:
+                    finals[name] = ev
+        assert finals["second"].batch_size == 2 and finals["first"].batch_size == 2  # joined, not queued behind
+        assert b.batch_sizes == [1, 2]
+        alone = engine.generate([(engine.encode("the market"), params),
+                                 (engine.encode("sport news today"), SamplingParams(max_tokens=8, temperature=0))])
+        assert finals["first"].generation.token_ids == alone[0].token_ids
+        assert finals["second"].generation.token_ids == alone[1].token_ids
+    asyncio.run(main())
+
+
 def test_a_closed_stream_marks_its_request_cancelled(engine):
     async def main():
         b = DynamicBatcher(engine, max_batch_size=2, batch_wait_s=0.0)
         stream = await b.submit(engine.encode("the market"), SamplingParams(max_tokens=40, temperature=0))
-        pending = b._waiting._queue[0]
+        pending = b._waiting[0]
         await stream.__anext__()  # the first text arrives, then the client goes away
         await stream.aclose()
         assert pending.cancelled
