@@ -1,4 +1,4 @@
-"""The Ray Serve application: one ``ModelServer`` deployment per model (engine + dynamic batcher,
+"""The Ray Serve application: one ``ModelServer`` deployment per model (engine + continuous batcher,
 autoscaled on its own) behind one FastAPI ``Gateway`` ingress that validates requests, speaks
 OpenAI's API, checks the API key, records metrics and stores responses and feedback.
 
