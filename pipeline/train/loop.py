@@ -197,6 +197,12 @@ class Trainer:
         on every worker (so a Ray Train wrapper can report and checkpoint from it)."""
         cfg = self.cfg
         self.model.train()
+        if state.step >= cfg.max_steps:
+            # resumed from the final checkpoint (a rerun of a finished run, e.g. a sweep trial run
+            # again): evaluate once more so the run still reports its final metrics
+            last = state.history[-1]["loss"] if state.history else float("nan")
+            self._evaluate(state, last, val_batches, reduce, on_eval, force_last=True)
+            return state
         it = self._epoch_iter(train_batches, state)
         t_last, tokens_last, wait = time.perf_counter(), 0, 0.0
         while state.step < cfg.max_steps:
@@ -230,27 +236,31 @@ class Trainer:
                 if on_log:
                     on_log(record)
                 t_last, tokens_last, wait = time.perf_counter(), 0, 0.0
-            is_last = state.step == cfg.max_steps
-            if state.step % cfg.eval_every == 0 or is_last:
-                metrics = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens, "train_loss": loss}
-                if val_batches is not None:
-                    metrics.update(estimate_loss(self.model, val_batches(), self.device, cfg.precision,
-                                                 cfg.eval_batches, reduce))
-                    improved = metrics["val_loss"] < state.best_val_loss
-                    if improved:
-                        state.best_val_loss = metrics["val_loss"]
-                        state.evals_without_improvement = 0
-                    else:
-                        state.evals_without_improvement += 1
-                    patience = cfg.early_stopping_patience
-                    if patience is not None and state.evals_without_improvement >= patience:
-                        logger.info("early stopping at step %d: no val improvement in %d evaluations", state.step, patience)
-                        is_last = True
-                if on_eval:
-                    on_eval(metrics, state, is_last)
-                if is_last:
+            if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+                if self._evaluate(state, loss, val_batches, reduce, on_eval):
                     break
         return state
+
+    def _evaluate(self, state: TrainState, train_loss: float, val_batches, reduce, on_eval,
+                  force_last: bool = False) -> bool:
+        """Validation, early-stopping bookkeeping and the ``on_eval`` hook; True when training ends."""
+        cfg = self.cfg
+        is_last = force_last or state.step >= cfg.max_steps
+        metrics = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens, "train_loss": train_loss}
+        if val_batches is not None:
+            metrics.update(estimate_loss(self.model, val_batches(), self.device, cfg.precision, cfg.eval_batches, reduce))
+            if metrics["val_loss"] < state.best_val_loss:
+                state.best_val_loss = metrics["val_loss"]
+                state.evals_without_improvement = 0
+            elif not force_last:
+                state.evals_without_improvement += 1
+            patience = cfg.early_stopping_patience
+            if patience is not None and state.evals_without_improvement >= patience:
+                logger.info("early stopping at step %d: no val improvement in %d evaluations", state.step, patience)
+                is_last = True
+        if on_eval:
+            on_eval(metrics, state, is_last)
+        return is_last
 
     @staticmethod
     def _epoch_iter(train_batches, state: TrainState) -> Iterator[dict]:

@@ -74,7 +74,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         logger.info("pretrain: %s is already complete (same config); not recomputing", run_dir)
-        return json.loads(summary_path.read_text())
+        return {**json.loads(summary_path.read_text()), "cached": True}
     train_files = shard_paths(data_dir, manifest, "train")
     check(bool(train_files), f"data: {data_dir} has no train shards")
     val_files = shard_paths(data_dir, manifest, "val")

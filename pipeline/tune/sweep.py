@@ -129,7 +129,12 @@ def run_trial(config: dict) -> None:
     from pipeline.train.pretrain import PretrainConfig, run_pretrain
 
     cfg = from_dict(PretrainConfig, apply_overrides(config["base"], trial_overrides(config["sample"])))
-    run_pretrain(cfg, callbacks=[TuneReportCallback()])
+    summary = run_pretrain(cfg, callbacks=[TuneReportCallback()])
+    if summary.get("cached"):
+        # the same trial finished in an earlier sweep: no training ran, so report its final evaluation
+        from ray import tune
+
+        tune.report({k: v for k, v in (summary.get("final") or {}).items() if k != "kind"})
 
 
 def run_tune(cfg: TuneConfig) -> dict:
@@ -141,6 +146,9 @@ def run_tune(cfg: TuneConfig) -> dict:
 
     base = load_yaml(cfg.base)
     out = Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash({**to_dict(cfg), 'base': base, 'output_dir': None})}"
+    if (out / "summary.json").exists():
+        logger.info("tune: %s is already complete (same config); not recomputing", out)
+        return json.loads((out / "summary.json").read_text())
     base = apply_overrides(base, [*cfg.overrides, f"train.max_steps={cfg.max_steps}", f"train.eval_every={cfg.eval_every}",
                                   "train.early_stopping_patience=null", f"output_dir={out / 'trials'}"])
     # `data:` (a directory, or a prepare YAML whose output_dir is relative) is resolved where the
@@ -183,6 +191,7 @@ def run_tune(cfg: TuneConfig) -> dict:
         history = r.metrics_dataframe
         rows.append({"trial": r.path.rsplit("/", 1)[-1] if r.path else "?", **r.config["sample"],
                      "val_loss": (r.metrics or {}).get("val_loss"), "iterations": (r.metrics or {}).get("training_iteration"),
+                     "step": (r.metrics or {}).get("step"),
                      "error": str(r.error)[:200] if r.error else None,
                      "curve": [] if history is None or "val_loss" not in history else
                      list(zip(history["step"].tolist(), history["val_loss"].tolist()))})
@@ -195,7 +204,8 @@ def run_tune(cfg: TuneConfig) -> dict:
     _write_table(rows, out)
     summary = {"output_dir": str(out), "best": {k: v for k, v in best.items() if k != "curve"},
                "best_config": str(best_path), "num_trials": len(rows),
-               "stopped_early": sum(1 for r in ok if (r["iterations"] or 0) < scheduler._max_t), "concurrency": concurrency,
+               # by the last training step reached (a trial finished in an earlier run reports only once)
+               "stopped_early": sum(1 for r in ok if (r["step"] or 0) < cfg.max_steps), "concurrency": concurrency,
                "trials": [{k: v for k, v in r.items() if k != "curve"} for r in rows]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -47,3 +47,21 @@ def test_no_weight_decay_on_biases_norms_embeddings():
 def test_bad_values_name_the_key(cls, kwargs, key):
     with pytest.raises(ValueError, match=key):
         cls(**kwargs)
+
+
+def test_a_run_resumed_at_its_last_step_evaluates_and_reports_once():
+    """A rerun of a finished run (e.g. a sweep trial started again) trains no further but still
+    reports its final metrics, so Ray Tune and Ray Train get a result with val_loss."""
+    from pipeline.train.loop import TrainState, Trainer
+
+    model = build_model(ModelConfig(preset="tiny", max_seq_len=16), 50)
+    trainer = Trainer(model, OptimConfig(warmup_steps=0), LoopConfig(max_steps=3, eval_every=3, batch_size=2),
+                      torch.device("cpu"))
+    x = torch.randint(0, 50, (2, 16))
+    reports = []
+    state = trainer.fit(TrainState(step=3, history=[{"loss": 2.5}]), lambda epoch: iter([{"input_ids": x, "labels": x}]),
+                        lambda: iter([{"input_ids": x, "labels": x}]),
+                        on_eval=lambda m, st, last: reports.append((m, last)))
+    assert state.step == 3 and len(reports) == 1
+    metrics, last = reports[0]
+    assert last and metrics["step"] == 3 and metrics["train_loss"] == 2.5 and metrics["val_loss"] > 0
