@@ -94,8 +94,8 @@ def test_pretrain_recovers_from_a_worker_death_and_exports(tiny_prepared, tmp_pa
     tok = AutoTokenizer.from_pretrained(summary["model_dir"])
     assert (Path(summary["model_dir"]) / "model.safetensors").exists() and tok.eos_token == "<|endoftext|>"
     assert (out / "loss_curves.png").stat().st_size > 1000
-    again = run_pretrain(cfg)  # finished: not recomputed
-    assert again == summary
+    again = run_pretrain(cfg)  # finished: not recomputed, and marked as such
+    assert again.pop("cached") is True and again == summary
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tiny_prepared, tmp_path):
