@@ -117,3 +117,11 @@ def test_finetune_dropout_overrides_only_keys_the_base_has(tmp_path):
     with pytest.raises(ValueError, match="run.checkpoint_metric"):
         from_dict(FinetuneConfig, {"task": "sft", "base_model": "m", "data": {"train": "x"},
                                    "run": {"checkpoint_metric": "val_accuracy"}})
+
+
+def test_bad_checkpoint_metric_names_the_key():
+    from pipeline.config import from_dict
+    from pipeline.train.ray_train import RunConfigCfg
+
+    with pytest.raises(ValueError, match="checkpoint_metric"):
+        from_dict(RunConfigCfg, {"checkpoint_metric": "val_f1"})

@@ -27,6 +27,8 @@ def test_serve_config_file_and_models_file_agree():
     ({"models": [{"name": "a b", "path": "x"}]}, "name"),
     ({"models": [{"name": "a", "path": "x", "kind": "seq2seq"}]}, "kind"),
     ({"models": [{"name": "a", "path": "x", "autoscaling": {"min_replicas": 3, "max_replicas": 1}}]}, "min_replicas"),
+    ({"models": [{"name": "a", "path": "x", "autoscaling": {"upscale_delay_s": -1}}]}, "upscale_delay_s"),
+    ({"models": [{"name": "a", "path": "x", "autoscaling": {"upscale_delay": 1}}]}, "upscale_delay"),
     ({"models": [{"name": "a", "path": "x"}], "rating_min": 5, "rating_max": 1}, "rating_min"),
     ({"models": [{"name": "a", "path": "x", "max_batch": 4}]}, "max_batch"),
 ])
