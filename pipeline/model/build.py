@@ -93,12 +93,21 @@ def num_params(model, trainable_only: bool = False) -> int:
 
 
 def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 6N + 12 * n_layer * d_model * seq_len (Kaplan et al. 2020; the
-    attention term as in the PaLM paper's MFU formula)."""
+    """Training FLOPs per token: 6N + 12 * n_layer * d_model * seq_len (the PaLM paper's MFU
+    formula). N counts the weights that multiply: every parameter except the embedding lookups
+    (token and learned positions), plus the output projection even when it is tied to the token
+    embedding (a vocab x d_model matmul per token, about a third of gpt2-124M's compute)."""
     c = model.config
     n_layer = getattr(c, "n_layer", None) or c.num_hidden_layers
     d = getattr(c, "n_embd", None) or c.hidden_size
-    n = num_params(model) - model.get_input_embeddings().weight.numel()
+    wte = model.get_input_embeddings().weight
+    n = num_params(model) - wte.numel()
+    wpe = getattr(getattr(model, "transformer", None), "wpe", None)  # GPT-2 learned positions
+    if wpe is not None:
+        n -= wpe.weight.numel()
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is wte:  # tied: counted once in num_params, used twice
+        n += wte.numel()
     return 6 * n + 12 * n_layer * d * seq_len
 
 

@@ -37,7 +37,8 @@ def save_checkpoint(path: str | Path, model, tokenizer=None, optimizer=None, sta
         torch.save({
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "state": state.to_dict() if state is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "extra": extra or {},
         }, path / STATE_FILE)
         if state is not None:
@@ -70,6 +71,8 @@ def load_training_state(path: str | Path, optimizer=None) -> tuple[TrainState, d
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])  # dropout masks on GPU continue as they were
     return state, blob.get("extra", {})
 
 

@@ -69,6 +69,16 @@ def test_llama_and_presets():
     assert flops_per_token(model, 32) > 6 * (num_params(model) - model.get_input_embeddings().weight.numel())
 
 
+def test_flops_per_token_counts_every_matmul_once():
+    # gpt2-124M: 85.0M weights in the blocks + the tied 50,257 x 768 output projection; the
+    # token and position embedding lookups cost no matmul (nanoGPT/PaLM MFU accounting)
+    model = build_model(ModelConfig(preset="gpt2-124m", max_seq_len=1024), 50257)
+    blocks = sum(p.numel() for p in model.transformer.h.parameters()) + sum(p.numel() for p in model.transformer.ln_f.parameters())
+    expected = 6 * (blocks + 50257 * 768) + 12 * 12 * 768 * 1024
+    assert flops_per_token(model, 1024) == expected
+    assert 0.85e9 < expected < 0.88e9  # about 0.87 GFLOP per token at 1,024 positions
+
+
 @pytest.mark.parametrize("kwargs, key", [
     (dict(preset="tiny", n_embd=65), "model.n_embd"),
     (dict(preset="custom"), "model.preset custom"),
