@@ -8,7 +8,8 @@ Needs only torch + transformers (Ray is not imported): the same ``Trainer.train_
 Train workers run, on random tokens (vocab 50,257), fused AdamW, SDPA attention, gradient
 clipping. A variant is ``arch:precision:mode:batch``: arch gpt2 or llama (12 layers x 768, the
 gpt2-124m preset), precision bf16 (autocast) or fp32 (TF32 matmuls), mode eager or compile
-(``torch.compile``). Each variant reports the median step time over the steps after warm-up,
+(``torch.compile``); an optional fifth field sets the vocabulary size (50,257 by default; 50,304
+is it padded to a multiple of 64). Each variant reports the median step time over the steps after warm-up,
 tokens/s and MFU = tokens/s x training FLOPs per token / peak dense bf16 FLOP/s of the device
 (``flops_per_token``: 6N + 12 L d T, N counting the tied output projection).
 
@@ -78,16 +79,16 @@ def run_variant(torch, device, spec: str, seq_len: int, steps: int, warmup: int)
     from pipeline.train.loop import LoopConfig, OptimConfig, Trainer
     from pipeline.train.ray_train import peak_flops
 
-    arch, precision, mode, batch = spec.split(":")
-    batch = int(batch)
+    arch, precision, mode, batch, *rest = spec.split(":")
+    batch, vocab = int(batch), int(rest[0]) if rest else 50257
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, preset="gpt2-124m", max_seq_len=seq_len), 50257).to(device)
+    model = build_model(ModelConfig(arch=arch, preset="gpt2-124m", max_seq_len=seq_len), vocab).to(device)
     fpt = flops_per_token(model, seq_len)
     params = num_params(model)
     if mode == "compile":
         model = torch.compile(model)
     trainer = Trainer(model, OptimConfig(), LoopConfig(max_steps=10_000, precision=precision), device)
-    x = torch.randint(0, 50257, (batch, seq_len), device=device)
+    x = torch.randint(0, 50257, (batch, seq_len), device=device)  # same tokens whatever the vocab size
     torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
     for step in range(steps):

@@ -98,6 +98,9 @@ class Engine:
         self.context_length = context_length(model.config)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
+        # a model's output rows past the tokenizer's ids (vocabulary padded for fast matmuls) are
+        # never sampled: the tokenizer could not decode them
+        self.vocab = min(len(tokenizer), getattr(model.config, "vocab_size", None) or len(tokenizer))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -139,7 +142,7 @@ class Engine:
             run.cache = out.cache
         else:
             out = self.model(input_ids=run.ids, attention_mask=run.mask, position_ids=positions, use_cache=False)
-        logits = out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :self.vocab].float()
         next_ids = torch.full((len(run),), self.pad_id, dtype=torch.long)
         for i, g in enumerate(run.gens):
             if g.finish_reason is not None:

@@ -27,15 +27,25 @@ def unwrap(model):
 
 
 def save_checkpoint(path: str | Path, model, tokenizer=None, optimizer=None, state: TrainState | None = None,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, *, model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """``model_state`` / ``optimizer_state``: full state dicts gathered from a sharded model
+    (``pipeline.train.sharding.full_state``) to save instead of the module's own (the optimizer's
+    keyed by parameter name)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    unwrap(model).save_pretrained(str(path), safe_serialization=True)
+    bare = unwrap(model)
+    if model_state is not None:
+        bare.save_pretrained(str(path), state_dict=model_state, safe_serialization=True)
+        _plain_architecture(path, bare)
+    else:
+        bare.save_pretrained(str(path), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
-    if optimizer is not None or state is not None:
+    if optimizer is not None or state is not None or optimizer_state is not None:
         torch.save({
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": optimizer.state_dict() if optimizer is not None and optimizer_state is None else None,
+            "optimizer_by_name": optimizer_state,
             "state": state.to_dict() if state is not None else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -45,6 +55,18 @@ def save_checkpoint(path: str | Path, model, tokenizer=None, optimizer=None, sta
             write_json(path / "trainer_state.json", {"step": state.step, "epoch": state.epoch,
                                                      "batches_in_epoch": state.batches_in_epoch})
     return path
+
+
+def _plain_architecture(path: Path, model) -> None:
+    """FSDP2 changes a sharded module's class (``FSDPGPT2LMHeadModel``); the saved config names
+    the model's own class so that any Hugging Face loader reads it."""
+    cfg_file = path / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    archs = cfg.get("architectures") or []
+    fixed = [a[len("FSDP"):] if a.startswith("FSDP") else a for a in archs]
+    if fixed != archs:
+        cfg["architectures"] = fixed
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -60,10 +82,21 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return best
 
 
-def load_training_state(path: str | Path, optimizer=None) -> tuple[TrainState, dict]:
+def load_training_state(path: str | Path, optimizer=None, model=None) -> tuple[TrainState, dict]:
+    """The training state saved with a checkpoint; the optimizer state goes into ``optimizer``
+    (``model`` is needed when it was saved by parameter name, from a sharded run)."""
     blob = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
-    if optimizer is not None and blob["optimizer"] is not None:
-        optimizer.load_state_dict(blob["optimizer"])
+    if optimizer is not None:
+        from pipeline.train.sharding import is_sharded, load_full_optimizer_state
+
+        if blob.get("optimizer_by_name") is not None:
+            if model is None:
+                raise ValueError(f"{path}: the optimizer state is saved by parameter name; pass the model")
+            load_full_optimizer_state(model, optimizer, blob["optimizer_by_name"])
+        elif blob["optimizer"] is not None:
+            if model is not None and is_sharded(model):
+                raise ValueError(f"{path} was saved by a ddp run: continue it with scaling.strategy ddp")
+            optimizer.load_state_dict(blob["optimizer"])
     names = {f.name for f in fields(TrainState)}
     state = TrainState(**{k: v for k, v in (blob["state"] or {}).items() if k in names})
     rng = blob.get("rng") or {}

@@ -167,8 +167,13 @@ class Trainer:
         total_loss, tokens = 0.0, 0
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
-            sync = getattr(self.model, "no_sync", None)
-            ctx = sync() if sync is not None and i < len(micro_batches) - 1 else nullcontext()
+            last = i == len(micro_batches) - 1
+            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter on the last only
+                self.model.set_requires_gradient_sync(last)
+                ctx = nullcontext()
+            else:  # DDP: all-reduce on the last micro-batch only
+                sync = getattr(self.model, "no_sync", None)
+                ctx = sync() if sync is not None and not last else nullcontext()
             with ctx, autocast_context(self.device, self.cfg.precision):
                 loss = self.model(**batch).loss / len(micro_batches)
             loss.backward()

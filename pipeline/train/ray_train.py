@@ -17,6 +17,7 @@ import torch
 from pipeline.config import check
 from pipeline.train.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from pipeline.train.loop import LoopConfig, OptimConfig, TrainState, Trainer
+from pipeline.train.sharding import full_state, shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class ScalingConfig:
     # every CPU of the cluster, ingestion waits forever. On 2 CPUs use 2 workers x 0.5.
     cpus_per_worker: float = 0.5
     threads_per_worker: int | None = None  # torch intra-op threads; default: max(1, cpus_per_worker)
+    # fsdp: parameters, gradients and optimizer state sharded over the workers (torch FSDP2, one
+    # unit per transformer block; CPU or GPU); checkpoints are still full Hugging Face directories
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # DDP gradient bucket size. null: torch's 25 MB on GPU, where all-reduce overlaps backward; on CPU
     # the collective competes with backward for the same cores, so one bucket after backward is
@@ -39,8 +42,6 @@ class ScalingConfig:
     ddp_bucket_cap_mb: float | None = None
 
     def __post_init__(self) -> None:
-        check(self.strategy != "fsdp" or self.use_gpu,
-              "scaling.strategy fsdp needs scaling.use_gpu true: Ray Train's FSDP runs on GPUs only (use ddp on CPU)")
         check(self.ddp_bucket_cap_mb is None or self.ddp_bucket_cap_mb > 0,
               f"scaling.ddp_bucket_cap_mb must be > 0 or null, got {self.ddp_bucket_cap_mb}")
         check(self.num_workers >= 1, f"scaling.num_workers must be >= 1, got {self.num_workers}")
@@ -100,21 +101,24 @@ def train_worker(config: dict) -> dict:
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             load_model_weights(model, ckpt_dir)
-    ddp_kwargs = {}
-    if scaling.strategy == "ddp" and world > 1:
-        bucket = scaling.ddp_bucket_cap_mb
-        if bucket is None and not scaling.use_gpu:
-            bucket = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 + 1
-        ddp_kwargs = {"gradient_as_bucket_view": True, **({"bucket_cap_mb": bucket} if bucket else {})}
-    model = ray.train.torch.prepare_model(model, parallel_strategy=scaling.strategy,
-                                          parallel_strategy_kwargs=ddp_kwargs or None)
+    sharded = scaling.strategy == "fsdp" and world > 1
+    if sharded:
+        model = shard_model(model, ray.train.torch.get_device())
+    else:
+        ddp_kwargs = {}
+        if world > 1:
+            bucket = scaling.ddp_bucket_cap_mb
+            if bucket is None and not scaling.use_gpu:
+                bucket = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 + 1
+            ddp_kwargs = {"gradient_as_bucket_view": True, **({"bucket_cap_mb": bucket} if bucket else {})}
+        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=ddp_kwargs or None)
     if loop.compile:
         model = torch.compile(model)
     device = ray.train.torch.get_device()
     trainer = Trainer(model, optim, loop, device, flops_per_token, peak_flops(device))
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state, _ = load_training_state(ckpt_dir, trainer.optimizer)
+            state, _ = load_training_state(ckpt_dir, trainer.optimizer, model)
         logger.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch, state.batches_in_epoch)
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -152,11 +156,14 @@ def train_worker(config: dict) -> dict:
         if pg is not None else {}
 
     def on_eval(metrics: dict, st: TrainState, is_last: bool) -> None:
+        # sharded: every rank takes part in gathering the full weights and optimizer state
+        model_state, optim_state = full_state(model, trainer.optimizer) if sharded else (None, None)
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"kind": "eval", **metrics}) + "\n")
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, model, tokenizer, trainer.optimizer, st, extra={"metrics": metrics})
+                save_checkpoint(tmp, model, tokenizer, trainer.optimizer, st, extra={"metrics": metrics},
+                                model_state=model_state, optimizer_state=optim_state)
                 ray.train.report({**metrics, **pg_id}, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report({**metrics, **pg_id})

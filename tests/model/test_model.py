@@ -30,7 +30,7 @@ GOLDEN = [5.7181, 5.3645, 5.0373, 4.8232, 4.6294, 4.4517, 4.2771, 4.1002, 3.924,
 
 
 def golden_run(steps=10):
-    model = build_model(tiny(), VOCAB, seed=0)
+    model = build_model(tiny(pad_vocab_multiple=1), VOCAB, seed=0)  # the vocabulary the values were computed with
     trainer = Trainer(model, OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.1), LoopConfig(max_steps=100),
                       torch.device("cpu"))
     x = fixed_batch()
@@ -69,12 +69,20 @@ def test_llama_and_presets():
     assert flops_per_token(model, 32) > 6 * (num_params(model) - model.get_input_embeddings().weight.numel())
 
 
+def test_vocabulary_is_padded_to_the_multiple():
+    assert build_model(tiny(), VOCAB).get_input_embeddings().weight.shape[0] == 320  # 300 up to 5 x 64
+    exact = build_model(tiny(pad_vocab_multiple=1), VOCAB)
+    assert exact.config.vocab_size == VOCAB and exact.get_output_embeddings().weight.shape[0] == VOCAB
+    assert build_model(tiny(objective="masked", pad_vocab_multiple=128), VOCAB).config.vocab_size == 384
+
+
 def test_flops_per_token_counts_every_matmul_once():
-    # gpt2-124M: 85.0M weights in the blocks + the tied 50,257 x 768 output projection; the
+    # gpt2-124M: 85.0M weights in the blocks + the tied vocabulary x 768 output projection; the
     # token and position embedding lookups cost no matmul (nanoGPT/PaLM MFU accounting)
     model = build_model(ModelConfig(preset="gpt2-124m", max_seq_len=1024), 50257)
     blocks = sum(p.numel() for p in model.transformer.h.parameters()) + sum(p.numel() for p in model.transformer.ln_f.parameters())
-    expected = 6 * (blocks + 50257 * 768) + 12 * 12 * 768 * 1024
+    assert model.config.vocab_size == 50304  # padded to a multiple of 64: the matmul has 50,304 rows
+    expected = 6 * (blocks + 50304 * 768) + 12 * 12 * 768 * 1024
     assert flops_per_token(model, 1024) == expected
     assert 0.85e9 < expected < 0.88e9  # about 0.87 GFLOP per token at 1,024 positions
 
@@ -84,6 +92,7 @@ def test_flops_per_token_counts_every_matmul_once():
     (dict(preset="custom"), "model.preset custom"),
     (dict(max_seq_len=1), "model.max_seq_len"),
     (dict(dropout=1.5), "model.dropout"),
+    (dict(pad_vocab_multiple=0), "model.pad_vocab_multiple"),
 ])
 def test_model_config_errors_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):

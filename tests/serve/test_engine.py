@@ -29,6 +29,23 @@ def test_kv_cache_greedy_equals_no_cache_token_for_token(engine):
     assert alone.token_ids == cached[0].token_ids  # left padding in a batch changes nothing
 
 
+def test_padded_vocabulary_rows_are_never_sampled(engine):
+    # the model has rows past the tokenizer's ids (vocabulary padded to a multiple of 64); even
+    # when a padded row has the largest logit, only ids the tokenizer can decode come out
+    n_tok = len(engine.tokenizer)
+    assert engine.model.config.vocab_size > n_tok and engine.vocab == n_tok
+    head = engine.model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[n_tok:] = 1e4
+    head.bias = torch.nn.Parameter(bias)
+    try:
+        for temperature in (0, 1.0):
+            g = engine.generate([(engine.encode("the market"), SamplingParams(max_tokens=8, temperature=temperature, seed=1))])[0]
+            assert g.token_ids and max(g.token_ids) < n_tok
+    finally:
+        head.bias = None
+
+
 def test_rows_joining_a_running_batch_decode_as_alone(engine):
     """Continuous batching: requests merged into a batch mid-flight (different prompt lengths, KV
     caches left-padded) and rows leaving it give the tokens each request gets alone."""

@@ -98,9 +98,11 @@ def test_pretrain_recovers_from_a_worker_death_and_exports(tiny_prepared, tmp_pa
     assert again.pop("cached") is True and again == summary
 
 
-def test_interrupted_run_resumes_from_its_checkpoint(tiny_prepared, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_interrupted_run_resumes_from_its_checkpoint(tiny_prepared, tmp_path, strategy):
+    # fsdp: the checkpoint holds the full weights and optimizer state gathered from both shards
     run_dir, _ = tiny_prepared
-    crashing = config(run_dir, tmp_path, run={"max_failures": 0, "fail_at_step": 6})
+    crashing = config(run_dir, tmp_path, run={"max_failures": 0, "fail_at_step": 6}, scaling={"strategy": strategy})
     with pytest.raises(Exception):
         run_pretrain(crashing)
     out = crashing.run_dir({"config_hash": json.loads((run_dir / "manifest.json").read_text())["config_hash"]})
@@ -109,3 +111,14 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_prepared, tmp_path):
     steps = steps_logged(out)
     assert summary["steps"] == 12 and steps[-1] == 12
     assert steps.count(1) == 1 and steps.count(5) == 2
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(summary["model_dir"])  # a plain, whole model
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_layer == 2
+    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert losses[-1] < losses[0]
+    import torch
+
+    saved = torch.load(next(out.rglob("training_state.pt")), weights_only=False)
+    # the sharded run gathered its optimizer state by parameter name; DDP saves rank 0's own
+    assert (saved["optimizer_by_name"] is not None) == (strategy == "fsdp")

@@ -40,7 +40,6 @@ def test_no_weight_decay_on_biases_norms_embeddings():
     (OptimConfig, dict(beta2=1.0), "optim.beta1/beta2"),
     (LoopConfig, dict(batch_size=0), "train.batch_size"),
     (LoopConfig, dict(early_stopping_patience=0), "train.early_stopping_patience"),
-    (ScalingConfig, dict(strategy="fsdp"), "scaling.strategy fsdp needs scaling.use_gpu"),
     (ScalingConfig, dict(ddp_bucket_cap_mb=0), "scaling.ddp_bucket_cap_mb"),
     (RunConfigCfg, dict(num_to_keep=0), "run.num_to_keep"),
 ])
