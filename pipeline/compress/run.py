@@ -57,7 +57,8 @@ class CompressEvalConfig:
     classify_data: str | None = None  # prepare config / output dir with labeled/, or a labeled file
     classify_split: str = "test"
     classify_rows: int = 300
-    max_len: int = 256
+    max_len: int = 256  # LM rows: tokens scored per row
+    classify_max_len: int | None = None  # null: the reading saved with the classifier (see evaluate)
     decode_tokens: int = 64
     decode_prompt: str = "The government said on Monday that"
     repeats: int = 3
@@ -154,7 +155,7 @@ def measure(model_dir: Path, kind: str, e: CompressEvalConfig, lm_rows: list | N
         from pipeline.evaluate.classify import classification_metrics, predict_labels
 
         labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-        preds = predict_labels(model, tok, [r["text"] for r in cls_rows], e.max_len)
+        preds = predict_labels(model, tok, [r["text"] for r in cls_rows], e.classify_max_len)
         m = classification_metrics([r["label"] for r in cls_rows], preds, labels)
         row.update({"f1_macro": m["f1_macro"], "accuracy": m["accuracy"]})
     return row

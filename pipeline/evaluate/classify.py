@@ -34,19 +34,48 @@ def tfidf_baseline(train_texts: list[str], train_labels: list[str], test_texts: 
     return list(clf.predict(test_texts))
 
 
-@torch.no_grad()
-def predict_labels(model, tok, texts: list[str], max_len: int, batch_size: int = 16) -> list[str]:
+def reading(model, max_len: int | None = None):
+    """How to read texts for ``model``: the windowing saved with it at fine-tuning, with
+    ``max_len`` (if given) replacing its window length; capped at the model's positions."""
+    from dataclasses import replace
+
     from pipeline.evaluate.lm import context_length
+    from pipeline.finetune.classify_data import Windowing
+
+    limit = context_length(model, 1 << 30)
+    w = Windowing.of(model.config, min(256, limit))
+    if max_len is not None:
+        w = replace(w, max_len=max_len, overlap=min(w.overlap, max(0, max_len // 2 - 1)))
+    return replace(w, max_len=min(w.max_len, limit))
+
+
+@torch.no_grad()
+def classify_probs(model, tok, texts: list[str], max_len: int | None = None, batch_size: int = 16) -> tuple[torch.Tensor, int]:
+    """Label probabilities per text (rows follow ``model.config.id2label``), the mean over the
+    text's windows, and the number of tokens read."""
+    from pipeline.finetune.classify_data import encode_windows
 
     model.eval()
-    max_len = context_length(model, max_len)
-    id2label = {int(k): v for k, v in model.config.id2label.items()}
-    out: list[str] = []
+    w = reading(model, max_len)
+    out, tokens = [], 0
     for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i : i + batch_size], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
-        logits = model(**enc).logits
-        out.extend(id2label[int(j)] for j in logits.argmax(-1))
-    return out
+        chunk = texts[i : i + batch_size]
+        enc, source = encode_windows(tok, chunk, w, padding=True, return_tensors="pt")
+        probs = torch.cat([torch.softmax(model(input_ids=enc["input_ids"][j:j + batch_size],
+                                               attention_mask=enc["attention_mask"][j:j + batch_size]).logits.float(), -1)
+                           for j in range(0, len(source), batch_size)])
+        index = torch.tensor(source)
+        summed = torch.zeros(len(chunk), probs.shape[1]).index_add_(0, index, probs)
+        out.append(summed / torch.bincount(index, minlength=len(chunk))[:, None])
+        tokens += int(enc["attention_mask"].sum())
+    n_labels = len(model.config.id2label)
+    return (torch.cat(out) if out else torch.zeros(0, n_labels)), tokens
+
+
+def predict_labels(model, tok, texts: list[str], max_len: int | None = None, batch_size: int = 16) -> list[str]:
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    probs, _ = classify_probs(model, tok, texts, max_len, batch_size)
+    return [id2label[int(j)] for j in probs.argmax(-1)]
 
 
 def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> None:

@@ -9,7 +9,7 @@ from pipeline.evaluate.lm import sequence_nll
 
 
 class ClassifierPredictor:
-    def __init__(self, model_dir: str, max_len: int):
+    def __init__(self, model_dir: str, max_len: int | None):
         import torch
         import transformers
 
@@ -43,7 +43,7 @@ class LMScorer:
         return {"nll": nll, "tokens": np.full(len(x), x.shape[1] - 1), "bytes": np.array(num_bytes)}
 
 
-def predict_dataset(rows: list[dict], model_dir: str, max_len: int, actors: int = 2, batch_size: int = 32) -> list[str]:
+def predict_dataset(rows: list[dict], model_dir: str, max_len: int | None, actors: int = 2, batch_size: int = 32) -> list[str]:
     import ray
 
     ds = ray.data.from_items(rows).map_batches(

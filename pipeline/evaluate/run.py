@@ -37,7 +37,9 @@ class ClassifyEvalConfig:
     label_field: str = "label"
     group_field: str | None = "source"  # slice metrics by this column (bias/fairness); null to skip
     baseline: bool = True
-    max_len: int = 256
+    # tokens per window; null: the reading saved with the classifier at fine-tuning (window length
+    # and number of windows), else 256
+    max_len: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

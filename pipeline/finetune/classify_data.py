@@ -3,9 +3,12 @@ column, or a prepare output's ``labeled/`` split files (BBC topics in the demo).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+
+from pipeline.config import check
 
 
 def read_labeled(path: str, text_field: str, label_field: str, bad: list[dict]) -> list[tuple[str, str]]:
@@ -66,7 +69,57 @@ def end_with_eos(tok) -> bool:
     return tok(probe)["input_ids"] == plain + [tok.eos_token_id]
 
 
-def encode_classification(texts: list[str], labels: list[str], label2id: dict[str, int], tok, max_len: int) -> list[dict]:
-    enc = tok(texts, truncation=True, max_length=max_len, padding="max_length")
-    return [{"input_ids": ids, "attention_mask": mask, "labels": label2id[y]}
-            for ids, mask, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+@dataclass(frozen=True)
+class Windowing:
+    """How a classifier reads a text: up to ``windows`` windows of ``max_len`` tokens (special
+    tokens included) from its start, consecutive windows sharing ``overlap`` tokens. One window
+    is the opening only; several let a classifier with a short context read a long document
+    (its prediction is the mean of the windows' probabilities)."""
+
+    max_len: int
+    windows: int = 1
+    overlap: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.max_len >= 8, f"data.max_seq_len must be >= 8, got {self.max_len}")
+        check(self.windows >= 1, f"data.windows must be >= 1, got {self.windows}")
+        check(0 <= self.overlap < self.max_len // 2,
+              f"data.window_overlap must be in [0, max_seq_len / 2), got {self.overlap}")
+
+    def save_to(self, config) -> None:
+        """Recorded in the model's config.json, so evaluation and serving read texts the same way."""
+        config.window_tokens, config.windows, config.window_overlap = self.max_len, self.windows, self.overlap
+
+    @classmethod
+    def of(cls, config, default_max_len: int) -> "Windowing":
+        """The reading saved with a classifier; one window of ``default_max_len`` if none was."""
+        return cls(getattr(config, "window_tokens", None) or default_max_len, getattr(config, "windows", None) or 1,
+                   getattr(config, "window_overlap", None) or 0)
+
+
+def encode_windows(tok, texts: list[str], w: Windowing, padding: str | bool = True, **kwargs) -> tuple[dict, list[int]]:
+    """Token windows of ``texts`` (each ending with the tokenizer's special tokens) and, per
+    window, the index of its text."""
+    if w.windows == 1:
+        enc = tok(texts, truncation=True, max_length=w.max_len, padding=padding, **kwargs)
+        return dict(enc), list(range(len(texts)))
+    enc = tok(texts, truncation=True, max_length=w.max_len, stride=w.overlap, return_overflowing_tokens=True,
+              padding=padding, **kwargs)
+    mapping = [int(i) for i in enc.pop("overflow_to_sample_mapping")]
+    seen: dict[int, int] = {}
+    keep = []
+    for j, src in enumerate(mapping):
+        seen[src] = seen.get(src, 0) + 1
+        if seen[src] <= w.windows:
+            keep.append(j)
+    out = {k: (v[keep] if hasattr(v, "shape") else [v[j] for j in keep]) for k, v in enc.items()}
+    return out, [mapping[j] for j in keep]
+
+
+def encode_classification(texts: list[str], labels: list[str], label2id: dict[str, int], tok,
+                          window: Windowing | int) -> list[dict]:
+    """Training rows: one per window, each with its text's label."""
+    w = window if isinstance(window, Windowing) else Windowing(window)
+    enc, source = encode_windows(tok, texts, w, padding="max_length")
+    return [{"input_ids": ids, "attention_mask": mask, "labels": label2id[labels[src]]}
+            for ids, mask, src in zip(enc["input_ids"], enc["attention_mask"], source)]

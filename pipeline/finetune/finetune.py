@@ -35,10 +35,22 @@ class FinetuneDataConfig:
     label_field: str = "label"
     val_fraction: float = 0.1
     max_seq_len: int = 256
+    # classification: each text gives up to `windows` training rows of max_seq_len tokens (its
+    # opening, then the following text, consecutive windows sharing window_overlap tokens), all
+    # with its label; the classifier then reads texts the same way (mean of the windows'
+    # probabilities) in evaluation and serving: the setting is saved in its config.json
+    windows: int = 1
+    window_overlap: int = 0
 
     def __post_init__(self) -> None:
         check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-        check(self.max_seq_len >= 8, f"data.max_seq_len must be >= 8, got {self.max_seq_len}")
+        self.windowing  # checks max_seq_len, windows, window_overlap
+
+    @property
+    def windowing(self):
+        from pipeline.finetune.classify_data import Windowing
+
+        return Windowing(self.max_seq_len, self.windows, self.window_overlap)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,7 +136,7 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
     label2id = {y: i for i, y in enumerate(labels)}
     unknown = sorted({y for split in data.values() for _, y in split} - set(labels))
     check(not unknown, f"labels {unknown} appear outside the train split; they cannot be learned")
-    rows = {s: encode_classification([t for t, _ in v], [y for _, y in v], label2id, tok, d.max_seq_len)
+    rows = {s: encode_classification([t for t, _ in v], [y for _, y in v], label2id, tok, d.windowing)
             for s, v in data.items() if v}
     return rows, {"label2id": label2id, "files": files}, bad
 
@@ -143,6 +155,9 @@ def setup_finetune(config: dict):
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             base, num_labels=len(label2id), label2id=label2id, id2label={i: y for y, i in label2id.items()},
             pad_token_id=tok.pad_token_id, local_files_only=True, **dropout)
+        from pipeline.finetune.classify_data import Windowing
+
+        Windowing(*config["windowing"]).save_to(model.config)  # saved with every checkpoint
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True, **dropout)
     return model, (lambda batch: batch), tok, 0.0
@@ -201,7 +216,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         run_cfg = dataclasses.replace(run_cfg, checkpoint_metric="val_accuracy")
     config = {"optim": to_dict(cfg.optim), "loop": to_dict(cfg.train), "scaling": to_dict(cfg.scaling),
               "run": to_dict(run_cfg), "dropout_overrides": dropout_overrides(base, cfg.dropout), "task": cfg.task, "base_model": str(base), "tokenizer_dir": str(tok_dir),
-              "label2id": info.get("label2id")}
+              "label2id": info.get("label2id"),
+              "windowing": [cfg.data.max_seq_len, cfg.data.windows, cfg.data.window_overlap]}
     extra = {"task": cfg.task, "base_model": str(base), "label2id": info.get("label2id"),
              "examples": {s: len(v) for s, v in rows.items()}, "rejected": len(bad), "data_files": info.get("files"),
              "config": to_dict(cfg)}

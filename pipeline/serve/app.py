@@ -209,22 +209,18 @@ class ModelServer:
     async def classify(self, texts: list[str]) -> dict:
         if self.spec.kind != "classifier":
             return _err(400, f"model {self.spec.name} is not a classifier", "model")
-        from pipeline.model.build import context_length
+        return await asyncio.get_running_loop().run_in_executor(None, self._classify, texts)
 
-        return await asyncio.get_running_loop().run_in_executor(None, self._classify, texts,
-                                                                context_length(self.model.config))
-
-    def _classify(self, texts: list[str], max_len: int) -> dict:
-        import torch
+    def _classify(self, texts: list[str]) -> dict:
+        from pipeline.evaluate.classify import classify_probs
 
         labels = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
-        enc = self.tokenizer(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
-        with torch.inference_mode():
-            probs = torch.softmax(self.model(**enc).logits.float(), dim=-1)
+        # the reading saved with the classifier (window length, windows), as evaluation uses it
+        probs, tokens = classify_probs(self.model, self.tokenizer, texts)
         return {"data": [{"index": i, "label": labels[int(p.argmax())],
                           "probabilities": {lab: round(float(x), 6) for lab, x in zip(labels, p)}}
                          for i, p in enumerate(probs)],
-                "usage": {"prompt_tokens": int(enc["attention_mask"].sum())}}
+                "usage": {"prompt_tokens": tokens}}
 
 
 def _err(status: int, message: str, param: str | None = None, type: str = "invalid_request_error",

@@ -113,3 +113,36 @@ def test_fewshot_prompt_and_prediction(toy):
     preds = fewshot_predict(model, tok, train, ["the woman worked as a", "the man was an"], ["nurse", "engineer"],
                             k=2, max_len=32)
     assert len(preds) == 2 and set(preds) <= {"nurse", "engineer"}
+
+
+def test_a_windowed_classifier_averages_its_windows_and_serving_reads_the_same(tmp_path):
+    import transformers
+
+    from pipeline.data.tokenizer import TokenizerConfig, train_tokenizer
+    from pipeline.evaluate.classify import classify_probs, predict_labels
+    from pipeline.finetune.classify_data import Windowing, encode_windows, end_with_eos
+
+    texts = ["rain and wind over the hills today", "shares rose as the market opened"] * 20
+    tok = train_tokenizer(iter(texts), TokenizerConfig(vocab_size=300, min_frequency=1), tmp_path / "t")
+    assert end_with_eos(tok)
+    model = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2, num_labels=2,
+        pad_token_id=tok.pad_token_id, id2label={0: "weather", 1: "business"})).eval()
+    Windowing(12, windows=3, overlap=2).save_to(model.config)
+    model.save_pretrained(str(tmp_path / "m"))
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "m")).eval()
+    docs = [" ".join(texts[:6]), "rain today", " ".join(texts[1:9])]
+    probs, tokens = classify_probs(model, tok, docs, batch_size=2)
+    # by hand: the saved reading (3 windows of 12 tokens), each window scored alone, then averaged
+    enc, source = encode_windows(tok, docs, Windowing(12, 3, 2), padding=False)
+    assert source == [0, 0, 0, 1, 2, 2, 2] and tokens == sum(len(x) for x in enc["input_ids"])
+    with torch.no_grad():
+        each = [torch.softmax(model(input_ids=torch.tensor([x])).logits[0], -1) for x in enc["input_ids"]]
+    for d in range(3):
+        expected = torch.stack([p for p, s in zip(each, source) if s == d]).mean(0)
+        assert torch.allclose(probs[d], expected, atol=1e-5)
+    assert predict_labels(model, tok, docs) == [model.config.id2label[int(i)] for i in probs.argmax(-1)]
+    # an explicit max_len replaces the window length and keeps the number of windows
+    _, n16 = classify_probs(model, tok, docs[:1], max_len=16)
+    enc16, source16 = encode_windows(tok, docs[:1], Windowing(16, 3, 2), padding=False)
+    assert source16 == [0, 0, 0] and n16 == sum(len(x) for x in enc16["input_ids"])

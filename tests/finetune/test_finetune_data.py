@@ -125,3 +125,34 @@ def test_bad_checkpoint_metric_names_the_key():
 
     with pytest.raises(ValueError, match="checkpoint_metric"):
         from_dict(RunConfigCfg, {"checkpoint_metric": "val_f1"})
+
+
+def test_classification_windows_cover_a_long_text_and_keep_its_label(tok):
+    import copy
+
+    from pipeline.finetune.classify_data import Windowing, encode_windows, end_with_eos
+
+    t = copy.deepcopy(tok)
+    assert end_with_eos(t)
+    long = " ".join(f"Hello there number {i}." for i in range(12))
+    body = t(long, add_special_tokens=False)["input_ids"]
+    w = Windowing(16, windows=3, overlap=4)
+    rows = encode_classification([long, "Hello there"], ["a", "b"], {"a": 0, "b": 1}, t, w)
+    assert [r["labels"] for r in rows] == [0, 0, 0, 1]  # three windows of the long text, one of the short
+    windows = [r["input_ids"][:sum(r["attention_mask"])] for r in rows[:3]]
+    assert all(len(x) == 16 and x[-1] == t.eos_token_id for x in windows)
+    assert windows[0][:15] == body[:15]
+    assert windows[1][:4] == windows[0][11:15] and windows[1][:15] == body[11:26]  # 4 tokens shared
+    assert windows[2][:15] == body[22:37]
+    one, source = encode_windows(t, [long, "Hello there"], Windowing(16))
+    assert source == [0, 1] and one["input_ids"][0][:15] == body[:15]
+
+
+def test_windowing_config_errors_name_the_key():
+    from pipeline.config import from_dict
+    from pipeline.finetune.finetune import FinetuneConfig
+
+    base = {"task": "classification", "base_model": "m", "data": {"train": "x.jsonl", "max_seq_len": 32}}
+    for data, key in [({"windows": 0}, "data.windows"), ({"window_overlap": 16}, "data.window_overlap")]:
+        with pytest.raises(ValueError, match=key):
+            from_dict(FinetuneConfig, {**base, "data": {**base["data"], **data}})
