@@ -93,8 +93,10 @@ def resolve_model_dir(base: str) -> Path:
         from pipeline.train.pretrain import PretrainConfig
 
         pre = load_config(PretrainConfig, base)
-        return pre.run_dir(load_manifest(resolve_prepared(pre.data))) / "model"
-    return Path(base)
+        return (pre.run_dir(load_manifest(resolve_prepared(pre.data))) / "model").resolve()
+    # absolute: Ray Train workers run in their own working directories, and a relative path that
+    # is not found there would be taken for a model hub id
+    return Path(base).expanduser().resolve()
 
 
 def labeled_splits(spec: str) -> dict[str, str] | None:

@@ -25,7 +25,8 @@ def train_and_export(run_dir: Path, datasets: dict, setup: Callable, config: dic
     if result.error is not None:
         raise result.error
     out = result.return_value or {}
-    best, best_metrics = result.best_checkpoints[0] if result.best_checkpoints else (result.checkpoint, result.metrics)
+    best, best_metrics = best_checkpoint(result.best_checkpoints, run.checkpoint_metric) if result.best_checkpoints \
+        else (result.checkpoint, result.metrics)
     assert best is not None, "training reported no checkpoint"
     model_dir, tmp = run_dir / "model", run_dir / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -47,6 +48,19 @@ def train_and_export(run_dir: Path, datasets: dict, setup: Callable, config: dic
     }
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def best_checkpoint(kept: list[tuple], metric: str | None) -> tuple:
+    """The (checkpoint, metrics) pair with the best ``metric`` (val_loss, lowest, by default; val_accuracy,
+    highest) among those Ray kept. Ray's ``Result.best_checkpoints`` is ordered worst first, so its
+    first entry is not the best one; the latest wins a tie."""
+    metric = metric or "val_loss"
+    sign = 1.0 if metric == "val_accuracy" else -1.0
+    scored = [(i, c, m) for i, (c, m) in enumerate(kept) if (m or {}).get(metric) is not None]
+    if not scored:
+        return kept[-1]
+    _, c, m = max(scored, key=lambda t: (sign * t[2][metric], t[2].get("step", 0), t[0]))
+    return c, m
 
 
 def plot_losses(metrics: list[dict], path: Path) -> None:

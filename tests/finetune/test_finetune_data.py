@@ -156,3 +156,13 @@ def test_windowing_config_errors_name_the_key():
     for data, key in [({"windows": 0}, "data.windows"), ({"window_overlap": 16}, "data.window_overlap")]:
         with pytest.raises(ValueError, match=key):
             from_dict(FinetuneConfig, {**base, "data": {**base["data"], **data}})
+
+
+def test_a_relative_base_model_path_is_made_absolute(tmp_path, monkeypatch):
+    # Ray Train workers run elsewhere: a relative directory would be taken for a model hub id there
+    from pipeline.finetune.finetune import resolve_model_dir
+
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir("models/m") == tmp_path / "models" / "m"
+    assert resolve_model_dir("models/m").is_absolute()

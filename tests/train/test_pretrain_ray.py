@@ -90,6 +90,7 @@ def test_pretrain_recovers_from_a_worker_death_and_exports(tiny_prepared, tmp_pa
     assert steps.count(5) == 2 and steps.count(9) == 1  # steps after the step-4 checkpoint were redone once
     evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] + 0.5
+    assert summary["exported"]["val_loss"] == summary["best_val_loss"]  # model/ is the best checkpoint
     model = AutoModelForCausalLM.from_pretrained(summary["model_dir"]).eval()
     tok = AutoTokenizer.from_pretrained(summary["model_dir"])
     assert (Path(summary["model_dir"]) / "model.safetensors").exists() and tok.eos_token == "<|endoftext|>"
@@ -114,6 +115,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_prepared, tmp_path, st
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(summary["model_dir"])  # a plain, whole model
+    assert summary["exported"]["val_loss"] == summary["best_val_loss"]
     assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_layer == 2
     losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
     assert losses[-1] < losses[0]

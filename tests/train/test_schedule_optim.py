@@ -64,3 +64,16 @@ def test_a_run_resumed_at_its_last_step_evaluates_and_reports_once():
     assert state.step == 3 and len(reports) == 1
     metrics, last = reports[0]
     assert last and metrics["step"] == 3 and metrics["train_loss"] == 2.5 and metrics["val_loss"] > 0
+
+
+def test_the_exported_checkpoint_is_the_best_by_its_metric():
+    from pipeline.train.runner import best_checkpoint
+
+    # the order Ray 2.60 gives Result.best_checkpoints: worst first
+    kept = [("c150", {"step": 150, "val_loss": 6.15, "val_accuracy": 0.94}),
+            ("c200", {"step": 200, "val_loss": 6.07, "val_accuracy": 0.93}),
+            ("c300", {"step": 300, "val_loss": 6.10, "val_accuracy": 0.94})]
+    assert best_checkpoint(kept, None)[0] == "c200"
+    assert best_checkpoint(kept, "val_loss")[0] == "c200"
+    assert best_checkpoint(kept, "val_accuracy")[0] == "c300"  # a tie goes to the later step
+    assert best_checkpoint([("a", None), ("b", {})], "val_loss")[0] == "b"
