@@ -15,7 +15,8 @@ tokens/s and MFU = tokens/s x training FLOPs per token / peak dense bf16 FLOP/s 
 
 ``--smoke`` first checks the CUDA path of the training code end to end on a tiny model: a
 ``Trainer.fit`` with evaluation on the GPU (bf16 autocast), the loss falls, and the checkpoint
-saved from it loads with ``from_pretrained`` and gives the same logits.
+saved from it loads with ``from_pretrained`` and gives the same logits; then the same under FSDP
+(NCCL, one rank), with the gathered checkpoint resuming a fresh sharded model exactly.
 """
 
 from __future__ import annotations
@@ -72,6 +73,64 @@ def smoke(torch, device) -> dict:
     assert losses[-1] < losses[0] * 0.5, f"loss did not fall on GPU: {losses}"
     assert result["logits_max_abs_diff"] < 1e-4, result
     return result
+
+
+def fsdp_smoke(torch, device) -> dict:
+    """The FSDP path on CUDA (NCCL, one rank: the machine has one GPU): shard a tiny model, train
+    under bf16 autocast, gather the full weights and optimizer state into a checkpoint, load it
+    with ``from_pretrained`` and resume a fresh sharded model from it."""
+    import os
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.model.build import ModelConfig, build_model
+    from pipeline.train.checkpoint import load_model_weights, load_training_state, save_checkpoint
+    from pipeline.train.loop import LoopConfig, OptimConfig, TrainState, Trainer
+    from pipeline.train.sharding import full_state, is_sharded, shard_model
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        vocab, seq = 512, 64
+        starts = torch.randint(0, vocab, (32, 1), generator=torch.Generator().manual_seed(0))
+        data = ((starts + torch.arange(seq)) % vocab).to(device)
+
+        def make(seed):
+            model = shard_model(build_model(ModelConfig(preset="tiny", max_seq_len=seq), vocab, seed=seed), device)
+            return model, Trainer(model, OptimConfig(lr=3e-3, warmup_steps=5), LoopConfig(max_steps=100), device)
+
+        def run(trainer, first, last):
+            return [trainer.train_step([{"input_ids": data[(s % 4) * 8:(s % 4) * 8 + 8],
+                                         "labels": data[(s % 4) * 8:(s % 4) * 8 + 8]}], s)[0] for s in range(first, last)]
+
+        model, trainer = make(0)
+        assert is_sharded(model)
+        losses = run(trainer, 0, 40)
+        model_state, optim_state = full_state(model, trainer.optimizer)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, model, optimizer=trainer.optimizer, state=TrainState(step=40),
+                            model_state=model_state, optimizer_state=optim_state)
+            loaded = AutoModelForCausalLM.from_pretrained(tmp).to(device).eval()
+            model.eval()
+            with torch.no_grad():
+                diff = float((loaded(input_ids=data[:4]).logits - model(input_ids=data[:4]).logits).abs().max())
+            model.train()
+            continued = run(trainer, 40, 45)
+            fresh = build_model(ModelConfig(preset="tiny", max_seq_len=seq), vocab, seed=1)
+            load_model_weights(fresh, tmp)
+            fresh = shard_model(fresh, device)
+            resumed_trainer = Trainer(fresh, OptimConfig(lr=3e-3, warmup_steps=5), LoopConfig(max_steps=100), device)
+            state, _ = load_training_state(tmp, resumed_trainer.optimizer, fresh)
+            resumed = run(resumed_trainer, state.step, 45)
+        result = {"first_loss": losses[0], "last_loss": losses[-1], "logits_max_abs_diff": diff,
+                  "resume_max_loss_diff": max(abs(a - b) for a, b in zip(continued, resumed))}
+        assert losses[-1] < losses[0] * 0.5, losses
+        assert diff < 1e-4 and result["resume_max_loss_diff"] < 1e-3, result
+        return result
+    finally:
+        dist.destroy_process_group()
 
 
 def run_variant(torch, device, spec: str, seq_len: int, steps: int, warmup: int) -> dict:
@@ -135,6 +194,8 @@ def main() -> None:
     if args.smoke:
         out["smoke"] = smoke(torch, device)
         print("smoke:", json.dumps(out["smoke"]), flush=True)
+        out["fsdp_smoke"] = fsdp_smoke(torch, device)
+        print("fsdp smoke:", json.dumps(out["fsdp_smoke"]), flush=True)
     for spec in args.variants.split(","):
         try:
             r = run_variant(torch, device, spec, args.seq_len, args.steps, args.warmup)
