@@ -137,7 +137,7 @@ def bench_baseline(model_dir: Path, n: int, max_tokens: int, levels: list[int]) 
     return {c: run_clients(call, n, c) for c in levels}
 
 
-def bench_engine(model_dir: Path, tokens: int, repeats: int, lm_data: str | None) -> dict:
+def bench_engine(model_dir: Path, tokens: int, repeats: int, lm_data: str | None, batches: tuple[int, ...] = ()) -> dict:
     import torch
 
     from pipeline.compress.quantize import load_model, quantize_int8
@@ -160,6 +160,21 @@ def bench_engine(model_dir: Path, tokens: int, repeats: int, lm_data: str | None
             g = e.generate([(prompt, SamplingParams(max_tokens=n, temperature=0))], use_cache=use_cache)[0]
             speeds.append(len(g.token_ids) / (time.perf_counter() - t))
         out[name] = {"tokens_per_s": statistics.median(speeds), "tokens": len(g.token_ids)}
+    for b in batches:
+        # decode throughput with `b` requests decoded together (the batches continuous batching
+        # forms under load): fp32 and int8 alternate, median of `repeats` each
+        sides: dict[str, list[float]] = {"fp32": [], "int8": []}
+        engines = {"fp32": Engine(fp32, tok, max_batch_size=b), "int8": Engine(int8, tok, max_batch_size=b)}
+        reqs = [(engines["fp32"].encode(PROMPTS[i % len(PROMPTS)]), SamplingParams(max_tokens=64, temperature=0, stop=()))
+                for i in range(b)]
+        for e in engines.values():
+            e.generate(reqs)  # warm-up
+        for _ in range(repeats):
+            for name, e in engines.items():
+                t = time.perf_counter()
+                gens = e.generate(reqs)
+                sides[name].append(sum(len(g.token_ids) for g in gens) / (time.perf_counter() - t))
+        out[f"batch_{b}"] = {k: statistics.median(v) for k, v in sides.items()}
     if lm_data:
         from pipeline.compress.run import CompressEvalConfig, _lm_rows
         from pipeline.evaluate.lm import lm_metrics_from_rows
@@ -181,13 +196,15 @@ def main() -> None:
     p.add_argument("--lm-data", default="jobs/configs/prepare_demo.yaml")
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--int8-batches", type=int, nargs="*", default=[],
+                   help="also compare int8 and fp32 decode throughput with this many requests per batch")
     p.add_argument("--rounds", type=int, default=1, help="repeat the HTTP comparison; medians are reported")
     a = p.parse_args()
     model_dir = pick_model(a.model, a.preset)
     levels = [1, 4, 16]
     print(f"machine: {machine()}; model: {model_dir}")
     if not a.skip_engine:
-        report_engine(bench_engine(model_dir, a.decode_tokens, a.repeats, a.lm_data))
+        report_engine(bench_engine(model_dir, a.decode_tokens, a.repeats, a.lm_data, tuple(a.int8_batches)))
     if a.skip_http:
         return
     rounds = []  # (baseline, serve, ttft) per round; the two sides alternate so noise hits both
@@ -216,6 +233,10 @@ def report_engine(eng: dict) -> None:
     print(f"KV cache vs no cache: {eng['kv_cache']['tokens_per_s'] / eng['no_cache']['tokens_per_s']:.2f}x "
           f"({eng['kv_cache']['tokens']} tokens, batch 1)")
     print(f"int8 vs fp32 decode: {eng['int8_kv_cache']['tokens_per_s'] / eng['kv_cache']['tokens_per_s']:.2f}x")
+    for k, v in eng.items():
+        if k.startswith("batch_"):
+            print(f"int8 vs fp32 decode, {k.split('_')[1]} requests per batch: {v['int8'] / v['fp32']:.2f}x "
+                  f"({v['fp32']:.0f} -> {v['int8']:.0f} tokens/s)")
     if "int8_val_perplexity" in eng:
         print(f"int8 perplexity change: {eng['int8_val_perplexity'] / eng['fp32_val_perplexity'] - 1:+.2%}")
 
