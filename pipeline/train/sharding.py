@@ -17,8 +17,12 @@ import torch
 
 
 def block_classes(model: torch.nn.Module) -> set[type]:
+    """The repeated blocks to shard one by one. Modules holding an embedding stay in the root
+    unit (BERT lists ``BertEmbeddings``): a tied output projection shares that weight, and FSDP
+    needs a shared parameter inside one unit."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    return {type(m) for m in model.modules() if type(m).__name__ in names}
+    return {type(m) for m in model.modules() if type(m).__name__ in names
+            and not any(isinstance(x, torch.nn.Embedding) for x in m.modules())}
 
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -21,6 +21,11 @@ def batch(step: int, rows: int = 4) -> torch.Tensor:
     return torch.randint(0, VOCAB, (rows, SEQ), generator=torch.Generator().manual_seed(100 + step))
 
 
+def model_config(kind: str) -> ModelConfig:
+    return ModelConfig(preset="tiny", max_seq_len=SEQ, **{"gpt2": {}, "llama": {"arch": "llama"},
+                                                            "masked": {"objective": "masked"}}[kind])
+
+
 def make_trainer(model, max_steps=10, grad_accum=1):
     return Trainer(model, OptimConfig(lr=3e-3, warmup_steps=1, weight_decay=0.1),
                    LoopConfig(max_steps=max_steps, grad_accum=grad_accum), torch.device("cpu"))
@@ -31,13 +36,13 @@ def steps(trainer, first: int, last: int, rank: int = 0, world: int = 1, grad_ac
     ``grad_accum`` micro-batches."""
     losses = []
     for step in range(first, last):
-        mine = batch(step)[rank::world]
+        mine = batch(step)[rank::world].contiguous()
         micro = [{"input_ids": m, "labels": m} for m in mine.chunk(grad_accum)]
         losses.append(trainer.train_step(micro, step)[0])
     return losses
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, grad_accum: int) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, grad_accum: int, kind: str) -> None:
     import torch.distributed as dist
 
     from pipeline.train.checkpoint import load_training_state, save_checkpoint
@@ -47,7 +52,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, grad_accum: int) -> 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = shard_model(build_model(ModelConfig(preset="tiny", max_seq_len=SEQ), VOCAB, seed=0), torch.device("cpu"))
+        model = shard_model(build_model(model_config(kind), VOCAB, seed=0), torch.device("cpu"))
         assert is_sharded(model)
         trainer = make_trainer(model, grad_accum=grad_accum)
         steps(trainer, 0, 3, rank, world, grad_accum)
@@ -58,7 +63,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, grad_accum: int) -> 
         dist.barrier()
         continued = steps(trainer, 3, 5, rank, world, grad_accum)
         # a fresh sharded model resumed from the checkpoint continues the same way
-        fresh = build_model(ModelConfig(preset="tiny", max_seq_len=SEQ), VOCAB, seed=1)
+        fresh = build_model(model_config(kind), VOCAB, seed=1)
         from pipeline.train.checkpoint import load_model_weights
         load_model_weights(fresh, out_dir)
         fresh = shard_model(fresh, torch.device("cpu"))
@@ -76,22 +81,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_fsdp_trains_like_one_process_and_saves_a_plain_checkpoint(tmp_path, grad_accum):
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("kind, grad_accum", [("gpt2", 1), ("gpt2", 2), ("llama", 1), ("masked", 1)])
+def test_fsdp_trains_like_one_process_and_saves_a_plain_checkpoint(tmp_path, kind, grad_accum):
+    import json
 
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), grad_accum), nprocs=2, join=True)
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    reference = build_model(ModelConfig(preset="tiny", max_seq_len=SEQ), VOCAB, seed=0)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), grad_accum, kind), nprocs=2, join=True)
+
+    reference = build_model(model_config(kind), VOCAB, seed=0)
     trainer = make_trainer(reference)
     steps(trainer, 0, 3)  # one process, the whole global batch
-    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
+    loaded = auto.from_pretrained(str(tmp_path)).eval()
     reference.eval()
     x = batch(99)
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=x).logits, reference(input_ids=x).logits, atol=1e-4)
-    import json
-    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    arch = json.loads((tmp_path / "config.json").read_text())["architectures"]
+    assert arch == [type(reference).__name__]  # not FSDP's subclass name
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for r in ranks:  # resuming from the gathered optimizer state continues the run exactly
