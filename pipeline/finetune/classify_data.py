@@ -103,6 +103,9 @@ def encode_windows(tok, texts: list[str], w: Windowing, padding: str | bool = Tr
     if w.windows == 1:
         enc = tok(texts, truncation=True, max_length=w.max_len, padding=padding, **kwargs)
         return dict(enc), list(range(len(texts)))
+    if not getattr(tok, "is_fast", False):
+        raise ValueError("data.windows > 1 needs a fast (Rust) tokenizer: this one cannot split a text into "
+                         "overlapping windows; use windows: 1 or a tokenizer.json tokenizer")
     enc = tok(texts, truncation=True, max_length=w.max_len, stride=w.overlap, return_overflowing_tokens=True,
               padding=padding, **kwargs)
     mapping = [int(i) for i in enc.pop("overflow_to_sample_mapping")]
