@@ -66,6 +66,8 @@ class CompressEvalConfig:
 
     def __post_init__(self) -> None:
         check(self.repeats >= 1 and self.decode_tokens >= 1, "eval.repeats and eval.decode_tokens must be >= 1")
+        check(self.classify_max_len is None or self.classify_max_len >= 8,
+              f"eval.classify_max_len must be >= 8 or null, got {self.classify_max_len}")
 
 
 @dataclass(frozen=True, kw_only=True)

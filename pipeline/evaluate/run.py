@@ -41,6 +41,10 @@ class ClassifyEvalConfig:
     # and number of windows), else 256
     max_len: int | None = None
 
+    def __post_init__(self) -> None:
+        check(self.max_len is None or self.max_len >= 8,
+              f"classification.max_len must be >= 8 or null, got {self.max_len}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class FewshotEvalConfig:

@@ -146,3 +146,13 @@ def test_a_windowed_classifier_averages_its_windows_and_serving_reads_the_same(t
     _, n16 = classify_probs(model, tok, docs[:1], max_len=16)
     enc16, source16 = encode_windows(tok, docs[:1], Windowing(16, 3, 2), padding=False)
     assert source16 == [0, 0, 0] and n16 == sum(len(x) for x in enc16["input_ids"])
+
+
+def test_classifier_reading_lengths_name_their_key():
+    from pipeline.compress.run import CompressEvalConfig
+    from pipeline.evaluate.run import ClassifyEvalConfig
+
+    with pytest.raises(ValueError, match="classification.max_len"):
+        ClassifyEvalConfig(model="m", data="d", max_len=2)
+    with pytest.raises(ValueError, match="eval.classify_max_len"):
+        CompressEvalConfig(classify_max_len=0)
