@@ -219,7 +219,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     config = {"optim": to_dict(cfg.optim), "loop": to_dict(cfg.train), "scaling": to_dict(cfg.scaling),
               "run": to_dict(run_cfg), "dropout_overrides": dropout_overrides(base, cfg.dropout), "task": cfg.task, "base_model": str(base), "tokenizer_dir": str(tok_dir),
               "label2id": info.get("label2id"),
-              "windowing": [cfg.data.max_seq_len, cfg.data.windows, cfg.data.window_overlap]}
+              "windowing": list(dataclasses.astuple(cfg.data.windowing))}
     extra = {"task": cfg.task, "base_model": str(base), "label2id": info.get("label2id"),
              "examples": {s: len(v) for s, v in rows.items()}, "rejected": len(bad), "data_files": info.get("files"),
              "config": to_dict(cfg)}
