@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -52,3 +53,52 @@ class LMBatcher:
                                          generator=self.generator)
             return {"input_ids": inputs, "labels": labels}
         return {"input_ids": input_ids, "labels": input_ids}
+
+
+VAL_CACHE_BYTES = 256 * 2**20
+
+
+def batch_bytes(batch: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in batch.values() if isinstance(t, torch.Tensor))
+
+
+class ValidationCache:
+    """A worker's validation batches, read from ``source()`` at the first evaluation and replayed
+    from memory at every later one.
+
+    Re-reading a small validation split costs more than evaluating it: with Ray Data every read is
+    a new streaming execution (seconds of task scheduling on a busy node). Replaying also makes
+    every evaluation of a run score the same rows (and, for the masked objective, the same masks),
+    so val losses compare across steps. At most ``max_batches`` batches are read (0 = all); when the
+    batches exceed ``max_bytes`` nothing is kept and every evaluation streams the split again."""
+
+    def __init__(self, source: Callable[[], Iterator[dict]], max_batches: int = 0,
+                 max_bytes: int = VAL_CACHE_BYTES) -> None:
+        self.source = source
+        self.max_batches = max_batches
+        self.max_bytes = max_bytes
+        self.batches: list[dict] | None = None  # complete once set
+        self.too_large = False
+
+    def __call__(self) -> Iterator[dict]:
+        if self.batches is not None:
+            return iter(self.batches)
+        return self._read()
+
+    def _read(self) -> Iterator[dict]:
+        kept: list[dict] | None = None if self.too_large else []
+        size = 0
+        for i, batch in enumerate(self.source()):
+            if self.max_batches and i >= self.max_batches:
+                break
+            if kept is not None:
+                size += batch_bytes(batch)
+                if size > self.max_bytes:
+                    kept, self.too_large = None, True
+                else:
+                    kept.append(batch)
+            yield batch
+        # reached only when the whole (bounded) split was read: a consumer that stopped early
+        # leaves nothing half-filled behind
+        if kept is not None:
+            self.batches = kept

@@ -4,6 +4,7 @@ The training itself is ``pipeline.train.loop.Trainer``; nothing here computes a 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import torch
 
 from pipeline.config import check
 from pipeline.train.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
+from pipeline.train.data import ValidationCache
 from pipeline.train.loop import LoopConfig, OptimConfig, TrainState, Trainer
 from pipeline.train.sharding import full_state, shard_model
 
@@ -125,11 +127,17 @@ def train_worker(config: dict) -> dict:
     val_shard = ray.train.get_dataset_shard("val") if "val" in config["datasets"] else None
     column = config["column"]
 
-    def batches(shard, epoch: int | None = None):
+    def batches(shard, epoch: int | None = None, make=batcher):
         shuffle = {"local_shuffle_buffer_size": loop.shuffle_buffer, "local_shuffle_seed": loop.seed + epoch} \
             if epoch is not None and loop.shuffle_buffer else {}
         for b in shard.iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long, drop_last=True, **shuffle):
-            yield batcher(b[column]) if column else batcher(b)
+            yield make(b[column]) if column else make(b)
+
+    # validation: read once, replayed at every evaluation; its own copy of the batcher, so that
+    # (masked objective) evaluations draw no masks from the training stream's generator
+    val_batcher = copy.deepcopy(batcher)
+    val_batches = ValidationCache(lambda: batches(val_shard, make=val_batcher), loop.eval_batches) \
+        if val_shard is not None else None
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
         if world > 1:
@@ -170,7 +178,7 @@ def train_worker(config: dict) -> dict:
 
     state = trainer.fit(
         state, lambda epoch: batches(train_shard, epoch),
-        (lambda: batches(val_shard)) if val_shard is not None else None,
+        val_batches,
         reduce=reduce, on_log=on_log, on_eval=on_eval, world_size=world,
     )
     return {"step": state.step, "tokens": state.tokens, "best_val_loss": state.best_val_loss,
