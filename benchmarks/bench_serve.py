@@ -10,7 +10,8 @@ GPT-2 on the demo tokenizer. All torch work runs on one thread on each side.
    dynamic batching up to 16, KV cache). Baseline: the same model in a plain loop of Hugging Face
    ``generate`` (greedy, its own KV cache), one request at a time (the clients queue on a lock),
    the usual unbatched server. Same prompts, same greedy decoding, same max_tokens.
-2. KV cache vs no cache: our engine, batch 1, greedy, 200 new tokens, tokens/s.
+2. KV cache vs no cache: our engine, batch 1, greedy, 200 new tokens, tokens/s; and the engine's
+   GPT-2 fast path vs the ``transformers`` forward it replaces (``fast_path=False``).
 3. int8 vs fp32: decode tokens/s (engine, batch 1) and validation perplexity on the demo val shards.
 """
 
@@ -150,16 +151,22 @@ def bench_engine(model_dir: Path, tokens: int, repeats: int, lm_data: str | None
     out = {}
     fp32 = load_model(model_dir)
     int8 = quantize_int8(load_model(model_dir))
-    for name, model, use_cache in (("kv_cache", fp32, True), ("no_cache", fp32, False), ("int8_kv_cache", int8, True)):
-        e = Engine(model, tok, max_batch_size=1)
-        prompt = e.encode(PROMPTS[0])
-        n = min(tokens, e.context_length - len(prompt))
-        speeds = []
-        for _ in range(repeats):
+    # name: (model, KV cache, engine fast path); repeats alternate over the variants so that
+    # machine noise hits all of them
+    variants = {"kv_cache": (fp32, True, True), "no_cache": (fp32, False, True), "int8_kv_cache": (int8, True, True),
+                "hf_kv_cache": (fp32, True, False), "hf_int8_kv_cache": (int8, True, False)}
+    engines = {k: Engine(m, tok, max_batch_size=1, fast_path=f) for k, (m, _, f) in variants.items()}
+    prompt = engines["kv_cache"].encode(PROMPTS[0])
+    n = min(tokens, engines["kv_cache"].context_length - len(prompt))
+    speeds: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, e in engines.items():
             t = time.perf_counter()
-            g = e.generate([(prompt, SamplingParams(max_tokens=n, temperature=0))], use_cache=use_cache)[0]
-            speeds.append(len(g.token_ids) / (time.perf_counter() - t))
-        out[name] = {"tokens_per_s": statistics.median(speeds), "tokens": len(g.token_ids)}
+            g = e.generate([(prompt, SamplingParams(max_tokens=n, temperature=0))], use_cache=variants[name][1])[0]
+            speeds[name].append(len(g.token_ids) / (time.perf_counter() - t))
+            out[name] = {"tokens": len(g.token_ids)}
+    for name, v in speeds.items():
+        out[name]["tokens_per_s"] = statistics.median(v)
     for b in batches:
         # decode throughput with `b` requests decoded together (the batches continuous batching
         # forms under load): fp32 and int8 alternate, median of `repeats` each
@@ -233,6 +240,11 @@ def report_engine(eng: dict) -> None:
     print(f"KV cache vs no cache: {eng['kv_cache']['tokens_per_s'] / eng['no_cache']['tokens_per_s']:.2f}x "
           f"({eng['kv_cache']['tokens']} tokens, batch 1)")
     print(f"int8 vs fp32 decode: {eng['int8_kv_cache']['tokens_per_s'] / eng['kv_cache']['tokens_per_s']:.2f}x")
+    print(f"engine fast path vs transformers forward (KV cache, batch 1): fp32 "
+          f"{eng['kv_cache']['tokens_per_s'] / eng['hf_kv_cache']['tokens_per_s']:.2f}x, int8 "
+          f"{eng['int8_kv_cache']['tokens_per_s'] / eng['hf_int8_kv_cache']['tokens_per_s']:.2f}x "
+          f"(int8 vs fp32 on the transformers forward: "
+          f"{eng['hf_int8_kv_cache']['tokens_per_s'] / eng['hf_kv_cache']['tokens_per_s']:.2f}x)")
     for k, v in eng.items():
         if k.startswith("batch_"):
             print(f"int8 vs fp32 decode, {k.split('_')[1]} requests per batch: {v['int8'] / v['fp32']:.2f}x "

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline.model.build import context_length
+from pipeline.serve import fastpath
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,8 +92,10 @@ def _left_pad(t: torch.Tensor, n: int, value: int | float, dim: int) -> torch.Te
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 8) -> None:
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 8, fast_path: bool = True) -> None:
         self.model = model.eval()
+        # GPT-2 family: the lean forward of ``fastpath`` with its own KV cache; others: transformers
+        self.fast = fast_path and fastpath.supports(model)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.context_length = context_length(model.config)
@@ -137,12 +140,18 @@ class Engine:
         positions = (run.mask.cumsum(-1) - 1).clamp(min=0)
         if use_cache:
             feed = run.ids if run.next_ids is None else run.next_ids
-            out = self.model(input_ids=feed, attention_mask=run.mask, cache=run.cache, use_cache=True,
-                             position_ids=positions[:, -feed.shape[1]:])
-            run.cache = out.cache
+            if self.fast:
+                if run.cache is None:
+                    run.cache = fastpath.KVCache([], [], 0)
+                logits = fastpath.gpt2_forward(self.model, feed, positions[:, -feed.shape[1]:], run.mask, run.cache)
+            else:
+                out = self.model(input_ids=feed, attention_mask=run.mask, cache=run.cache, use_cache=True,
+                                 position_ids=positions[:, -feed.shape[1]:])
+                run.cache, logits = out.cache, out.logits[:, -1]
         else:
-            out = self.model(input_ids=run.ids, attention_mask=run.mask, position_ids=positions, use_cache=False)
-        logits = out.logits[:, -1, :self.vocab].float()
+            logits = self.model(input_ids=run.ids, attention_mask=run.mask, position_ids=positions,
+                                use_cache=False).logits[:, -1]
+        logits = logits[:, :self.vocab].float()
         next_ids = torch.full((len(run),), self.pad_id, dtype=torch.long)
         for i, g in enumerate(run.gens):
             if g.finish_reason is not None:
@@ -170,7 +179,9 @@ class Engine:
         run.ids = torch.cat([_left_pad(run.ids, width - a, self.pad_id, 1), _left_pad(new.ids, width - b, self.pad_id, 1)])
         run.mask = torch.cat([_left_pad(run.mask, width - a, 0, 1), _left_pad(new.mask, width - b, 0, 1)])
         run.next_ids = torch.cat([run.next_ids, new.next_ids])
-        if run.cache is not None:
+        if isinstance(run.cache, fastpath.KVCache):
+            run.cache = fastpath.KVCache.merge(run.cache, new.cache, width - a, width - b)
+        elif run.cache is not None:
             for la, lb in zip(run.cache.layers, new.cache.layers):
                 la.keys = torch.cat([_left_pad(la.keys, width - a, 0.0, 2), _left_pad(lb.keys, width - b, 0.0, 2)])
                 la.values = torch.cat([_left_pad(la.values, width - a, 0.0, 2), _left_pad(lb.values, width - b, 0.0, 2)])
@@ -190,7 +201,10 @@ class Engine:
         run.ids, run.mask = run.ids[idx], run.mask[idx]
         if run.next_ids is not None:
             run.next_ids = run.next_ids[idx]
-        layers = run.cache.layers if run.cache is not None else []
+        fast = isinstance(run.cache, fastpath.KVCache)
+        layers = run.cache.layers if run.cache is not None and not fast else []
+        if fast:
+            run.cache.select(idx)
         for layer in layers:
             layer.keys, layer.values = layer.keys[idx], layer.values[idx]
         run.owners = [run.owners[i] for i in keep]
@@ -200,6 +214,8 @@ class Engine:
             lead = int((run.mask.sum(0) == 0).long().cumprod(0).sum())  # all-padding leading columns
             if lead:
                 run.ids, run.mask = run.ids[:, lead:], run.mask[:, lead:]
+                if fast:
+                    run.cache.drop_leading(lead)
                 for layer in layers:
                     layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
         return done

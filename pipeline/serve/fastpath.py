@@ -1,0 +1,135 @@
+"""A lean incremental forward pass for GPT-2 family models, used by the serving engine.
+
+``transformers``' generic forward costs more than the arithmetic for small models at small batch
+sizes: cache objects, mask builders, attention dispatch and output dataclasses run for every
+token, and its KV cache grows by ``torch.cat`` (copying the whole cache every step). Here the same
+modules of the same model (``c_attn``, ``c_proj``, ``ln_1``, ... whatever their class: GPT-2's
+``Conv1D``, ``nn.Linear``, or the int8 dynamically quantized ``Linear``) are called directly, and
+the keys and values are written into preallocated buffers that grow by doubling. It computes
+the function ``GPT2LMHeadModel`` computes; the engine's tests hold its greedy output equal to the
+``transformers`` forward token for token.
+
+Only what serving needs: left-padded rows (``mask``), explicit positions, the last position's
+logits. Any other architecture (Llama included) goes through ``transformers`` unchanged; so do
+GPT-2 variants with options this module does not implement (``supports``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Per layer, keys and values ``[rows, heads, capacity, head_dim]``; the first ``length``
+    columns are filled (the same columns in every row: rows are left-padded to one width)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        self.keys, self.values, self.length = keys, values, length
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` (``[rows, heads, t, head_dim]``) after the filled columns; returns the
+        layer's filled keys and values including them. ``advance(t)`` once all layers wrote."""
+        end = self.length + k.shape[2]
+        if layer >= len(self.keys):  # first write (prefill)
+            cap = max(end, 32)
+            self.keys.append(k.new_zeros(*k.shape[:2], cap, k.shape[3]))
+            self.values.append(v.new_zeros(*v.shape[:2], cap, v.shape[3]))
+        elif end > self.keys[layer].shape[2]:
+            self.keys[layer] = self._grown(self.keys[layer], end)
+            self.values[layer] = self._grown(self.values[layer], end)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def _grown(self, t: torch.Tensor, need: int) -> torch.Tensor:
+        out = t.new_zeros(*t.shape[:2], max(need, 2 * t.shape[2]), t.shape[3])
+        out[:, :, :self.length] = t[:, :, :self.length]
+        return out
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (in that order)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+    def drop_leading(self, n: int) -> None:
+        """Forget the first ``n`` columns (padding in every row)."""
+        self.keys = [k[:, :, n:] for k in self.keys]
+        self.values = [v[:, :, n:] for v in self.values]
+        self.length -= n
+
+    @staticmethod
+    def merge(a: "KVCache", b: "KVCache", pad_a: int, pad_b: int) -> "KVCache":
+        """The rows of ``a`` then ``b``, each left-padded (zeros, masked by the caller) to one width."""
+        length = max(a.length + pad_a, b.length + pad_b)
+        assert a.length + pad_a == b.length + pad_b == length, "merged rows must end in the same column"
+        keys, values = [], []
+        for ka, va, kb, vb in zip(a.keys, a.values, b.keys, b.values):
+            rows = ka.shape[0] + kb.shape[0]
+            cap = max(length + 16, ka.shape[2] + pad_a)
+            k = ka.new_zeros(rows, ka.shape[1], cap, ka.shape[3])
+            v = va.new_zeros(rows, va.shape[1], cap, va.shape[3])
+            k[:ka.shape[0], :, pad_a:length] = ka[:, :, :a.length]
+            v[:ka.shape[0], :, pad_a:length] = va[:, :, :a.length]
+            k[ka.shape[0]:, :, pad_b:length] = kb[:, :, :b.length]
+            v[ka.shape[0]:, :, pad_b:length] = vb[:, :, :b.length]
+            keys.append(k)
+            values.append(v)
+        return KVCache(keys, values, length)
+
+
+def supports(model) -> bool:
+    """Whether ``gpt2_forward`` computes this model's function."""
+    cfg = model.config
+    return (type(model).__name__ == "GPT2LMHeadModel" and not getattr(cfg, "add_cross_attention", False)
+            and hasattr(model, "transformer") and hasattr(model, "lm_head"))
+
+
+def attention_bias(mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive bias ``[rows, 1, t, columns]`` from the 0/1 padding mask ``[rows, columns]``: the
+    last ``t`` columns are the queries, causal. A padded query still sees itself, so that no row
+    of the softmax is empty (an all-masked row would give NaN, and 0 x NaN is NaN downstream)."""
+    rows, cols = mask.shape
+    keep = mask[:, None, None, :].bool()
+    if t > 1:
+        q = torch.arange(cols - t, cols, device=mask.device)[:, None]
+        k = torch.arange(cols, device=mask.device)[None, :]
+        keep = (keep & (k <= q)) | (k == q)
+    bias = torch.zeros(keep.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill_(~keep, float("-inf"))
+
+
+def gpt2_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                 cache: KVCache) -> torch.Tensor:
+    """Logits ``[rows, vocab]`` at the last position of ``input_ids`` (``[rows, t]``), whose keys and
+    values are appended to ``cache``. ``mask`` covers the cached columns and these ``t``."""
+    tr, cfg = model.transformer, model.config
+    rows, t = input_ids.shape
+    x = tr.wte(input_ids) + tr.wpe(position_ids)
+    bias = attention_bias(mask, t, x.dtype)
+    gelu_tanh = cfg.activation_function == "gelu_new"  # the same formula as F.gelu's tanh form, fused
+    for i, block in enumerate(tr.h):
+        heads, dim = block.attn.num_heads, block.attn.head_dim
+        q, k, v = block.attn.c_attn(block.ln_1(x)).view(rows, t, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        keys, values = cache.write(i, k, v)
+        scale = (1.0 / math.sqrt(dim)) if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= i + 1
+        if t == 1:  # one query per row: three small ops beat the fused kernel's dispatch
+            a = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)) * scale + bias, dim=-1) @ values
+        else:
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
+        x = x + block.attn.c_proj(a.transpose(1, 2).reshape(rows, t, heads * dim))
+        h = block.mlp.c_fc(block.ln_2(x))
+        h = F.gelu(h, approximate="tanh") if gelu_tanh else block.mlp.act(h)
+        x = x + block.mlp.c_proj(h)
+    cache.advance(t)
+    return model.lm_head(tr.ln_f(x[:, -1]))
