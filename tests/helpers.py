@@ -24,3 +24,23 @@ def document(rng: random.Random, paragraphs: int = 4) -> str:
 def write_jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path
+
+
+def decode_with_arrivals(engine, reqs: list, arrivals: dict[int, list[int]], max_steps: int = 80) -> list[list[int]]:
+    """Continuous batching by hand: request 0 starts; at step s the requests ``arrivals[s]`` are
+    prefilled and merged into the running batch; finished rows leave after every step. Returns
+    each request's tokens, in request order."""
+    run = engine.begin(reqs[:1], owners=[0])
+    done: dict[int, list[int]] = {}
+    for step in range(max_steps):
+        if step in arrivals:
+            new = engine.begin([reqs[i] for i in arrivals[step]], owners=list(arrivals[step]))
+            engine.step(new)
+            run = engine.merge(run, new)
+        else:
+            engine.step(run)
+        done.update({o: g.token_ids for o, g in engine.compact(run)})
+        if not len(run):
+            break
+    assert not len(run) and run.ids.shape == run.mask.shape
+    return [done[i] for i in range(len(reqs))]

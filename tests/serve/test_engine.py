@@ -11,6 +11,7 @@ import transformers
 from pipeline.model.build import ModelConfig, build_model
 from pipeline.serve.batcher import DynamicBatcher, Overloaded
 from pipeline.serve.engine import Engine, SamplingParams, sample
+from tests.helpers import decode_with_arrivals
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +53,7 @@ def test_rows_joining_a_running_batch_decode_as_alone(engine):
     prompts = ["the market", "a long sport story about the final", "news", "shares rose in the morning trade"]
     reqs = [(engine.encode(p), SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(prompts, (20, 6, 14, 9))]
     alone = [engine.generate([r])[0].token_ids for r in reqs]
-    run = engine.begin(reqs[:1], owners=[0])
-    done = {}
-    for step in range(40):
-        if step in (3, 5):  # two arrivals while the batch runs
-            new = engine.begin(reqs[1:3] if step == 3 else reqs[3:], owners=[1, 2] if step == 3 else [3])
-            engine.step(new)
-            run = engine.merge(run, new)
-        else:
-            engine.step(run)
-        done.update({o: g.token_ids for o, g in engine.compact(run)})
-        if not len(run):
-            break
-    assert [done[i] for i in range(4)] == alone
-    assert run.mask.shape[1] == 0 or run.ids.shape == run.mask.shape
+    assert decode_with_arrivals(engine, reqs, {3: [1, 2], 5: [3]}) == alone
 
 
 def test_sampling_filters():

@@ -11,6 +11,7 @@ import transformers
 from pipeline.model.build import ModelConfig, build_model
 from pipeline.serve import fastpath
 from pipeline.serve.engine import Engine, SamplingParams
+from tests.helpers import decode_with_arrivals
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +60,7 @@ def test_engine_fast_path_equals_transformers_path_through_merges(gpt2, tok):
     def run(engine, temperature):
         reqs = [(engine.encode(p), SamplingParams(max_tokens=n, temperature=temperature, seed=11))
                 for p, n in zip(PROMPTS, (30, 6, 14, 9))]
-        run_ = engine.begin(reqs[:1], owners=[0])
-        done = {}
-        for step in range(60):
-            if step in (3, 5):
-                new = engine.begin(reqs[1:3] if step == 3 else reqs[3:], owners=[1, 2] if step == 3 else [3])
-                engine.step(new)
-                run_ = engine.merge(run_, new)
-            else:
-                engine.step(run_)
-            done.update({o: g.token_ids for o, g in engine.compact(run_)})
-            if not len(run_):
-                break
-        return [done[i] for i in range(4)]
+        return decode_with_arrivals(engine, reqs, {3: [1, 2], 5: [3]})
 
     for temperature in (0, 0.8):
         assert run(fast, temperature) == run(slow, temperature)
