@@ -95,7 +95,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, fast_path: bool = True) -> None:
         self.model = model.eval()
         # GPT-2 family: the lean forward of ``fastpath`` with its own KV cache; others: transformers
-        self.fast = fast_path and fastpath.supports(model)
+        self.fast = fastpath.GPT2Decoder(model) if fast_path and fastpath.supports(model) else None
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.context_length = context_length(model.config)
@@ -140,10 +140,10 @@ class Engine:
         positions = (run.mask.cumsum(-1) - 1).clamp(min=0)
         if use_cache:
             feed = run.ids if run.next_ids is None else run.next_ids
-            if self.fast:
+            if self.fast is not None:
                 if run.cache is None:
                     run.cache = fastpath.KVCache([], [], 0)
-                logits = fastpath.gpt2_forward(self.model, feed, positions[:, -feed.shape[1]:], run.mask, run.cache)
+                logits = self.fast(feed, positions[:, -feed.shape[1]:], run.mask, run.cache)
             else:
                 out = self.model(input_ids=feed, attention_mask=run.mask, cache=run.cache, use_cache=True,
                                  position_ids=positions[:, -feed.shape[1]:])

@@ -107,29 +107,48 @@ def attention_bias(mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tens
     return bias.masked_fill_(~keep, float("-inf"))
 
 
+class GPT2Decoder:
+    """``GPT2LMHeadModel``'s function for incremental decoding. Built once per model: the per-layer
+    modules' ``forward`` methods, head sizes and attention scales are looked up here, not on every
+    token (module ``__call__`` and ``transformers`` config lookups cost more than a small layer's
+    arithmetic). The modules are used as they are, so a model changed in place (int8 layers,
+    pruned MLPs) needs a new decoder."""
+
+    def __init__(self, model) -> None:
+        tr, cfg = model.transformer, model.config
+        self.wte, self.wpe, self.ln_f, self.lm_head = tr.wte.forward, tr.wpe.forward, tr.ln_f.forward, model.lm_head.forward
+        gelu_tanh = cfg.activation_function == "gelu_new"  # the formula of F.gelu's tanh form, fused
+        self.layers = []
+        for i, block in enumerate(tr.h):
+            attn, mlp = block.attn, block.mlp
+            scale = (1.0 / math.sqrt(attn.head_dim)) if cfg.scale_attn_weights else 1.0
+            if cfg.scale_attn_by_inverse_layer_idx:
+                scale /= i + 1
+            act = (lambda h: F.gelu(h, approximate="tanh")) if gelu_tanh else mlp.act.forward
+            self.layers.append((block.ln_1.forward, attn.c_attn.forward, attn.c_proj.forward, block.ln_2.forward,
+                                mlp.c_fc.forward, act, mlp.c_proj.forward, attn.num_heads, attn.head_dim, scale))
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                 cache: KVCache) -> torch.Tensor:
+        """Logits ``[rows, vocab]`` at the last position of ``input_ids`` (``[rows, t]``), whose keys
+        and values are appended to ``cache``. ``mask`` covers the cached columns and these ``t``."""
+        rows, t = input_ids.shape
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        bias = attention_bias(mask, t, x.dtype)
+        for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, act, mlp_proj, heads, dim, scale) in enumerate(self.layers):
+            q, k, v = c_attn(ln_1(x)).view(rows, t, 3, heads, dim).permute(2, 0, 3, 1, 4)
+            keys, values = cache.write(i, k, v)
+            if t == 1:  # one query per row: three small ops beat the fused kernel's dispatch
+                a = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)) * scale + bias, dim=-1) @ values
+            else:
+                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
+            x = x + attn_proj(a.transpose(1, 2).reshape(rows, t, heads * dim))
+            x = x + mlp_proj(act(c_fc(ln_2(x))))
+        cache.advance(t)
+        return self.lm_head(self.ln_f(x[:, -1]))
+
+
 def gpt2_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                  cache: KVCache) -> torch.Tensor:
-    """Logits ``[rows, vocab]`` at the last position of ``input_ids`` (``[rows, t]``), whose keys and
-    values are appended to ``cache``. ``mask`` covers the cached columns and these ``t``."""
-    tr, cfg = model.transformer, model.config
-    rows, t = input_ids.shape
-    x = tr.wte(input_ids) + tr.wpe(position_ids)
-    bias = attention_bias(mask, t, x.dtype)
-    gelu_tanh = cfg.activation_function == "gelu_new"  # the same formula as F.gelu's tanh form, fused
-    for i, block in enumerate(tr.h):
-        heads, dim = block.attn.num_heads, block.attn.head_dim
-        q, k, v = block.attn.c_attn(block.ln_1(x)).view(rows, t, 3, heads, dim).permute(2, 0, 3, 1, 4)
-        keys, values = cache.write(i, k, v)
-        scale = (1.0 / math.sqrt(dim)) if cfg.scale_attn_weights else 1.0
-        if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= i + 1
-        if t == 1:  # one query per row: three small ops beat the fused kernel's dispatch
-            a = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)) * scale + bias, dim=-1) @ values
-        else:
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
-        x = x + block.attn.c_proj(a.transpose(1, 2).reshape(rows, t, heads * dim))
-        h = block.mlp.c_fc(block.ln_2(x))
-        h = F.gelu(h, approximate="tanh") if gelu_tanh else block.mlp.act(h)
-        x = x + block.mlp.c_proj(h)
-    cache.advance(t)
-    return model.lm_head(tr.ln_f(x[:, -1]))
+    """One ``GPT2Decoder`` call on a decoder built for this call (tests and one-off use)."""
+    return GPT2Decoder(model)(input_ids, position_ids, mask, cache)

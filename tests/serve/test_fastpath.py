@@ -55,7 +55,7 @@ def test_engine_fast_path_equals_transformers_path_through_merges(gpt2, tok):
     """Continuous batching (rows joining mid-flight, rows leaving, padding dropped) gives the same
     greedy tokens and the same seeded samples on both paths."""
     fast, slow = Engine(gpt2, tok, max_batch_size=8), Engine(gpt2, tok, max_batch_size=8, fast_path=False)
-    assert fast.fast and not slow.fast
+    assert fast.fast is not None and slow.fast is None
 
     def run(engine, temperature):
         reqs = [(engine.encode(p), SamplingParams(max_tokens=n, temperature=temperature, seed=11))
@@ -102,7 +102,7 @@ def test_int8_model_uses_the_fast_path_with_the_same_output(gpt2, tok):
     q = quantize_int8(copy.deepcopy(gpt2))
     reqs = [(tok(p, add_special_tokens=False)["input_ids"], SamplingParams(max_tokens=20, temperature=0)) for p in PROMPTS]
     fast, slow = Engine(q, tok), Engine(q, tok, fast_path=False)
-    assert fast.fast
+    assert fast.fast is not None
     assert [g.token_ids for g in fast.generate(reqs)] == [g.token_ids for g in slow.generate(reqs)]
 
 
@@ -110,7 +110,7 @@ def test_other_architectures_keep_the_transformers_forward(tok):
     llama = build_model(ModelConfig(arch="llama", preset="tiny", max_seq_len=64), len(tok), tok.pad_token_id,
                         tok.eos_token_id, seed=1)
     engine = Engine(llama, tok)
-    assert not engine.fast
+    assert engine.fast is None
     reqs = [(engine.encode(p), SamplingParams(max_tokens=12, temperature=0)) for p in PROMPTS[:2]]
     assert [g.token_ids for g in engine.generate(reqs)] == [g.token_ids for g in engine.generate(reqs, use_cache=False)]
 
