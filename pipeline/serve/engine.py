@@ -94,8 +94,8 @@ def _left_pad(t: torch.Tensor, n: int, value: int | float, dim: int) -> torch.Te
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, fast_path: bool = True) -> None:
         self.model = model.eval()
-        # GPT-2 family: the lean forward of ``fastpath`` with its own KV cache; others: transformers
-        self.fast = fastpath.GPT2Decoder(model) if fast_path and fastpath.supports(model) else None
+        # GPT-2 and Llama: the lean forward of ``fastpath`` with its own KV cache; others: transformers
+        self.fast = fastpath.decoder_for(model) if fast_path else None
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.context_length = context_length(model.config)

@@ -1,17 +1,17 @@
-"""A lean incremental forward pass for GPT-2 family models, used by the serving engine.
+"""A lean incremental forward pass for GPT-2 and Llama models, used by the serving engine.
 
 ``transformers``' generic forward costs more than the arithmetic for small models at small batch
 sizes: cache objects, mask builders, attention dispatch and output dataclasses run for every
 token, and its KV cache grows by ``torch.cat`` (copying the whole cache every step). Here the same
-modules of the same model (``c_attn``, ``c_proj``, ``ln_1``, ... whatever their class: GPT-2's
-``Conv1D``, ``nn.Linear``, or the int8 dynamically quantized ``Linear``) are called directly, and
+modules of the same model (projections and norms, whatever their class: GPT-2's ``Conv1D``,
+``nn.Linear``, or the int8 dynamically quantized ``Linear``) are called directly, and
 the keys and values are written into preallocated buffers that grow by doubling. It computes
-the function ``GPT2LMHeadModel`` computes; the engine's tests hold its greedy output equal to the
-``transformers`` forward token for token.
+the function the ``transformers`` model computes; the tests hold its logits equal to the
+``transformers`` forward's and its greedy output equal token for token.
 
 Only what serving needs: left-padded rows (``mask``), explicit positions, the last position's
-logits. Any other architecture (Llama included) goes through ``transformers`` unchanged; so do
-GPT-2 variants with options this module does not implement (``supports``)."""
+logits. GPT-2 (``GPT2Decoder``) and Llama (``LlamaDecoder``), the two families the pipeline
+builds; any other architecture goes through ``transformers`` unchanged (``decoder_for``)."""
 
 from __future__ import annotations
 
@@ -86,11 +86,14 @@ class KVCache:
         return KVCache(keys, values, length)
 
 
-def supports(model) -> bool:
-    """Whether ``gpt2_forward`` computes this model's function."""
-    cfg = model.config
-    return (type(model).__name__ == "GPT2LMHeadModel" and not getattr(cfg, "add_cross_attention", False)
-            and hasattr(model, "transformer") and hasattr(model, "lm_head"))
+def decoder_for(model):
+    """The lean decoder computing this model's function, or None (use the ``transformers`` forward)."""
+    name = type(model).__name__
+    if name == "GPT2LMHeadModel" and not getattr(model.config, "add_cross_attention", False):
+        return GPT2Decoder(model)
+    if name == "LlamaForCausalLM":
+        return LlamaDecoder(model)
+    return None
 
 
 def attention_bias(mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
@@ -148,7 +151,64 @@ class GPT2Decoder:
         return self.lm_head(self.ln_f(x[:, -1]))
 
 
-def gpt2_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+class LlamaDecoder:
+    """``LlamaForCausalLM``'s function for incremental decoding (RMSNorm, rotary positions from the
+    model's own rotary module, grouped-query attention without repeating keys, SwiGLU). Head
+    counts come from the projections' sizes, so models with pruned heads work too."""
+
+    def __init__(self, model) -> None:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.rotate = apply_rotary_pos_emb
+        inner = model.model
+        self.embed, self.norm, self.lm_head = inner.embed_tokens.forward, inner.norm.forward, model.lm_head.forward
+        self.rotary = inner.rotary_emb  # called as a module: its rope-scaling update hooks stay in force
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            dim = attn.head_dim
+            heads, kv_heads = _out_features(attn.q_proj) // dim, _out_features(attn.k_proj) // dim
+            self.layers.append((layer.input_layernorm.forward, attn.q_proj.forward, attn.k_proj.forward,
+                                attn.v_proj.forward, attn.o_proj.forward, layer.post_attention_layernorm.forward,
+                                mlp.gate_proj.forward, mlp.up_proj.forward, mlp.down_proj.forward, mlp.act_fn,
+                                heads, kv_heads, dim, attn.scaling))
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                  cache: KVCache) -> torch.Tensor:
-    """One ``GPT2Decoder`` call on a decoder built for this call (tests and one-off use)."""
-    return GPT2Decoder(model)(input_ids, position_ids, mask, cache)
+        rows, t = input_ids.shape
+        x = self.embed(input_ids)
+        cos, sin = self.rotary(x, position_ids)
+        bias = attention_bias(mask, t, x.dtype)
+        for i, (ln_1, q_proj, k_proj, v_proj, o_proj, ln_2, gate, up, down, act, heads, kv_heads, dim,
+                scale) in enumerate(self.layers):
+            h = ln_1(x)
+            q = q_proj(h).view(rows, t, heads, dim).transpose(1, 2)
+            k = k_proj(h).view(rows, t, kv_heads, dim).transpose(1, 2)
+            v = v_proj(h).view(rows, t, kv_heads, dim).transpose(1, 2)
+            q, k = self.rotate(q, k, cos, sin)
+            keys, values = cache.write(i, k, v)
+            if t == 1:  # the query heads of a group share their keys: [rows, kv, group, dim]
+                qg = q.reshape(rows, kv_heads, heads // kv_heads, dim)
+                w = torch.softmax(torch.matmul(qg, keys.transpose(-1, -2)) * scale + bias, dim=-1)
+                a = torch.matmul(w, values).reshape(rows, heads, 1, dim)
+            else:
+                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
+                                                   enable_gqa=heads != kv_heads)
+            x = x + o_proj(a.transpose(1, 2).reshape(rows, t, heads * dim))
+            h = ln_2(x)
+            x = x + down(act(gate(h)) * up(h))
+        cache.advance(t)
+        return self.lm_head(self.norm(x[:, -1]))
+
+
+def _out_features(layer) -> int:
+    n = getattr(layer, "out_features", None)
+    return int(n) if n is not None else int(layer.weight().shape[0])
+
+
+def forward_once(model, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                 cache: KVCache) -> torch.Tensor:
+    """One call of the model's lean decoder, built for this call (tests and one-off use)."""
+    decoder = decoder_for(model)
+    assert decoder is not None, f"no lean decoder for {type(model).__name__}"
+    return decoder(input_ids, position_ids, mask, cache)
