@@ -44,11 +44,23 @@ def test_nested_and_overrides(tmp_path):
         ({"inner": {"kind": "c"}}, "inner.kind"),
         ({"tags": "notalist"}, "tags"),
         ({"limit": 1.5}, "limit"),
+        ({"inner": {"rate": "fast"}}, "inner.rate"),
+        ({"inner": {"rate": "1e"}}, "inner.rate"),
+        ({"inner": {"size": "1e3"}}, "inner.size"),  # integers stay strict
     ],
 )
 def test_bad_keys_and_types_name_the_key(data, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         from_dict(Outer, data)
+
+
+def test_exponent_numbers_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads "2e-3" as a string; a float key takes it as the number it is
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  rate: 2e-3\n")
+    assert load_config(Outer, path).inner.rate == 0.002
+    assert load_config(Outer, path, ["inner.rate=-1.5E2"]).inner.rate == -150.0
+    assert load_config(Outer, path, ["inner.rate=.5e1"]).inner.rate == 5.0
 
 
 def test_override_syntax():
