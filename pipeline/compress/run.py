@@ -40,11 +40,15 @@ class VariantSpec:
     sparsity: float = 0.5  # magnitude
     mlp_keep: float = 0.5  # structured
     heads_keep: float = 1.0  # structured (llama only)
+    # int8: training rows that fix each layer's activation scale (batch-invariant, see
+    # pipeline/compress/quantize.py); 0 = dynamic per-call scales, which depend on the batch
+    calibration_rows: int = 64
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, f"variants[].name must be a plain name, got {self.name!r}")
         if self.method == "magnitude":
             check(0 < self.sparsity < 1, f"variants[{self.name}].sparsity must be in (0, 1), got {self.sparsity}")
+        check(self.calibration_rows >= 0, f"variants[{self.name}].calibration_rows must be >= 0, got {self.calibration_rows}")
         if self.method == "structured":
             check(0 < self.mlp_keep <= 1 and 0 < self.heads_keep <= 1,
                   f"variants[{self.name}]: mlp_keep and heads_keep must be in (0, 1]")
@@ -99,7 +103,7 @@ def resolve_model(spec: str) -> Path:
     return path
 
 
-def make_variant(model_dir: Path, kind: str, v: VariantSpec, out: Path) -> dict:
+def make_variant(model_dir: Path, kind: str, v: VariantSpec, out: Path, e: CompressEvalConfig | None = None) -> dict:
     import transformers
 
     from pipeline.compress.prune import magnitude_prune, structured_prune
@@ -108,8 +112,10 @@ def make_variant(model_dir: Path, kind: str, v: VariantSpec, out: Path) -> dict:
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     model = load_model(model_dir, kind)
     if v.method == "int8":
-        save_int8(quantize_int8(model), tok, out, source=str(model_dir))
-        return {"method": "int8"}
+        calibration = _calibration(model, tok, kind, e or CompressEvalConfig(), v) if v.calibration_rows else None
+        save_int8(quantize_int8(model, calibration), tok, out, source=str(model_dir))
+        return {"method": "int8", "activations": "calibrated" if calibration else "dynamic",
+                **({"calibration_rows": len(calibration)} if calibration else {})}
     info = magnitude_prune(model, v.sparsity) if v.method == "magnitude" else \
         structured_prune(model, mlp_keep=v.mlp_keep, heads_keep=v.heads_keep)
     model.save_pretrained(str(out), safe_serialization=True)
@@ -163,33 +169,54 @@ def measure(model_dir: Path, kind: str, e: CompressEvalConfig, lm_rows: list | N
     return row
 
 
-def _lm_rows(e: CompressEvalConfig) -> list | None:
+def _lm_rows(e: CompressEvalConfig, split: str = "val", n: int | None = None) -> list | None:
     if not e.lm_data:
         return None
     import pyarrow.parquet as pq
 
     from pipeline.train.data import load_manifest, resolve_prepared, shard_paths
 
+    n = e.lm_rows if n is None else n
     prepared = resolve_prepared(e.lm_data)
-    files = shard_paths(prepared, load_manifest(prepared), "val")
-    check(bool(files), f"eval.lm_data {e.lm_data}: no val shards")
+    files = shard_paths(prepared, load_manifest(prepared), split)
+    check(bool(files), f"eval.lm_data {e.lm_data}: no {split} shards")
     rows: list = []
     for f in files:
         rows += pq.read_table(f, columns=["input_ids"]).column("input_ids").to_pylist()
-        if len(rows) >= e.lm_rows:
+        if len(rows) >= n:
             break
-    return [r[: e.max_len] for r in rows[: e.lm_rows]]
+    return [r[: e.max_len] for r in rows[:n]]
 
 
-def _cls_rows(e: CompressEvalConfig) -> list | None:
+def _cls_rows(e: CompressEvalConfig, split: str | None = None, n: int | None = None) -> list | None:
     if not e.classify_data:
         return None
     from pipeline.evaluate.run import _labeled_files, _read_split
 
+    split = split or e.classify_split
     files = _labeled_files(e.classify_data)
-    check(e.classify_split in files, f"eval.classify_data {e.classify_data}: no {e.classify_split!r} split")
-    rows = _read_split(files[e.classify_split], "text", "label", None, [])
-    return rows[: e.classify_rows]
+    check(split in files, f"eval.classify_data {e.classify_data}: no {split!r} split")
+    rows = _read_split(files[split], "text", "label", None, [])
+    return rows[: e.classify_rows if n is None else n]
+
+
+def _calibration(model, tok, kind: str, e: CompressEvalConfig, v: VariantSpec) -> list[dict]:
+    """Model inputs for int8 calibration: ``v.calibration_rows`` rows of the *training* split
+    (packed token rows for a causal LM, texts read as the classifier reads them), one per batch
+    so that no padding enters the scales."""
+    import torch
+
+    where = "eval.lm_data" if kind == "causal" else "eval.classify_data"
+    rows = _lm_rows(e, "train", v.calibration_rows) if kind == "causal" else _cls_rows(e, "train", v.calibration_rows)
+    check(bool(rows), f"variants[{v.name}].calibration_rows: {where} must name data with a train split to "
+                      f"calibrate int8 activations on (or set calibration_rows: 0 for dynamic scales)")
+    if kind == "causal":
+        return [{"input_ids": torch.tensor([r], dtype=torch.long)} for r in rows if r]
+    from pipeline.evaluate.classify import reading
+
+    max_len = reading(model, e.classify_max_len).max_len
+    return [{"input_ids": torch.tensor([tok(r["text"], truncation=True, max_length=max_len)["input_ids"]])}
+            for r in rows if r["text"]]
 
 
 def compress_run_dir(cfg: CompressConfig) -> Path:
@@ -227,7 +254,7 @@ def run_compress(cfg: CompressConfig) -> dict:
                 import shutil
 
                 shutil.rmtree(tmp, ignore_errors=True)
-                info = make_variant(src, spec.kind, v, tmp)
+                info = make_variant(src, spec.kind, v, tmp, cfg.eval)
                 tmp.rename(vdir)
             else:
                 info = {}

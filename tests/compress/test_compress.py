@@ -70,6 +70,47 @@ def test_int8_round_trip_and_close_to_fp32(tok, tmp_path, arch):
     assert file_size(tmp_path / "q") < file_size(src)
 
 
+def _calibration(tok, n=6):
+    texts = ["the market rose today", "shares fell after the report", "the team won the final match",
+             "a new phone was sold", "the minister said on monday", "the film won an award"]
+    return [{"input_ids": torch.tensor([tok(t)["input_ids"]])} for t in texts[:n]]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_calibrated_int8_is_batch_and_cache_invariant_and_round_trips(tok, tmp_path, arch):
+    """Fixed activation scales: a row's tokens do not depend on its batch or on the KV cache (the
+    dynamic per-call scale breaks both), and the scales survive save and load."""
+    import json
+
+    from pipeline.compress.quantize import Int8Linear
+    from pipeline.serve.engine import Engine, SamplingParams
+
+    src = saved(tok, tmp_path, arch)
+    fp32 = load_model(src)
+    with torch.no_grad():  # a random tiny model's activations are tiny: widen their range so
+        for p in fp32.parameters():  # that per-call scales of different batches really differ
+            p.mul_(3.0) if p.dim() == 2 else None
+    q = quantize_int8(fp32, _calibration(tok))
+    wrapped = [m for m in q.modules() if isinstance(m, Int8Linear)]
+    assert wrapped and all(m.input_scale > 0 for m in wrapped)
+    save_int8(q, tok, tmp_path / "q", source=str(src))
+    assert json.loads((tmp_path / "q" / "quantization.json").read_text())["activations"].startswith("static")
+    back = load_model(tmp_path / "q")
+    assert [m.input_scale for m in back.modules() if isinstance(m, Int8Linear)] == [m.input_scale for m in wrapped]
+    assert torch.equal(back(ids(tok)).logits, q(ids(tok)).logits)
+    engine = Engine(back, tok, max_batch_size=8)
+    prompts = ["the market", "a long sport story about the final", "news", "shares rose in the morning trade"]
+    reqs = [(engine.encode(p), SamplingParams(max_tokens=16, temperature=0)) for p in prompts]
+    batched = [g.token_ids for g in engine.generate(reqs)]
+    assert batched == [engine.generate([r])[0].token_ids for r in reqs]
+    assert batched == [g.token_ids for g in engine.generate(reqs, use_cache=False)]
+
+
+def test_calibration_needs_data_that_reaches_the_model(tok, tmp_path):
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_int8(load_model(saved(tok, tmp_path)), [])
+
+
 def test_int8_loader_rejects_mismatched_weights(tok, tmp_path):
     src = saved(tok, tmp_path)
     save_int8(quantize_int8(load_model(src)), tok, tmp_path / "q", source=str(src))
@@ -99,3 +140,18 @@ def test_compress_job_table(tok, tmp_path, tiny_prepared):
     assert "| lm | int8 |" in (tmp_path / "out").glob("*/results.md").__next__().read_text()
     with pytest.raises(ValueError, match="variants"):
         from_dict(CompressConfig, {"models": [{"name": "lm", "path": "x"}], "variants": [{"name": "v", "method": "zip"}]})
+    assert rows["int8"]["activations"] == "calibrated"
+    with pytest.raises(ValueError, match="calibration_rows"):
+        from_dict(CompressConfig, {"models": [{"name": "lm", "path": "x"}],
+                                   "variants": [{"name": "v", "method": "int8", "calibration_rows": -1}]})
+
+
+def test_int8_calibration_without_training_data_names_the_key(tok, tmp_path):
+    from pipeline.compress.run import CompressEvalConfig, VariantSpec, make_variant
+
+    with pytest.raises(ValueError, match=r"variants\[int8\]\.calibration_rows"):
+        make_variant(saved(tok, tmp_path), "causal", VariantSpec(name="int8", method="int8"), tmp_path / "q",
+                     CompressEvalConfig())
+    info = make_variant(saved(tok, tmp_path), "causal", VariantSpec(name="int8", method="int8", calibration_rows=0),
+                        tmp_path / "q", CompressEvalConfig())
+    assert info["activations"] == "dynamic"

@@ -37,7 +37,10 @@ def tiny_models(tiny_prepared, tmp_path_factory):
     chat_tok.chat_template = CHAT_TEMPLATE
     model.save_pretrained(root / "chat")
     chat_tok.save_pretrained(root / "chat")
-    save_int8(quantize_int8(transformers.AutoModelForCausalLM.from_pretrained(root / "lm")), tok, root / "lm-int8", "lm")
+    calibration = [{"input_ids": torch.tensor([tok(t)["input_ids"]])}
+                   for t in ("the market rose today", "the team won the final", "a new phone was sold")]
+    save_int8(quantize_int8(transformers.AutoModelForCausalLM.from_pretrained(root / "lm"), calibration), tok,
+              root / "lm-int8", "lm")
     pruned = transformers.AutoModelForCausalLM.from_pretrained(root / "lm")
     structured_prune(pruned, mlp_keep=0.5)
     pruned.save_pretrained(root / "lm-pruned")
