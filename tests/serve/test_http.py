@@ -130,11 +130,12 @@ def test_kv_cache_matches_no_cache_over_http(serve_app):
         assert with_cache == without
 
 
-def test_concurrent_requests_are_batched_and_equal_sequential(serve_app):
+@pytest.mark.parametrize("model", ["tiny", "tiny-int8"])  # int8: calibrated activation scales
+def test_concurrent_requests_are_batched_and_equal_sequential(serve_app, model):
     prompts = [f"the market {i}" for i in range(6)]
-    sequential = [complete(serve_app, prompt=p).json()["choices"][0]["text"] for p in prompts]
+    sequential = [complete(serve_app, model=model, prompt=p).json()["choices"][0]["text"] for p in prompts]
     with ThreadPoolExecutor(6) as pool:
-        rs = list(pool.map(lambda p: complete(serve_app, prompt=p), prompts))
+        rs = list(pool.map(lambda p: complete(serve_app, model=model, prompt=p), prompts))
     assert [r.json()["choices"][0]["text"] for r in rs] == sequential
     assert max(int(r.headers["X-Batch-Size"]) for r in rs) > 1
 
