@@ -200,12 +200,18 @@ def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
+    # every split is read in file order, so that a rerun gives each worker the same rows in the
+    # same order (training batches are then shuffled by a seeded local buffer): same config, same
+    # losses, where Ray Data's unordered delivery made runs differ
+    ordered = ray.train.DataConfig.default_ingest_options()
+    ordered.preserve_order = True
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=ordered),
         run_config=RunConfig(
             name=name, storage_path=storage_path,
             checkpoint_config=CheckpointConfig(
