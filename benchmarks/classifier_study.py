@@ -50,8 +50,10 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pretrain(prepared: str, steps: int, out_dir: str, seed: int = 0) -> dict:
-    """The demo's small GPT-2 trained for ``steps`` steps of 16 x 256 tokens; saved to out_dir."""
+def pretrain(prepared: str, steps: int, out_dir: str, seed: int = 0, preset: str = "small",
+             precision: str = "fp32", lr: float = 1e-3) -> dict:
+    """A GPT-2 of ``preset`` size (the demo's small one by default) trained with the demo's recipe
+    for ``steps`` steps of 16 x 256 tokens; saved to out_dir."""
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoTokenizer
@@ -70,7 +72,7 @@ def pretrain(prepared: str, steps: int, out_dir: str, seed: int = 0) -> dict:
                              for r in pq.read_table(f, columns=["input_ids"]).column(0).to_pylist()])
 
     train, val = rows("train"), rows("val")
-    model = build_model(ModelConfig(arch="gpt2", preset="small", max_seq_len=256), len(tok), tok.pad_token_id,
+    model = build_model(ModelConfig(arch="gpt2", preset=preset, max_seq_len=256), len(tok), tok.pad_token_id,
                         tok.eos_token_id, seed=seed).to(device)
     batcher = LMBatcher("causal")
 
@@ -84,8 +86,8 @@ def pretrain(prepared: str, steps: int, out_dir: str, seed: int = 0) -> dict:
             yield batcher(val[i:i + BATCH])
 
     loop = LoopConfig(max_steps=steps, batch_size=BATCH, eval_every=steps, eval_batches=0, log_every=max(1, steps // 4),
-                      precision="fp32", seed=seed)
-    trainer = Trainer(model, OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.1), loop, device)
+                      precision=precision, seed=seed)
+    trainer = Trainer(model, OptimConfig(lr=lr, warmup_steps=20, weight_decay=0.1), loop, device)
     evals: list[dict] = []
     t0 = time.perf_counter()
     trainer.fit(TrainState(), batches, val_batches, on_eval=lambda m, s, last: evals.append(m))
