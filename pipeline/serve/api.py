@@ -101,10 +101,38 @@ class CompletionRequest(_Sampling):
         return v
 
 
+class TextPart(_Strict):
+    type: StrictStr
+    text: StrictStr
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v):
+        if v != "text":
+            raise ValueError(f"content parts of type {v!r} are not supported by this server (text only)")
+        return v
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    # "developer" is OpenAI's newer name for the system role; it reaches the template as "system"
+    role: Literal["system", "developer", "user", "assistant"]
+    # a string, or OpenAI's list of content parts (text parts only), joined with newlines
+    content: StrictStr | list[TextPart]
     name: StrictStr | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _developer(cls, v):
+        return "system" if v == "developer" else v
+
+    @field_validator("content")
+    @classmethod
+    def _join_parts(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("content must not be an empty list")
+            return "\n".join(p.text for p in v)
+        return v
 
 
 class ChatRequest(_Sampling):
@@ -141,7 +169,9 @@ class FeedbackRequest(_Strict):
 def validation_error(exc) -> APIError:
     """A pydantic ValidationError (or FastAPI's RequestValidationError) as a 400 naming the field."""
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    # of a union's alternatives, the one that got furthest into the value is what the client meant
+    # (a list of content parts that fails inside, not "should be a valid string")
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
     tags = {"int", "float", "str", "bool", "dict", "list", "none", "json-or-python"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not (  # drop union member tags
         isinstance(p, str) and (p in tags or "[" in p or p.startswith(("function-", "constrained-"))))]

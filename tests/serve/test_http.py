@@ -68,6 +68,25 @@ def test_chat_completion(serve_app):
     assert_openai_error(r, 400)
 
 
+def test_chat_content_parts_and_developer_role(serve_app):
+    """OpenAI clients may send content as a list of text parts and the system role as "developer":
+    the same conversation as plain strings and "system" gives the same greedy answer."""
+    def chat(messages):
+        r = post(serve_app, "/v1/chat/completions", {"model": "tiny-chat", "max_tokens": 8, "temperature": 0,
+                                                      "messages": messages})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"], r.json()["usage"]["prompt_tokens"]
+
+    plain = chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello\nthere"}])
+    parts = chat([{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+                  {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]}])
+    assert parts == plain
+    r = post(serve_app, "/v1/chat/completions", {"model": "tiny-chat", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]})
+    assert_openai_error(r, 400)
+    assert "text only" in r.json()["error"]["message"]
+
+
 def read_sse(r) -> list:
     events = []
     for line in r.iter_lines(decode_unicode=True):
