@@ -5,7 +5,9 @@ batch and threads (start-up reported apart).
 
 Data: the demo prepare output (made first if missing). Model: the demo's small GPT-2, seq_len 256.
 Ray: 2 workers x 1 thread x batch 8 (`jobs/configs/pretrain_demo.yaml`). Baseline: one process,
-2 threads, batch 16, the same `Trainer.train_step`. Steady state: steps after ``--warmup``.
+2 threads, batch 16, the same `Trainer.train_step` (in general: workers x threads per worker
+threads, workers x batch rows, so ``scaling.num_workers=1 train.batch_size=16`` compares one
+worker with one thread, leaving a core to Ray's control processes). Steady state: steps after ``--warmup``.
 Rounds alternate the two sides (Ray fit, then Ray shut down and the plain loop) so that machine noise hits both;
 the ratio reported is the median of the per-round ratios. Extra ``key=value`` arguments override
 the pretrain config (e.g. ``train.shuffle_buffer=0``).
@@ -67,11 +69,13 @@ def main() -> None:
         ray_tps.append(statistics.median(r["tokens_per_s"] for r in records
                                          if r["kind"] == "train" and r["step"] > args.warmup))
 
-        # Plain PyTorch: same model, global batch 16 x 256, 2 threads, Ray shut down (its daemons idle
-        # on the same cores otherwise, which would slow the baseline).
+        # Plain PyTorch: same model, global batch (16 x 256 in the demo) and threads (workers x
+        # threads per worker), Ray shut down (its daemons idle on the same cores otherwise, which
+        # would slow the baseline).
         ray.shutdown()
         threads = torch.get_num_threads()
-        torch.set_num_threads(2)
+        plain_threads = cfg.scaling.num_workers * cfg.scaling.threads_per_worker
+        torch.set_num_threads(plain_threads)
         model = build_model(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id, seed=0)
         trainer = Trainer(model, cfg.optim, cfg.train, torch.device("cpu"))
         gb = cfg.train.batch_size * cfg.scaling.num_workers
@@ -88,8 +92,8 @@ def main() -> None:
     ratios = [r / p for r, p in zip(ray_tps, plain_tps)]
     print(f"machine: {machine()}; model {cfg.model.preset} {cfg.model.arch}, global batch {gb} x {x.shape[1]} tokens; "
           f"{args.rounds} rounds; overrides {args.overrides}")
-    print(f"plain PyTorch (1 process x 2 threads): median {statistics.median(plain_tps):,.0f} tokens/s")
-    print(f"Ray Train (2 workers x 1 thread):      median {statistics.median(ray_tps):,.0f} tokens/s; whole fit() "
+    print(f"plain PyTorch (1 process x {plain_threads} thread(s)): median {statistics.median(plain_tps):,.0f} tokens/s")
+    print(f"Ray Train ({cfg.scaling.num_workers} worker(s) x {cfg.scaling.threads_per_worker} thread(s)): median {statistics.median(ray_tps):,.0f} tokens/s; whole fit() "
           f"incl. start-up median {statistics.median(walls):.1f} s for {args.steps} steps")
     print(f"ratio Ray / plain: median {statistics.median(ratios):.2f}x (per round: "
           f"{', '.join(f'{r:.2f}' for r in ratios)}; goal >= 0.95x)")
