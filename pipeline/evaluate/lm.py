@@ -44,9 +44,17 @@ def lm_metrics_from_texts(model, tok, texts: list[str], max_len: int, batch_size
     """Each text scored on its own (truncated to ``max_len`` tokens, the first token unscored)."""
     model.eval()
     max_len = context_length(model, max_len)
+    if tok.pad_token_id is None:  # GPT-2's and Llama's tokenizers have none; padding is masked out anyway
+        import copy
+
+        tok = copy.deepcopy(tok)
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
     for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i : i + batch_size], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+        # right padding: a causal model numbers positions from the first column, so left padding
+        # would shift every real token's position
+        enc = tok(texts[i : i + batch_size], truncation=True, max_length=max_len, padding=True,
+                  padding_side="right", return_tensors="pt")
         total_nll += float(sequence_nll(model, enc["input_ids"], enc["attention_mask"]).sum())
         total_tokens += int(enc["attention_mask"][:, 1:].sum())
         for ids, mask in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist()):

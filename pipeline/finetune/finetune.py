@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import check, config_hash, to_dict
-from pipeline.finetune.classify_data import encode_classification, end_with_eos, read_labeled
+from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled
 from pipeline.finetune.sft import CHAT_TEMPLATE, load_chat_examples, tokenize_chat
 from pipeline.train.checkpoint import write_json
 from pipeline.train.loop import LoopConfig, OptimConfig
@@ -159,6 +159,8 @@ def setup_finetune(config: dict):
             pad_token_id=tok.pad_token_id, local_files_only=True, **dropout)
         from pipeline.finetune.classify_data import Windowing
 
+        if len(tok) > model.get_input_embeddings().num_embeddings:  # a padding token was added
+            model.resize_token_embeddings(len(tok))
         Windowing(*config["windowing"]).save_to(model.config)  # saved with every checkpoint
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True, **dropout)
@@ -195,8 +197,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     tok = transformers.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     if cfg.task == "sft":
         tok.chat_template = CHAT_TEMPLATE
-    elif end_with_eos(tok):
-        logger.info("finetune: texts end with %s, where the classifier reads them", tok.eos_token)
+    else:
+        if end_with_eos(tok):
+            logger.info("finetune: texts end with %s, where the classifier reads them", tok.eos_token)
+        if ensure_pad_token(tok):
+            logger.info("finetune: the tokenizer had no padding token; added %s (id %d)", tok.pad_token, tok.pad_token_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = run_dir / "tokenizer"
     tok.save_pretrained(str(tok_dir))

@@ -166,3 +166,71 @@ def test_a_relative_base_model_path_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_model_dir("models/m") == tmp_path / "models" / "m"
     assert resolve_model_dir("models/m").is_absolute()
+
+
+def _no_pad_model(tmp_path):
+    """A GPT-2 and its tokenizer the way hub GPT-2s come: no padding token, and exactly as many
+    embedding rows as tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = "<|endoftext|> [UNK] shares rose fell the match was won lost a goal market".split()
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="[UNK]")
+    assert tok.pad_token_id is None
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                       eos_token_id=0, bos_token_id=0))
+    model.save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    return tok
+
+
+def test_classifier_from_a_base_without_padding_token(tmp_path):
+    """A base whose tokenizer has no padding token (GPT-2's, Llama's) gets one of its own, the
+    embeddings grow to cover it, and a padded row is classified from its EOS, as it is alone."""
+    import torch
+
+    from pipeline.finetune.classify_data import Windowing, end_with_eos, ensure_pad_token
+    from pipeline.finetune.finetune import setup_finetune
+
+    tok = _no_pad_model(tmp_path)
+    tok.padding_side = "left"
+    assert end_with_eos(tok) and ensure_pad_token(tok)
+    assert tok.pad_token_id == len(tok) - 1 and tok.pad_token_id != tok.eos_token_id and tok.padding_side == "right"
+    assert not ensure_pad_token(tok)  # idempotent
+    tok.save_pretrained(str(tmp_path / "tok"))
+    rows = encode_classification(["shares rose", "the match was won by a goal"], ["money", "sport"],
+                                 {"money": 0, "sport": 1}, tok, 12)
+    assert rows[0]["input_ids"][2:] == [tok.eos_token_id] + [tok.pad_token_id] * 9
+    config = {"base_model": str(tmp_path / "base"), "tokenizer_dir": str(tmp_path / "tok"), "loop": {"seed": 0},
+              "task": "classification", "label2id": {"money": 0, "sport": 1}, "windowing": [12, 1, 0]}
+    model, _, loaded_tok, _ = setup_finetune(config)
+    assert model.get_input_embeddings().num_embeddings == len(loaded_tok) == len(tok)
+    assert model.config.pad_token_id == tok.pad_token_id
+    model.eval()
+    batch = {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        padded = model(**batch).logits[0]
+        alone = model(input_ids=torch.tensor([rows[0]["input_ids"][:3]])).logits[0]
+    torch.testing.assert_close(padded, alone)
+
+
+def test_perplexity_of_texts_with_a_tokenizer_without_padding(tmp_path):
+    """lm.text_file evaluation of a hub-style causal LM (no padding token, left padding set):
+    batched scores equal each text scored alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.evaluate.lm import lm_metrics_from_texts
+
+    tok = _no_pad_model(tmp_path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    texts = ["shares rose", "the match was won by a goal", "the market fell"]
+    batched = lm_metrics_from_texts(model, tok, texts, 32, batch_size=3)
+    alone = [lm_metrics_from_texts(model, tok, [t], 32) for t in texts]
+    assert tok.pad_token_id is None and tok.padding_side == "left"  # the caller's tokenizer is untouched
+    nll = sum(a["loss"] * a["tokens"] for a in alone)
+    assert batched["tokens"] == sum(a["tokens"] for a in alone)
+    torch.testing.assert_close(torch.tensor(batched["loss"] * batched["tokens"]), torch.tensor(nll), rtol=1e-5, atol=1e-5)
