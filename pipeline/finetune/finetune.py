@@ -14,7 +14,7 @@ from typing import Literal
 
 from pipeline.config import check, config_hash, to_dict
 from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled
-from pipeline.finetune.sft import CHAT_TEMPLATE, load_chat_examples, tokenize_chat
+from pipeline.finetune.sft import load_chat_examples, prepare_chat_tokenizer, tokenize_chat
 from pipeline.train.checkpoint import write_json
 from pipeline.train.loop import LoopConfig, OptimConfig
 from pipeline.train.ray_train import RunConfigCfg, ScalingConfig
@@ -159,11 +159,11 @@ def setup_finetune(config: dict):
             pad_token_id=tok.pad_token_id, local_files_only=True, **dropout)
         from pipeline.finetune.classify_data import Windowing
 
-        if len(tok) > model.get_input_embeddings().num_embeddings:  # a padding token was added
-            model.resize_token_embeddings(len(tok))
         Windowing(*config["windowing"]).save_to(model.config)  # saved with every checkpoint
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True, **dropout)
+    if len(tok) > model.get_input_embeddings().num_embeddings:  # padding or role tokens were added
+        model.resize_token_embeddings(len(tok))
     return model, (lambda batch: batch), tok, 0.0
 
 
@@ -196,7 +196,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         return json.loads((run_dir / "summary.json").read_text())
     tok = transformers.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     if cfg.task == "sft":
-        tok.chat_template = CHAT_TEMPLATE
+        added = prepare_chat_tokenizer(tok)
+        if added:
+            logger.info("finetune: added the role tokens %s to the tokenizer", added)
     else:
         if end_with_eos(tok):
             logger.info("finetune: texts end with %s, where the classifier reads them", tok.eos_token)

@@ -14,10 +14,27 @@ from pathlib import Path
 from typing import Iterator
 
 ROLES = ("system", "user", "assistant")
+ROLE_TOKENS = tuple(f"<|{r}|>" for r in ROLES)
+# each turn ends with the tokenizer's own EOS (<|endoftext|> for ours and GPT-2's, </s> for Llama's)
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|endoftext|>\n{% endfor %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+
+
+def prepare_chat_tokenizer(tok) -> list[str]:
+    """Set the chat template on ``tok`` and give it the role tokens it lacks (a tokenizer from
+    elsewhere, e.g. GPT-2's, has none: its unknown-token lookup would turn every role header
+    into the same id, and the rendered template would be split into ordinary pieces). Returns the
+    tokens added; the model's embeddings must then cover their ids."""
+    if tok.eos_token_id is None:
+        raise ValueError("base_model: its tokenizer has no EOS token, which SFT needs to end each turn")
+    vocab = tok.get_vocab()
+    missing = [t for t in ROLE_TOKENS if t not in vocab]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
+    tok.chat_template = CHAT_TEMPLATE
+    return missing
 
 
 def validate_messages(messages, where: str) -> list[dict]:

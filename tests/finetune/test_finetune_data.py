@@ -234,3 +234,48 @@ def test_perplexity_of_texts_with_a_tokenizer_without_padding(tmp_path):
     nll = sum(a["loss"] * a["tokens"] for a in alone)
     assert batched["tokens"] == sum(a["tokens"] for a in alone)
     torch.testing.assert_close(torch.tensor(batched["loss"] * batched["tokens"]), torch.tensor(nll), rtol=1e-5, atol=1e-5)
+
+
+def test_sft_from_a_tokenizer_without_role_tokens(tmp_path):
+    """A base tokenizer from elsewhere (byte-level BPE, EOS "</s>", no role or padding tokens):
+    the role tokens are added as single special tokens, the template ends turns with that EOS,
+    the training ids equal the served encoding of the rendered template, and the model's
+    embeddings grow to cover the new ids."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from pipeline.finetune.finetune import setup_finetune
+    from pipeline.finetune.sft import prepare_chat_tokenizer
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["How do I reset my password? Click on forgot password. Thanks! Hello there"] * 20,
+                                trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    n_before = len(tok)
+    GPT2LMHeadModel(GPT2Config(vocab_size=n_before, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        str(tmp_path / "base"))
+    assert prepare_chat_tokenizer(tok) == ["<|system|>", "<|user|>", "<|assistant|>"]
+    assert prepare_chat_tokenizer(tok) == []  # idempotent
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|system|>", "<|user|>", "<|assistant|>")]
+    assert len(set(ids)) == 3 and min(ids) >= n_before
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I reset my password?"},
+                {"role": "assistant", "content": "Click on forgot password."}]
+    ex = tokenize_chat(messages, tok, 64)
+    n = sum(ex["attention_mask"])
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    assert rendered.count("</s>") == 3 and "<|endoftext|>" not in rendered
+    assert tok(rendered, add_special_tokens=False)["input_ids"] == ex["input_ids"][:n]  # what Serve encodes
+    learned = [t for t, l in zip(ex["input_ids"], ex["labels"]) if l != -100]
+    assert tok.decode(learned) == "Click on forgot password.</s>"
+    prompt = tok.apply_chat_template(messages[:2], add_generation_prompt=True, tokenize=False)
+    assert tok(prompt, add_special_tokens=False)["input_ids"] == ex["input_ids"][:len(tok(prompt, add_special_tokens=False)["input_ids"])]
+    tok.save_pretrained(str(tmp_path / "tok"))
+    model, _, _, _ = setup_finetune({"base_model": str(tmp_path / "base"), "tokenizer_dir": str(tmp_path / "tok"),
+                                     "loop": {"seed": 0}, "task": "sft"})
+    assert model.get_input_embeddings().num_embeddings == len(tok) == n_before + 3
+    batch = {k: torch.tensor([ex[k]]) for k in ("input_ids", "attention_mask", "labels")}
+    assert torch.isfinite(model(**batch).loss)
