@@ -448,8 +448,19 @@ def _gateway_class(cfg: ServeConfig):
         @app.get("/v1/models")
         async def models(self, request: Request):
             await self._guard(request)
-            return {"object": "list", "data": [{"id": m.name, "object": "model", "created": self.created,
-                                                "owned_by": "pipeline", "kind": m.kind} for m in self.cfg.models]}
+            return {"object": "list", "data": [self._model_card(m) for m in self.cfg.models]}
+
+        @app.get("/v1/models/{name:path}")
+        async def model(self, name: str, request: Request):
+            await self._guard(request)
+            for m in self.cfg.models:
+                if m.name == name:
+                    return self._model_card(m)
+            raise api.APIError(404, f"the model {name!r} does not exist; GET /v1/models lists them",
+                               type="not_found_error", param="model", code="model_not_found")
+
+        def _model_card(self, m) -> dict:
+            return {"id": m.name, "object": "model", "created": self.created, "owned_by": "pipeline", "kind": m.kind}
 
         # -- generation ----------------------------------------------------------------------
         @app.post("/v1/completions")

@@ -41,6 +41,9 @@ def test_health_ready_models(serve_app):
     data = requests.get(serve_app["url"] + "/v1/models", timeout=10).json()
     assert data["object"] == "list" and {m["id"] for m in data["data"]} >= {"tiny", "tiny-chat", "topics"}
     assert all(m["object"] == "model" for m in data["data"])
+    card = requests.get(serve_app["url"] + "/v1/models/tiny-chat", timeout=10).json()  # OpenAI's retrieve
+    assert card == next(m for m in data["data"] if m["id"] == "tiny-chat")
+    assert_openai_error(requests.get(serve_app["url"] + "/v1/models/nope", timeout=10), 404, param="model")
 
 
 def test_completion_shape_and_usage(serve_app):
