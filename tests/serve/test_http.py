@@ -295,3 +295,32 @@ def test_metrics_reach_rays_prometheus_endpoint(serve_app):
                  "llm_time_per_output_token_seconds", "llm_tokens_generated_total", "llm_batch_size"):
         assert name in text, name
     assert 'route="/v1/completions"' in text and 'status="200"' in text
+
+
+def test_official_openai_client(serve_app):
+    """The official ``openai`` Python client against the app: it parses every shape we return."""
+    import openai
+
+    c = openai.OpenAI(base_url=serve_app["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert {m.id for m in c.models.list()} >= {"tiny", "tiny-chat"}
+    assert c.models.retrieve("tiny-chat").id == "tiny-chat"
+    r = c.completions.create(model="tiny", prompt="the market", max_tokens=6, temperature=0, seed=1)
+    assert r.id.startswith("cmpl-") and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason in ("stop", "length")
+    streamed = "".join(ch.choices[0].text for ch in
+                       c.completions.create(model="tiny", prompt="the market", max_tokens=6, temperature=0, seed=1, stream=True)
+                       if ch.choices)
+    assert streamed == r.choices[0].text
+    chat = c.chat.completions.create(model="tiny-chat", max_completion_tokens=6, temperature=0, messages=[
+        {"role": "developer", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hello"}]}])
+    assert chat.choices[0].message.role == "assistant" and isinstance(chat.choices[0].message.content, str)
+    chunks = list(c.chat.completions.create(model="tiny-chat", max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": "hello"}]))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.completions.create(model="tiny", prompt="x", max_tokens=100_000)
+    assert exc.value.body["code"] == "context_length_exceeded"
