@@ -195,14 +195,14 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         logger.info("prepare: %s is already complete (same config); not recomputing", run_dir)
         return json.loads(manifest_path.read_text())
     start = time.time()
+    # 0) list inputs up front: a missing path fails now, not after hours (and leaves no run directory)
+    tasks = [t for i, src in enumerate(cfg.sources) for t in expand_source(src, i)]
     run_dir.mkdir(parents=True, exist_ok=True)
     work = run_dir / "_work"
     work.mkdir(exist_ok=True)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     partitions = cfg.runtime.num_partitions or cfg.dedup.fuzzy.num_partitions or max(2, 2 * cpus)
 
-    # 0) list inputs up front: a missing path fails now, not after hours
-    tasks = [t for i, src in enumerate(cfg.sources) for t in expand_source(src, i)]
     logger.info("prepare: %d files from %d source(s) -> %s", len(tasks), len(cfg.sources), run_dir)
 
     # 1) read, parse, normalize, filter, redact: every input record becomes one row

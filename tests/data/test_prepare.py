@@ -172,7 +172,9 @@ def test_interrupted_run_resumes_without_duplicates(corpus, tmp_path, monkeypatc
 def test_job_entry_errors(tmp_path, capsys):
     from jobs.prepare import main
 
-    assert main(["--config", "jobs/configs/prepare_demo.yaml", "--input", str(tmp_path / "missing")]) == 2
+    out = tmp_path / "out"
+    assert main(["--config", "jobs/configs/prepare_demo.yaml", "--input", str(tmp_path / "missing"), f"output_dir={out}"]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert not out.exists()  # a run that cannot start leaves no directory behind
     assert main(["--config", "jobs/configs/prepare_demo.yaml", "pack.sequence_len=3"]) == 2
     assert "pack.sequence_len" in capsys.readouterr().err
