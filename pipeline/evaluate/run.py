@@ -204,6 +204,9 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
     bad: list = []
     rows = _read_split(files[c.split], c.text_field, c.label_field, c.group_field, bad)
     check(bool(rows), f"classification: the {c.split} split has no usable rows")
+    train_path = files.get("train") or c.train_data
+    check(not c.baseline or train_path is not None,  # before the predictions, not after
+          "classification.baseline needs a train split (or classification.train_data)")
     preds = predict_dataset(rows, str(model_dir), c.max_len, actors)
     y_true = [r["label"] for r in rows]
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -215,8 +218,6 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
              "", "| | accuracy | macro-F1 | weighted-F1 |", "|---|---:|---:|---:|",
              f"| fine-tuned classifier | {m['accuracy']:.3f} | {m['f1_macro']:.3f} | {m['f1_weighted']:.3f} |"]
     if c.baseline:
-        train_path = files.get("train") or c.train_data
-        check(train_path is not None, "classification.baseline needs a train split (or classification.train_data)")
         train = _read_split(train_path, c.text_field, c.label_field, None, bad)
         base_preds = tfidf_baseline([r["text"] for r in train], [r["label"] for r in train], [r["text"] for r in rows])
         b = classification_metrics(y_true, base_preds, labels)
