@@ -239,6 +239,12 @@ def run_compress(cfg: CompressConfig) -> dict:
     if (out / "results.json").exists():
         logger.info("compress: %s is already complete (same config); not recomputing", out)
         return json.loads((out / "results.json").read_text())
+    if cfg.eval.lm_data:  # its token rows score (and calibrate) the causal models
+        from pipeline.train.data import check_same_tokenizer, resolve_prepared
+
+        for spec, src in models.values():
+            if spec.kind == "causal":
+                check_same_tokenizer(resolve_prepared(cfg.eval.lm_data), src, f"eval.lm_data (model {spec.name})")
     out.mkdir(parents=True, exist_ok=True)
     lm_rows, cls_rows = _lm_rows(cfg.eval), _cls_rows(cfg.eval)
     rows = []

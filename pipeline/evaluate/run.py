@@ -126,13 +126,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.lm is not None:
         from pipeline.evaluate.lm import lm_metrics_from_texts
         from pipeline.evaluate.ray_eval import score_shards
-        from pipeline.train.data import load_manifest, resolve_prepared, shard_paths
+        from pipeline.train.data import check_same_tokenizer, load_manifest, resolve_prepared, shard_paths
 
         model_dir = _causal_dir(cfg.lm.model)
         if cfg.lm.data is not None:
             data_dir = resolve_prepared(cfg.lm.data)
             files = shard_paths(data_dir, load_manifest(data_dir), "val")
             check(bool(files), f"lm.data {data_dir}: no val shards")
+            check_same_tokenizer(data_dir, model_dir, "lm.data")
             res = score_shards(files, str(model_dir), cfg.actors, max_rows=cfg.lm.max_rows)
         else:
             path = Path(cfg.lm.text_file)

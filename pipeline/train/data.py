@@ -33,6 +33,33 @@ def shard_paths(prepared_dir: str | Path, manifest: dict, split: str) -> list[st
     return [str(Path(prepared_dir) / s["path"]) for s in manifest["shards"] if s["split"] == split]
 
 
+def prepared_tokenizer_dir(prepared_dir: str | Path, manifest: dict) -> Path:
+    """The tokenizer the shards were made with: the prepare output's copy (the manifest's path is
+    relative to where prepare ran)."""
+    local = Path(prepared_dir) / "tokenizer"
+    return (local if local.is_dir() else Path(manifest["tokenizer"])).resolve()
+
+
+def check_same_tokenizer(prepared_dir: str | Path, model_dir: str | Path, key: str) -> None:
+    """Packed shards hold token ids: a model with another tokenizer would read them as other
+    tokens and score them without any error. Every token of the data's tokenizer must have the
+    same id in the model's (the model may have more: padding, chat roles)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.config import check
+
+    data_tok = prepared_tokenizer_dir(prepared_dir, load_manifest(prepared_dir))
+    try:
+        model_vocab = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True).get_vocab()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{key}: the model {model_dir} has no tokenizer to check the data against ({exc})") from None
+    data_vocab = AutoTokenizer.from_pretrained(str(data_tok), local_files_only=True).get_vocab()
+    differ = sorted(t for t, i in data_vocab.items() if model_vocab.get(t) != i)
+    check(not differ, f"{key}: the shards of {prepared_dir} were made with another tokenizer than the model "
+                      f"{model_dir}'s ({len(differ)} of {len(data_vocab)} tokens differ, e.g. {differ[:3]}); "
+                      f"prepare the data with the model's tokenizer (prepare's tokenizer.path)")
+
+
 class LMBatcher:
     """rows of token ids -> {"input_ids", "labels"} for the causal or masked objective."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.config import check, config_hash, to_dict
 from pipeline.model.build import ModelConfig, build_model, flops_per_token
-from pipeline.train.data import LMBatcher, load_manifest, resolve_prepared, shard_paths
+from pipeline.train.data import LMBatcher, load_manifest, prepared_tokenizer_dir, resolve_prepared, shard_paths
 from pipeline.train.loop import LoopConfig, OptimConfig
 from pipeline.train.ray_train import RunConfigCfg, ScalingConfig
 from pipeline.train.runner import train_and_export
@@ -81,9 +81,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
     datasets = {"train": ray.data.read_parquet(train_files)}
     if val_files:
         datasets["val"] = ray.data.read_parquet(val_files)
-    # the tokenizer sits in the prepare output (the manifest's path is relative to where prepare ran)
-    tok_dir = str((Path(data_dir) / "tokenizer").resolve() if (Path(data_dir) / "tokenizer").is_dir()
-                  else Path(manifest["tokenizer"]).resolve())
+    tok_dir = str(prepared_tokenizer_dir(data_dir, manifest))
     config = {"model": to_dict(cfg.model), "optim": to_dict(cfg.optim), "loop": to_dict(cfg.train),
               "scaling": to_dict(cfg.scaling), "run": to_dict(cfg.run), "tokenizer_dir": tok_dir, "seq_len": seq_len}
     extra = {"objective": cfg.model.objective, "arch": cfg.model.arch, "config": to_dict(cfg),
