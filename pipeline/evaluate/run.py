@@ -134,6 +134,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             files = shard_paths(data_dir, load_manifest(data_dir), "val")
             check(bool(files), f"lm.data {data_dir}: no val shards")
             check_same_tokenizer(data_dir, model_dir, "lm.data")
+            from pipeline.model.build import context_length
+
+            seq_len = load_manifest(data_dir)["tokens"]["seq_len"]
+            ctx = context_length(transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True))
+            check(seq_len <= ctx, f"lm.data: its rows hold {seq_len} tokens, more than the model's context length "
+                                  f"({ctx}); score a prepare output packed to at most {ctx} tokens, or lm.text_file")
             res = score_shards(files, str(model_dir), cfg.actors, max_rows=cfg.lm.max_rows)
         else:
             path = Path(cfg.lm.text_file)

@@ -156,3 +156,26 @@ def test_classifier_reading_lengths_name_their_key():
         ClassifyEvalConfig(model="m", data="d", max_len=2)
     with pytest.raises(ValueError, match="eval.classify_max_len"):
         CompressEvalConfig(classify_max_len=0)
+
+
+def test_lm_data_checks_tokenizer_and_context_before_scoring(tiny_prepared, tmp_path):
+    """lm.data scored by a model that cannot read it is refused with the key named: rows longer
+    than its context, or shards made with another tokenizer."""
+    from transformers import AutoTokenizer
+
+    from pipeline.config import from_dict
+    from pipeline.evaluate.run import EvaluateConfig, run_evaluate
+
+    prep, _ = tiny_prepared  # seq_len 32
+    tok = AutoTokenizer.from_pretrained(str(prep / "tokenizer"))
+    short = build_model(ModelConfig(preset="tiny", max_seq_len=16), len(tok))
+    short.save_pretrained(str(tmp_path / "short"))
+    tok.save_pretrained(str(tmp_path / "short"))
+    cfg = {"output_dir": str(tmp_path / "ev"), "classification": None, "fewshot": None, "bias": None}
+    with pytest.raises(ValueError, match=r"lm\.data: its rows hold 32 tokens, more than the model's context length \(16\)"):
+        run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "short"), "data": str(prep)}}))
+    other = train_tokenizer(iter(["zebras juggle violet kites quietly"] * 50), TokenizerConfig(vocab_size=300, min_frequency=1),
+                            tmp_path / "other")
+    build_model(ModelConfig(preset="tiny", max_seq_len=64), len(other)).save_pretrained(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match=r"lm\.data: .*another tokenizer"):
+        run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "other"), "data": str(prep)}}))
