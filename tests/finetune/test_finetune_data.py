@@ -279,3 +279,19 @@ def test_sft_from_a_tokenizer_without_role_tokens(tmp_path):
     assert model.get_input_embeddings().num_embeddings == len(tok) == n_before + 3
     batch = {k: torch.tensor([ex[k]]) for k in ("input_ids", "attention_mask", "labels")}
     assert torch.isfinite(model(**batch).loss)
+
+
+def test_max_seq_len_beyond_the_base_context_is_refused_before_training(tmp_path, tok):
+    from pipeline.config import from_dict
+    from pipeline.finetune.finetune import FinetuneConfig, run_finetune
+    from pipeline.model.build import ModelConfig, build_model
+
+    build_model(ModelConfig(preset="tiny", max_seq_len=32), len(tok)).save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a b", "label": "x"}\n{"text": "c d", "label": "y"}\n')
+    cfg = from_dict(FinetuneConfig, {"task": "classification", "base_model": str(tmp_path / "base"),
+                                     "output_dir": str(tmp_path / "out"), "data": {"train": str(data), "max_seq_len": 64}})
+    with pytest.raises(ValueError, match=r"data\.max_seq_len \(64\) exceeds the base model's context length \(32\)"):
+        run_finetune(cfg)
+    assert not (tmp_path / "out").exists()
