@@ -125,6 +125,9 @@ def test_finetune_bad_inputs(pipeline_dirs, tmp_path):
     one_label = tmp_path / "one.jsonl"
     write_jsonl(one_label, ["a text"] * 5)
     with pytest.raises(ValueError, match="no column 'label'"):
+        run_finetune(from_dict(FinetuneConfig, {**base, "task": "classification",
+                                                "data": {"train": str(one_label), "max_seq_len": 64}}))
+    with pytest.raises(ValueError, match=r"data\.max_seq_len \(256\) exceeds the base model's context length \(64\)"):
         run_finetune(from_dict(FinetuneConfig, {**base, "task": "classification", "data": {"train": str(one_label)}}))
     with pytest.raises(ValueError, match="task"):
         from_dict(FinetuneConfig, {**base, "task": "regression", "data": {"train": "x"}})
