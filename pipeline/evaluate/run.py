@@ -131,12 +131,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         model_dir = _causal_dir(cfg.lm.model)
         if cfg.lm.data is not None:
             data_dir = resolve_prepared(cfg.lm.data)
-            files = shard_paths(data_dir, load_manifest(data_dir), "val")
+            manifest = load_manifest(data_dir)
+            files = shard_paths(data_dir, manifest, "val")
             check(bool(files), f"lm.data {data_dir}: no val shards")
             check_same_tokenizer(data_dir, model_dir, "lm.data")
             from pipeline.model.build import context_length
 
-            seq_len = load_manifest(data_dir)["tokens"]["seq_len"]
+            seq_len = manifest["tokens"]["seq_len"]
             ctx = context_length(transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True))
             check(seq_len <= ctx, f"lm.data: its rows hold {seq_len} tokens, more than the model's context length "
                                   f"({ctx}); score a prepare output packed to at most {ctx} tokens, or lm.text_file")
