@@ -54,6 +54,16 @@ def _keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def structured_prune(model, *, mlp_keep: float = 1.0, heads_keep: float = 1.0) -> dict:
     """Keep the top ``mlp_keep`` share of MLP neurons and ``heads_keep`` share of attention heads
     (key/value groups under grouped-query attention) in every layer."""
+    if check_structured(model, mlp_keep=mlp_keep, heads_keep=heads_keep) == "gpt2":
+        return _prune_gpt2_mlp(model, mlp_keep)
+    info = _prune_llama_mlp(model, mlp_keep)
+    info.update(_prune_llama_heads(model, heads_keep))
+    return info
+
+
+def check_structured(model, *, mlp_keep: float = 1.0, heads_keep: float = 1.0) -> str:
+    """The layout ``structured_prune`` would prune (``"gpt2"`` or ``"llama"``), or a ValueError saying
+    why it cannot. Works on a model built on the meta device (no weights needed)."""
     if not 0 < mlp_keep <= 1 or not 0 < heads_keep <= 1:
         raise ValueError(f"mlp_keep and heads_keep must be in (0, 1], got {mlp_keep}, {heads_keep}")
     kind = model.config.model_type
@@ -62,12 +72,22 @@ def structured_prune(model, *, mlp_keep: float = 1.0, heads_keep: float = 1.0) -
             raise ValueError("gpt2 derives its head size from n_embd / n_head, so heads cannot be removed and the "
                              "model still load with GPT2 classes; prune MLP neurons only (heads_keep: 1.0) or use "
                              "a llama model")
-        return _prune_gpt2_mlp(model, mlp_keep)
-    if kind == "llama":
-        info = _prune_llama_mlp(model, mlp_keep)
-        info.update(_prune_llama_heads(model, heads_keep))
-        return info
-    raise ValueError(f"structured pruning supports gpt2 and llama models, not {kind!r}")
+        return "gpt2"
+    if _llama_layout(model):  # Llama, Mistral, Qwen2/3, Gemma: the same module names and config keys
+        return "llama"
+    raise ValueError(f"structured pruning supports GPT-2 and models with Llama's layout (Llama, Mistral, Qwen2, "
+                     f"Gemma: q/k/v/o and gate/up/down projections), not {kind!r}; use method: magnitude or int8")
+
+
+def _llama_layout(model) -> bool:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    c = model.config
+    if not layers or not all(isinstance(getattr(c, k, None), int) for k in
+                             ("intermediate_size", "num_attention_heads", "num_key_value_heads", "hidden_size")):
+        return False
+    names = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+    return all(isinstance(getattr(getattr(layer, part, None), name, None), nn.Linear)
+               for layer in layers for part, projs in names.items() for name in projs)
 
 
 def _prune_gpt2_mlp(model, keep_share: float) -> dict:

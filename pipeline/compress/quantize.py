@@ -17,8 +17,10 @@ row and position independent, and costs no time per call (no min/max pass). Inpu
 calibrated range saturate.
 
 Format: ``model-int8.safetensors`` holds, per quantized layer, the int8 weight, the per-channel
-scales and zero points, the fp32 bias and (calibrated) the input scale; every other tensor stays
-fp32. ``quantization.json`` marks the directory. ``load_model`` rebuilds the architecture from
+scales and zero points, the fp32 bias and (calibrated) the input scale. The token embedding is
+int8 too (per-row scales; dequantized to fp32 at load for the lookup): tied to the LM head, it is
+the head's int8 rows and is not stored again. Every other tensor stays fp32.
+``quantization.json`` marks the directory. ``load_model`` rebuilds the architecture from
 ``config.json`` (no remote code), quantizes it the same way and loads the stored int8 values; a
 plain directory goes through ``from_pretrained``."""
 
@@ -102,6 +104,8 @@ def quantize_int8(model, calibration=None):
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     conv1d_to_linear(model)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = emb is not None and head is not None and head.weight is emb.weight
     amax = calibrate(model.eval(), calibration) if calibration is not None else None
     if amax is not None and not amax:
         raise ValueError("int8 calibration: no data reached the model's Linear layers")
@@ -113,7 +117,41 @@ def quantize_int8(model, calibration=None):
                                  inplace=True)
     if amax is not None:
         _wrap(model, {name: (amax.get(name) or 1.0) / 127.0 for name in _quantized_layers(model)})
+    if isinstance(emb, nn.Embedding):
+        _int8_embedding(model, emb, tied)
     return model
+
+
+def _int8_embedding(model, emb: nn.Embedding, tied: bool) -> None:
+    """The token embedding becomes int8 values too (per row, symmetric), kept dequantized in fp32
+    for the lookup: tied to the LM head, it takes the head's int8 rows (stored once, as the
+    head's); else it is quantized on its own and stored as int8. ``model.int8_embedding`` says which."""
+    with torch.no_grad():
+        if tied:
+            emb.weight = nn.Parameter(_head_weight(model).dequantize(), requires_grad=False)
+            model.int8_embedding = "head"
+        else:
+            q, scales = _rows_int8(emb.weight.detach())
+            emb.weight.copy_(q.float() * scales[:, None])
+            model.int8_embedding = "own"
+
+
+def _head_weight(model) -> torch.Tensor:
+    head = model.get_output_embeddings()
+    inner = head.inner if isinstance(head, Int8Linear) else head
+    return inner.weight()
+
+
+def _rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 values and fp32 scales (a zero row gets scale 1)."""
+    scales = w.abs().amax(dim=1) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales.float()
+
+
+def _embedding_name(model) -> str | None:
+    emb = model.get_input_embeddings()
+    return next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
 
 
 def _wrap(model, scales: dict[str, float]) -> None:
@@ -153,9 +191,14 @@ def save_int8(model, tokenizer, out_dir: str | Path, source: str) -> Path:
         if b is not None:
             tensors[f"{name}.bias"] = b.detach().contiguous()
     prefixes = tuple(f"{n}." for n in layers)
+    embedding = getattr(model, "int8_embedding", None)
+    emb_name = _embedding_name(model) if embedding else None
+    if embedding == "own":
+        q, row_scales = _rows_int8(model.get_input_embeddings().weight.detach())
+        tensors[f"{emb_name}.qweight"], tensors[f"{emb_name}.scales"] = q.contiguous(), row_scales.contiguous()
     seen: set[int] = set()
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if not name.startswith(prefixes) and id(p) not in seen:  # tied weights stored once
+        if not name.startswith(prefixes) and id(p) not in seen and name != emb_name:  # tied weights stored once
             seen.add(id(p))
             tensors[name] = p.detach().contiguous()
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
@@ -165,6 +208,8 @@ def save_int8(model, tokenizer, out_dir: str | Path, source: str) -> Path:
     activations = "static per-tensor, calibrated" if len(scales) == len(layers) else "dynamic per-tensor"
     (out / MARKER).write_text(json.dumps({"method": "int8", "weights": "per-channel symmetric int8",
                                           "activations": activations, "layers": len(layers),
+                                          "embedding": {"head": "int8 rows of the tied LM head",
+                                                        "own": "per-row symmetric int8"}.get(embedding, "fp32"),
                                           "source": source}, indent=2))
     return out
 
@@ -200,8 +245,22 @@ def load_model(model_dir: str | Path, kind: str = "causal"):
             tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales").double(),
             tensors.pop(f"{name}.zero_points").long(), 0)
         m.set_weight_bias(w, tensors.pop(f"{name}.bias", None))
+    # the token embedding: stored as int8 rows, or the tied LM head's (formats before both: fp32)
+    emb_name = _embedding_name(model)
+    marker = json.loads((model_dir / MARKER).read_text())
+    if f"{emb_name}.qweight" in tensors:
+        q, row_scales = tensors.pop(f"{emb_name}.qweight"), tensors.pop(f"{emb_name}.scales")
+        tensors[emb_name] = q.float() * row_scales[:, None]
+        model.int8_embedding = "own"
+    elif marker.get("embedding") == "int8 rows of the tied LM head":
+        model.get_input_embeddings().weight = nn.Parameter(_head_weight(model).dequantize(), requires_grad=False)
+        model.int8_embedding = "head"
+    else:  # stored in fp32
+        model.int8_embedding = None
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
+    if getattr(model, "int8_embedding", None) == "head":
+        own.pop(emb_name)
     unexpected = sorted(set(tensors) - set(own))
     missing = sorted(k for k, p in own.items() if k not in tensors and not any(p is own[t] for t in tensors if t in own))
     if unexpected or missing:

@@ -140,11 +140,18 @@ def measure(model_dir: Path, kind: str, e: CompressEvalConfig, lm_rows: list | N
                   for m in model.modules() if isinstance(m, QLinear))
     nonzero = sum(int((p != 0).sum()) for p in model.parameters()) + \
         sum(int((m.weight().int_repr() != 0).sum()) for m in model.modules() if isinstance(m, QLinear))
+    if getattr(model, "int8_embedding", None) == "head":  # one tensor, tied: counted once, as the head
+        emb = model.get_input_embeddings().weight
+        params, nonzero = params - emb.numel(), nonzero - int((emb != 0).sum())
     row = {"parameters": params, "nonzero_parameters": nonzero, "file_bytes": file_size(model_dir)}
     if kind == "causal":
         from pipeline.serve.engine import Engine, SamplingParams
 
-        engine = Engine(model, tok, max_batch_size=1)
+        from pipeline.model.build import context_length
+
+        # an ALiBi model records no context length: the decode measurement needs only its own tokens
+        engine = Engine(model, tok, max_batch_size=1, context_length=context_length(
+            model.config, default=len(tok(e.decode_prompt)["input_ids"]) + e.decode_tokens))
         prompt = engine.encode(e.decode_prompt)
         n = min(e.decode_tokens, engine.context_length - len(prompt))
         engine.generate([(prompt, SamplingParams(max_tokens=4, temperature=0))])  # warm-up
@@ -233,6 +240,31 @@ def resolve_variant(spec: str) -> Path:
     return compress_run_dir(load_config(CompressConfig, path)) / name
 
 
+def _check_variants(cfg: CompressConfig, models: dict) -> None:
+    """No model is already int8, and every structured variant applies to every model (checked on
+    weightless meta models), before any work starts."""
+    import torch
+    import transformers
+
+    from pipeline.compress.prune import check_structured
+    from pipeline.compress.quantize import is_int8
+
+    structured = [v for v in cfg.variants if v.method == "structured"]
+    for spec, src in models.values():
+        check(not is_int8(src), f"models[{spec.name}]: {src} is an int8 model; compress a floating-point one")
+        if not structured:
+            continue
+        auto = transformers.AutoModelForCausalLM if spec.kind == "causal" else \
+            transformers.AutoModelForSequenceClassification
+        with torch.device("meta"):
+            model = auto.from_config(transformers.AutoConfig.from_pretrained(str(src), local_files_only=True))
+        for v in structured:
+            try:
+                check_structured(model, mlp_keep=v.mlp_keep, heads_keep=v.heads_keep)
+            except ValueError as e:
+                raise ValueError(f"variants[{v.name}] on models[{spec.name}]: {e}") from None
+
+
 def run_compress(cfg: CompressConfig) -> dict:
     models = {m.name: (m, resolve_model(m.path)) for m in cfg.models}
     out = compress_run_dir(cfg)
@@ -245,6 +277,7 @@ def run_compress(cfg: CompressConfig) -> dict:
         for spec, src in models.values():
             if spec.kind == "causal":
                 check_same_tokenizer(resolve_prepared(cfg.eval.lm_data), src, f"eval.lm_data (model {spec.name})")
+    _check_variants(cfg, models)
     out.mkdir(parents=True, exist_ok=True)
     lm_rows, cls_rows = _lm_rows(cfg.eval), _cls_rows(cfg.eval)
     rows = []

@@ -15,7 +15,7 @@ def context_length(model, requested: int) -> int:
     the position table)."""
     from pipeline.model.build import context_length as limit
 
-    return min(requested, limit(model.config))
+    return min(requested, limit(model.config, default=requested))
 
 
 @torch.no_grad()

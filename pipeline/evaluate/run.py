@@ -138,7 +138,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             from pipeline.model.build import context_length
 
             seq_len = manifest["tokens"]["seq_len"]
-            ctx = context_length(transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True))
+            ctx = context_length(transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True),
+                                 default=seq_len)
             check(seq_len <= ctx, f"lm.data: its rows hold {seq_len} tokens, more than the model's context length "
                                   f"({ctx}); score a prepare output packed to at most {ctx} tokens, or lm.text_file")
             res = score_shards(files, str(model_dir), cfg.actors, max_rows=cfg.lm.max_rows)

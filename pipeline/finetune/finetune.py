@@ -190,7 +190,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     check((base / "config.json").exists(), f"base_model: {base} is not a Hugging Face model directory (train it first)")
     from pipeline.model.build import context_length
 
-    ctx = context_length(transformers.AutoConfig.from_pretrained(str(base), local_files_only=True))
+    # a base with relative positions only (ALiBi) records no context length: max_seq_len is the limit
+    ctx = context_length(transformers.AutoConfig.from_pretrained(str(base), local_files_only=True),
+                         default=cfg.data.max_seq_len)
     check(cfg.data.max_seq_len <= ctx, f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the base model's context "
                                        f"length ({ctx})")
     run_dir = finetune_run_dir(cfg)

@@ -117,10 +117,19 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6 * n + 12 * n_layer * d * seq_len
 
 
-def context_length(config) -> int:
+_CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config, default: int | None = None) -> int:
     """The number of positions a model config allows (GPT-2 ``n_positions``, Llama and BERT
-    ``max_position_embeddings``)."""
-    for key in ("n_positions", "max_position_embeddings"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    raise ValueError("the model config names no context length (n_positions / max_position_embeddings)")
+    ``max_position_embeddings``, and the names other families use). Models with relative
+    positions only (ALiBi: BLOOM, MPT without ``max_seq_len``) record none: then ``default``, and
+    without one a ValueError that says so."""
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    if default is not None:
+        return default
+    raise ValueError(f"the {getattr(config, 'model_type', '?')} model config names no context length (none of "
+                     f"{', '.join(_CONTEXT_KEYS)}); give it explicitly")

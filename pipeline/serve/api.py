@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator,
+                      model_validator)
 
 Number = StrictInt | StrictFloat
 
@@ -50,6 +51,16 @@ class _Sampling(_Strict):
     frequency_penalty: Number = Field(default=0, ge=0, le=0)
     logit_bias: dict[str, Any] | None = None
     logprobs: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        # OpenAI's optional parameters are nullable ("temperature": null means the default), and
+        # some clients send every parameter they know, unset ones as null
+        if isinstance(data, dict):
+            optional = {k for k, f in cls.model_fields.items() if not f.is_required()}
+            data = {k: v for k, v in data.items() if not (v is None and k in optional)}
+        return data
 
     @field_validator("stop")
     @classmethod

@@ -56,6 +56,7 @@ class ServedModel:
     max_ongoing_requests: int = 16  # per replica (Serve)
     max_queued_requests: int = 64  # waiting for a replica (Serve); beyond it: 503
     default_max_tokens: int = 64
+    context_length: int | None = None  # null: the model config's (set it for ALiBi models such as BLOOM)
     cpus: float = 0.25  # per replica
     threads: int = 1  # torch threads per replica
     autoscaling: AutoscalingCfg = field(default_factory=AutoscalingCfg)
@@ -65,6 +66,8 @@ class ServedModel:
               f"models[].name must be letters, digits, '-', '_' or '.', got {self.name!r}")
         check(self.max_batch_size >= 1 and self.max_queue >= 0, f"models[{self.name}]: max_batch_size >= 1, max_queue >= 0")
         check(self.cpus > 0 and self.threads >= 1, f"models[{self.name}]: cpus > 0 and threads >= 1")
+        check(self.context_length is None or self.context_length >= 2,
+              f"models[{self.name}].context_length must be >= 2 or null, got {self.context_length}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +140,8 @@ class ModelServer:
         except Exception:  # metrics are best effort (no Ray worker context in unit tests)
             pass
         if kind == "causal":
-            self.engine = Engine(self.model, self.tokenizer, max_batch_size=self.spec.max_batch_size)
+            self.engine = Engine(self.model, self.tokenizer, max_batch_size=self.spec.max_batch_size,
+                                 context_length=self.spec.context_length)
             self.batcher = DynamicBatcher(self.engine, max_batch_size=self.spec.max_batch_size,
                                           batch_wait_s=self.spec.batch_wait_ms / 1000, max_queue=self.spec.max_queue,
                                           use_cache=self.spec.kv_cache, on_batch=self._on_batch)
@@ -150,7 +154,9 @@ class ModelServer:
     async def info(self) -> dict:
         from pipeline.model.build import context_length
 
-        return {"name": self.spec.name, "kind": self.spec.kind, "context_length": context_length(self.model.config),
+        ctx = self.engine.context_length if hasattr(self, "engine") else \
+            self.spec.context_length or context_length(self.model.config, default=0) or None
+        return {"name": self.spec.name, "kind": self.spec.kind, "context_length": ctx,
                 "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
                 "labels": [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
                 if self.spec.kind == "classifier" else None}

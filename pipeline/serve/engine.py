@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.model.build import context_length
+from pipeline.model.build import context_length as config_context
 from pipeline.serve import fastpath
 
 
@@ -91,14 +91,27 @@ def _left_pad(t: torch.Tensor, n: int, value: int | float, dim: int) -> torch.Te
     return torch.cat([torch.full(shape, value, dtype=t.dtype, device=t.device), t], dim=dim)
 
 
+def model_context(config, tokenizer) -> int:
+    """The model config's context length; for a model that records none (relative positions only,
+    e.g. BLOOM's ALiBi) the tokenizer's ``model_max_length`` when it states a real one."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    fallback = limit if isinstance(limit, int) and 0 < limit < 10**7 else None
+    try:
+        return config_context(config, default=fallback)
+    except ValueError as e:
+        raise ValueError(f"{e} (the serve config's models[].context_length, or the tokenizer's "
+                         f"model_max_length)") from None
+
+
 class Engine:
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 8, fast_path: bool = True) -> None:
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 8, fast_path: bool = True,
+                 context_length: int | None = None) -> None:
         self.model = model.eval()
         # GPT-2 and Llama: the lean forward of ``fastpath`` with its own KV cache; others: transformers
         self.fast = fastpath.decoder_for(model) if fast_path else None
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        self.context_length = context_length(model.config)
+        self.context_length = context_length or model_context(model.config, tokenizer)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
         # a model's output rows past the tokenizer's ids (vocabulary padded for fast matmuls) are

@@ -52,6 +52,37 @@ def test_structured_pruning_is_smaller_and_reloads(tok, tmp_path, arch, heads):
     assert "mlp_neurons" in info and (heads == 1.0 or "attention_heads" in info)
 
 
+def _other_family(tok, kind):
+    small = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                 num_attention_heads=4, max_position_embeddings=64)
+    cfg = {"qwen2": lambda: transformers.Qwen2Config(**small, num_key_value_heads=2),  # biased q/k/v
+           "mistral": lambda: transformers.MistralConfig(**small, num_key_value_heads=2),
+           "opt": lambda: transformers.OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                                 num_attention_heads=4, word_embed_proj_dim=32)}[kind]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_structured_pruning_of_models_with_llamas_layout(tok, tmp_path, kind):
+    model = _other_family(tok, kind)
+    before = sum(p.numel() for p in model.parameters())
+    info = structured_prune(model, mlp_keep=0.5, heads_keep=0.5)
+    assert info["mlp_neurons"] == "64 -> 32" and info["attention_heads"] == "4 -> 2"
+    with torch.no_grad():
+        logits = model(ids(tok)).logits
+    model.save_pretrained(tmp_path / kind)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / kind).eval()
+    with torch.no_grad():
+        assert torch.allclose(back(ids(tok)).logits, logits, atol=1e-5)
+    assert sum(p.numel() for p in back.parameters()) < before
+
+
+def test_structured_pruning_of_other_layouts_is_refused_with_the_alternatives(tok):
+    with pytest.raises(ValueError, match="'opt'.*magnitude or int8"):
+        structured_prune(_other_family(tok, "opt"), mlp_keep=0.5)
+
+
 def test_gpt2_head_pruning_is_refused(tok, tmp_path):
     with pytest.raises(ValueError, match="head"):
         structured_prune(load_model(saved(tok, tmp_path)), heads_keep=0.5)
@@ -155,3 +186,65 @@ def test_int8_calibration_without_training_data_names_the_key(tok, tmp_path):
     info = make_variant(saved(tok, tmp_path), "causal", VariantSpec(name="int8", method="int8", calibration_rows=0),
                         tmp_path / "q", CompressEvalConfig())
     assert info["activations"] == "dynamic"
+
+
+def test_compress_job_refuses_inapplicable_variants_before_any_work(tok, tmp_path):
+    from pipeline.compress.run import CompressConfig, CompressEvalConfig, VariantSpec, make_variant, run_compress
+
+    opt = _other_family(tok, "opt")
+    opt.save_pretrained(tmp_path / "opt")
+    tok.save_pretrained(tmp_path / "opt")
+    make_variant(saved(tok, tmp_path), "causal", VariantSpec(name="q", method="int8", calibration_rows=0),
+                 tmp_path / "q", CompressEvalConfig())
+
+    def job(path, variants):
+        return from_dict(CompressConfig, {"output_dir": str(tmp_path / "out"), "models": [{"name": "lm", "path": str(path)}],
+                                          "variants": variants, "eval": {"lm_rows": 0}})
+
+    with pytest.raises(ValueError, match=r"variants\[mlp\] on models\[lm\].*'opt'"):
+        run_compress(job(tmp_path / "opt", [{"name": "mag", "method": "magnitude"},
+                                            {"name": "mlp", "method": "structured", "mlp_keep": 0.5}]))
+    with pytest.raises(ValueError, match=r"models\[lm\].*int8 model"):
+        run_compress(job(tmp_path / "q", [{"name": "mag", "method": "magnitude"}]))
+    assert not (tmp_path / "out").exists()  # refused before any output
+
+
+def test_int8_stores_the_token_embedding_as_int8(tok, tmp_path):
+    """Tied to the LM head, the embedding is the head's int8 rows and is stored once; a classifier's
+    own embedding is stored as int8 rows; both load to the logits they had before saving. A
+    directory written before (fp32 embedding, no marker entry) still loads."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.compress.quantize import WEIGHTS
+
+    src = saved(tok, tmp_path)
+    q = quantize_int8(load_model(src), _calibration(tok))
+    save_int8(q, tok, tmp_path / "q", source=str(src))
+    stored = load_file(str(tmp_path / "q" / WEIGHTS))
+    assert "transformer.wte.weight" not in stored and "transformer.wte.weight.qweight" not in stored
+    assert json.loads((tmp_path / "q" / "quantization.json").read_text())["embedding"].startswith("int8 rows")
+    back = load_model(tmp_path / "q")
+    head_rows = back.lm_head.inner.weight().dequantize()
+    assert torch.equal(back.transformer.wte.weight, head_rows)
+    assert torch.equal(back(ids(tok)).logits, q(ids(tok)).logits)
+
+    cls = transformers.GPT2ForSequenceClassification(load_model(src).config)
+    cls.config.pad_token_id = tok.pad_token_id
+    cls.save_pretrained(tmp_path / "cls")
+    qc = quantize_int8(load_model(tmp_path / "cls", "classifier"), _calibration(tok))
+    save_int8(qc, tok, tmp_path / "qc", source="cls")
+    stored = load_file(str(tmp_path / "qc" / WEIGHTS))
+    assert stored["transformer.wte.weight.qweight"].dtype == torch.int8
+    assert torch.equal(load_model(tmp_path / "qc", "classifier")(ids(tok)).logits, qc(ids(tok)).logits)
+
+    # the earlier format: the embedding in fp32, no "embedding" entry in the marker
+    stored = load_file(str(tmp_path / "qc" / WEIGHTS))
+    q8, scales = stored.pop("transformer.wte.weight.qweight"), stored.pop("transformer.wte.weight.scales")
+    stored["transformer.wte.weight"] = q8.float() * scales[:, None]
+    save_file(stored, str(tmp_path / "qc" / WEIGHTS))
+    marker = json.loads((tmp_path / "qc" / "quantization.json").read_text())
+    del marker["embedding"]
+    (tmp_path / "qc" / "quantization.json").write_text(json.dumps(marker))
+    assert torch.equal(load_model(tmp_path / "qc", "classifier")(ids(tok)).logits, qc(ids(tok)).logits)

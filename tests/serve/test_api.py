@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from pipeline.serve.api import ChatRequest, validation_error
+from pipeline.serve.api import ChatRequest, CompletionRequest, validation_error
 
 
 def test_content_parts_are_joined_and_developer_is_system():
@@ -33,3 +33,18 @@ def test_unknown_role_is_rejected():
     with pytest.raises(ValidationError) as exc:
         ChatRequest(messages=[{"role": "tool", "content": "x"}])
     assert validation_error(exc.value).param == "messages.0.role"
+
+
+def test_null_optional_parameters_mean_their_defaults():
+    # clients that send every parameter they know send the unset ones as null, as OpenAI accepts
+    req = ChatRequest(messages=[{"role": "user", "content": "hi"}], temperature=None, top_p=None, n=None,
+                      stop=None, max_tokens=None, stream=None, stream_options=None, seed=None, logprobs=None,
+                      presence_penalty=None, frequency_penalty=None, user=None, model=None)
+    assert (req.temperature, req.top_p, req.n, req.stop, req.stream) == (1.0, 1.0, 1, None, False)
+    assert CompletionRequest(prompt="x", echo=None, best_of=None, suffix=None).echo is False
+    for required in ({"prompt": None}, {}):  # a required field is still required
+        with pytest.raises(ValidationError) as exc:
+            CompletionRequest(**required)
+        assert validation_error(exc.value).param == "prompt"
+    with pytest.raises(ValidationError):
+        ChatRequest(messages=None)

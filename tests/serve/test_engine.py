@@ -72,6 +72,31 @@ def test_context_overflow_is_refused(engine):
         engine.generate([(engine.encode("x"), SamplingParams(max_tokens=1000))])
 
 
+def test_models_of_other_families_decode_with_the_transformers_forward(engine):
+    # a local model of a family without a lean decoder (here BLOOM: ALiBi, no position table, so
+    # its config records no context length) decodes through the transformers forward, cache and
+    # no cache agreeing; its context length comes from the serve config or the tokenizer
+    tok = engine.tokenizer
+    cfg = transformers.BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    bloom = transformers.BloomForCausalLM(cfg)
+    with pytest.raises(ValueError, match="context_length"):
+        Engine(bloom, tok)
+    e = Engine(bloom, tok, context_length=48)
+    assert e.fast is None and e.context_length == 48
+    reqs = [(e.encode(p), SamplingParams(max_tokens=10, temperature=0)) for p in ("the market", "a long sport story")]
+    assert [g.token_ids for g in e.generate(reqs)] == [g.token_ids for g in e.generate(reqs, use_cache=False)]
+    with pytest.raises(ValueError, match="context length"):
+        e.generate([(e.encode("x"), SamplingParams(max_tokens=48))])
+    old = tok.model_max_length
+    tok.model_max_length = 40
+    try:
+        assert Engine(bloom, tok).context_length == 40
+    finally:
+        tok.model_max_length = old
+
+
 def test_batcher_batches_streams_and_bounds_its_queue(engine):
     async def main():
         b = DynamicBatcher(engine, max_batch_size=4, batch_wait_s=0.05, max_queue=2)
