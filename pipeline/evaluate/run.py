@@ -234,7 +234,8 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
         lines.append(f"| TF-IDF + LogisticRegression | {b['accuracy']:.3f} | {b['f1_macro']:.3f} | {b['f1_weighted']:.3f} |")
     if c.group_field and rows[0]["group"] is not None:
         res["sliced"] = sliced_metrics(y_true, preds, [r["group"] for r in rows], labels)
-        gap = res["sliced"]["largest_gap"]
-        lines += ["", f"- sliced by `{c.group_field}`: largest accuracy gap {gap['gap']:.3f} ({gap['best']} vs {gap['worst']})"]
+        gap, groups = res["sliced"]["largest_gap"], res["sliced"]["per_group"]
+        lines += ["", f"- sliced by `{c.group_field}`: largest accuracy gap {gap['gap']:.3f} ({gap['best']} vs {gap['worst']})"
+                  if len(groups) > 1 else f"- sliced by `{c.group_field}`: one group only ({next(iter(groups))}), no gap to report"]
     lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
     return res, lines

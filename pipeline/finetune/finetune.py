@@ -14,7 +14,7 @@ from typing import Literal
 
 from pipeline.config import check, config_hash, to_dict
 from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled
-from pipeline.finetune.sft import load_chat_examples, prepare_chat_tokenizer, tokenize_chat
+from pipeline.finetune.sft import CHAT_TEMPLATE, load_chat_examples, prepare_chat_tokenizer, tokenize_chat
 from pipeline.train.checkpoint import write_json
 from pipeline.train.loop import LoopConfig, OptimConfig
 from pipeline.train.ray_train import RunConfigCfg, ScalingConfig
@@ -41,6 +41,9 @@ class FinetuneDataConfig:
     # probabilities) in evaluation and serving: the setting is saved in its config.json
     windows: int = 1
     window_overlap: int = 0
+    # sft: "auto" keeps a chat template the base's tokenizer already has (a chat model from
+    # elsewhere keeps its format), else uses ours (sft.CHAT_TEMPLATE); "builtin": always ours
+    chat_template: Literal["auto", "builtin"] = "auto"
 
     def __post_init__(self) -> None:
         check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
@@ -121,11 +124,22 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
         convs = list(load_chat_examples(d.train, bad))
         check(bool(convs), f"data.train {d.train}: no usable conversation ({len(bad)} rejected)")
         rows = {"train": [], "val": []}
+        def encode(conv: list[dict], where: str) -> dict | None:
+            try:
+                return tokenize_chat(conv, tok, d.max_seq_len)
+            except ValueError as exc:  # a base's own template that does not render turn by turn
+                bad.append({"where": where, "reason": str(exc)[:300]})
+                return None
+
         for i, conv in enumerate(convs):
             split = "val" if d.val is None and _in_val(f"{i}:{conv[0]['content']}", d.val_fraction) else "train"
-            rows[split].append(tokenize_chat(conv, tok, d.max_seq_len))
+            if (row := encode(conv, f"{d.train}: conversation {i}")) is not None:
+                rows[split].append(row)
         if d.val is not None:
-            rows["val"] = [tokenize_chat(c, tok, d.max_seq_len) for c in load_chat_examples(d.val, bad)]
+            encoded = (encode(c, f"{d.val}: conversation {i}") for i, c in enumerate(load_chat_examples(d.val, bad)))
+            rows["val"] = [r for r in encoded if r is not None]
+        check(bool(rows["train"]), f"data.train {d.train}: no conversation could be encoded ({len(bad)} rejected; "
+                                   f"first reason: {bad[0]['reason'] if bad else '-'})")
         return rows, {}, bad
     files = labeled_splits(d.train) or {"train": d.train, **({"val": d.val} if d.val else {}), **({"test": d.test} if d.test else {})}
     data = {split: read_labeled(path, d.text_field, d.label_field, bad) for split, path in files.items()}
@@ -203,9 +217,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         return json.loads((run_dir / "summary.json").read_text())
     tok = transformers.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     if cfg.task == "sft":
-        added = prepare_chat_tokenizer(tok)
+        added = prepare_chat_tokenizer(tok, cfg.data.chat_template)
         if added:
             logger.info("finetune: added the role tokens %s to the tokenizer", added)
+        logger.info("finetune: chat template: %s", "ours" if tok.chat_template == CHAT_TEMPLATE else "the base's own")
     else:
         if end_with_eos(tok):
             logger.info("finetune: texts end with %s, where the classifier reads them", tok.eos_token)

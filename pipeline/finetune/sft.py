@@ -5,6 +5,11 @@ JSONL, or from the built-in ``chatterbot`` dialogs (turns alternate user / assis
 rendered with ``CHAT_TEMPLATE`` (saved with the tokenizer, so ``apply_chat_template`` gives the
 same text) and tokenized segment by segment, so that the loss mask is exact: only assistant
 content and its end-of-turn token carry labels; everything else is -100.
+
+A base whose tokenizer has a chat template of its own (a chat model from elsewhere) keeps it:
+conversations are rendered with it, and the characters each assistant turn adds (between the
+rendering of the turns before it with the generation prompt and the rendering that includes it)
+carry the labels, mapped to tokens through the tokenizer's offsets.
 """
 
 from __future__ import annotations
@@ -22,13 +27,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def prepare_chat_tokenizer(tok) -> list[str]:
-    """Set the chat template on ``tok`` and give it the role tokens it lacks (a tokenizer from
-    elsewhere, e.g. GPT-2's, has none: its unknown-token lookup would turn every role header
-    into the same id, and the rendered template would be split into ordinary pieces). Returns the
-    tokens added; the model's embeddings must then cover their ids."""
+def prepare_chat_tokenizer(tok, template: str = "auto") -> list[str]:
+    """Give ``tok`` our chat template and the role tokens it lacks (a tokenizer from elsewhere, e.g.
+    GPT-2's, has none: its unknown-token lookup would turn every role header into the same id,
+    and the rendered template would be split into ordinary pieces), unless ``template`` is
+    "auto" and ``tok`` has a chat template of its own, which is then kept. Returns the tokens
+    added; the model's embeddings must then cover their ids."""
     if tok.eos_token_id is None:
         raise ValueError("base_model: its tokenizer has no EOS token, which SFT needs to end each turn")
+    if template == "auto" and getattr(tok, "chat_template", None):
+        if not getattr(tok, "is_fast", False):
+            raise ValueError("base_model: its chat template is kept (data.chat_template: auto), which needs a fast "
+                             "tokenizer (offsets) for the loss mask; set data.chat_template: builtin")
+        return []
     vocab = tok.get_vocab()
     missing = [t for t in ROLE_TOKENS if t not in vocab]
     if missing:
@@ -89,6 +100,8 @@ def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
 
 def tokenize_chat(messages: list[dict], tok, max_len: int) -> dict:
     """input_ids, attention_mask, labels (-100 except assistant content + its end-of-turn)."""
+    if tok.chat_template != CHAT_TEMPLATE:
+        return _tokenize_with_own_template(messages, tok, max_len)
     eos = tok.eos_token_id
     newline = tok("\n", add_special_tokens=False)["input_ids"]
     ids: list[int] = []
@@ -102,7 +115,43 @@ def tokenize_chat(messages: list[dict], tok, max_len: int) -> dict:
         labels += (content + [eos]) if m["role"] == "assistant" else [-100] * (len(content) + 1)
         ids += newline
         labels += [-100] * len(newline)
+    return _padded(ids, labels, tok, max_len)
+
+
+def _tokenize_with_own_template(messages: list[dict], tok, max_len: int) -> dict:
+    """The base's own template: each assistant turn's added characters carry the labels."""
+    def render(msgs: list[dict], generation_prompt: bool = False) -> str:
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    text = render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, upto = _generation_prompt_alone(render) if i == 0 else render(messages[:i], True), \
+            render(messages[: i + 1])
+        if not (text.startswith(upto) and upto.startswith(before) and len(before) < len(upto)):
+            raise ValueError("the base's chat template does not render this conversation turn by turn (an earlier "
+                             "rendering is not a prefix of a later one), so its assistant tokens cannot be told "
+                             "apart; set data.chat_template: builtin")
+        spans.append((len(before), len(upto)))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [t if any(a <= start < b for a, b in spans) else -100
+              for t, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return _padded(list(enc["input_ids"]), labels, tok, max_len)
+
+
+def _generation_prompt_alone(render) -> str:
+    """What a template renders before a conversation's first turn when it is the assistant's."""
+    try:
+        return render([], True)
+    except Exception:  # templates that index messages[0]
+        return ""
+
+
+def _padded(ids: list[int], labels: list[int], tok, max_len: int) -> dict:
     ids, labels = ids[:max_len], labels[:max_len]
+    eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     n = len(ids)
     return {"input_ids": ids + [pad] * (max_len - n), "attention_mask": [1] * n + [0] * (max_len - n),

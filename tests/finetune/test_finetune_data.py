@@ -295,3 +295,55 @@ def test_max_seq_len_beyond_the_base_context_is_refused_before_training(tmp_path
     with pytest.raises(ValueError, match=r"data\.max_seq_len \(64\) exceeds the base model's context length \(32\)"):
         run_finetune(cfg)
     assert not (tmp_path / "out").exists()
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_sft_keeps_a_bases_own_chat_template_and_masks_by_turn(tmp_path):
+    """A chat model from elsewhere keeps its template (data.chat_template: auto): labels cover
+    exactly what each assistant turn adds to the rendering, and the prompt tokens are the ones
+    Serve encodes for the same conversation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.finetune.sft import prepare_chat_tokenizer
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["How do I reset my password? Click on forgot password. Thanks! Hello there"] * 20,
+                                trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>")
+    tok.chat_template = CHATML
+    assert prepare_chat_tokenizer(tok) == [] and tok.chat_template == CHATML  # kept, nothing added
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I reset my password?"},
+                {"role": "assistant", "content": "Click on forgot password."}, {"role": "user", "content": "Thanks!"},
+                {"role": "assistant", "content": "Hello there"}]
+    ex = tokenize_chat(messages, tok, 96)
+    n = sum(ex["attention_mask"])
+    assert tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"] == ex["input_ids"][:n]
+    learned = [t for t, l in zip(ex["input_ids"], ex["labels"]) if l != -100]
+    assert [l for l in ex["labels"] if l != -100] == learned
+    assert tok.decode(learned) == "Click on forgot password.<|im_end|>\nHello there<|im_end|>\n"
+    for upto in (2, 4):
+        prompt = tok(tok.apply_chat_template(messages[:upto], add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"]
+        assert ex["input_ids"][:len(prompt)] == prompt and ex["labels"][len(prompt)] != -100
+    # "builtin" replaces it with ours
+    assert prepare_chat_tokenizer(tok, "builtin") == ["<|system|>", "<|user|>", "<|assistant|>"]
+    assert tok.chat_template == CHAT_TEMPLATE
+
+
+def test_sft_rejects_conversations_a_template_does_not_render_turn_by_turn(tok):
+    import copy
+
+    odd = copy.deepcopy(tok)  # a template that drops earlier assistant turns (as reasoning templates do)
+    odd.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}<|user|>\n"
+                         "{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    with pytest.raises(ValueError, match="turn by turn.*chat_template: builtin"):
+        tokenize_chat([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
+                       {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Hello there"}], odd, 64)
