@@ -148,15 +148,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = json.loads(json.dumps(data))  # deep copy of plain data
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
+        node: Any = data
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):  # a list element by index: models.0.threads=2
+                where = ".".join(path[:depth]) or "the config"
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise ValueError(f"override {item!r}: {where} is a list of {len(node)}; "
+                                     f"{part!r} is not an index into it")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {path[depth - 1]} is not a mapping or a list")
+            if last:
+                node[part] = value
+                break
+            child = node[part] if isinstance(node, list) else node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ValueError(f"override {item!r}: {part} is not a mapping")
             node = child
-        node[path[-1]] = value
     return data
 
 

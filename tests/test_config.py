@@ -70,6 +70,19 @@ def test_override_syntax():
         parse_override("novalue")
 
 
+def test_overrides_index_into_lists():
+    from pipeline.config import apply_overrides
+
+    data = {"models": [{"name": "a", "threads": 1}, {"name": "b"}], "tags": ["x", "y"], "n": 3}
+    out = apply_overrides(data, ["models.1.threads=2", "models.0.autoscaling.max_replicas=4", "tags.0=z"])
+    assert out["models"] == [{"name": "a", "threads": 1, "autoscaling": {"max_replicas": 4}}, {"name": "b", "threads": 2}]
+    assert out["tags"] == ["z", "y"] and data["models"][1] == {"name": "b"}  # the input is not changed
+    for bad, match in (("models.2.threads=1", "list of 2; '2'"), ("models.x.threads=1", "'x' is not an index"),
+                       ("n.k=1", "n is not a mapping")):
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(data, [bad])
+
+
 def test_config_hash_is_stable_and_sensitive():
     assert config_hash(Outer()) == config_hash(Outer())
     assert config_hash(Outer()) != config_hash(Outer(inner=Inner(size=2)))
