@@ -153,7 +153,8 @@ def test_windowing_config_errors_name_the_key():
     from pipeline.finetune.finetune import FinetuneConfig
 
     base = {"task": "classification", "base_model": "m", "data": {"train": "x.jsonl", "max_seq_len": 32}}
-    for data, key in [({"windows": 0}, "data.windows"), ({"window_overlap": 16}, "data.window_overlap")]:
+    for data, key in [({"windows": 0}, "data.windows"), ({"window_overlap": 16}, "data.window_overlap"),
+                      ({"chat_template": "chatml"}, "data.chat_template")]:
         with pytest.raises(ValueError, match=key):
             from_dict(FinetuneConfig, {**base, "data": {**base["data"], **data}})
 

@@ -13,6 +13,8 @@ def test_model_flags_name_kind_and_overrides():
     assert [(m.name, m.path, m.kind) for m in cfg.models] == [
         ("model", "out/run/model", "causal"), ("chat", "/m/sft", "chat"), ("t", "/m/clf", "classifier")]
     assert cfg.port == 9000 and cfg.api_key == "k" and cfg.request_timeout_s == 5 and smoke
+    cfg, _ = parse_args(["--model", "/m/bloom", "models.0.context_length=2048"])  # a list element by index
+    assert cfg.models[0].context_length == 2048
 
 
 def test_serve_config_file_and_models_file_agree():
@@ -31,6 +33,8 @@ def test_serve_config_file_and_models_file_agree():
     ({"models": [{"name": "a", "path": "x", "autoscaling": {"upscale_delay": 1}}]}, "upscale_delay"),
     ({"models": [{"name": "a", "path": "x"}], "rating_min": 5, "rating_max": 1}, "rating_min"),
     ({"models": [{"name": "a", "path": "x", "max_batch": 4}]}, "max_batch"),
+    ({"models": [{"name": "a", "path": "x", "context_length": 1}]}, "context_length"),
+    ({"models": [{"name": "a", "path": "x", "context_length": "long"}]}, "context_length"),
 ])
 def test_bad_serve_config_names_the_key(data, key):
     with pytest.raises(ValueError, match=key):
