@@ -124,6 +124,7 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
         convs = list(load_chat_examples(d.train, bad))
         check(bool(convs), f"data.train {d.train}: no usable conversation ({len(bad)} rejected)")
         rows = {"train": [], "val": []}
+
         def encode(conv: list[dict], where: str) -> dict | None:
             try:
                 return tokenize_chat(conv, tok, d.max_seq_len)
