@@ -29,6 +29,49 @@ def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     return nll.sum(dim=1)
 
 
+class MaskedScorer:
+    """A masked LM's loss: each row corrupted as in training (``pipeline.model.masking``: 15% of
+    its non-special tokens, 80/10/10), the NLL of the original tokens at the selected positions.
+    A row's corruption is seeded by its own tokens, so a score does not depend on the batch, the
+    actor or the order rows arrive in."""
+
+    def __init__(self, tok) -> None:
+        self.mask_id = tok.mask_token_id
+        if self.mask_id is None:
+            raise ValueError("the masked LM's tokenizer has no mask token")
+        self.vocab = len(tok)
+        self.special = sorted(set(tok.all_special_ids))
+
+    @torch.no_grad()
+    def __call__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(summed NLL per row, scored tokens per row)."""
+        import zlib
+
+        from pipeline.model.masking import mask_tokens
+
+        inputs, labels = input_ids.clone(), torch.full_like(input_ids, -100)
+        for i, row in enumerate(input_ids):
+            n = int(attention_mask[i].sum()) if attention_mask is not None else row.numel()
+            g = torch.Generator().manual_seed(zlib.crc32(row[:n].numpy().astype("int64").tobytes()))
+            inputs[i, :n], labels[i, :n] = mask_tokens(row[:n], self.mask_id, self.vocab, self.special, generator=g)
+        logits = model(input_ids=inputs, attention_mask=attention_mask).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+        return nll.sum(dim=1), (labels != -100).sum(dim=1)
+
+
+def load_lm(model_dir: str):
+    """A causal LM, or a masked LM (``is_masked_lm``) with its ``MaskedScorer`` (else None)."""
+    import transformers
+
+    from pipeline.model.build import is_masked_lm
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    auto = transformers.AutoModelForMaskedLM if is_masked_lm(config) else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(model_dir, local_files_only=True).eval()
+    return model, tok, (MaskedScorer(tok) if is_masked_lm(config) else None)
+
+
 def lm_metrics_from_rows(model, tok, rows: list[list[int]], batch_size: int = 8) -> dict:
     model.eval()
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
@@ -40,8 +83,10 @@ def lm_metrics_from_rows(model, tok, rows: list[list[int]], batch_size: int = 8)
     return _summary(total_nll, total_tokens, total_bytes)
 
 
-def lm_metrics_from_texts(model, tok, texts: list[str], max_len: int, batch_size: int = 8) -> dict:
-    """Each text scored on its own (truncated to ``max_len`` tokens, the first token unscored)."""
+def lm_metrics_from_texts(model, tok, texts: list[str], max_len: int, batch_size: int = 8,
+                          masked: MaskedScorer | None = None) -> dict:
+    """Each text scored on its own (truncated to ``max_len`` tokens, the first token unscored;
+    with ``masked``, a masked LM's loss at the corrupted positions)."""
     model.eval()
     max_len = context_length(model, max_len)
     if tok.pad_token_id is None:  # GPT-2's and Llama's tokenizers have none; padding is masked out anyway
@@ -55,15 +100,23 @@ def lm_metrics_from_texts(model, tok, texts: list[str], max_len: int, batch_size
         # would shift every real token's position
         enc = tok(texts[i : i + batch_size], truncation=True, max_length=max_len, padding=True,
                   padding_side="right", return_tensors="pt")
+        if masked is not None:
+            nll, counts = masked(model, enc["input_ids"], enc["attention_mask"])
+            total_nll, total_tokens = total_nll + float(nll.sum()), total_tokens + int(counts.sum())
+            continue
         total_nll += float(sequence_nll(model, enc["input_ids"], enc["attention_mask"]).sum())
         total_tokens += int(enc["attention_mask"][:, 1:].sum())
         for ids, mask in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist()):
             scored = [t for t, m in zip(ids[1:], mask[1:]) if m]
             total_bytes += len(tok.decode(scored).encode("utf-8"))
-    return _summary(total_nll, total_tokens, total_bytes)
+    return _summary(total_nll, total_tokens, total_bytes, "causal" if masked is None else "masked")
 
 
-def _summary(nll: float, tokens: int, num_bytes: int) -> dict:
+def _summary(nll: float, tokens: int, num_bytes: int, objective: str = "causal") -> dict:
+    """Loss and perplexity per scored token; bits per byte for a causal LM (a masked LM scores
+    15% of the tokens, each seeing the others: no per-byte figure)."""
     loss = nll / max(1, tokens)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": nll / (math.log(2) * max(1, num_bytes)),
-            "tokens": tokens, "bytes": num_bytes}
+    causal = objective == "causal"
+    return {"objective": objective, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": nll / (math.log(2) * max(1, num_bytes)) if causal else None,
+            "tokens": tokens, "bytes": num_bytes if causal else None}

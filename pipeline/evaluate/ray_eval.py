@@ -28,16 +28,19 @@ class ClassifierPredictor:
 class LMScorer:
     def __init__(self, model_dir: str):
         import torch
-        import transformers
+
+        from pipeline.evaluate.lm import load_lm
 
         torch.set_num_threads(1)
-        self.tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+        self.model, self.tok, self.masked = load_lm(model_dir)
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
         x = torch.tensor(np.stack(batch["input_ids"]), dtype=torch.long)
+        if self.masked is not None:
+            nll, counts = self.masked(self.model, x)
+            return {"nll": nll.numpy(), "tokens": counts.numpy(), "bytes": np.zeros(len(x), dtype=np.int64)}
         nll = sequence_nll(self.model, x).numpy()
         num_bytes = [len(self.tok.decode(r[1:]).encode("utf-8")) for r in x.tolist()]
         return {"nll": nll, "tokens": np.full(len(x), x.shape[1] - 1), "bytes": np.array(num_bytes)}
@@ -66,6 +69,10 @@ def score_shards(files: list[str], model_dir: str, actors: int = 2, batch_size: 
     totals = np.zeros(3)
     for b in scored.iter_batches(batch_format="numpy", batch_size=1024):
         totals += [b["nll"].sum(), b["tokens"].sum(), b["bytes"].sum()]
-    from pipeline.evaluate.lm import _summary
+    import transformers
 
-    return _summary(float(totals[0]), int(totals[1]), int(totals[2]))
+    from pipeline.evaluate.lm import _summary
+    from pipeline.model.build import is_masked_lm
+
+    masked = is_masked_lm(transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    return _summary(float(totals[0]), int(totals[1]), int(totals[2]), "masked" if masked else "causal")

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class LMEvalConfig:
-    model: str  # causal LM directory, or the pretrain config YAML that made it
+    model: str  # causal or masked LM directory, or the pretrain config YAML that made it
     data: str | None = None  # prepare output (dir or config YAML): its val shards
     text_file: str | None = None  # or any text file (one document per non-empty line, or the whole file)
     max_rows: int = 0  # 0 = every val row
@@ -83,11 +83,15 @@ class EvaluateConfig:
         check(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
 
 
-def _causal_dir(spec: str) -> Path:
+def _causal_dir(spec: str, where: str | None = None) -> Path:
+    """The model directory ``spec`` names; with ``where``, it must hold a causal LM."""
     from pipeline.finetune.finetune import resolve_model_dir
+    from pipeline.model.build import require_causal
 
     path = resolve_model_dir(spec)
     check((path / "config.json").exists(), f"model {spec}: {path} is not a model directory (train it first)")
+    if where:
+        require_causal(path, where, "scoring continuations by log-likelihood")
     return path
 
 
@@ -119,12 +123,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     import transformers
 
     out = Path(cfg.output_dir) / f"{cfg.name}-{config_hash({**to_dict(cfg), 'output_dir': None, 'actors': None})}"
+    for section, key in ((cfg.fewshot, "fewshot.model"), (cfg.bias, "bias.model")):  # before any work
+        if section is not None:
+            _causal_dir(section.model, key)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"output_dir": str(out)}
     report = [f"# Evaluation: {cfg.name}", ""]
 
     if cfg.lm is not None:
-        from pipeline.evaluate.lm import lm_metrics_from_texts
+        from pipeline.evaluate.lm import lm_metrics_from_texts, load_lm
         from pipeline.evaluate.ray_eval import score_shards
         from pipeline.train.data import check_same_tokenizer, load_manifest, resolve_prepared, shard_paths
 
@@ -147,13 +154,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             path = Path(cfg.lm.text_file)
             check(path.is_file(), f"lm.text_file not found: {path}")
             texts = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-            tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
-            res = lm_metrics_from_texts(model, tok, texts, cfg.lm.max_len)
+            model, tok, masked = load_lm(str(model_dir))
+            res = lm_metrics_from_texts(model, tok, texts, cfg.lm.max_len, masked=masked)
         results["lm"] = {"model": str(model_dir), **res}
         report += ["## Language modeling", "", f"- model: `{model_dir}`",
                    f"- loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}, bits/byte {res['bits_per_byte']:.4f} "
-                   f"over {res['tokens']} tokens", ""]
+                   f"over {res['tokens']} tokens" if res["objective"] == "causal" else
+                   f"- masked LM (BERT-style): loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f} over "
+                   f"{res['tokens']} masked tokens (15% of each row, 80/10/10, as in training, seeded by the row)", ""]
 
     if cfg.classification is not None:
         results["classification"], lines = _eval_classification(cfg.classification, cfg.actors, out)

@@ -203,7 +203,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     base = resolve_model_dir(cfg.base_model)
     check((base / "config.json").exists(), f"base_model: {base} is not a Hugging Face model directory (train it first)")
-    from pipeline.model.build import context_length
+    from pipeline.model.build import context_length, require_causal
+
+    if cfg.task == "sft":
+        require_causal(base, "base_model", "SFT (generating answers)")
 
     # a base with relative positions only (ALiBi) records no context length: max_seq_len is the limit
     ctx = context_length(transformers.AutoConfig.from_pretrained(str(base), local_files_only=True),

@@ -133,3 +133,26 @@ def context_length(config, default: int | None = None) -> int:
         return default
     raise ValueError(f"the {getattr(config, 'model_type', '?')} model config names no context length (none of "
                      f"{', '.join(_CONTEXT_KEYS)}); give it explicitly")
+
+
+def is_masked_lm(config) -> bool:
+    """Whether a model config describes a masked (BERT-style, bidirectional) LM. Such a model
+    also loads through ``AutoModelForCausalLM`` (as ``BertLMHeadModel``) without error, but then
+    reads the tokens it predicts, so every causal use has to ask first."""
+    if any(a.endswith("ForMaskedLM") for a in getattr(config, "architectures", None) or ()):
+        return True
+    return getattr(config, "model_type", "") in ENCODER_TYPES and not getattr(config, "is_decoder", False)
+
+
+ENCODER_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
+                 "camembert", "modernbert", "mpnet")
+
+
+def require_causal(model_dir, where: str, what: str) -> None:
+    """A clear error when ``model_dir`` holds a masked LM where ``what`` needs a causal one."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    if is_masked_lm(config):
+        raise ValueError(f"{where}: {model_dir} is a masked (BERT-style) language model ({config.model_type}); "
+                         f"{what} needs a causal LM")

@@ -646,6 +646,11 @@ def build_app(cfg: ServeConfig):
 
     cfg = replace(cfg, models=[replace(m, path=resolve_path(m.path)) for m in cfg.models],
                   feedback_db=str(Path(cfg.feedback_db).resolve()))
+    from pipeline.model.build import require_causal
+
+    for m in cfg.models:  # before any replica starts
+        if m.kind != "classifier":
+            require_causal(m.path, f"models[{m.name}]", f"kind: {m.kind} (text generation)")
     handles = {}
     for m in cfg.models:
         a = m.autoscaling

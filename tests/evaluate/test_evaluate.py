@@ -2,6 +2,7 @@
 and a bias probe that detects a bias planted in a toy model."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,48 @@ def test_lm_data_checks_tokenizer_and_context_before_scoring(tiny_prepared, tmp_
     build_model(ModelConfig(preset="tiny", max_seq_len=64), len(other)).save_pretrained(str(tmp_path / "other"))
     with pytest.raises(ValueError, match=r"lm\.data: .*another tokenizer"):
         run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "other"), "data": str(prep)}}))
+
+
+def test_a_masked_lm_is_scored_as_one_and_refused_where_a_causal_lm_is_needed(toy, tmp_path):
+    """A BERT-style model also loads as a causal LM (``BertLMHeadModel``) and would then read the
+    tokens it predicts: evaluation scores it with its own objective, deterministically, and the
+    causal-only sections refuse it before any work."""
+    import numpy as np
+
+    from pipeline.config import from_dict
+    from pipeline.evaluate.lm import load_lm
+    from pipeline.evaluate.ray_eval import LMScorer
+    from pipeline.evaluate.run import EvaluateConfig, run_evaluate
+    from pipeline.model.build import is_masked_lm, require_causal
+
+    tok, texts = toy
+    masked = build_model(ModelConfig(preset="tiny", objective="masked", max_seq_len=32), len(tok), tok.pad_token_id)
+    masked.save_pretrained(str(tmp_path / "mlm"))
+    tok.save_pretrained(str(tmp_path / "mlm"))
+    causal = build_model(ModelConfig(preset="tiny", max_seq_len=32), len(tok))
+    assert is_masked_lm(masked.config) and not is_masked_lm(causal.config)
+    with pytest.raises(ValueError, match="masked .*needs a causal LM"):
+        require_causal(tmp_path / "mlm", "here", "this")
+
+    model, t, scorer = load_lm(str(tmp_path / "mlm"))
+    assert scorer is not None and type(model).__name__ == "BertForMaskedLM"
+    batched = lm_metrics_from_texts(model, t, texts[::7], 32, batch_size=8, masked=scorer)
+    alone = lm_metrics_from_texts(model, t, texts[::7], 32, batch_size=1, masked=scorer)
+    assert batched["objective"] == "masked" and batched["bits_per_byte"] is None and batched["tokens"] > 0
+    assert batched["tokens"] == alone["tokens"] and batched["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    rows = np.array([tok(x)["input_ids"][:8] for x in (texts[0], texts[-1])])
+    both, one = LMScorer(str(tmp_path / "mlm"))({"input_ids": rows}), LMScorer(str(tmp_path / "mlm"))({"input_ids": rows[:1]})
+    assert both["nll"][0] == pytest.approx(one["nll"][0], rel=1e-5) and both["tokens"][0] == one["tokens"][0]
+
+    (tmp_path / "text.txt").write_text("\n".join(texts[:10]))
+    cfg = {"output_dir": str(tmp_path / "ev"), "classification": None, "fewshot": None, "bias": None}
+    res = run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "mlm"),
+                                                               "text_file": str(tmp_path / "text.txt")}}))
+    assert res["lm"]["objective"] == "masked" and math.isfinite(res["lm"]["loss"])
+    assert "masked LM" in (Path(res["output_dir"]) / "report.md").read_text()
+    for section in ("fewshot", "bias"):
+        with pytest.raises(ValueError, match=f"{section}.model: .*masked"):
+            run_evaluate(from_dict(EvaluateConfig, {**cfg, "output_dir": str(tmp_path / section), "lm": None,
+                                                    section: {"model": str(tmp_path / "mlm"),
+                                                              **({"data": str(tmp_path)} if section == "fewshot" else {})}}))
+        assert not (tmp_path / section).exists()
