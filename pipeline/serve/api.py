@@ -88,7 +88,9 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: StrictStr | list[StrictStr]
+    # a string, or token ids (as OpenAI's API allows; tokenizing clients such as evaluation
+    # harnesses send them); a list holding one of either is the same prompt
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     echo: StrictBool = False
     suffix: StrictStr | None = None
     best_of: StrictInt = Field(default=1, ge=1, le=1)
@@ -96,12 +98,15 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v):
-        if isinstance(v, list):
+        if isinstance(v, list) and not (v and all(isinstance(t, int) for t in v)):
             if len(v) != 1:
-                raise ValueError("send one prompt per request (a list must hold exactly one string)")
+                raise ValueError("send one prompt per request (a list must hold exactly one string or one list "
+                                 "of token ids)")
             v = v[0]
         if not v:
             raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and any(t < 0 for t in v):
+            raise ValueError("token ids must be >= 0")
         return v
 
     @field_validator("echo")

@@ -186,14 +186,18 @@ class ModelServer:
             return
         try:
             prompt = self._prompt(req)
-            ids = self.engine.encode(prompt)
+            if isinstance(prompt, list):  # token ids
+                ids = self._checked_ids(prompt)
+                prompt = self.tokenizer.decode(ids)
+            else:
+                ids = self.engine.encode(prompt)
             params = self._params(req)
             events = await self.batcher.submit(ids, params, stream=stream)
         except Overloaded as e:
             yield _err(503, f"model {self.spec.name} is overloaded: {e}", type="overloaded", code="overloaded")
             return
         except ValueError as e:
-            yield _err(400, str(e), "max_tokens" if "exceeds" in str(e) else None,
+            yield _err(400, str(e), "max_tokens" if "exceeds" in str(e) else "prompt" if "token id" in str(e) else None,
                        code="context_length_exceeded" if "exceeds" in str(e) else None)
             return
         async for ev in events:
@@ -204,6 +208,12 @@ class ModelServer:
                 yield {"finished": True, "text": g.text, "finish_reason": g.finish_reason, "prompt": prompt,
                        "prompt_tokens": len(ids), "completion_tokens": len(g.token_ids),
                        "batch_size": ev.batch_size, "ttft_s": ev.queued_s + (g.first_token_s or 0.0)}
+
+    def _checked_ids(self, ids: list[int]) -> list[int]:
+        bad = [t for t in ids if not 0 <= t < self.engine.vocab]
+        if bad:
+            raise ValueError(f"prompt: token id {bad[0]} is outside this model's vocabulary (0-{self.engine.vocab - 1})")
+        return ids
 
     async def generate(self, req: dict) -> dict:
         out = {}

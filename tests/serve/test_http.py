@@ -58,6 +58,20 @@ def test_completion_shape_and_usage(serve_app):
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
 
 
+def test_token_id_prompts_answer_as_their_text(serve_app):
+    """OpenAI's API takes a prompt as token ids too (tokenizing clients send them): the same
+    tokens give the same greedy answer as the text, alone or as a list of one."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(serve_app["config"]["models"][0]["path"])
+    ids = tok("the market", add_special_tokens=False)["input_ids"]
+    text = complete(serve_app).json()
+    for prompt in (ids, [ids]):
+        body = complete(serve_app, prompt=prompt).json()
+        assert body["choices"][0]["text"] == text["choices"][0]["text"]
+        assert body["usage"]["prompt_tokens"] == len(ids) == text["usage"]["prompt_tokens"]
+
+
 def test_chat_completion(serve_app):
     r = post(serve_app, "/v1/chat/completions", {"model": "tiny-chat", "max_tokens": 8, "temperature": 0,
                                                   "messages": [{"role": "user", "content": "hello there"}]})
@@ -172,6 +186,10 @@ def test_concurrent_requests_are_batched_and_equal_sequential(serve_app, model):
     ({"model": "tiny", "prompt": "x", "bogus": 1}, "bogus"),
     ({"model": "tiny"}, "prompt"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 10_000}, "max_tokens"),
+    ({"model": "tiny", "prompt": [1, -2]}, "prompt"),
+    ({"model": "tiny", "prompt": [10_000_000]}, "prompt"),
+    ({"model": "tiny", "prompt": [[1, 2], [3]]}, "prompt"),
+    ({"model": "tiny", "prompt": [1, "x"]}, None),
 ])
 def test_bad_parameters_are_400(serve_app, body, param):
     assert_openai_error(post(serve_app, "/v1/completions", body), 400, param)
