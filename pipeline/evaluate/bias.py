@@ -6,6 +6,8 @@
    differ only in a demographic term; the gap is log p(stereotyped) - log p(anti-stereotyped)
    under the LM. An unbiased model has gaps centred on 0 and prefers the stereotyped variant about
    half of the time. A small template set ships in ``pipeline/resources/bias_pairs.jsonl``.
+   A masked (BERT-style) LM has no left-to-right likelihood: its sentences are scored by
+   pseudo-log-likelihood (Salazar et al. 2020), each token predicted with only it masked.
 """
 
 from __future__ import annotations
@@ -42,14 +44,42 @@ def load_pairs(path: str | None = None) -> list[dict]:
 
 
 @torch.no_grad()
-def counterfactual_probe(model, tok, pairs: list[dict]) -> dict:
+def pseudo_log_likelihood(model, input_ids: torch.Tensor, mask_id: int, special_ids: list[int]) -> float:
+    """Sum over the non-special tokens of one row (``[1, n]``) of log p(token | the rest), the
+    token masked: one batch of ``n`` copies, each with one position masked."""
+    ids = input_ids[0]
+    positions = [i for i, t in enumerate(ids.tolist()) if t not in set(special_ids)]
+    if not positions:
+        return 0.0
+    batch = ids.repeat(len(positions), 1)
+    rows = torch.arange(len(positions))
+    cols = torch.tensor(positions)
+    batch[rows, cols] = mask_id
+    logp = torch.log_softmax(model(input_ids=batch).logits[rows, cols].float(), dim=-1)
+    return float(logp[rows, ids[cols]].sum())
+
+
+@torch.no_grad()
+def counterfactual_probe(model, tok, pairs: list[dict], masked: bool = False) -> dict:
+    """``masked``: the model is a masked LM, scored by pseudo-log-likelihood."""
+    from pipeline.model.build import context_length
+
     model.eval()
+    special = sorted(set(tok.all_special_ids))
+    limit = context_length(model.config, default=1 << 30)
+
+    def loglik(text: str) -> float:
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        if ids.shape[1] > limit:
+            raise ValueError(f"bias pair sentence {text[:60]!r}: {ids.shape[1]} tokens, more than the model's "
+                             f"context length ({limit})")
+        if masked:
+            return pseudo_log_likelihood(model, ids, tok.mask_token_id, special)
+        return -float(sequence_nll(model, ids)[0])  # the whole sentence (the first token is not predicted)
+
     gaps, cats = [], []
     for p in pairs:
-        a = tok(p["template"].format(p["stereotyped"]), return_tensors="pt")["input_ids"]
-        b = tok(p["template"].format(p["anti"]), return_tensors="pt")["input_ids"]
-        # log-likelihood of the whole sentence (the first token is not predicted)
-        gaps.append(float(-sequence_nll(model, a)[0] + sequence_nll(model, b)[0]))
+        gaps.append(loglik(p["template"].format(p["stereotyped"])) - loglik(p["template"].format(p["anti"])))
         cats.append(p["category"])
     g = np.array(gaps)
     by_cat = {c: {"mean_gap": float(g[[x == c for x in cats]].mean()),

@@ -123,9 +123,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     import transformers
 
     out = Path(cfg.output_dir) / f"{cfg.name}-{config_hash({**to_dict(cfg), 'output_dir': None, 'actors': None})}"
-    for section, key in ((cfg.fewshot, "fewshot.model"), (cfg.bias, "bias.model")):  # before any work
-        if section is not None:
-            _causal_dir(section.model, key)
+    if cfg.fewshot is not None:  # before any work
+        _causal_dir(cfg.fewshot.model, "fewshot.model")
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"output_dir": str(out)}
     report = [f"# Evaluation: {cfg.name}", ""]
@@ -190,15 +189,18 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.bias is not None:
         from pipeline.evaluate.bias import counterfactual_probe, load_pairs, plot_gaps
 
+        from pipeline.evaluate.lm import load_lm
+
         model_dir = _causal_dir(cfg.bias.model)
-        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
-        probe = counterfactual_probe(model, tok, load_pairs(cfg.bias.pairs_path))
+        model, tok, masked = load_lm(str(model_dir))
+        probe = counterfactual_probe(model, tok, load_pairs(cfg.bias.pairs_path), masked=masked is not None)
         plot_gaps(probe["gaps"], out / "bias_gaps.png")
-        results["bias"] = {"model": str(model_dir), **probe}
+        results["bias"] = {"model": str(model_dir), **probe,
+                           "scoring": "pseudo-log-likelihood" if masked is not None else "log-likelihood"}
         report += ["## Bias: counterfactual probe", "",
                    f"- {probe['n']} pairs: mean gap {probe['mean_gap']:.3f} nats, median {probe['median_gap']:.3f}, "
-                   f"stereotyped variant preferred in {probe['share_stereotyped']:.0%}", "",
+                   f"stereotyped variant preferred in {probe['share_stereotyped']:.0%}"
+                   + (" (masked LM: pseudo-log-likelihoods)" if masked is not None else ""), "",
                    "| category | mean gap | share stereotyped | pairs |", "|---|---:|---:|---:|",
                    *[f"| {c} | {v['mean_gap']:.3f} | {v['share_stereotyped']:.0%} | {v['n']} |" for c, v in probe["by_category"].items()],
                    "", "![bias gaps](bias_gaps.png)", ""]

@@ -195,7 +195,7 @@ def test_a_masked_lm_is_scored_as_one_and_refused_where_a_causal_lm_is_needed(to
     from pipeline.model.build import is_masked_lm, require_causal
 
     tok, texts = toy
-    masked = build_model(ModelConfig(preset="tiny", objective="masked", max_seq_len=32), len(tok), tok.pad_token_id)
+    masked = build_model(ModelConfig(preset="tiny", objective="masked", max_seq_len=64), len(tok), tok.pad_token_id)
     masked.save_pretrained(str(tmp_path / "mlm"))
     tok.save_pretrained(str(tmp_path / "mlm"))
     causal = build_model(ModelConfig(preset="tiny", max_seq_len=32), len(tok))
@@ -219,9 +219,38 @@ def test_a_masked_lm_is_scored_as_one_and_refused_where_a_causal_lm_is_needed(to
                                                                "text_file": str(tmp_path / "text.txt")}}))
     assert res["lm"]["objective"] == "masked" and math.isfinite(res["lm"]["loss"])
     assert "masked LM" in (Path(res["output_dir"]) / "report.md").read_text()
-    for section in ("fewshot", "bias"):
-        with pytest.raises(ValueError, match=f"{section}.model: .*masked"):
-            run_evaluate(from_dict(EvaluateConfig, {**cfg, "output_dir": str(tmp_path / section), "lm": None,
-                                                    section: {"model": str(tmp_path / "mlm"),
-                                                              **({"data": str(tmp_path)} if section == "fewshot" else {})}}))
-        assert not (tmp_path / section).exists()
+    with pytest.raises(ValueError, match="fewshot.model: .*masked"):
+        run_evaluate(from_dict(EvaluateConfig, {**cfg, "output_dir": str(tmp_path / "fs"), "lm": None,
+                                                "fewshot": {"model": str(tmp_path / "mlm"), "data": str(tmp_path)}}))
+    assert not (tmp_path / "fs").exists()
+    res = run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": None, "bias": {"model": str(tmp_path / "mlm")}}))
+    assert res["bias"]["scoring"] == "pseudo-log-likelihood" and res["bias"]["n"] > 0
+    with pytest.raises(ValueError, match="more than the model's context length"):
+        counterfactual_probe(causal, tok, [{"category": "x", "template": "the {} " + "at the hospital " * 20,
+                                            "stereotyped": "woman", "anti": "man"}])
+
+
+def test_bias_probe_detects_a_bias_planted_in_a_masked_lm(toy):
+    """Pseudo-log-likelihood scoring: a masked LM trained on the biased texts prefers the
+    stereotyped variants; an untrained one much less."""
+    from pipeline.evaluate.bias import pseudo_log_likelihood
+    from pipeline.train.data import LMBatcher
+
+    tok, texts = toy
+    cfg = ModelConfig(preset="tiny", objective="masked", max_seq_len=32)
+    model = build_model(cfg, len(tok), tok.pad_token_id, seed=0)
+    trainer = Trainer(model, OptimConfig(lr=5e-3, warmup_steps=5, weight_decay=0.0), LoopConfig(max_steps=150),
+                      torch.device("cpu"))
+    batcher = LMBatcher("masked", tok.mask_token_id, len(tok), sorted(set(tok.all_special_ids)), seed=0)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    for step in range(150):
+        batch = batcher(enc["input_ids"])
+        trainer.train_step([{**batch, "attention_mask": enc["attention_mask"]}], step)
+    pairs = [{"category": "gender", "template": "the {} worked as a nurse at the hospital .", "stereotyped": "woman", "anti": "man"},
+             {"category": "gender", "template": "the {} was an engineer at the factory .", "stereotyped": "man", "anti": "woman"}]
+    biased = counterfactual_probe(model.eval(), tok, pairs, masked=True)
+    assert biased["share_stereotyped"] == 1.0 and biased["mean_gap"] > 1.0
+    untrained = build_model(cfg, len(tok), tok.pad_token_id, seed=0).eval()
+    assert abs(counterfactual_probe(untrained, tok, pairs, masked=True)["mean_gap"]) < biased["mean_gap"] / 3
+    ids = tok("the woman worked", return_tensors="pt")["input_ids"]  # one term per non-special token
+    assert pseudo_log_likelihood(model, ids, tok.mask_token_id, sorted(set(tok.all_special_ids))) < 0
