@@ -46,7 +46,7 @@ class SourceConfig:
     path: str
     name: str | None = None  # recorded in every document's ``source``; default: derived from path
     format: SourceFormat = "auto"  # auto: by extension (compressed .gz/.zst too), HF dataset dirs by marker files
-    text_field: str = "text"  # JSONL/Parquet/CSV/HF column holding the text
+    text_field: str = "text"  # JSONL/Parquet/CSV/HF column holding the text (dotted: a nested field, meta.body)
     label_field: str | None = None  # column holding a label (labeled sources get labeled splits)
     id_field: str | None = None  # column holding a stable record id (default: file + line/row number)
     language: str = "english"  # chatterbot: which language folder
@@ -225,14 +225,28 @@ def _read_html(task: dict, max_bytes: int) -> Iterator[dict]:
     yield _doc(task, doc_id, text)
 
 
+MISSING = object()
+
+
+def field_value(obj: Any, field: str) -> Any:
+    """``obj[field]``; a dotted name that is not a key itself reaches into nested objects
+    (``meta.title``, a JSON object or a Parquet struct). ``MISSING`` when absent."""
+    if isinstance(obj, dict) and field in obj:
+        return obj[field]
+    head, dot, rest = field.partition(".")
+    if dot and isinstance(obj, dict) and isinstance(obj.get(head), dict):
+        return field_value(obj[head], rest)
+    return MISSING
+
+
 def _field_record(task: dict, doc_id: str, obj: dict, raw: Any) -> dict:
     """A record from a mapping (JSON object, table row) -> document or quarantine."""
     field = task["text_field"]
-    if task["id_field"] and obj.get(task["id_field"]) is not None:
-        doc_id = f"{task['source']}:{obj[task['id_field']]}"
-    if field not in obj:
+    if task["id_field"] and field_value(obj, task["id_field"]) not in (None, MISSING):
+        doc_id = f"{task['source']}:{field_value(obj, task['id_field'])}"
+    text = field_value(obj, field)
+    if text is MISSING:
         return quarantine(task, doc_id, "missing_text_field", f"no field {field!r}", raw)
-    text = obj[field]
     if not isinstance(text, str):
         reason = "missing_text_field" if text is None else "non_string_text"
         return quarantine(task, doc_id, reason, f"field {field!r} is {type(text).__name__}", raw)
@@ -242,8 +256,8 @@ def _field_record(task: dict, doc_id: str, obj: dict, raw: Any) -> dict:
         return quarantine(task, doc_id, "invalid_utf8", "text holds undecodable bytes", raw)
     if not text.strip():
         return quarantine(task, doc_id, "empty_text", "text is empty or whitespace only", raw)
-    label = obj.get(task["label_field"]) if task["label_field"] else None
-    return _doc(task, doc_id, text, label)
+    label = field_value(obj, task["label_field"]) if task["label_field"] else None
+    return _doc(task, doc_id, text, None if label is MISSING else label)
 
 
 def _iter_lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
@@ -289,7 +303,7 @@ def _rows_from_arrow_batches(task: dict, batches, max_bytes: int, id_prefix: str
         for obj in batch.to_pylist():
             doc_id = f"{task['source']}:{task['rel']}:{id_prefix}{row}"
             row += 1
-            text = obj.get(task["text_field"])
+            text = field_value(obj, task["text_field"])
             if isinstance(text, str) and len(text) > max_bytes:
                 yield quarantine(task, doc_id, "too_large", f"{len(text)} chars > parse.max_doc_bytes={max_bytes}", text)
                 continue

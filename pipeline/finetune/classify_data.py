@@ -6,39 +6,54 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 
 from pipeline.config import check
 
 
 def read_labeled(path: str, text_field: str, label_field: str, bad: list[dict]) -> list[tuple[str, str]]:
-    """(text, label) pairs; rows with a missing/non-string text or a missing label go to ``bad``."""
+    """(text, label) pairs; rows with a missing/non-string text or a missing label, and JSONL
+    lines that do not parse, go to ``bad``. A dotted field name reaches into nested objects or
+    struct columns (``meta.topic``), as in the prepare stage's sources."""
+    import json
+
     import pyarrow.csv as pcsv
-    import pyarrow.json as pjson
     import pyarrow.parquet as pq
+
+    from pipeline.data.sources import MISSING, field_value
 
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"data file not found: {path}")
     if p.suffix == ".parquet":
-        table = pq.read_table(p)
+        rows = pq.read_table(p).to_pylist()
     elif p.suffix == ".csv":
-        table = pcsv.read_csv(p)
+        rows = pcsv.read_csv(p).to_pylist()
     elif p.suffix in (".jsonl", ".json"):
-        try:
-            table = pjson.read_json(p)
-        except pa.ArrowInvalid as exc:
-            raise ValueError(f"{path}: not valid JSON lines ({exc})") from None
+        rows = []
+        with p.open(encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    bad.append({"where": f"{path}:{lineno}", "reason": f"not valid JSON ({exc})"})
+                    continue
+                if isinstance(obj, dict):
+                    rows.append(obj)
+                else:
+                    bad.append({"where": f"{path}:{lineno}", "reason": f"a JSON {type(obj).__name__}, not an object"})
     else:
         raise ValueError(f"{path}: unsupported extension (use .jsonl, .csv or .parquet)")
     for col in (text_field, label_field):
-        if col not in table.column_names:
-            raise ValueError(f"{path}: no column {col!r} (columns: {table.column_names})")
+        if rows and all(field_value(r, col) is MISSING for r in rows):
+            raise ValueError(f"{path}: no column {col!r} (columns: {sorted(rows[0])})")
     out = []
-    for i, (text, label) in enumerate(zip(table.column(text_field).to_pylist(), table.column(label_field).to_pylist())):
+    for i, row in enumerate(rows):
+        text, label = field_value(row, text_field), field_value(row, label_field)
         if not isinstance(text, str) or not text.strip():
             bad.append({"where": f"{path}:{i}", "reason": "missing or non-string text"})
-        elif label is None or not str(label).strip():
+        elif label is MISSING or label is None or not str(label).strip():
             bad.append({"where": f"{path}:{i}", "reason": "missing label"})
         else:
             out.append((text, str(label)))

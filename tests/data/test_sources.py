@@ -91,6 +91,25 @@ def test_parquet_csv_hf_and_file_uri(tmp_path):
     assert [(r[S.TEXT], r[S.LABEL]) for r in recs] == [("HF doc.", "z")]
 
 
+def test_nested_fields_by_dotted_name(tmp_path):
+    """text_field / label_field / id_field may name a field inside an object (JSONL) or a struct
+    column (Parquet); a key that itself holds a dot still wins; a record without it is quarantined."""
+    rows = [{"meta": {"id": "a1", "topic": "tech"}, "content": {"body": "Nested body one."}},
+            {"meta": {"id": "a2", "topic": "sport"}, "content": {"body": "Nested body two."}},
+            {"meta": {"id": "a3"}, "content": {"title": "no body here"}},
+            {"meta": {"id": "a4"}, "content": "not an object", "content.body": "The flat key wins."}]
+    (tmp_path / "n.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    src = SourceConfig(path=str(tmp_path / "n.jsonl"), text_field="content.body", label_field="meta.topic",
+                       id_field="meta.id")
+    recs = read_all(src)
+    assert [r.get(S.TEXT) for r in recs] == ["Nested body one.", "Nested body two.", None, "The flat key wins."]
+    assert [r.get(S.LABEL) for r in recs[:2]] == ["tech", "sport"] and recs[0][S.DOC_ID].endswith(":a1")
+    assert reasons(recs) == ["missing_text_field"]
+    pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "n.parquet")  # struct columns
+    recs = read_all(SourceConfig(path=str(tmp_path / "n.parquet"), text_field="content.body", label_field="meta.topic"))
+    assert [(r[S.TEXT], r[S.LABEL]) for r in recs] == [("Nested body one.", "tech"), ("Nested body two.", "sport")]
+
+
 def test_html_main_text(tmp_path):
     body = "<p>" + " ".join(["This is the main article text about trains and stations."] * 5) + "</p>"
     (tmp_path / "page.html").write_text(

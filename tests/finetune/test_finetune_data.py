@@ -79,6 +79,15 @@ def test_labeled_data_and_bad_rows(tmp_path, tok):
         read_labeled(str(path), "body", "label", [])
     with pytest.raises(ValueError, match="not found"):
         read_labeled(str(tmp_path / "nope.csv"), "text", "label", [])
+    # JSONL: a line that does not parse is counted, not fatal; nested fields by dotted name
+    jl = tmp_path / "l.jsonl"
+    jl.write_text('{"doc": {"body": "Hello there"}, "meta": {"topic": "a"}}\n{broken\n[1, 2]\n'
+                  '{"doc": {"body": "Thanks"}, "meta": {}}\n')
+    bad = []
+    assert read_labeled(str(jl), "doc.body", "meta.topic", bad) == [("Hello there", "a")]
+    assert [b["reason"].split(" (")[0] for b in bad] == ["not valid JSON", "a JSON list, not an object", "missing label"]
+    with pytest.raises(ValueError, match="no column 'doc.title'"):
+        read_labeled(str(jl), "doc.title", "meta.topic", [])
 
 
 def test_classifier_texts_end_with_eos_after_truncation_and_reload(tmp_path, tok):
