@@ -1,6 +1,7 @@
 """Serving: the models behind an OpenAI-compatible HTTP API on Ray Serve (127.0.0.1:8000 by default).
 
     python -m jobs.serve --model outputs/pretrain/.../model            # one model, named after its directory
+                                                                       # (kind from the directory: classifier, chat or causal)
     python -m jobs.serve --model base=DIR --model chat=DIR:chat --model topics=DIR:classifier
     python -m jobs.serve --config jobs/configs/serve_demo.yaml [key=value ...]   # our file or Serve's
     serve run jobs/configs/serve_demo.yaml                             # Serve's own CLI, same app
@@ -25,6 +26,10 @@ def _model_arg(spec: str) -> dict:
         name, rest = "", spec
     path, _, kind = rest.rpartition(":") if rest.rsplit(":", 1)[-1] in ("causal", "chat", "classifier") else (rest, "", "")
     path = path or rest
+    if not kind:  # a model directory says what it is; YAML and compress references are causal
+        from pipeline.serve.app import infer_kind
+
+        kind = infer_kind(path) or ""
     return {"name": name or Path(path.rstrip("/")).name.replace("_", "-") or "model", "path": path,
             **({"kind": kind} if kind else {})}
 

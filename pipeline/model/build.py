@@ -148,6 +148,21 @@ ENCODER_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta"
                  "camembert", "modernbert", "mpnet")
 
 
+def checkpoint_kind(model_dir) -> str | None:
+    """What a saved model is, from its config's ``architectures``: "classifier" (a sequence
+    classification head), "masked" (``is_masked_lm``) or "causal"; None when the config names
+    no architecture."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    if is_masked_lm(config):
+        return "masked"
+    archs = getattr(config, "architectures", None) or ()
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "classifier"
+    return "causal" if archs else None
+
+
 def require_causal(model_dir, where: str, what: str) -> None:
     """A clear error when ``model_dir`` holds a masked LM where ``what`` needs a causal one."""
     import transformers

@@ -92,6 +92,38 @@ class ServeConfig:
         check(self.rating_min < self.rating_max, "rating_min must be < rating_max")
 
 
+def check_kind(m: ServedModel) -> None:
+    """The checkpoint at ``m.path`` is what ``m.kind`` serves: a causal LM read as a classifier
+    would get a random head, a classifier read as an LM would generate from its encoder; both
+    load without an error from ``transformers``."""
+    from pipeline.model.build import checkpoint_kind, require_causal
+
+    found = checkpoint_kind(m.path)
+    if m.kind == "classifier":
+        check(found in ("classifier", None), f"models[{m.name}]: {m.path} is a {found} model, not a sequence "
+                                             f"classifier; kind: classifier serves a classification fine-tune")
+        return
+    check(found != "classifier", f"models[{m.name}]: {m.path} is a sequence classifier; serve it with kind: classifier")
+    require_causal(m.path, f"models[{m.name}]", f"kind: {m.kind} (text generation)")
+
+
+def infer_kind(path: str) -> str | None:
+    """For a model directory: "classifier", "chat" (its tokenizer has a chat template) or
+    "causal"; None when ``path`` is not a model directory (a YAML or compress reference)."""
+    import json
+
+    from pipeline.model.build import checkpoint_kind
+
+    if not Path(path, "config.json").is_file():
+        return None
+    if checkpoint_kind(path) == "classifier":
+        return "classifier"
+    tok_cfg = Path(path, "tokenizer_config.json")
+    has_template = Path(path, "chat_template.jinja").is_file() or (
+        tok_cfg.is_file() and bool(json.loads(tok_cfg.read_text()).get("chat_template")))
+    return "chat" if has_template else "causal"
+
+
 def resolve_path(spec: str) -> str:
     """A model directory; a pretrain / finetune YAML (its exported model); or
     ``compress.yaml#<model>-<variant>`` (a compressed variant)."""
@@ -656,11 +688,8 @@ def build_app(cfg: ServeConfig):
 
     cfg = replace(cfg, models=[replace(m, path=resolve_path(m.path)) for m in cfg.models],
                   feedback_db=str(Path(cfg.feedback_db).resolve()))
-    from pipeline.model.build import require_causal
-
     for m in cfg.models:  # before any replica starts
-        if m.kind != "classifier":
-            require_causal(m.path, f"models[{m.name}]", f"kind: {m.kind} (text generation)")
+        check_kind(m)
     handles = {}
     for m in cfg.models:
         a = m.autoscaling

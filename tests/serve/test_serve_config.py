@@ -39,3 +39,22 @@ def test_serve_config_file_and_models_file_agree():
 def test_bad_serve_config_names_the_key(data, key):
     with pytest.raises(ValueError, match=key):
         from_dict(ServeConfig, data)
+
+
+def test_kinds_are_read_from_the_checkpoint_and_mismatches_refused(tiny_models):
+    """A model directory says what it is (--model DIR needs no kind); a kind that contradicts the
+    checkpoint is refused before any replica starts (transformers would load either way: a random
+    classification head, or a classifier's encoder generating text)."""
+    from pipeline.serve.app import ServedModel, check_kind, infer_kind
+
+    lm, chat, clf = (str(tiny_models / n) for n in ("lm", "chat", "clf"))
+    assert (infer_kind(lm), infer_kind(chat), infer_kind(clf)) == ("causal", "chat", "classifier")
+    assert infer_kind("jobs/configs/pretrain_demo.yaml") is None
+    cfg, _ = parse_args(["--model", f"t={clf}", "--model", f"c={chat}", "--model", f"l={lm}"])
+    assert [m.kind for m in cfg.models] == ["classifier", "chat", "causal"]
+    for path, kind in ((lm, "causal"), (chat, "chat"), (clf, "classifier"), (str(tiny_models / "lm-int8"), "causal")):
+        check_kind(ServedModel(name="m", path=path, kind=kind))
+    with pytest.raises(ValueError, match="not a sequence classifier"):
+        check_kind(ServedModel(name="m", path=lm, kind="classifier"))
+    with pytest.raises(ValueError, match="is a sequence classifier; serve it with kind: classifier"):
+        check_kind(ServedModel(name="m", path=clf, kind="causal"))
