@@ -241,21 +241,23 @@ def resolve_variant(spec: str) -> Path:
 
 
 def _check_variants(cfg: CompressConfig, models: dict) -> None:
-    """No model is already int8, every causal one is causal indeed, and every structured variant
-    applies to every model (checked on weightless meta models), before any work starts."""
+    """No model is already int8, each is of its stated kind, and every structured variant applies
+    to every model (checked on weightless meta models), before any work starts."""
     import torch
     import transformers
 
     from pipeline.compress.prune import check_structured
     from pipeline.compress.quantize import is_int8
 
-    from pipeline.model.build import require_causal
+    from pipeline.model.build import require_causal, require_classifier
 
     structured = [v for v in cfg.variants if v.method == "structured"]
     for spec, src in models.values():
         check(not is_int8(src), f"models[{spec.name}]: {src} is an int8 model; compress a floating-point one")
         if spec.kind == "causal":
             require_causal(src, f"models[{spec.name}]", "kind: causal (decode speed and perplexity)")
+        else:
+            require_classifier(src, f"models[{spec.name}]")
         if not structured:
             continue
         auto = transformers.AutoModelForCausalLM if spec.kind == "causal" else \

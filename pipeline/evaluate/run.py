@@ -216,8 +216,11 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
     from pipeline.evaluate.ray_eval import predict_dataset
     from pipeline.finetune.finetune import resolve_finetuned
 
+    from pipeline.model.build import require_classifier
+
     model_dir = resolve_finetuned(c.model)
     check((model_dir / "config.json").exists(), f"classification.model: {model_dir} is not a model directory")
+    require_classifier(model_dir, "classification.model")
     files = _labeled_files(c.data)
     check(c.split in files, f"classification.data {c.data}: no {c.split!r} split")
     bad: list = []

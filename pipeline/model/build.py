@@ -163,6 +163,15 @@ def checkpoint_kind(model_dir) -> str | None:
     return "causal" if archs else None
 
 
+def require_classifier(model_dir, where: str) -> None:
+    """A clear error when ``model_dir`` is a language model where a fine-tuned classifier is needed
+    (``AutoModelForSequenceClassification`` would load it with a random head)."""
+    found = checkpoint_kind(model_dir)
+    if found not in ("classifier", None):
+        raise ValueError(f"{where}: {model_dir} is a {found} language model, not a sequence classifier; give a "
+                         f"classification fine-tune's model (or its finetune YAML)")
+
+
 def require_causal(model_dir, where: str, what: str) -> None:
     """A clear error when ``model_dir`` holds a masked LM where ``what`` needs a causal one."""
     import transformers

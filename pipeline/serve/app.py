@@ -96,14 +96,13 @@ def check_kind(m: ServedModel) -> None:
     """The checkpoint at ``m.path`` is what ``m.kind`` serves: a causal LM read as a classifier
     would get a random head, a classifier read as an LM would generate from its encoder; both
     load without an error from ``transformers``."""
-    from pipeline.model.build import checkpoint_kind, require_causal
+    from pipeline.model.build import checkpoint_kind, require_causal, require_classifier
 
-    found = checkpoint_kind(m.path)
     if m.kind == "classifier":
-        check(found in ("classifier", None), f"models[{m.name}]: {m.path} is a {found} model, not a sequence "
-                                             f"classifier; kind: classifier serves a classification fine-tune")
+        require_classifier(m.path, f"models[{m.name}]")
         return
-    check(found != "classifier", f"models[{m.name}]: {m.path} is a sequence classifier; serve it with kind: classifier")
+    check(checkpoint_kind(m.path) != "classifier",
+          f"models[{m.name}]: {m.path} is a sequence classifier; serve it with kind: classifier")
     require_causal(m.path, f"models[{m.name}]", f"kind: {m.kind} (text generation)")
 
 

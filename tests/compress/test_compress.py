@@ -8,7 +8,7 @@ import transformers
 
 from pipeline.compress.prune import magnitude_prune, structured_prune
 from pipeline.compress.quantize import file_size, load_model, quantize_int8, save_int8
-from pipeline.config import from_dict
+from pipeline.config import from_dict, to_dict
 from pipeline.model.build import ModelConfig, build_model
 
 
@@ -206,6 +206,11 @@ def test_compress_job_refuses_inapplicable_variants_before_any_work(tok, tmp_pat
                                             {"name": "mlp", "method": "structured", "mlp_keep": 0.5}]))
     with pytest.raises(ValueError, match=r"models\[lm\].*int8 model"):
         run_compress(job(tmp_path / "q", [{"name": "mag", "method": "magnitude"}]))
+    as_classifier = job(tmp_path / "opt", [{"name": "mag", "method": "magnitude"}])
+    as_classifier = from_dict(CompressConfig, {**to_dict(as_classifier),
+                                               "models": [{"name": "lm", "path": str(tmp_path / "opt"), "kind": "classifier"}]})
+    with pytest.raises(ValueError, match=r"models\[lm\].*causal language model, not a sequence classifier"):
+        run_compress(as_classifier)
     assert not (tmp_path / "out").exists()  # refused before any output
 
 

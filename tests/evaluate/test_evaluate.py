@@ -219,6 +219,9 @@ def test_a_masked_lm_is_scored_as_one_and_refused_where_a_causal_lm_is_needed(to
                                                                "text_file": str(tmp_path / "text.txt")}}))
     assert res["lm"]["objective"] == "masked" and math.isfinite(res["lm"]["loss"])
     assert "masked LM" in (Path(res["output_dir"]) / "report.md").read_text()
+    with pytest.raises(ValueError, match="classification.model: .*masked language model, not a sequence classifier"):
+        run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": None, "classification": {"model": str(tmp_path / "mlm"),
+                                                                                      "data": str(tmp_path)}}))
     with pytest.raises(ValueError, match="fewshot.model: .*masked"):
         run_evaluate(from_dict(EvaluateConfig, {**cfg, "output_dir": str(tmp_path / "fs"), "lm": None,
                                                 "fewshot": {"model": str(tmp_path / "mlm"), "data": str(tmp_path)}}))

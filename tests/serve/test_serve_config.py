@@ -54,7 +54,7 @@ def test_kinds_are_read_from_the_checkpoint_and_mismatches_refused(tiny_models):
     assert [m.kind for m in cfg.models] == ["classifier", "chat", "causal"]
     for path, kind in ((lm, "causal"), (chat, "chat"), (clf, "classifier"), (str(tiny_models / "lm-int8"), "causal")):
         check_kind(ServedModel(name="m", path=path, kind=kind))
-    with pytest.raises(ValueError, match="not a sequence classifier"):
+    with pytest.raises(ValueError, match="causal language model, not a sequence classifier"):
         check_kind(ServedModel(name="m", path=lm, kind="classifier"))
     with pytest.raises(ValueError, match="is a sequence classifier; serve it with kind: classifier"):
         check_kind(ServedModel(name="m", path=clf, kind="causal"))
