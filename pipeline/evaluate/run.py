@@ -103,20 +103,9 @@ def _labeled_files(spec: str) -> dict[str, str]:
 
 
 def _read_split(path: str, text_field: str, label_field: str, extra: str | None, bad: list) -> list[dict]:
-    import pyarrow.parquet as pq
+    from pipeline.finetune.classify_data import read_labeled_rows
 
-    from pipeline.finetune.classify_data import read_labeled
-
-    pairs = read_labeled(path, text_field, label_field, bad)
-    groups = None
-    if extra and path.endswith(".parquet"):
-        t = pq.read_table(path)
-        if extra in t.column_names:
-            # read_labeled skips bad rows: recompute the same filter to align the group column
-            texts, labels, g = t.column(text_field).to_pylist(), t.column(label_field).to_pylist(), t.column(extra).to_pylist()
-            groups = [gi for ti, li, gi in zip(texts, labels, g)
-                      if isinstance(ti, str) and ti.strip() and li is not None and str(li).strip()]
-    return [{"idx": i, "text": t, "label": y, "group": groups[i] if groups else None} for i, (t, y) in enumerate(pairs)]
+    return [{"idx": i, **r} for i, r in enumerate(read_labeled_rows(path, text_field, label_field, bad, extra))]
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
@@ -229,7 +218,7 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
     train_path = files.get("train") or c.train_data
     check(not c.baseline or train_path is not None,  # before the predictions, not after
           "classification.baseline needs a train split (or classification.train_data)")
-    preds = predict_dataset(rows, str(model_dir), c.max_len, actors)
+    preds = predict_dataset([{"idx": r["idx"], "text": r["text"]} for r in rows], str(model_dir), c.max_len, actors)
     y_true = [r["label"] for r in rows]
     cfg = json.loads((model_dir / "config.json").read_text())
     labels = [cfg["id2label"][str(i)] for i in range(len(cfg["id2label"]))]
@@ -245,8 +234,11 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
         b = classification_metrics(y_true, base_preds, labels)
         res["baseline_tfidf_logreg"] = b
         lines.append(f"| TF-IDF + LogisticRegression | {b['accuracy']:.3f} | {b['f1_macro']:.3f} | {b['f1_weighted']:.3f} |")
-    if c.group_field and rows[0]["group"] is not None:
-        res["sliced"] = sliced_metrics(y_true, preds, [r["group"] for r in rows], labels)
+    if c.group_field and all(r["group"] is None for r in rows):  # the default "source" in a file without it
+        lines += ["", f"- not sliced: no row of the {c.split} split has a field `{c.group_field}` (group_field)"]
+    elif c.group_field:  # rows without the field form their own group
+        groups = [str(r["group"]) if r["group"] is not None else "(missing)" for r in rows]
+        res["sliced"] = sliced_metrics(y_true, preds, groups, labels)
         gap, groups = res["sliced"]["largest_gap"], res["sliced"]["per_group"]
         lines += ["", f"- sliced by `{c.group_field}`: largest accuracy gap {gap['gap']:.3f} ({gap['best']} vs {gap['worst']})"
                   if len(groups) > 1 else f"- sliced by `{c.group_field}`: one group only ({next(iter(groups))}), no gap to report"]

@@ -14,6 +14,13 @@ def read_labeled(path: str, text_field: str, label_field: str, bad: list[dict]) 
     """(text, label) pairs; rows with a missing/non-string text or a missing label, and JSONL
     lines that do not parse, go to ``bad``. A dotted field name reaches into nested objects or
     struct columns (``meta.topic``), as in the prepare stage's sources."""
+    return [(r["text"], r["label"]) for r in read_labeled_rows(path, text_field, label_field, bad)]
+
+
+def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[dict],
+                      group_field: str | None = None) -> list[dict]:
+    """``read_labeled``'s rows as ``{"text", "label", "group"}``; ``group`` is ``group_field``'s
+    value (None without one, or where a row lacks it)."""
     import json
 
     import pyarrow.csv as pcsv
@@ -56,7 +63,8 @@ def read_labeled(path: str, text_field: str, label_field: str, bad: list[dict]) 
         elif label is MISSING or label is None or not str(label).strip():
             bad.append({"where": f"{path}:{i}", "reason": "missing label"})
         else:
-            out.append((text, str(label)))
+            group = field_value(row, group_field) if group_field else None
+            out.append({"text": text, "label": str(label), "group": None if group is MISSING else group})
     return out
 
 

@@ -88,6 +88,10 @@ def test_labeled_data_and_bad_rows(tmp_path, tok):
     assert [b["reason"].split(" (")[0] for b in bad] == ["not valid JSON", "a JSON list, not an object", "missing label"]
     with pytest.raises(ValueError, match="no column 'doc.title'"):
         read_labeled(str(jl), "doc.title", "meta.topic", [])
+    from pipeline.finetune.classify_data import read_labeled_rows
+
+    jl.write_text('{"t": "Hello there", "y": "a", "meta": {"src": "web"}}\n{"t": "Thanks", "y": "b"}\n')
+    assert [r["group"] for r in read_labeled_rows(str(jl), "t", "y", [], "meta.src")] == ["web", None]
 
 
 def test_classifier_texts_end_with_eos_after_truncation_and_reload(tmp_path, tok):
