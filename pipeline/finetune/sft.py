@@ -61,16 +61,27 @@ def validate_messages(messages, where: str) -> list[dict]:
     return out
 
 
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
 def record_to_messages(obj: dict, where: str) -> list[dict]:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: a JSON {type(obj).__name__}, not an object")
     if "messages" in obj:
         return validate_messages(obj["messages"], where)
+    if isinstance(obj.get("conversations"), list):  # ShareGPT: [{"from": "human" | "gpt" | "system", "value"}]
+        turns = obj["conversations"]
+        return validate_messages([{"role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
+                                  if isinstance(t, dict) else t for t in turns], where)
     if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
         return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
-    raise ValueError(f"{where}: expected 'messages' or 'prompt' + 'completion'")
+    raise ValueError(f"{where}: expected 'messages', 'conversations' (ShareGPT) or 'prompt' + 'completion'")
 
 
 def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
-    """Conversations from a JSONL file or the built-in ``chatterbot``; bad records go to ``bad``."""
+    """Conversations from a JSONL or Parquet file, a saved Hugging Face dataset, or the built-in
+    ``chatterbot``; each record ``messages``, ShareGPT ``conversations`` or ``prompt`` +
+    ``completion``. Bad records go to ``bad`` with their reason."""
     if path == "chatterbot":
         from pipeline.data.sources import SourceConfig, expand_source, read_file
 
@@ -85,17 +96,40 @@ def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
                     continue
                 yield [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
         return
+    from pipeline.data.sources import HF_MARKERS
+
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"data.path not found: {path}")
+    if p.is_dir() and any((p / m).exists() for m in HF_MARKERS):
+        import datasets
+
+        loaded = datasets.load_from_disk(str(p))  # a DatasetDict: its train split, else every split
+        parts = [loaded["train"]] if isinstance(loaded, datasets.DatasetDict) and "train" in loaded else \
+            list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
+        records = ((f"{path}:{i}", row) for part in parts for i, row in enumerate(part))
+    elif p.is_file() and p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        records = ((f"{path}:{i}", row) for i, row in enumerate(pq.read_table(p).to_pylist()))
+    elif p.is_file():
+        records = _jsonl_records(p, bad)
+    else:
+        raise ValueError(f"{path}: not found (data.train / data.val: a JSONL or Parquet file, a saved Hugging Face "
+                         f"dataset directory, or chatterbot)")
+    for where, obj in records:
+        try:
+            yield record_to_messages(obj, where)
+        except ValueError as exc:
+            bad.append({"where": where, "reason": str(exc)[:300]})
+
+
+def _jsonl_records(p: Path, bad: list[dict]) -> Iterator[tuple[str, object]]:
     for lineno, line in enumerate(p.open(encoding="utf-8", errors="replace"), start=1):
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
-            yield record_to_messages(json.loads(line), where)
-        except (json.JSONDecodeError, ValueError) as exc:
-            bad.append({"where": where, "reason": str(exc)[:300]})
+            yield f"{p}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.append({"where": f"{p}:{lineno}", "reason": f"not valid JSON: {exc}"[:300]})
 
 
 def tokenize_chat(messages: list[dict], tok, max_len: int) -> dict:

@@ -53,7 +53,7 @@ def test_chat_records_and_bad_ones(tmp_path):
     convs = list(load_chat_examples(str(path), bad))
     assert len(convs) == 2 and convs[1] == [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]
     assert len(bad) == 4 and all(b["where"].startswith(str(path)) and b["reason"] for b in bad)
-    with pytest.raises(ValueError, match="data.path not found"):
+    with pytest.raises(ValueError, match="not found"):
         list(load_chat_examples(str(tmp_path / "missing.jsonl"), []))
     with pytest.raises(ValueError, match="prompt"):
         record_to_messages({"prompt": 1, "completion": "x"}, "here")
@@ -64,6 +64,28 @@ def test_chatterbot_conversations():
     convs = list(load_chat_examples("chatterbot", bad))
     assert len(convs) > 1500 and all(c[0]["role"] == "user" and c[1]["role"] == "assistant" for c in convs)
     assert bad and all(b["reason"] for b in bad)
+
+
+def test_chat_data_from_parquet_hf_datasets_and_sharegpt(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    share = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                               {"from": "gpt", "value": "r"}]}
+    pq.write_table(pa.Table.from_pylist([good, good]), tmp_path / "chat.parquet")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([good]),
+                          "test": datasets.Dataset.from_list([good])}).save_to_disk(str(tmp_path / "hf"))
+    (tmp_path / "share.jsonl").write_text(json.dumps(share) + "\n" + json.dumps(["not", "an object"]) + "\n" +
+                                          json.dumps({"conversations": [{"from": "robot", "value": "x"}]}) + "\n")
+    bad = []
+    assert list(load_chat_examples(str(tmp_path / "chat.parquet"), bad)) == [good["messages"]] * 2 and not bad
+    assert list(load_chat_examples(str(tmp_path / "hf"), bad)) == [good["messages"]] and not bad  # the train split
+    convs = list(load_chat_examples(str(tmp_path / "share.jsonl"), bad))
+    assert convs == [[{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                      {"role": "assistant", "content": "r"}]]
+    assert [b["where"].rsplit(":", 1)[1] for b in bad] == ["2", "3"] and "not an object" in bad[0]["reason"]
 
 
 def test_labeled_data_and_bad_rows(tmp_path, tok):
