@@ -47,8 +47,8 @@ def load_pairs(path: str | None = None) -> list[dict]:
 def pseudo_log_likelihood(model, input_ids: torch.Tensor, mask_id: int, special_ids: list[int]) -> float:
     """Sum over the non-special tokens of one row (``[1, n]``) of log p(token | the rest), the
     token masked: one batch of ``n`` copies, each with one position masked."""
-    ids = input_ids[0]
-    positions = [i for i, t in enumerate(ids.tolist()) if t not in set(special_ids)]
+    ids, special = input_ids[0], set(special_ids)
+    positions = [i for i, t in enumerate(ids.tolist()) if t not in special]
     if not positions:
         return 0.0
     batch = ids.repeat(len(positions), 1)

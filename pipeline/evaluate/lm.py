@@ -66,10 +66,10 @@ def load_lm(model_dir: str):
     from pipeline.model.build import is_masked_lm
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    auto = transformers.AutoModelForMaskedLM if is_masked_lm(config) else transformers.AutoModelForCausalLM
+    masked = is_masked_lm(transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    auto = transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM
     model = auto.from_pretrained(model_dir, local_files_only=True).eval()
-    return model, tok, (MaskedScorer(tok) if is_masked_lm(config) else None)
+    return model, tok, (MaskedScorer(tok) if masked else None)
 
 
 def lm_metrics_from_rows(model, tok, rows: list[list[int]], batch_size: int = 8) -> dict:
