@@ -35,9 +35,11 @@ def parse_typed(cls: type[T], argv: list[str], description: str) -> T:
 
 
 def run_job(argv: list[str] | None, parse: Callable[[list[str]], T], run: Callable[[T], dict],
-            render: Callable[[dict], str]) -> int:
-    """Parse the config, connect to Ray (or start a local cluster), run one library function,
-    print its summary, and shut down what this call started. Bad input exits 2 with a message."""
+            render: Callable[[dict], str], preflight: Callable[[T], None] | None = None) -> int:
+    """Parse the config, check its inputs (``preflight``: model directories and their kinds, what
+    needs no cluster), connect to Ray (or start a local cluster), run one library function, print
+    its summary, and shut down what this call started. Bad input exits 2 with a message, before
+    Ray starts where it can be seen without it."""
     from pipeline.ray_utils import init_ray
 
     setup_logging()
@@ -45,6 +47,12 @@ def run_job(argv: list[str] | None, parse: Callable[[list[str]], T], run: Callab
         cfg = parse(sys.argv[1:] if argv is None else argv)
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if preflight is not None:
+            preflight(cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     started = init_ray()
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from jobs.common import parse_typed, run_job
-from pipeline.compress.run import CompressConfig, render_table, run_compress
+from pipeline.compress.run import CompressConfig, check_compress, render_table, run_compress
 
 
 def parse_config(argv: list[str]) -> CompressConfig:
@@ -26,7 +26,7 @@ def render(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(argv, parse_config, run_compress, render)
+    return run_job(argv, parse_config, run_compress, render, preflight=check_compress)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import json
 import sys
 
 from jobs.common import parse_typed, run_job
-from pipeline.evaluate.run import EvaluateConfig, run_evaluate
+from pipeline.evaluate.run import EvaluateConfig, check_evaluate, run_evaluate
 
 
 def parse_config(argv: list[str]) -> EvaluateConfig:
@@ -29,7 +29,7 @@ def render(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(argv, parse_config, run_evaluate, render)
+    return run_job(argv, parse_config, run_evaluate, render, preflight=check_evaluate)
 
 
 if __name__ == "__main__":

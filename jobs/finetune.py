@@ -17,7 +17,7 @@ import json
 import sys
 
 from jobs.common import parse_typed, run_job
-from pipeline.finetune.finetune import FinetuneConfig, run_finetune
+from pipeline.finetune.finetune import FinetuneConfig, check_finetune, run_finetune
 
 
 def parse_config(argv: list[str]) -> FinetuneConfig:
@@ -29,7 +29,7 @@ def render(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(argv, parse_config, run_finetune, render)
+    return run_job(argv, parse_config, run_finetune, render, preflight=check_finetune)
 
 
 if __name__ == "__main__":

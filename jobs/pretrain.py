@@ -16,7 +16,7 @@ import json
 import sys
 
 from jobs.common import parse_typed, run_job
-from pipeline.train.pretrain import PretrainConfig, run_pretrain
+from pipeline.train.pretrain import PretrainConfig, check_pretrain, run_pretrain
 
 
 def parse_config(argv: list[str]) -> PretrainConfig:
@@ -28,7 +28,7 @@ def render(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(argv, parse_config, run_pretrain, render)
+    return run_job(argv, parse_config, run_pretrain, render, preflight=check_pretrain)
 
 
 if __name__ == "__main__":

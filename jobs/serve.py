@@ -71,6 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    try:  # the models are what their kinds say, before Ray starts
+        from dataclasses import replace
+
+        from pipeline.serve.app import check_kind, resolve_path
+
+        for m in cfg.models:
+            check_kind(replace(m, path=resolve_path(m.path)))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from ray import serve
 
     from pipeline.ray_utils import init_ray

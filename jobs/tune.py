@@ -16,7 +16,7 @@ import json
 import sys
 
 from jobs.common import parse_typed, run_job
-from pipeline.tune.sweep import TuneConfig, run_tune
+from pipeline.tune.sweep import TuneConfig, check_tune, run_tune
 
 
 def parse_config(argv: list[str]) -> TuneConfig:
@@ -28,7 +28,7 @@ def render(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(argv, parse_config, run_tune, render)
+    return run_job(argv, parse_config, run_tune, render, preflight=check_tune)
 
 
 if __name__ == "__main__":

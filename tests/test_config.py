@@ -133,3 +133,24 @@ def test_optional_sections_report_the_inner_key():
         parse_eval(["--config", "jobs/configs/evaluate_demo.yaml", "lm.modell=3"])
     cfg = parse_eval(["--config", "jobs/configs/evaluate_demo.yaml", "bias=null", "fewshot=null"])
     assert cfg.bias is None and cfg.fewshot is None and cfg.lm is not None
+
+
+def test_training_jobs_check_their_data_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """A missing prepare output is reported by the pretrain and tune jobs before they connect
+    to (or start) a cluster."""
+    import jobs.pretrain
+    import jobs.tune
+    import pipeline.ray_utils
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started before the data check")
+
+    monkeypatch.setattr(pipeline.ray_utils, "init_ray", no_ray)
+    missing = tmp_path / "nothing-here"
+    assert jobs.pretrain.main(["--config", "jobs/configs/pretrain_demo.yaml", f"data={missing}"]) == 2
+    assert f"data: {missing} is not a finished prepare output" in capsys.readouterr().err
+    (tmp_path / "base.yaml").write_text(f"data: {missing}\nmodel: {{preset: tiny}}\n")
+    assert jobs.tune.main(["--config", "jobs/configs/tune_demo.yaml", f"base={tmp_path / 'base.yaml'}",
+                           f"output_dir={tmp_path / 'tune'}"]) == 2
+    assert f"data: {missing} is not a finished prepare output" in capsys.readouterr().err
+    assert not (tmp_path / "tune").exists()

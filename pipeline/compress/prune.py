@@ -3,15 +3,15 @@
 - ``magnitude_prune``: global unstructured magnitude pruning over every 2-D projection weight
   (``nn.Linear`` and GPT-2's ``Conv1D``; embeddings and the tied LM head stay dense). The masks
   are made permanent (``prune.remove``): the saved tensors hold real zeros, shapes unchanged.
-- ``structured_prune``: MLP neurons (GPT-2, Llama) and attention heads (Llama) are physically
+- ``structured_prune``: MLP neurons (GPT-2, Llama, BERT-style encoders) and attention heads (Llama) are physically
   removed, and the config's sizes are updated, so ``from_pretrained`` builds the smaller model
   and loads it. Importance is weight magnitude: a neuron scores the product of the L2 norms of
   its input row and output column, a head the L2 norm of its output-projection columns. Every
   layer keeps the same count, since a Hugging Face config holds one size for all layers.
 
-GPT-2's attention derives its head size from ``n_embd / n_head``, so a GPT-2 model cannot lose
-heads and still load with the stock class: asking for it is an error; use Llama for head
-pruning."""
+GPT-2's and BERT's attention derive their head size from the width and the head count, so these
+models cannot lose heads and still load with the stock classes: asking for it is an error; use
+Llama for head pruning."""
 
 from __future__ import annotations
 
@@ -54,8 +54,11 @@ def _keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def structured_prune(model, *, mlp_keep: float = 1.0, heads_keep: float = 1.0) -> dict:
     """Keep the top ``mlp_keep`` share of MLP neurons and ``heads_keep`` share of attention heads
     (key/value groups under grouped-query attention) in every layer."""
-    if check_structured(model, mlp_keep=mlp_keep, heads_keep=heads_keep) == "gpt2":
+    layout = check_structured(model, mlp_keep=mlp_keep, heads_keep=heads_keep)
+    if layout == "gpt2":
         return _prune_gpt2_mlp(model, mlp_keep)
+    if layout == "bert":
+        return _prune_bert_mlp(model, mlp_keep)
     info = _prune_llama_mlp(model, mlp_keep)
     info.update(_prune_llama_heads(model, heads_keep))
     return info
@@ -75,8 +78,15 @@ def check_structured(model, *, mlp_keep: float = 1.0, heads_keep: float = 1.0) -
         return "gpt2"
     if _llama_layout(model):  # Llama, Mistral, Qwen2/3, Gemma: the same module names and config keys
         return "llama"
-    raise ValueError(f"structured pruning supports GPT-2 and models with Llama's layout (Llama, Mistral, Qwen2, "
-                     f"Gemma: q/k/v/o and gate/up/down projections), not {kind!r}; use method: magnitude or int8")
+    if _bert_layout(model):  # BERT, RoBERTa, ELECTRA: masked LMs and the classifiers made from them
+        if heads_keep < 1:
+            raise ValueError(f"{kind} derives its head size from hidden_size / num_attention_heads, so heads cannot "
+                             f"be removed and the model still load with its Hugging Face classes; prune MLP neurons "
+                             f"only (heads_keep: 1.0)")
+        return "bert"
+    raise ValueError(f"structured pruning supports GPT-2, BERT-style encoders (intermediate/output MLPs) and models "
+                     f"with Llama's layout (Llama, Mistral, Qwen2, Gemma: q/k/v/o and gate/up/down projections), not "
+                     f"{kind!r}; use method: magnitude or int8")
 
 
 def _llama_layout(model) -> bool:
@@ -88,6 +98,32 @@ def _llama_layout(model) -> bool:
     names = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
     return all(isinstance(getattr(getattr(layer, part, None), name, None), nn.Linear)
                for layer in layers for part, projs in names.items() for name in projs)
+
+
+def _bert_layers(model):
+    encoder = getattr(getattr(model, "base_model", None), "encoder", None)
+    return getattr(encoder, "layer", None)
+
+
+def _bert_layout(model) -> bool:
+    layers = _bert_layers(model)
+    if not layers or not isinstance(getattr(model.config, "intermediate_size", None), int):
+        return False
+    return all(isinstance(getattr(getattr(layer, part, None), "dense", None), nn.Linear)
+               for layer in layers for part in ("intermediate", "output"))
+
+
+def _prune_bert_mlp(model, keep_share: float) -> dict:
+    inner = model.config.intermediate_size
+    keep = max(1, round(inner * keep_share))
+    if keep == inner:
+        return {}
+    for layer in _bert_layers(model):
+        up, down = layer.intermediate.dense, layer.output.dense  # up: (inner, d) rows; down: (d, inner) columns
+        idx = _keep(up.weight.norm(dim=1) * down.weight.norm(dim=0), keep)
+        layer.intermediate.dense, layer.output.dense = _linear_rows(up, idx), _linear_cols(down, idx)
+    model.config.intermediate_size = keep
+    return {"mlp_neurons": f"{inner} -> {keep}"}
 
 
 def _prune_gpt2_mlp(model, keep_share: float) -> dict:

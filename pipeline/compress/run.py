@@ -271,12 +271,11 @@ def _check_variants(cfg: CompressConfig, models: dict) -> None:
                 raise ValueError(f"variants[{v.name}] on models[{spec.name}]: {e}") from None
 
 
-def run_compress(cfg: CompressConfig) -> dict:
+def check_compress(cfg: CompressConfig) -> dict:
+    """The models by name, as (spec, directory), checked before any work (no cluster needed):
+    each exists and is of its kind, shares the tokenizer of ``eval.lm_data`` when it is scored
+    on it, and every variant applies to it."""
     models = {m.name: (m, resolve_model(m.path)) for m in cfg.models}
-    out = compress_run_dir(cfg)
-    if (out / "results.json").exists():
-        logger.info("compress: %s is already complete (same config); not recomputing", out)
-        return json.loads((out / "results.json").read_text())
     if cfg.eval.lm_data:  # its token rows score (and calibrate) the causal models
         from pipeline.train.data import check_same_tokenizer, resolve_prepared
 
@@ -284,6 +283,15 @@ def run_compress(cfg: CompressConfig) -> dict:
             if spec.kind == "causal":
                 check_same_tokenizer(resolve_prepared(cfg.eval.lm_data), src, f"eval.lm_data (model {spec.name})")
     _check_variants(cfg, models)
+    return models
+
+
+def run_compress(cfg: CompressConfig) -> dict:
+    out = compress_run_dir(cfg)
+    if (out / "results.json").exists():
+        logger.info("compress: %s is already complete (same config); not recomputing", out)
+        return json.loads((out / "results.json").read_text())
+    models = check_compress(cfg)
     out.mkdir(parents=True, exist_ok=True)
     lm_rows, cls_rows = _lm_rows(cfg.eval), _cls_rows(cfg.eval)
     rows = []

@@ -108,12 +108,31 @@ def _read_split(path: str, text_field: str, label_field: str, extra: str | None,
     return [{"idx": i, **r} for i, r in enumerate(read_labeled_rows(path, text_field, label_field, bad, extra))]
 
 
+def check_evaluate(cfg: EvaluateConfig) -> None:
+    """Every model directory the config names exists and is of the kind its section uses (no
+    cluster needed; run before any work)."""
+    from pipeline.model.build import checkpoint_kind, require_classifier
+
+    for name, section in (("lm", cfg.lm), ("bias", cfg.bias)):  # causal or masked: both are scored
+        if section is not None:
+            path = _causal_dir(section.model)
+            check(checkpoint_kind(path) != "classifier", f"{name}.model: {path} is a sequence classifier; "
+                                                         f"{name} scores a language model (causal or masked)")
+    if cfg.classification is not None:
+        from pipeline.finetune.finetune import resolve_model_dir
+
+        model_dir = resolve_model_dir(cfg.classification.model)
+        check((model_dir / "config.json").exists(), f"classification.model: {model_dir} is not a model directory")
+        require_classifier(model_dir, "classification.model")
+    if cfg.fewshot is not None:
+        _causal_dir(cfg.fewshot.model, "fewshot.model")
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     import transformers
 
     out = Path(cfg.output_dir) / f"{cfg.name}-{config_hash({**to_dict(cfg), 'output_dir': None, 'actors': None})}"
-    if cfg.fewshot is not None:  # before any work
-        _causal_dir(cfg.fewshot.model, "fewshot.model")
+    check_evaluate(cfg)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"output_dir": str(out)}
     report = [f"# Evaluation: {cfg.name}", ""]

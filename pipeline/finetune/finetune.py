@@ -197,22 +197,30 @@ def resolve_finetuned(spec: str) -> Path:
     return Path(spec)
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict:
-    import ray
+def check_finetune(cfg: FinetuneConfig) -> Path:
+    """The base model directory, checked for the task (no cluster needed): it exists, SFT gets a
+    causal LM, and ``data.max_seq_len`` fits its context."""
     import transformers
+
+    from pipeline.model.build import context_length, require_causal
 
     base = resolve_model_dir(cfg.base_model)
     check((base / "config.json").exists(), f"base_model: {base} is not a Hugging Face model directory (train it first)")
-    from pipeline.model.build import context_length, require_causal
-
     if cfg.task == "sft":
         require_causal(base, "base_model", "SFT (generating answers)")
-
     # a base with relative positions only (ALiBi) records no context length: max_seq_len is the limit
     ctx = context_length(transformers.AutoConfig.from_pretrained(str(base), local_files_only=True),
                          default=cfg.data.max_seq_len)
     check(cfg.data.max_seq_len <= ctx, f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the base model's context "
                                        f"length ({ctx})")
+    return base
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    import ray
+    import transformers
+
+    base = check_finetune(cfg)
     run_dir = finetune_run_dir(cfg)
     if (run_dir / "summary.json").exists():
         import json

@@ -138,9 +138,14 @@ def context_length(config, default: int | None = None) -> int:
 def is_masked_lm(config) -> bool:
     """Whether a model config describes a masked (BERT-style, bidirectional) LM. Such a model
     also loads through ``AutoModelForCausalLM`` (as ``BertLMHeadModel``) without error, but then
-    reads the tokens it predicts, so every causal use has to ask first."""
-    if any(a.endswith("ForMaskedLM") for a in getattr(config, "architectures", None) or ()):
+    reads the tokens it predicts, so every causal use has to ask first. A classifier fine-tuned
+    from one (``BertForSequenceClassification``) is not a masked LM: it is a classifier
+    (``checkpoint_kind``)."""
+    archs = getattr(config, "architectures", None) or ()
+    if any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs):
         return True
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return False
     return getattr(config, "model_type", "") in ENCODER_TYPES and not getattr(config, "is_decoder", False)
 
 
@@ -155,11 +160,11 @@ def checkpoint_kind(model_dir) -> str | None:
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    archs = getattr(config, "architectures", None) or ()
+    if any(a.endswith("ForSequenceClassification") for a in archs):  # from a causal or a masked base
+        return "classifier"
     if is_masked_lm(config):
         return "masked"
-    archs = getattr(config, "architectures", None) or ()
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "classifier"
     return "causal" if archs else None
 
 
@@ -173,10 +178,15 @@ def require_classifier(model_dir, where: str) -> None:
 
 
 def require_causal(model_dir, where: str, what: str) -> None:
-    """A clear error when ``model_dir`` holds a masked LM where ``what`` needs a causal one."""
+    """A clear error when ``model_dir`` holds a masked LM, or a sequence classifier, where
+    ``what`` needs a causal LM (both load through ``AutoModelForCausalLM``: one reading the
+    tokens it predicts, the other with a language-model head it never trained)."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    if is_masked_lm(config):
+    found = checkpoint_kind(model_dir)
+    if found == "masked":
+        config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
         raise ValueError(f"{where}: {model_dir} is a masked (BERT-style) language model ({config.model_type}); "
                          f"{what} needs a causal LM")
+    if found == "classifier":
+        raise ValueError(f"{where}: {model_dir} is a sequence classifier; {what} needs a causal LM")

@@ -62,21 +62,29 @@ def setup_lm(config: dict):
     return model, batcher, tok, flops_per_token(model, config["seq_len"])
 
 
-def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
-    import ray
-
+def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict]:
+    """The prepare output's directory and manifest, checked against the config (no cluster
+    needed): it exists, its rows fit the model's context, it has train shards."""
     data_dir = resolve_prepared(cfg.data)
     manifest = load_manifest(data_dir)
     seq_len = manifest["tokens"]["seq_len"]
     check(seq_len <= cfg.model.max_seq_len,
           f"model.max_seq_len ({cfg.model.max_seq_len}) is shorter than the data's seq_len ({seq_len})")
+    check(bool(shard_paths(data_dir, manifest, "train")), f"data: {data_dir} has no train shards")
+    return data_dir, manifest
+
+
+def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
+    import ray
+
+    data_dir, manifest = check_pretrain(cfg)
+    seq_len = manifest["tokens"]["seq_len"]
     run_dir = cfg.run_dir(manifest)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         logger.info("pretrain: %s is already complete (same config); not recomputing", run_dir)
         return {**json.loads(summary_path.read_text()), "cached": True}
     train_files = shard_paths(data_dir, manifest, "train")
-    check(bool(train_files), f"data: {data_dir} has no train shards")
     val_files = shard_paths(data_dir, manifest, "val")
     datasets = {"train": ray.data.read_parquet(train_files)}
     if val_files:

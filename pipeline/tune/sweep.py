@@ -137,18 +137,10 @@ def run_trial(config: dict) -> None:
         tune.report({k: v for k, v in (summary.get("final") or {}).items() if k != "kind"})
 
 
-def run_tune(cfg: TuneConfig) -> dict:
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
+def trial_base(cfg: TuneConfig, base: dict, out: Path) -> tuple[dict, "PretrainConfig"]:
+    """The trials' pretrain config (the base YAML with the sweep's overrides), as a dict and typed."""
     from pipeline.train.pretrain import PretrainConfig
 
-    base = load_yaml(cfg.base)
-    out = Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash({**to_dict(cfg), 'base': base, 'output_dir': None})}"
-    if (out / "summary.json").exists():
-        logger.info("tune: %s is already complete (same config); not recomputing", out)
-        return json.loads((out / "summary.json").read_text())
     base = apply_overrides(base, [*cfg.overrides, f"train.max_steps={cfg.max_steps}", f"train.eval_every={cfg.eval_every}",
                                   "train.early_stopping_patience=null", f"output_dir={out / 'trials'}"])
     # `data:` (a directory, or a prepare YAML whose output_dir is relative) is resolved where the
@@ -157,7 +149,27 @@ def run_tune(cfg: TuneConfig) -> dict:
         from pipeline.train.data import resolve_prepared
 
         base["data"] = str(Path(resolve_prepared(base["data"])).resolve())
-    base_cfg = from_dict(PretrainConfig, base)
+    return base, from_dict(PretrainConfig, base)
+
+
+def check_tune(cfg: TuneConfig) -> None:
+    """The trials' config is valid and its data is there (no cluster needed)."""
+    from pipeline.train.pretrain import check_pretrain
+
+    check_pretrain(trial_base(cfg, load_yaml(cfg.base), Path(cfg.output_dir).resolve())[1])
+
+
+def run_tune(cfg: TuneConfig) -> dict:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    base = load_yaml(cfg.base)
+    out = Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash({**to_dict(cfg), 'base': base, 'output_dir': None})}"
+    if (out / "summary.json").exists():
+        logger.info("tune: %s is already complete (same config); not recomputing", out)
+        return json.loads((out / "summary.json").read_text())
+    base, base_cfg = trial_base(cfg, base, out)
     s = cfg.space
     space = {"lr": tune.loguniform(*s.lr), "batch_size": tune.choice(s.batch_size),
              "weight_decay": tune.choice(s.weight_decay), "warmup_steps": tune.choice(s.warmup_steps)}

@@ -83,6 +83,30 @@ def test_structured_pruning_of_other_layouts_is_refused_with_the_alternatives(to
         structured_prune(_other_family(tok, "opt"), mlp_keep=0.5)
 
 
+def test_structured_pruning_of_bert_style_models_and_their_classifiers(tok, tmp_path):
+    """The masked objective's BERT and a classifier fine-tuned from it lose MLP neurons and reload
+    with the stock classes; their heads cannot be removed (head size = width / heads)."""
+    mlm = build_model(ModelConfig(preset="tiny", objective="masked", max_seq_len=64), len(tok), tok.pad_token_id)
+    mlm.save_pretrained(tmp_path / "mlm")
+    torch.manual_seed(0)
+    clf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "mlm", num_labels=3)
+    for name, model, auto in (("mlm", mlm, transformers.AutoModelForMaskedLM),
+                              ("clf", clf, transformers.AutoModelForSequenceClassification)):
+        model.eval()
+        before = sum(p.numel() for p in model.parameters())
+        inner = model.config.intermediate_size
+        with pytest.raises(ValueError, match="heads cannot be removed"):
+            structured_prune(model, mlp_keep=0.5, heads_keep=0.5)
+        assert structured_prune(model, mlp_keep=0.5) == {"mlp_neurons": f"{inner} -> {inner // 2}"}
+        with torch.no_grad():
+            logits = model(ids(tok)).logits
+        model.save_pretrained(tmp_path / f"{name}-pruned")
+        back = auto.from_pretrained(tmp_path / f"{name}-pruned").eval()
+        with torch.no_grad():
+            assert torch.allclose(back(ids(tok)).logits, logits, atol=1e-5)
+        assert sum(p.numel() for p in back.parameters()) < before
+
+
 def test_gpt2_head_pruning_is_refused(tok, tmp_path):
     with pytest.raises(ValueError, match="head"):
         structured_prune(load_model(saved(tok, tmp_path)), heads_keep=0.5)

@@ -257,3 +257,34 @@ def test_bias_probe_detects_a_bias_planted_in_a_masked_lm(toy):
     assert abs(counterfactual_probe(untrained, tok, pairs, masked=True)["mean_gap"]) < biased["mean_gap"] / 3
     ids = tok("the woman worked", return_tensors="pt")["input_ids"]  # one term per non-special token
     assert pseudo_log_likelihood(model, ids, tok.mask_token_id, sorted(set(tok.all_special_ids))) < 0
+
+
+def test_jobs_refuse_a_model_of_the_wrong_kind_before_ray_starts(toy, tmp_path, monkeypatch, capsys):
+    """The finetune, evaluate and serve jobs check the model directories they are given before
+    connecting to (or starting) a cluster: a mistake costs no Ray start-up."""
+    import jobs.evaluate
+    import jobs.finetune
+    import jobs.serve
+    import pipeline.ray_utils
+
+    tok, _ = toy
+    masked = build_model(ModelConfig(preset="tiny", objective="masked", max_seq_len=64), len(tok), tok.pad_token_id)
+    masked.save_pretrained(str(tmp_path / "mlm"))
+    tok.save_pretrained(str(tmp_path / "mlm"))
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started before the model check")
+
+    monkeypatch.setattr(pipeline.ray_utils, "init_ray", no_ray)
+    (tmp_path / "chat.jsonl").write_text('{"prompt": "hi", "completion": "hello"}\n')
+    (tmp_path / "ft.yaml").write_text(f"task: sft\nbase_model: {tmp_path / 'mlm'}\n"
+                                      f"data: {{train: {tmp_path / 'chat.jsonl'}}}\n")
+    assert jobs.finetune.main(["--config", str(tmp_path / "ft.yaml")]) == 2
+    assert "base_model: " in capsys.readouterr().err
+    (tmp_path / "ev.yaml").write_text(f"fewshot: {{model: {tmp_path / 'mlm'}, data: {tmp_path}}}\n")
+    assert jobs.evaluate.main(["--config", str(tmp_path / "ev.yaml"), f"output_dir={tmp_path / 'ev'}"]) == 2
+    assert "fewshot.model: " in capsys.readouterr().err and not (tmp_path / "ev").exists()
+    assert jobs.serve.main(["--model", f"m={tmp_path / 'mlm'}:causal"]) == 2
+    assert "models[m]: " in capsys.readouterr().err
+    assert jobs.serve.main(["--model", f"m={tmp_path / 'mlm'}:classifier"]) == 2
+    assert "not a sequence classifier" in capsys.readouterr().err

@@ -167,3 +167,31 @@ def test_resume_is_exact(tmp_path):
     second.fit(resumed, batches)
     for a, b in zip(straight.model.parameters(), second.model.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_checkpoint_kinds_of_lms_and_classifiers_from_either_objective(tmp_path):
+    """A classifier fine-tuned from a BERT-style base is a classifier (evaluated, compressed and
+    served as one), not a masked LM; each kind is refused where another is needed, by name."""
+    import transformers
+
+    from pipeline.model.build import checkpoint_kind, require_causal, require_classifier
+
+    kinds = {}
+    for objective in ("causal", "masked"):
+        lm = build_model(ModelConfig(preset="tiny", objective=objective, max_seq_len=32), 300, 1)
+        lm.save_pretrained(tmp_path / objective)
+        transformers.AutoModelForSequenceClassification.from_pretrained(
+            tmp_path / objective, num_labels=2).save_pretrained(tmp_path / f"{objective}-clf")
+        kinds[objective] = checkpoint_kind(tmp_path / objective)
+        kinds[f"{objective}-clf"] = checkpoint_kind(tmp_path / f"{objective}-clf")
+    assert kinds == {"causal": "causal", "masked": "masked", "causal-clf": "classifier", "masked-clf": "classifier"}
+    require_causal(tmp_path / "causal", "m", "this")
+    for name in ("causal-clf", "masked-clf"):
+        require_classifier(tmp_path / name, "m")
+        with pytest.raises(ValueError, match="m: .* is a sequence classifier; this needs a causal LM"):
+            require_causal(tmp_path / name, "m", "this")
+    with pytest.raises(ValueError, match="masked .*this needs a causal LM"):
+        require_causal(tmp_path / "masked", "m", "this")
+    for name in ("causal", "masked"):
+        with pytest.raises(ValueError, match=f"is a {name} language model, not a sequence classifier"):
+            require_classifier(tmp_path / name, "m")
