@@ -72,6 +72,13 @@ class Int8Linear(nn.Module):
         y = y.view(*shape[:-1], y.shape[-1])
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
+    def kernel_2d(self):
+        """``forward`` for a 2-D float32 input, as the bare kernel call (the serving engine's lean
+        decoder calls it on every token)."""
+        op, scale, packed = (torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32, self.input_scale,
+                             self.inner._packed_params._packed_params)
+        return lambda x: op(x, scale, 128, packed)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, input_scale={self.input_scale:.3g}"
 

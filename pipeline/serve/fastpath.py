@@ -3,9 +3,11 @@
 ``transformers``' generic forward costs more than the arithmetic for small models at small batch
 sizes: cache objects, mask builders, attention dispatch and output dataclasses run for every
 token, and its KV cache grows by ``torch.cat`` (copying the whole cache every step). Here the same
-modules of the same model (projections and norms, whatever their class: GPT-2's ``Conv1D``,
-``nn.Linear``, or the int8 dynamically quantized ``Linear``) are called directly, and
-the keys and values are written into preallocated buffers that grow by doubling. It computes
+weights of the same model are used directly: each projection and norm is one kernel call on
+2-D hidden states (``kernel_2d``, ``norm_fn``; GPT-2's ``Conv1D``, ``nn.Linear``, our int8
+``Int8Linear``; other module types through their own ``forward``), one-query attention is
+three batched kernels with the mask added inside the first (``decode_attention``), and the
+keys and values are written into preallocated buffers that grow by doubling. It computes
 the function the ``transformers`` model computes; the tests hold its logits equal to the
 ``transformers`` forward's and its greedy output equal token for token.
 
@@ -19,6 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 class KVCache:
@@ -43,9 +46,9 @@ class KVCache:
         elif end > self.keys[layer].shape[2]:
             self.keys[layer] = self._grown(self.keys[layer], end)
             self.values[layer] = self._grown(self.values[layer], end)
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer].narrow(2, self.length, k.shape[2]).copy_(k)
+        self.values[layer].narrow(2, self.length, v.shape[2]).copy_(v)
+        return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
 
     def _grown(self, t: torch.Tensor, need: int) -> torch.Tensor:
         out = t.new_zeros(*t.shape[:2], max(need, 2 * t.shape[2]), t.shape[3])
@@ -110,6 +113,50 @@ def attention_bias(mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tens
     return bias.masked_fill_(~keep, float("-inf"))
 
 
+def kernel_2d(module):
+    """``module``'s function on a 2-D input ``[n, in_features]``, calling its kernel directly where
+    the module is a known projection (GPT-2's ``Conv1D``, ``nn.Linear``, our calibrated int8
+    ``Int8Linear``): one ATen call instead of reshapes around it and Python frames on every token.
+    The weights are read here, once: a model whose parameters are replaced later needs a new
+    decoder. Anything else keeps its own ``forward``."""
+    from transformers.pytorch_utils import Conv1D
+
+    if type(module) is Conv1D:
+        w, b = module.weight, module.bias
+        return lambda x: torch.addmm(b, x, w)
+    if type(module) is nn.Linear:
+        w, b = module.weight, module.bias
+        return lambda x: F.linear(x, w, b)
+    direct = getattr(module, "kernel_2d", None)
+    return direct() if direct is not None else module.forward
+
+
+def norm_fn(module):
+    """A LayerNorm / Llama RMSNorm as one ATen call (the same arithmetic); other norms as they are."""
+    if type(module) is nn.LayerNorm and module.elementwise_affine:
+        shape, w, b, eps = tuple(module.normalized_shape), module.weight, module.bias, module.eps
+        return lambda x: F.layer_norm(x, shape, w, b, eps)
+    if type(module).__name__ == "LlamaRMSNorm" and hasattr(F, "rms_norm"):
+        w, eps = module.weight, module.variance_epsilon
+        return lambda x: F.rms_norm(x, (w.shape[0],), w, eps)
+    return module.forward
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of one query per row (``t == 1``) in three batched kernels: ``q`` ``[b, g, dim]``
+    (``g`` query heads sharing a key/value head), ``keys``/``values`` ``[b, L, dim]``, ``bias``
+    ``[b, g, L]``; returns ``[b, g, dim]``. ``baddbmm`` adds the mask bias to the scaled scores
+    in the same call."""
+    return torch.bmm(torch.softmax(torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=scale), dim=-1), values)
+
+
+def _bias_3d(bias: torch.Tensor, heads: int, group: int) -> torch.Tensor:
+    """``[rows, 1, 1, L]`` -> ``[rows * heads, group, L]`` (built once per step, shared by the layers)."""
+    rows, _, _, cols = bias.shape
+    return bias.expand(rows, heads, group, cols).reshape(rows * heads, group, cols)
+
+
 class GPT2Decoder:
     """``GPT2LMHeadModel``'s function for incremental decoding. Built once per model: the per-layer
     modules' ``forward`` methods, head sizes and attention scales are looked up here, not on every
@@ -119,7 +166,7 @@ class GPT2Decoder:
 
     def __init__(self, model) -> None:
         tr, cfg = model.transformer, model.config
-        self.wte, self.wpe, self.ln_f, self.lm_head = tr.wte.forward, tr.wpe.forward, tr.ln_f.forward, model.lm_head.forward
+        self.wte, self.wpe, self.ln_f, self.lm_head = tr.wte.forward, tr.wpe.forward, norm_fn(tr.ln_f), kernel_2d(model.lm_head)
         gelu_tanh = cfg.activation_function == "gelu_new"  # the formula of F.gelu's tanh form, fused
         self.layers = []
         for i, block in enumerate(tr.h):
@@ -128,27 +175,38 @@ class GPT2Decoder:
             if cfg.scale_attn_by_inverse_layer_idx:
                 scale /= i + 1
             act = (lambda h: F.gelu(h, approximate="tanh")) if gelu_tanh else mlp.act.forward
-            self.layers.append((block.ln_1.forward, attn.c_attn.forward, attn.c_proj.forward, block.ln_2.forward,
-                                mlp.c_fc.forward, act, mlp.c_proj.forward, attn.num_heads, attn.head_dim, scale))
+            self.layers.append((norm_fn(block.ln_1), kernel_2d(attn.c_attn), kernel_2d(attn.c_proj), norm_fn(block.ln_2),
+                                kernel_2d(mlp.c_fc), act, kernel_2d(mlp.c_proj), attn.num_heads, attn.head_dim, scale))
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                  cache: KVCache) -> torch.Tensor:
         """Logits ``[rows, vocab]`` at the last position of ``input_ids`` (``[rows, t]``), whose keys
-        and values are appended to ``cache``. ``mask`` covers the cached columns and these ``t``."""
+        and values are appended to ``cache``. ``mask`` covers the cached columns and these ``t``.
+        The hidden states stay 2-D (``[rows * t, width]``), what the projections take."""
         rows, t = input_ids.shape
         x = self.wte(input_ids) + self.wpe(position_ids)
         bias = attention_bias(mask, t, x.dtype)
+        x = x.reshape(rows * t, -1)
+        bias_1 = None
         for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, act, mlp_proj, heads, dim, scale) in enumerate(self.layers):
-            q, k, v = c_attn(ln_1(x)).view(rows, t, 3, heads, dim).permute(2, 0, 3, 1, 4)
-            keys, values = cache.write(i, k, v)
-            if t == 1:  # one query per row: three small ops beat the fused kernel's dispatch
-                a = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)) * scale + bias, dim=-1) @ values
+            qkv = c_attn(ln_1(x))
+            if t == 1:  # one query per row: three small kernels beat the fused kernel's dispatch
+                q, k, v = qkv.view(rows, 3, heads, 1, dim).unbind(1)
+                keys, values = cache.write(i, k, v)
+                if bias_1 is None:
+                    bias_1 = _bias_3d(bias, heads, 1)
+                n = keys.shape[2]
+                a = decode_attention(q.reshape(rows * heads, 1, dim), keys.reshape(rows * heads, n, dim),
+                                     values.reshape(rows * heads, n, dim), bias_1, scale).view(rows, heads * dim)
             else:
+                q, k, v = qkv.view(rows, t, 3, heads, dim).permute(2, 0, 3, 1, 4)
+                keys, values = cache.write(i, k, v)
                 a = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
-            x = x + attn_proj(a.transpose(1, 2).reshape(rows, t, heads * dim))
+                a = a.transpose(1, 2).reshape(rows * t, heads * dim)
+            x = x + attn_proj(a)
             x = x + mlp_proj(act(c_fc(ln_2(x))))
         cache.advance(t)
-        return self.lm_head(self.ln_f(x[:, -1]))
+        return self.lm_head(self.ln_f(x.view(rows, t, -1)[:, -1]))
 
 
 class LlamaDecoder:
@@ -161,16 +219,16 @@ class LlamaDecoder:
 
         self.rotate = apply_rotary_pos_emb
         inner = model.model
-        self.embed, self.norm, self.lm_head = inner.embed_tokens.forward, inner.norm.forward, model.lm_head.forward
         self.rotary = inner.rotary_emb  # called as a module: its rope-scaling update hooks stay in force
+        self.embed, self.norm, self.lm_head = inner.embed_tokens.forward, norm_fn(inner.norm), kernel_2d(model.lm_head)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             dim = attn.head_dim
             heads, kv_heads = _out_features(attn.q_proj) // dim, _out_features(attn.k_proj) // dim
-            self.layers.append((layer.input_layernorm.forward, attn.q_proj.forward, attn.k_proj.forward,
-                                attn.v_proj.forward, attn.o_proj.forward, layer.post_attention_layernorm.forward,
-                                mlp.gate_proj.forward, mlp.up_proj.forward, mlp.down_proj.forward, mlp.act_fn,
+            self.layers.append((norm_fn(layer.input_layernorm), kernel_2d(attn.q_proj), kernel_2d(attn.k_proj),
+                                kernel_2d(attn.v_proj), kernel_2d(attn.o_proj), norm_fn(layer.post_attention_layernorm),
+                                kernel_2d(mlp.gate_proj), kernel_2d(mlp.up_proj), kernel_2d(mlp.down_proj), mlp.act_fn,
                                 heads, kv_heads, dim, attn.scaling))
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
@@ -179,6 +237,8 @@ class LlamaDecoder:
         x = self.embed(input_ids)
         cos, sin = self.rotary(x, position_ids)
         bias = attention_bias(mask, t, x.dtype)
+        x = x.reshape(rows * t, -1)
+        bias_1 = None
         for i, (ln_1, q_proj, k_proj, v_proj, o_proj, ln_2, gate, up, down, act, heads, kv_heads, dim,
                 scale) in enumerate(self.layers):
             h = ln_1(x)
@@ -187,18 +247,21 @@ class LlamaDecoder:
             v = v_proj(h).view(rows, t, kv_heads, dim).transpose(1, 2)
             q, k = self.rotate(q, k, cos, sin)
             keys, values = cache.write(i, k, v)
-            if t == 1:  # the query heads of a group share their keys: [rows, kv, group, dim]
-                qg = q.reshape(rows, kv_heads, heads // kv_heads, dim)
-                w = torch.softmax(torch.matmul(qg, keys.transpose(-1, -2)) * scale + bias, dim=-1)
-                a = torch.matmul(w, values).reshape(rows, heads, 1, dim)
+            if t == 1:  # the query heads of a group share their keys: [rows * kv, group, dim]
+                group, n = heads // kv_heads, keys.shape[2]
+                if bias_1 is None:
+                    bias_1 = _bias_3d(bias, kv_heads, group)
+                a = decode_attention(q.reshape(rows * kv_heads, group, dim), keys.reshape(rows * kv_heads, n, dim),
+                                     values.reshape(rows * kv_heads, n, dim), bias_1, scale).view(rows, heads * dim)
             else:
                 a = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
                                                    enable_gqa=heads != kv_heads)
-            x = x + o_proj(a.transpose(1, 2).reshape(rows, t, heads * dim))
+                a = a.transpose(1, 2).reshape(rows * t, heads * dim)
+            x = x + o_proj(a)
             h = ln_2(x)
             x = x + down(act(gate(h)) * up(h))
         cache.advance(t)
-        return self.lm_head(self.norm(x[:, -1]))
+        return self.lm_head(self.norm(x.view(rows, t, -1)[:, -1]))
 
 
 def _out_features(layer) -> int:
