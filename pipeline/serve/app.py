@@ -409,11 +409,21 @@ class _Metrics:
         self.latency.observe(seconds, tags={"route": route, "model": model})
 
     def generation(self, model: str, ttft: float, total: float, prompt_tokens: int, completion_tokens: int) -> None:
+        """Record one finished generation; a failure here is logged, never the request's failure."""
+        try:
+            self._generation(model, ttft, total, prompt_tokens, completion_tokens)
+        except Exception:  # noqa: BLE001 - the answer is already computed; the client gets it
+            logger.exception("metrics: recording a generation failed")
+
+    def _generation(self, model: str, ttft: float, total: float, prompt_tokens: int, completion_tokens: int) -> None:
         self.ttft.observe(ttft, tags={"model": model})
         if completion_tokens > 1:
             self.tpot.observe(max(0.0, total - ttft) / (completion_tokens - 1), tags={"model": model})
-        self.tokens.inc(completion_tokens, tags={"model": model})
-        self.prompt_tokens.inc(prompt_tokens, tags={"model": model})
+        # Ray's Counter.inc refuses 0: a completion can be empty (the model's first token is EOS)
+        if completion_tokens > 0:
+            self.tokens.inc(completion_tokens, tags={"model": model})
+        if prompt_tokens > 0:
+            self.prompt_tokens.inc(prompt_tokens, tags={"model": model})
 
 
 def new_id(prefix: str) -> str:

@@ -58,3 +58,20 @@ def test_kinds_are_read_from_the_checkpoint_and_mismatches_refused(tiny_models):
         check_kind(ServedModel(name="m", path=lm, kind="classifier"))
     with pytest.raises(ValueError, match="is a sequence classifier; serve it with kind: classifier"):
         check_kind(ServedModel(name="m", path=clf, kind="causal"))
+
+
+def test_an_empty_completion_is_recorded_and_metrics_never_fail_a_request(ray_session, caplog):
+    """A model whose first token is EOS completes with 0 tokens: Ray's Counter refuses inc(0),
+    which once turned such answers into 500s. Any metrics failure is logged, not raised."""
+    from pipeline.serve.app import _Metrics
+
+    m = _Metrics()
+    m._generation("m", 0.01, 0.02, 3, 0)  # raised ValueError("value must be >0") before the fix
+    m._generation("m", 0.01, 0.05, 3, 4)
+
+    def broken(*a, **k):
+        raise RuntimeError("metrics backend down")
+
+    m.ttft.observe = broken
+    m.generation("m", 0.01, 0.02, 3, 2)
+    assert "recording a generation failed" in caplog.text
