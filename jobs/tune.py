@@ -1,8 +1,11 @@
-"""Hyperparameter search with Ray Tune (ASHA on validation loss) over the real pretraining run;
-writes the best configuration as a pretrain YAML, a results table and a plot.
+"""Hyperparameter search with Ray Tune (ASHA on the validation metric) over the real pretraining
+or fine-tuning run; writes the best configuration as a pretrain / finetune YAML, a results table
+and a plot.
 
     python -m jobs.tune --config jobs/configs/tune_demo.yaml [key=value ...]
     python -m jobs.pretrain --config outputs/tune/<run>/best_pretrain.yaml    # train the winner
+    python -m jobs.tune --config jobs/configs/tune_demo.yaml base=jobs/configs/finetune_classify_demo.yaml \
+        metric=val_accuracy                                                   # sweep a fine-tune
 
 On a cluster::
 

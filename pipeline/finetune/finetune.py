@@ -216,7 +216,7 @@ def check_finetune(cfg: FinetuneConfig) -> Path:
     return base
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict:
+def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> dict:
     import ray
     import transformers
 
@@ -226,7 +226,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         import json
 
         logger.info("finetune: %s is already complete (same config); not recomputing", run_dir)
-        return json.loads((run_dir / "summary.json").read_text())
+        return {**json.loads((run_dir / "summary.json").read_text()), "cached": True}
     tok = transformers.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     if cfg.task == "sft":
         added = prepare_chat_tokenizer(tok, cfg.data.chat_template)
@@ -264,4 +264,4 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     extra = {"task": cfg.task, "base_model": str(base), "label2id": info.get("label2id"),
              "examples": {s: len(v) for s, v in rows.items()}, "rejected": len(bad), "data_files": info.get("files"),
              "config": to_dict(cfg)}
-    return train_and_export(run_dir, datasets, setup_finetune, config, cfg.scaling, run_cfg, None, extra)
+    return train_and_export(run_dir, datasets, setup_finetune, config, cfg.scaling, run_cfg, None, extra, callbacks)

@@ -1,8 +1,9 @@
-"""Ray Tune sweep over the real pretraining function: each trial is a full ``run_pretrain`` (a
-Ray Train ``TorchTrainer``) whose evaluations reach Tune through ``TuneReportCallback``; ASHA
-(Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning") stops weak trials
-early on validation loss. The best trial is written as a pretrain YAML that
-``jobs.pretrain`` accepts unchanged."""
+"""Ray Tune sweep over the real training functions: each trial is a full ``run_pretrain`` or
+``run_finetune`` (a Ray Train ``TorchTrainer``; the base YAML says which: a finetune config has
+a ``task``) whose evaluations reach Tune through ``TuneReportCallback``; ASHA (Li et al. 2020,
+"A System for Massively Parallel Hyperparameter Tuning") stops weak trials early on the
+validation metric. The best trial is written as a pretrain or finetune YAML that
+``jobs.pretrain`` / ``jobs.finetune`` accepts unchanged."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class SearchSpace:
 
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig:
-    base: str  # the pretrain config YAML every trial starts from
+    base: str  # the pretrain or finetune config YAML every trial starts from
     overrides: list[str] = field(default_factory=list)  # key=value applied to base for every trial
     output_dir: str = "outputs/tune"
     name: str = "tune"
@@ -48,11 +49,23 @@ class TuneConfig:
     reduction_factor: int = 2
     max_concurrent: int | None = None  # default: as many trials as the cluster's CPUs hold
     seed: int = 0
+    # what ASHA and the choice of the best trial compare: val_loss (lowest) or, for a
+    # classification fine-tune, val_accuracy (highest)
+    metric: str = "val_loss"
 
     def __post_init__(self) -> None:
+        check(self.metric in METRICS, f"metric must be one of {sorted(METRICS)}, got {self.metric!r}")
         check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
         check(self.max_steps >= self.eval_every >= 1, f"max_steps ({self.max_steps}) must be >= eval_every ({self.eval_every}) >= 1")
         check(self.reduction_factor >= 2, f"reduction_factor must be >= 2, got {self.reduction_factor}")
+
+
+METRICS = {"val_loss": "min", "val_accuracy": "max"}
+
+
+def is_finetune(base: dict) -> bool:
+    """A finetune config names its ``task``; a pretrain config does not."""
+    return "task" in base
 
 
 def trial_overrides(sample: dict) -> list[str]:
@@ -123,13 +136,18 @@ def release_train_placement_groups_callback():
 
 
 def run_trial(config: dict) -> None:
-    """A Tune trainable: the config dict becomes a PretrainConfig on the first line."""
+    """A Tune trainable: the config dict becomes a PretrainConfig or FinetuneConfig on the first line."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train.pretrain import PretrainConfig, run_pretrain
+    data = apply_overrides(config["base"], trial_overrides(config["sample"]))
+    if is_finetune(data):
+        from pipeline.finetune.finetune import FinetuneConfig, run_finetune
 
-    cfg = from_dict(PretrainConfig, apply_overrides(config["base"], trial_overrides(config["sample"])))
-    summary = run_pretrain(cfg, callbacks=[TuneReportCallback()])
+        summary = run_finetune(from_dict(FinetuneConfig, data), callbacks=[TuneReportCallback()])
+    else:
+        from pipeline.train.pretrain import PretrainConfig, run_pretrain
+
+        summary = run_pretrain(from_dict(PretrainConfig, data), callbacks=[TuneReportCallback()])
     if summary.get("cached"):
         # the same trial finished in an earlier sweep: no training ran, so report its final evaluation
         from ray import tune
@@ -137,26 +155,46 @@ def run_trial(config: dict) -> None:
         tune.report({k: v for k, v in (summary.get("final") or {}).items() if k != "kind"})
 
 
-def trial_base(cfg: TuneConfig, base: dict, out: Path) -> tuple[dict, "PretrainConfig"]:
-    """The trials' pretrain config (the base YAML with the sweep's overrides), as a dict and typed."""
-    from pipeline.train.pretrain import PretrainConfig
-
+def trial_base(cfg: TuneConfig, base: dict, out: Path):
+    """The trials' training config (the base YAML with the sweep's overrides), as a dict and typed
+    (a PretrainConfig or a FinetuneConfig). Paths are made absolute where the job runs: trials
+    run in their own working directories."""
     base = apply_overrides(base, [*cfg.overrides, f"train.max_steps={cfg.max_steps}", f"train.eval_every={cfg.eval_every}",
                                   "train.early_stopping_patience=null", f"output_dir={out / 'trials'}"])
-    # `data:` (a directory, or a prepare YAML whose output_dir is relative) is resolved where the
-    # job runs: trials run in their own working directories
-    if isinstance(base.get("data"), str):
-        from pipeline.train.data import resolve_prepared
+    from pipeline.train.data import resolve_prepared
 
+    if is_finetune(base):
+        from pipeline.finetune.finetune import FinetuneConfig, resolve_model_dir
+
+        check(not (cfg.space.n_layer or cfg.space.n_embd),
+              "space.n_layer / space.n_embd: a fine-tune keeps its base model's architecture; leave them empty")
+        if base.get("task") != "classification":
+            check(cfg.metric == "val_loss", f"metric {cfg.metric}: only a classification fine-tune reports it")
+        if isinstance(base.get("base_model"), str):
+            base["base_model"] = str(resolve_model_dir(base["base_model"]))
+        data = base.get("data") if isinstance(base.get("data"), dict) else {}
+        for key in ("train", "val", "test"):  # a prepare YAML, a directory or file, or "chatterbot"
+            value = data.get(key)
+            if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+                data[key] = str(resolve_prepared(value).resolve())
+            elif isinstance(value, str) and Path(value).exists():
+                data[key] = str(Path(value).resolve())
+        return base, from_dict(FinetuneConfig, base)
+    from pipeline.train.pretrain import PretrainConfig
+
+    check(cfg.metric == "val_loss", f"metric {cfg.metric}: pretraining reports val_loss only")
+    if isinstance(base.get("data"), str):
         base["data"] = str(Path(resolve_prepared(base["data"])).resolve())
     return base, from_dict(PretrainConfig, base)
 
 
 def check_tune(cfg: TuneConfig) -> None:
-    """The trials' config is valid and its data is there (no cluster needed)."""
+    """The trials' config is valid and its data and base model are there (no cluster needed)."""
+    from pipeline.finetune.finetune import check_finetune
     from pipeline.train.pretrain import check_pretrain
 
-    check_pretrain(trial_base(cfg, load_yaml(cfg.base), Path(cfg.output_dir).resolve())[1])
+    data, typed = trial_base(cfg, load_yaml(cfg.base), Path(cfg.output_dir).resolve())
+    check_finetune(typed) if is_finetune(data) else check_pretrain(typed)
 
 
 def run_tune(cfg: TuneConfig) -> dict:
@@ -192,7 +230,8 @@ def run_tune(cfg: TuneConfig) -> dict:
         # read tasks need one whole free CPU beside trial + workers (see the concurrency rule).
         tune.with_resources(run_trial, {"CPU": 0.01}),
         param_space={"base": base, "sample": space},
-        tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, num_samples=cfg.num_samples,
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode=METRICS[cfg.metric], scheduler=scheduler,
+                                    num_samples=cfg.num_samples,
                                     search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency)),
         run_config=tune.RunConfig(name="tune", storage_path=str(out),
                                   callbacks=[release_train_placement_groups_callback()]),
@@ -202,18 +241,20 @@ def run_tune(cfg: TuneConfig) -> dict:
     for r in grid:
         history = r.metrics_dataframe
         rows.append({"trial": r.path.rsplit("/", 1)[-1] if r.path else "?", **r.config["sample"],
-                     "val_loss": (r.metrics or {}).get("val_loss"), "iterations": (r.metrics or {}).get("training_iteration"),
+                     "val_loss": (r.metrics or {}).get("val_loss"),
+                     **({cfg.metric: (r.metrics or {}).get(cfg.metric)} if cfg.metric != "val_loss" else {}),
+                     "iterations": (r.metrics or {}).get("training_iteration"),
                      "step": (r.metrics or {}).get("step"),
                      "error": str(r.error)[:200] if r.error else None,
-                     "curve": [] if history is None or "val_loss" not in history else
-                     list(zip(history["step"].tolist(), history["val_loss"].tolist()))})
-    ok = [r for r in rows if r["val_loss"] is not None and not r["error"]]
+                     "curve": [] if history is None or cfg.metric not in history else
+                     list(zip(history["step"].tolist(), history[cfg.metric].tolist()))})
+    ok = [r for r in rows if r[cfg.metric] is not None and not r["error"]]
     check(bool(ok), f"tune: every trial failed: {[r['error'] for r in rows]}")
-    best = min(ok, key=lambda r: r["val_loss"])
+    best = (min if METRICS[cfg.metric] == "min" else max)(ok, key=lambda r: r[cfg.metric])
     best_yaml = apply_overrides(load_yaml(cfg.base), [*cfg.overrides, *trial_overrides(best)])
-    best_path = out / "best_pretrain.yaml"
+    best_path = out / f"best_{'finetune' if is_finetune(best_yaml) else 'pretrain'}.yaml"
     best_path.write_text(yaml.safe_dump(best_yaml, sort_keys=False))
-    _write_table(rows, out)
+    _write_table(rows, out, cfg.metric)
     summary = {"output_dir": str(out), "best": {k: v for k, v in best.items() if k != "curve"},
                "best_config": str(best_path), "num_trials": len(rows),
                # by the last training step reached (a trial finished in an earlier run reports only once)
@@ -223,7 +264,7 @@ def run_tune(cfg: TuneConfig) -> dict:
     return summary
 
 
-def _write_table(rows: list[dict], out: Path) -> None:
+def _write_table(rows: list[dict], out: Path, metric: str = "val_loss") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,7 +272,8 @@ def _write_table(rows: list[dict], out: Path) -> None:
 
     keys = [k for k in rows[0] if k not in ("curve",)]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in sorted(rows, key=lambda r: (r["val_loss"] is None, r["val_loss"] or 0)):
+    sign = 1 if METRICS[metric] == "min" else -1
+    for r in sorted(rows, key=lambda r: (r[metric] is None, sign * (r[metric] or 0))):
         lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -240,7 +282,7 @@ def _write_table(rows: list[dict], out: Path) -> None:
             xs, ys = zip(*r["curve"])
             ax.plot(xs, ys, "o-", label=f"lr={r['lr']:.1e} bs={r['batch_size']}")
     ax.set_xlabel("step")
-    ax.set_ylabel("val loss")
+    ax.set_ylabel(metric.replace("_", " "))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "trials.png", dpi=100)

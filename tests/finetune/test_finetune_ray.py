@@ -131,3 +131,36 @@ def test_finetune_bad_inputs(pipeline_dirs, tmp_path):
         run_finetune(from_dict(FinetuneConfig, {**base, "task": "classification", "data": {"train": str(one_label)}}))
     with pytest.raises(ValueError, match="task"):
         from_dict(FinetuneConfig, {**base, "task": "regression", "data": {"train": "x"}})
+
+
+def test_tune_sweeps_a_classification_finetune(pipeline_dirs, tmp_path):
+    """Ray Tune over the fine-tuning function (the base YAML has a ``task``), ranked by validation
+    accuracy; the best configuration is a finetune YAML the finetune job accepts unchanged."""
+    import yaml
+
+    from jobs import finetune
+    from pipeline.tune.sweep import TuneConfig, run_tune
+
+    d = pipeline_dirs
+    base = tmp_path / "ft.yaml"
+    base.write_text(yaml.safe_dump({
+        "task": "classification", "base_model": d["pre"]["model_dir"], "output_dir": str(tmp_path / "unused"),
+        "data": {"train": str(d["prep"].run_dir), "max_seq_len": 64},
+        "train": {"batch_size": 8, "eval_batches": 0, "log_every": 1},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.45, "threads_per_worker": 1},
+    }))
+    cfg = from_dict(TuneConfig, {"base": str(base), "output_dir": str(tmp_path / "tune"), "num_samples": 2,
+                                 "max_steps": 6, "eval_every": 3, "metric": "val_accuracy", "seed": 0,
+                                 "space": {"lr": [1e-5, 5e-3], "batch_size": [8], "weight_decay": [0.0],
+                                           "warmup_steps": [1]}})
+    summary = run_tune(cfg)
+    trials = summary["trials"]
+    assert summary["num_trials"] == 2 and not any(t["error"] for t in trials), trials
+    assert all(0 <= t["val_accuracy"] <= 1 and t["val_loss"] > 0 for t in trials)
+    assert summary["best"]["val_accuracy"] == max(t["val_accuracy"] for t in trials)
+    assert summary["best_config"].endswith("best_finetune.yaml")
+    best = finetune.parse_config(["--config", summary["best_config"]])  # accepted unchanged
+    assert best.task == "classification" and best.optim.lr == pytest.approx(summary["best"]["lr"])
+    with pytest.raises(ValueError, match="space.n_layer"):
+        run_tune(from_dict(TuneConfig, {**{"base": str(base), "output_dir": str(tmp_path / "t2")},
+                                        "space": {"n_layer": [2]}}))
