@@ -154,3 +154,15 @@ def test_training_jobs_check_their_data_before_ray_starts(tmp_path, monkeypatch,
                            f"output_dir={tmp_path / 'tune'}"]) == 2
     assert f"data: {missing} is not a finished prepare output" in capsys.readouterr().err
     assert not (tmp_path / "tune").exists()
+
+
+def test_a_finetune_yaml_names_its_exported_model_wherever_a_model_is_taken(tmp_path):
+    """Evaluation, fine-tuning and the sweep take a model as a directory or as the config YAML that
+    made it: a finetune YAML (it has a ``task``) names its run's exported model."""
+    from pipeline.finetune.finetune import resolve_finetuned, resolve_model_dir
+
+    (tmp_path / "base").mkdir()
+    ft = tmp_path / "ft.yaml"
+    ft.write_text(f"task: sft\nbase_model: {tmp_path / 'base'}\noutput_dir: {tmp_path / 'out'}\ndata: {{train: chatterbot}}\n")
+    assert resolve_model_dir(str(ft)) == resolve_finetuned(str(ft)).resolve()
+    assert resolve_model_dir(str(ft)).parent.parent == tmp_path / "out"

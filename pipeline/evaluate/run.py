@@ -118,10 +118,10 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
             path = _causal_dir(section.model)
             check(checkpoint_kind(path) != "classifier", f"{name}.model: {path} is a sequence classifier; "
                                                          f"{name} scores a language model (causal or masked)")
-    if cfg.classification is not None:
-        from pipeline.finetune.finetune import resolve_model_dir
+    if cfg.classification is not None:  # a model directory or a finetune YAML
+        from pipeline.finetune.finetune import resolve_finetuned
 
-        model_dir = resolve_model_dir(cfg.classification.model)
+        model_dir = resolve_finetuned(cfg.classification.model)
         check((model_dir / "config.json").exists(), f"classification.model: {model_dir} is not a model directory")
         require_classifier(model_dir, "classification.model")
     if cfg.fewshot is not None:

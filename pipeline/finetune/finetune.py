@@ -90,10 +90,15 @@ def dropout_overrides(base: Path, p: float | None) -> dict:
 
 
 def resolve_model_dir(base: str) -> Path:
+    """A model directory (absolute), or the exported model of the pretrain or finetune config YAML
+    ``base`` names (a finetune config has a ``task``)."""
     if base.endswith((".yaml", ".yml")):
-        from pipeline.config import load_config
+        from pipeline.config import load_config, load_yaml
         from pipeline.train.data import load_manifest, resolve_prepared
         from pipeline.train.pretrain import PretrainConfig
+
+        if "task" in load_yaml(base):
+            return resolve_finetuned(base).resolve()
 
         pre = load_config(PretrainConfig, base)
         return (pre.run_dir(load_manifest(resolve_prepared(pre.data))) / "model").resolve()

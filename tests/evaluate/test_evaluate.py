@@ -284,6 +284,20 @@ def test_jobs_refuse_a_model_of_the_wrong_kind_before_ray_starts(toy, tmp_path, 
     (tmp_path / "ev.yaml").write_text(f"fewshot: {{model: {tmp_path / 'mlm'}, data: {tmp_path}}}\n")
     assert jobs.evaluate.main(["--config", str(tmp_path / "ev.yaml"), f"output_dir={tmp_path / 'ev'}"]) == 2
     assert "fewshot.model: " in capsys.readouterr().err and not (tmp_path / "ev").exists()
+    # every section takes the config YAML that made its model, as the demo's evaluation does: they
+    # resolve (no "unknown config key"), and name the missing run (an empty working directory)
+    import shutil
+
+    from pipeline.evaluate.run import check_evaluate
+
+    shutil.copytree(Path("jobs/configs"), tmp_path / "cwd" / "jobs" / "configs")
+    monkeypatch.chdir(tmp_path / "cwd")
+    for keep in ("lm", "classification", "fewshot", "bias"):
+        cfg = jobs.evaluate.parse_config(["--config", "jobs/configs/evaluate_demo.yaml",
+                                          *[f"{k}=null" for k in ("lm", "classification", "fewshot", "bias") if k != keep]])
+        with pytest.raises(ValueError, match="is not a model directory|is not a finished prepare output"):
+            check_evaluate(cfg)
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     assert jobs.serve.main(["--model", f"m={tmp_path / 'mlm'}:causal"]) == 2
     assert "models[m]: " in capsys.readouterr().err
     assert jobs.serve.main(["--model", f"m={tmp_path / 'mlm'}:classifier"]) == 2
