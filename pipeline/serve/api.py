@@ -187,7 +187,8 @@ def validation_error(exc) -> APIError:
     errors = exc.errors()
     # of a union's alternatives, the one that got furthest into the value is what the client meant
     # (a list of content parts that fails inside, not "should be a valid string")
-    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
+    # (and of a number's int-or-float alternatives, float's "should be a valid number")
+    first = max(errors, key=lambda e: (len(e.get("loc", ())), e.get("type") != "int_type")) if errors else {}
     tags = {"int", "float", "str", "bool", "dict", "list", "none", "json-or-python"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not (  # drop union member tags
         isinstance(p, str) and (p in tags or "[" in p or p.startswith(("function-", "constrained-"))))]

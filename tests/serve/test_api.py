@@ -48,3 +48,10 @@ def test_null_optional_parameters_mean_their_defaults():
         assert validation_error(exc.value).param == "prompt"
     with pytest.raises(ValidationError):
         ChatRequest(messages=None)
+
+
+def test_a_non_number_is_named_as_such():
+    with pytest.raises(ValidationError) as exc:
+        CompletionRequest(prompt="x", temperature="hot")
+    err = validation_error(exc.value)
+    assert err.param == "temperature" and "valid number" in err.message, err.message
