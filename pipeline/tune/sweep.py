@@ -194,7 +194,10 @@ def check_tune(cfg: TuneConfig) -> None:
     from pipeline.train.pretrain import check_pretrain
 
     data, typed = trial_base(cfg, load_yaml(cfg.base), Path(cfg.output_dir).resolve())
-    check_finetune(typed) if is_finetune(data) else check_pretrain(typed)
+    if is_finetune(data):
+        check_finetune(typed)
+    else:
+        check_pretrain(typed)
 
 
 def run_tune(cfg: TuneConfig) -> dict:

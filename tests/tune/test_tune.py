@@ -17,6 +17,12 @@ def test_trial_overrides():
     assert trial_overrides({"lr": 0.001, "batch_size": 4, "unrelated": 1}) == ["train.batch_size=4", "optim.lr=0.001"]
     with pytest.raises(ValueError, match="space.lr"):
         SearchSpace(lr=[0.1, 0.01])
+    with pytest.raises(ValueError, match="metric must be one of"):
+        from_dict(TuneConfig, {"base": "x.yaml", "metric": "val_f1"})
+    from pipeline.tune.sweep import check_tune
+
+    with pytest.raises(ValueError, match="pretraining reports val_loss only"):
+        check_tune(from_dict(TuneConfig, {"base": "jobs/configs/pretrain_demo.yaml", "metric": "val_accuracy"}))
 
 
 def test_tune_runs_trials_and_asha_stops_some(tiny_prepared, tmp_path):
