@@ -136,7 +136,9 @@ def norm_fn(module):
     if type(module) is nn.LayerNorm and module.elementwise_affine:
         shape, w, b, eps = tuple(module.normalized_shape), module.weight, module.bias, module.eps
         return lambda x: F.layer_norm(x, shape, w, b, eps)
-    if type(module).__name__ == "LlamaRMSNorm" and hasattr(F, "rms_norm"):
+    # Llama's RMSNorm computes in float32 whatever the input's dtype: the fused call is the same
+    # arithmetic only for float32 weights
+    if type(module).__name__ == "LlamaRMSNorm" and hasattr(F, "rms_norm") and module.weight.dtype == torch.float32:
         w, eps = module.weight, module.variance_epsilon
         return lambda x: F.rms_norm(x, (w.shape[0],), w, eps)
     return module.forward
