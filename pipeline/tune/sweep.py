@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,13 +117,20 @@ def release_train_placement_groups_callback():
             self.ended = [t for t in self.ended if not self._release(*t)]
 
         def on_experiment_end(self, trials, **info) -> None:
-            self.on_step_begin(0, trials)
+            # the last trials stopped may still be shutting down: wait for them (bounded), then
+            # release what is left, so that no group keeps CPUs from what runs after the sweep
+            deadline = time.monotonic() + 30
+            while self.ended and time.monotonic() < deadline:
+                self.on_step_begin(0, trials)
+                if self.ended:
+                    time.sleep(0.5)
+            self.ended = [t for t in self.ended if not self._release(*t, force=True)]
 
         @staticmethod
-        def _release(trial_id: str, pg_hex: str, worker_id: str) -> bool:
-            """True once nothing is left to do for this trial."""
+        def _release(trial_id: str, pg_hex: str, worker_id: str, force: bool = False) -> bool:
+            """True once nothing is left to do for this trial. ``force``: even if its worker lives."""
             try:
-                if not actor_dead(worker_id):
+                if not force and not actor_dead(worker_id):
                     return False
                 pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex)))
                 if placement_group_table(pg).get("state") != "REMOVED":

@@ -154,6 +154,17 @@ def test_tune_sweeps_a_classification_finetune(pipeline_dirs, tmp_path):
                                  "space": {"lr": [1e-5, 5e-3], "batch_size": [8], "weight_decay": [0.0],
                                            "warmup_steps": [1]}})
     summary = run_tune(cfg)
+    import ray
+
+    import time
+
+    # no stopped trial's placement group keeps CPUs from what runs next (it once hung the next fit);
+    # resources come back asynchronously, a leak never
+    deadline = time.monotonic() + 45
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] - 1e-6 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(ray.cluster_resources()["CPU"]), \
+        ray.available_resources()
     trials = summary["trials"]
     assert summary["num_trials"] == 2 and not any(t["error"] for t in trials), trials
     assert all(0 <= t["val_accuracy"] <= 1 and t["val_loss"] > 0 for t in trials)
