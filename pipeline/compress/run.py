@@ -57,10 +57,13 @@ class VariantSpec:
 @dataclass(frozen=True, kw_only=True)
 class CompressEvalConfig:
     lm_data: str | None = None  # prepare config or output dir: its val shards score perplexity
-    lm_rows: int = 64  # packed val rows scored
+    lm_rows: int = 64  # packed val rows scored (a seeded random sample of the split; 0 = all)
     classify_data: str | None = None  # prepare config / output dir with labeled/, or a labeled file
     classify_split: str = "test"
-    classify_rows: int = 300
+    classify_rows: int = 300  # texts scored (a seeded random sample of the split; 0 = all)
+    text_field: str = "text"  # classify_data's columns
+    label_field: str = "label"
+    seed: int = 0  # which rows are sampled, for scoring and for int8 calibration
     max_len: int = 256  # LM rows: tokens scored per row
     classify_max_len: int | None = None  # null: the reading saved with the classifier (see evaluate)
     decode_tokens: int = 64
@@ -70,6 +73,7 @@ class CompressEvalConfig:
 
     def __post_init__(self) -> None:
         check(self.repeats >= 1 and self.decode_tokens >= 1, "eval.repeats and eval.decode_tokens must be >= 1")
+        check(self.lm_rows >= 0 and self.classify_rows >= 0, "eval.lm_rows and eval.classify_rows must be >= 0 (0: all)")
         check(self.classify_max_len is None or self.classify_max_len >= 8,
               f"eval.classify_max_len must be >= 8 or null, got {self.classify_max_len}")
 
@@ -179,32 +183,26 @@ def measure(model_dir: Path, kind: str, e: CompressEvalConfig, lm_rows: list | N
 def _lm_rows(e: CompressEvalConfig, split: str = "val", n: int | None = None) -> list | None:
     if not e.lm_data:
         return None
-    import pyarrow.parquet as pq
+    from pipeline.train.data import load_manifest, resolve_prepared, sample_shard_rows, shard_paths
 
-    from pipeline.train.data import load_manifest, resolve_prepared, shard_paths
-
-    n = e.lm_rows if n is None else n
     prepared = resolve_prepared(e.lm_data)
     files = shard_paths(prepared, load_manifest(prepared), split)
     check(bool(files), f"eval.lm_data {e.lm_data}: no {split} shards")
-    rows: list = []
-    for f in files:
-        rows += pq.read_table(f, columns=["input_ids"]).column("input_ids").to_pylist()
-        if len(rows) >= n:
-            break
-    return [r[: e.max_len] for r in rows[:n]]
+    rows = sample_shard_rows(files, e.lm_rows if n is None else n, e.seed)
+    return [r[: e.max_len] for r in rows]
 
 
 def _cls_rows(e: CompressEvalConfig, split: str | None = None, n: int | None = None) -> list | None:
     if not e.classify_data:
         return None
+    from pipeline.evaluate.classify import sample_rows
     from pipeline.evaluate.run import _labeled_files, _read_split
 
     split = split or e.classify_split
     files = _labeled_files(e.classify_data)
     check(split in files, f"eval.classify_data {e.classify_data}: no {split!r} split")
-    rows = _read_split(files[split], "text", "label", None, [])
-    return rows[: e.classify_rows if n is None else n]
+    rows = _read_split(files[split], e.text_field, e.label_field, None, [])
+    return sample_rows(rows, e.classify_rows if n is None else n, e.seed)
 
 
 def _calibration(model, tok, kind: str, e: CompressEvalConfig, v: VariantSpec) -> list[dict]:

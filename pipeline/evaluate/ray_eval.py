@@ -57,12 +57,17 @@ def predict_dataset(rows: list[dict], model_dir: str, max_len: int | None, actor
     return [str(out[i]) for i in range(len(rows))]
 
 
-def score_shards(files: list[str], model_dir: str, actors: int = 2, batch_size: int = 16, max_rows: int = 0) -> dict:
+def score_shards(files: list[str], model_dir: str, actors: int = 2, batch_size: int = 16, max_rows: int = 0,
+                 seed: int = 0) -> dict:
     import ray
 
-    ds = ray.data.read_parquet(files)
-    if max_rows:
-        ds = ds.limit(max_rows)
+    if max_rows:  # a seeded sample over every shard: the first rows would all come from the first source
+        from pipeline.train.data import sample_shard_rows
+
+        ds = ray.data.from_items([{"input_ids": np.asarray(r, dtype=np.int32)}
+                                  for r in sample_shard_rows(files, max_rows, seed)])
+    else:
+        ds = ray.data.read_parquet(files)
     scored = ds.map_batches(LMScorer, fn_constructor_kwargs={"model_dir": model_dir},
                             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5, batch_size=batch_size,
                             batch_format="numpy")

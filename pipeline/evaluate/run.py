@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 class LMEvalConfig:
     model: str  # causal or masked LM directory, or the pretrain config YAML that made it
     data: str | None = None  # prepare output (dir or config YAML): its val shards
-    text_file: str | None = None  # or any text file (one document per non-empty line, or the whole file)
-    max_rows: int = 0  # 0 = every val row
+    text_file: str | None = None  # or any text file (one document per non-empty line)
+    max_rows: int = 0  # 0 = every val row; else a seeded random sample of the val rows (or texts)
+    seed: int = 0
     max_len: int = 256
 
     def __post_init__(self) -> None:
@@ -49,9 +50,13 @@ class ClassifyEvalConfig:
 @dataclass(frozen=True, kw_only=True)
 class FewshotEvalConfig:
     model: str  # causal LM directory or pretrain YAML
-    data: str  # prepare output with labeled splits
+    data: str  # prepare output (dir or YAML) with labeled splits, or a labeled file of queries
+    train_data: str | None = None  # labeled file the examples come from, when data is a single file
+    split: str = "test"  # the queries' split of a prepare output
+    text_field: str = "text"
+    label_field: str = "label"
     k: int = 4
-    max_queries: int = 100
+    max_queries: int = 100  # a seeded random sample of the split when it has more rows
     max_words: int = 40
     max_len: int = 256
     seed: int = 0
@@ -156,11 +161,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                                  default=seq_len)
             check(seq_len <= ctx, f"lm.data: its rows hold {seq_len} tokens, more than the model's context length "
                                   f"({ctx}); score a prepare output packed to at most {ctx} tokens, or lm.text_file")
-            res = score_shards(files, str(model_dir), cfg.actors, max_rows=cfg.lm.max_rows)
+            res = score_shards(files, str(model_dir), cfg.actors, max_rows=cfg.lm.max_rows, seed=cfg.lm.seed)
         else:
             path = Path(cfg.lm.text_file)
             check(path.is_file(), f"lm.text_file not found: {path}")
             texts = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+            check(bool(texts), f"lm.text_file {path}: no non-empty line to score")
+            from pipeline.evaluate.classify import sample_rows
+
+            texts = sample_rows(texts, cfg.lm.max_rows, cfg.lm.seed)
             model, tok, masked = load_lm(str(model_dir))
             res = lm_metrics_from_texts(model, tok, texts, cfg.lm.max_len, masked=masked)
         results["lm"] = {"model": str(model_dir), **res}
@@ -175,24 +184,30 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         report += lines
 
     if cfg.fewshot is not None:
-        from pipeline.evaluate.classify import classification_metrics
+        from pipeline.evaluate.classify import classification_metrics, sample_rows
         from pipeline.evaluate.fewshot import fewshot_predict
 
         f = cfg.fewshot
         model_dir = _causal_dir(f.model)
         files = _labeled_files(f.data)
-        check("train" in files and "test" in files, f"fewshot.data {f.data}: needs labeled train and test splits")
+        split = "test" if Path(f.data).is_file() else f.split  # a labeled file: all its rows are queries
+        check(split in files, f"fewshot.data {f.data}: no {f.split!r} split")
+        train_path = f.train_data or files.get("train")
+        check(train_path is not None, f"fewshot.data {f.data}: no train split for the examples (set fewshot.train_data)")
         bad: list = []
-        train = [(r["text"], r["label"]) for r in _read_split(files["train"], "text", "label", None, bad)]
-        test = _read_split(files["test"], "text", "label", None, bad)[: f.max_queries]
+        train = [(r["text"], r["label"]) for r in _read_split(train_path, f.text_field, f.label_field, None, bad)]
+        test = sample_rows(_read_split(files[split], f.text_field, f.label_field, None, bad), f.max_queries, f.seed)
+        check(bool(train) and bool(test), f"fewshot: no usable rows (train {len(train)}, queries {len(test)})")
         labels = sorted({y for _, y in train})
         tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
         preds = fewshot_predict(model, tok, train, [r["text"] for r in test], labels, f.k, f.max_len, f.seed, f.max_words)
-        m = classification_metrics([r["label"] for r in test], preds, labels)
-        results["fewshot"] = {"model": str(model_dir), "k": f.k, **m}
-        report += ["## Few-shot classification", "", f"- {f.k}-shot, {len(test)} queries: accuracy {m['accuracy']:.3f}, "
-                   f"macro-F1 {m['f1_macro']:.3f} (chance {1 / len(labels):.3f})", ""]
+        y_true = [r["label"] for r in test]  # a query label no example has counts as a miss
+        m = classification_metrics(y_true, preds, labels + sorted(set(y_true) - set(labels)))
+        results["fewshot"] = {"model": str(model_dir), "k": f.k, "queries": len(test), "rejected_rows": len(bad), **m}
+        report += ["## Few-shot classification", "", f"- {f.k}-shot, {len(test)} queries (a seeded sample of the "
+                   f"{split} split): accuracy {m['accuracy']:.3f}, macro-F1 {m['f1_macro']:.3f} "
+                   f"(chance {1 / len(labels):.3f})", ""]
 
     if cfg.bias is not None:
         from pipeline.evaluate.bias import counterfactual_probe, load_pairs, plot_gaps
@@ -241,10 +256,13 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
     y_true = [r["label"] for r in rows]
     cfg = json.loads((model_dir / "config.json").read_text())
     labels = [cfg["id2label"][str(i)] for i in range(len(cfg["id2label"]))]
-    m = classification_metrics(y_true, preds, labels)
-    plot_confusion(m["confusion_matrix"], labels, out / "confusion_matrix.png", "fine-tuned classifier")
-    res = {"model": str(model_dir), "split": c.split, "rejected_rows": len(bad), **m}
-    lines = ["## Classification", "", f"- model `{model_dir}`, {len(rows)} {c.split} examples",
+    unknown = sorted(set(y_true) - set(labels))  # never predicted: each such row is a miss, in every metric
+    m = classification_metrics(y_true, preds, labels + unknown)
+    plot_confusion(m["confusion_matrix"], m["labels"], out / "confusion_matrix.png", "fine-tuned classifier")
+    res = {"model": str(model_dir), "split": c.split, "rejected_rows": len(bad), "labels_unknown_to_model": unknown, **m}
+    lines = ["## Classification", "", f"- model `{model_dir}`, {len(rows)} {c.split} examples"
+             + (f"; labels the classifier was not trained on: {', '.join(unknown)} "
+                f"({sum(y in unknown for y in y_true)} examples, all counted as errors)" if unknown else ""),
              "", "| | accuracy | macro-F1 | weighted-F1 |", "|---|---:|---:|---:|",
              f"| fine-tuned classifier | {m['accuracy']:.3f} | {m['f1_macro']:.3f} | {m['f1_weighted']:.3f} |"]
     if c.baseline:
@@ -257,7 +275,7 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
         lines += ["", f"- not sliced: no row of the {c.split} split has a field `{c.group_field}` (group_field)"]
     elif c.group_field:  # rows without the field form their own group
         groups = [str(r["group"]) if r["group"] is not None else "(missing)" for r in rows]
-        res["sliced"] = sliced_metrics(y_true, preds, groups, labels)
+        res["sliced"] = sliced_metrics(y_true, preds, groups, m["labels"])
         gap, groups = res["sliced"]["largest_gap"], res["sliced"]["per_group"]
         lines += ["", f"- sliced by `{c.group_field}`: largest accuracy gap {gap['gap']:.3f} ({gap['best']} vs {gap['worst']})"
                   if len(groups) > 1 else f"- sliced by `{c.group_field}`: one group only ({next(iter(groups))}), no gap to report"]

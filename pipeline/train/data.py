@@ -33,6 +33,28 @@ def shard_paths(prepared_dir: str | Path, manifest: dict, split: str) -> list[st
     return [str(Path(prepared_dir) / s["path"]) for s in manifest["shards"] if s["split"] == split]
 
 
+def sample_shard_rows(files: list[str], n: int, seed: int = 0, column: str = "input_ids") -> list:
+    """``n`` rows of ``column`` drawn at random (seeded) from all of ``files`` together, in file
+    order (every row when they hold no more than ``n``; ``n <= 0``: every row). Shards follow the
+    sources' order, so the first rows would all come from the first source. Only the shards the
+    sample hits are read."""
+    import pyarrow.parquet as pq
+
+    from pipeline.evaluate.classify import sample_rows
+
+    starts = [0]
+    for f in files:
+        starts.append(starts[-1] + pq.ParquetFile(f).metadata.num_rows)
+    picked = sample_rows(range(starts[-1]), n, seed)  # global row numbers, ascending
+    rows: list = []
+    for k, f in enumerate(files):
+        local = [i - starts[k] for i in picked if starts[k] <= i < starts[k + 1]]
+        if local:
+            values = pq.read_table(f, columns=[column]).column(column)
+            rows += [values[i].as_py() for i in local]
+    return rows
+
+
 def prepared_tokenizer_dir(prepared_dir: str | Path, manifest: dict) -> Path:
     """The tokenizer the shards were made with: the prepare output's copy (the manifest's path is
     relative to where prepare ran)."""

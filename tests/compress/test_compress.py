@@ -277,3 +277,34 @@ def test_int8_stores_the_token_embedding_as_int8(tok, tmp_path):
     del marker["embedding"]
     (tmp_path / "qc" / "quantization.json").write_text(json.dumps(marker))
     assert torch.equal(load_model(tmp_path / "qc", "classifier")(ids(tok)).logits, qc(ids(tok)).logits)
+
+
+def test_scored_and_calibration_rows_are_a_seeded_sample_of_the_whole_split(tiny_prepared, tmp_path):
+    """Labeled files often come sorted by label: the rows the compress job scores (and calibrates
+    int8 on) are a seeded random sample of the split, not its first rows."""
+    import json
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from pipeline.compress.run import CompressEvalConfig, _cls_rows, _lm_rows
+    from pipeline.train.data import load_manifest, shard_paths
+
+    rows = [{"content": f"text number {i}", "topic": "ab"[i >= 50]} for i in range(100)]
+    (tmp_path / "sorted.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    e = CompressEvalConfig(classify_data=str(tmp_path / "sorted.jsonl"), classify_rows=10, text_field="content",
+                           label_field="topic")
+    got = _cls_rows(e)
+    assert len(got) == 10 and {r["label"] for r in got} == {"a", "b"} and got == _cls_rows(e)
+    assert [r["idx"] for r in got] == sorted(r["idx"] for r in got)
+    assert all(r["text"] == f"text number {r['idx']}" for r in got)
+    assert _cls_rows(replace(e, seed=1)) != got and len(_cls_rows(replace(e, classify_rows=0))) == 100
+
+    prep = tiny_prepared[0]
+    files = shard_paths(prep, load_manifest(prep), "train")
+    every = [r for f in files for r in pq.read_table(f).column("input_ids").to_pylist()]
+    assert len(files) > 1 and len(every) > 12
+    lm = _lm_rows(CompressEvalConfig(lm_data=str(prep), lm_rows=12, max_len=16), "train")
+    assert len(lm) == 12 and lm == _lm_rows(CompressEvalConfig(lm_data=str(prep), lm_rows=12, max_len=16), "train")
+    positions = [next(i for i, r in enumerate(every) if r[:16] == x) for x in lm]
+    assert positions == sorted(positions) and positions[-1] >= len(every) // 2  # not just the first shard's rows

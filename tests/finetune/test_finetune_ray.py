@@ -95,6 +95,32 @@ def test_classifier_finetune_and_evaluate(pipeline_dirs):
     for name in ("results.json", "report.md", "confusion_matrix.png", "bias_gaps.png"):
         assert (d["out"] / "eval").exists() and __import__("pathlib").Path(out, name).exists(), name
 
+    # a labeled file sorted by label, its own column names, and a label the classifier never saw:
+    # the few-shot queries are a seeded sample across the labels (the first 8 rows are all one
+    # label), and the unseen label's rows count as errors, reported by name
+    rng = random.Random(5)
+    rows = [{"body": labeled_doc(rng, t), "y": t} for t in ["money"] * 12 + ["sport"] * 12]
+    rows += [{"body": "Rain and strong wind are expected tomorrow.", "y": "weather"}] * 2
+    Path(d["out"], "sorted.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labeled = str(Path(d["out"], "sorted.jsonl"))
+    full_lm = res["lm"]
+    res = run_evaluate(from_dict(EvaluateConfig, {
+        "output_dir": str(d["out"] / "eval2"), "bias": None,
+        "lm": {"model": d["pre"]["model_dir"], "data": str(d["prep"].run_dir), "max_rows": 3},
+        "classification": {"model": summary["model_dir"], "data": labeled, "text_field": "body", "label_field": "y",
+                           "train_data": labeled, "group_field": None},
+        "fewshot": {"model": d["pre"]["model_dir"], "data": labeled, "train_data": labeled, "text_field": "body",
+                    "label_field": "y", "k": 3, "max_queries": 8, "max_len": 64},
+    }))
+    c = res["classification"]
+    assert c["support"] == 26 and c["labels_unknown_to_model"] == ["weather"]
+    assert c["per_label"]["weather"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    assert c["accuracy"] <= 24 / 26 and len(c["confusion_matrix"]) == 3
+    supports = {y: v["support"] for y, v in res["fewshot"]["per_label"].items()}
+    assert res["fewshot"]["queries"] == sum(supports.values()) == 8
+    assert supports["money"] > 0 and supports["sport"] > 0, supports
+    assert 0 < res["lm"]["tokens"] <= 3 * 64 < full_lm["tokens"]
+
 
 def test_sft_finetune_masks_prompts_and_loads(pipeline_dirs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
