@@ -59,6 +59,22 @@ def reading(model, max_len: int | None = None):
     return replace(w, max_len=min(w.max_len, limit))
 
 
+def read_spans(tok, texts: list[str], w) -> list[str]:
+    """The part of each text a classifier with reading ``w`` (a ``Windowing``) sees: the
+    characters its windows cover. A bag-of-words baseline trained and tested on these spans shows
+    what the same input is worth, apart from how much of the text is read."""
+    from pipeline.finetune.classify_data import encode_windows
+
+    if not getattr(tok, "is_fast", False):  # one window only (encode_windows says so otherwise)
+        enc, _ = encode_windows(tok, texts, w, padding=False)
+        return [tok.decode(ids, skip_special_tokens=True) for ids in enc["input_ids"]]
+    enc, source = encode_windows(tok, texts, w, padding=False, return_offsets_mapping=True)
+    end = [0] * len(texts)
+    for offsets, i in zip(enc["offset_mapping"], source):
+        end[i] = max([end[i]] + [int(b) for _, b in offsets])
+    return [t[:e] for t, e in zip(texts, end)]
+
+
 @torch.no_grad()
 def classify_probs(model, tok, texts: list[str], max_len: int | None = None, batch_size: int = 16) -> tuple[torch.Tensor, int]:
     """Label probabilities per text (rows follow ``model.config.id2label``), the mean over the

@@ -268,9 +268,26 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
     if c.baseline:
         train = _read_split(train_path, c.text_field, c.label_field, None, bad)
         base_preds = tfidf_baseline([r["text"] for r in train], [r["label"] for r in train], [r["text"] for r in rows])
-        b = classification_metrics(y_true, base_preds, labels)
+        b = classification_metrics(y_true, base_preds, m["labels"])
         res["baseline_tfidf_logreg"] = b
         lines.append(f"| TF-IDF + LogisticRegression | {b['accuracy']:.3f} | {b['f1_macro']:.3f} | {b['f1_weighted']:.3f} |")
+        # the same baseline on only the text the classifier reads (its window(s) of tokens)
+        from types import SimpleNamespace
+
+        import transformers
+
+        from pipeline.evaluate.classify import read_spans, reading
+
+        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        w = reading(SimpleNamespace(config=transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)),
+                    c.max_len)
+        same = tfidf_baseline(read_spans(tok, [r["text"] for r in train], w), [r["label"] for r in train],
+                              read_spans(tok, [r["text"] for r in rows], w))
+        sr = classification_metrics(y_true, same, m["labels"])
+        what = f"{w.max_len} tokens" if w.windows == 1 else f"{w.windows} windows of {w.max_len} tokens"
+        res["baseline_tfidf_logreg_same_reading"] = {"reading": what, **sr}
+        lines.append(f"| TF-IDF + LogisticRegression on the classifier's reading ({what} per text) | {sr['accuracy']:.3f} | "
+                     f"{sr['f1_macro']:.3f} | {sr['f1_weighted']:.3f} |")
     if c.group_field and all(r["group"] is None for r in rows):  # the default "source" in a file without it
         lines += ["", f"- not sliced: no row of the {c.split} split has a field `{c.group_field}` (group_field)"]
     elif c.group_field:  # rows without the field form their own group

@@ -257,7 +257,10 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> dict:
         pq.write_table(pa.Table.from_pylist(rows["test"]), run_dir / "test_encoded.parquet")
     import random
 
-    random.Random(cfg.train.seed).shuffle(rows["train"])  # files come sorted by id / label
+    # files often come sorted by id or label: the training stream is shuffled, and so is validation,
+    # whose first `train.eval_batches` batches per worker are what an evaluation scores
+    for split in ("train", "val"):
+        random.Random(cfg.train.seed).shuffle(rows.get(split, []))
     datasets = {s: ray.data.from_items(rows[s]) for s in ("train", "val") if rows.get(s)}
     run_cfg = cfg.run
     if cfg.task == "classification" and run_cfg.checkpoint_metric is None:

@@ -42,6 +42,25 @@ def test_tfidf_baseline_learns_an_easy_split():
     assert preds == ["sport", "business"]
 
 
+def test_read_spans_are_the_text_a_classifier_reads(toy):
+    """The TF-IDF baseline 'on the classifier's reading' sees exactly the characters of the
+    classifier's window(s): the opening for one window, more of the text for several."""
+    from pipeline.evaluate.classify import read_spans, sample_rows
+    from pipeline.finetune.classify_data import Windowing
+
+    tok, texts = toy
+    text = " ".join(texts[:6])
+    one = read_spans(tok, [text, "short"], Windowing(12))
+    n_content = len(tok(one[0], add_special_tokens=False)["input_ids"])
+    assert text.startswith(one[0]) and 0 < len(one[0]) < len(text) and one[1] == "short"
+    assert n_content == len(tok(text, truncation=True, max_length=12)["input_ids"]) - (len(tok("x")["input_ids"]) - 1)
+    three = read_spans(tok, [text], Windowing(12, windows=3, overlap=2))[0]
+    assert text.startswith(three) and len(one[0]) < len(three) < len(text)
+    assert read_spans(tok, [text], Windowing(12, windows=100))[0] == text
+    assert sample_rows(list(range(10)), 3, seed=1) == sample_rows(list(range(10)), 3, seed=1) != list(range(3))
+    assert sample_rows(list(range(5)), 9) == list(range(5)) == sample_rows(list(range(5)), 0)
+
+
 def test_sliced_metrics_largest_gap():
     out = sliced_metrics(list("aaaa"), list("aaab"), ["x", "x", "y", "y"], ["a", "b"])
     assert out["per_group"]["x"]["accuracy"] == 1.0 and out["per_group"]["y"]["accuracy"] == 0.5

@@ -88,6 +88,8 @@ def test_classifier_finetune_and_evaluate(pipeline_dirs):
     assert c["support"] == summary["examples"]["test"]
     assert c["accuracy"] > 0.8, c  # the topics are separable by vocabulary
     assert c["baseline_tfidf_logreg"]["accuracy"] > 0.9
+    assert c["baseline_tfidf_logreg_same_reading"]["reading"] == "64 tokens"
+    assert c["baseline_tfidf_logreg_same_reading"]["support"] == c["support"]
     assert c["sliced"]["per_group"].keys() == {"news"}
     assert res["lm"]["perplexity"] > 1 and res["lm"]["bits_per_byte"] > 0
     assert res["fewshot"]["support"] == 10 and res["bias"]["n"] >= 12
