@@ -162,6 +162,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             check(seq_len <= ctx, f"lm.data: its rows hold {seq_len} tokens, more than the model's context length "
                                   f"({ctx}); score a prepare output packed to at most {ctx} tokens, or lm.text_file")
             res = score_shards(files, str(model_dir), cfg.actors, max_rows=cfg.lm.max_rows, seed=cfg.lm.seed)
+            scored = f"the val shards of {data_dir}" + (f" (a seeded sample of {cfg.lm.max_rows} rows)" if cfg.lm.max_rows else "")
         else:
             path = Path(cfg.lm.text_file)
             check(path.is_file(), f"lm.text_file not found: {path}")
@@ -169,11 +170,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             check(bool(texts), f"lm.text_file {path}: no non-empty line to score")
             from pipeline.evaluate.classify import sample_rows
 
+            n_lines = len(texts)
             texts = sample_rows(texts, cfg.lm.max_rows, cfg.lm.seed)
+            scored = f"{len(texts)} of the {n_lines} lines of {path}, up to {cfg.lm.max_len} tokens each" + \
+                (" (a seeded sample)" if len(texts) < n_lines else "")
             model, tok, masked = load_lm(str(model_dir))
             res = lm_metrics_from_texts(model, tok, texts, cfg.lm.max_len, masked=masked)
-        results["lm"] = {"model": str(model_dir), **res}
-        report += ["## Language modeling", "", f"- model: `{model_dir}`",
+        results["lm"] = {"model": str(model_dir), "scored": scored, **res}
+        report += ["## Language modeling", "", f"- model: `{model_dir}`; scored: {scored}",
                    f"- loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}, bits/byte {res['bits_per_byte']:.4f} "
                    f"over {res['tokens']} tokens" if res["objective"] == "causal" else
                    f"- masked LM (BERT-style): loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f} over "
@@ -196,7 +200,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         check(train_path is not None, f"fewshot.data {f.data}: no train split for the examples (set fewshot.train_data)")
         bad: list = []
         train = [(r["text"], r["label"]) for r in _read_split(train_path, f.text_field, f.label_field, None, bad)]
-        test = sample_rows(_read_split(files[split], f.text_field, f.label_field, None, bad), f.max_queries, f.seed)
+        test = _read_split(files[split], f.text_field, f.label_field, None, bad)
+        n_queries = len(test)
+        test = sample_rows(test, f.max_queries, f.seed)
         check(bool(train) and bool(test), f"fewshot: no usable rows (train {len(train)}, queries {len(test)})")
         labels = sorted({y for _, y in train})
         tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
@@ -205,9 +211,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         y_true = [r["label"] for r in test]  # a query label no example has counts as a miss
         m = classification_metrics(y_true, preds, labels + sorted(set(y_true) - set(labels)))
         results["fewshot"] = {"model": str(model_dir), "k": f.k, "queries": len(test), "rejected_rows": len(bad), **m}
-        report += ["## Few-shot classification", "", f"- {f.k}-shot, {len(test)} queries (a seeded sample of the "
-                   f"{split} split): accuracy {m['accuracy']:.3f}, macro-F1 {m['f1_macro']:.3f} "
-                   f"(chance {1 / len(labels):.3f})", ""]
+        where = f.data if Path(f.data).is_file() else f"the {split} split"
+        report += ["## Few-shot classification", "", f"- {f.k}-shot, {len(test)} queries from {where}"
+                   + (" (a seeded sample)" if len(test) < n_queries else "") + f": accuracy {m['accuracy']:.3f}, "
+                   f"macro-F1 {m['f1_macro']:.3f} (chance {1 / len(labels):.3f})", ""]
 
     if cfg.bias is not None:
         from pipeline.evaluate.bias import counterfactual_probe, load_pairs, plot_gaps

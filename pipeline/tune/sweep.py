@@ -7,6 +7,7 @@ validation metric. The best trial is written as a pretrain or finetune YAML that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,17 +24,37 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class SearchSpace:
-    lr: list[float] = field(default_factory=lambda: [1e-4, 3e-3])  # log-uniform [low, high]
-    batch_size: list[int] = field(default_factory=lambda: [4, 8])  # choice
-    weight_decay: list[float] = field(default_factory=lambda: [0.0, 0.1])  # choice
-    warmup_steps: list[int] = field(default_factory=lambda: [5, 20])  # choice
-    n_layer: list[int] = field(default_factory=list)  # choice; empty = keep the base config's
+    """What the trials vary; a hyperparameter left empty keeps the base config's value."""
+
+    lr: list[float] = field(default_factory=list)  # log-uniform [low, high]
+    batch_size: list[int] = field(default_factory=list)  # choice
+    weight_decay: list[float] = field(default_factory=list)  # choice
+    warmup_steps: list[int] = field(default_factory=list)  # choice
+    n_layer: list[int] = field(default_factory=list)  # choice
     n_embd: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        check(len(self.lr) == 2 and 0 < self.lr[0] < self.lr[1], f"space.lr must be [low, high] with 0 < low < high, got {self.lr}")
-        for name in ("batch_size", "weight_decay", "warmup_steps"):
-            check(bool(getattr(self, name)), f"space.{name} must list at least one value")
+        check(not self.lr or (len(self.lr) == 2 and 0 < self.lr[0] < self.lr[1]),
+              f"space.lr must be [low, high] with 0 < low < high (or empty: the base config's), got {self.lr}")
+        check(any(getattr(self, f.name) for f in dataclasses.fields(self)),
+              f"space: name at least one hyperparameter to sweep ({', '.join(f.name for f in dataclasses.fields(self))})")
+
+    def swept(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
+
+    def choices(self) -> list[dict]:
+        """Samples to check before the sweep: each value of each hyperparameter alone (lr at both
+        ends of its range), and every depth x width pair (they interact with the head count)."""
+        import itertools
+
+        out = [{k: v} for k in self.swept() if k not in ("n_layer", "n_embd") for v in getattr(self, k)]
+        dims = [k for k in ("n_layer", "n_embd") if getattr(self, k)]
+        return out + [dict(zip(dims, c)) for c in itertools.product(*(getattr(self, k) for k in dims))] if dims else out
+
+
+def default_space() -> SearchSpace:
+    """The sweep when a config has no ``space`` section."""
+    return SearchSpace(lr=[1e-4, 3e-3], batch_size=[4, 8], weight_decay=[0.0, 0.1], warmup_steps=[5, 20])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +63,7 @@ class TuneConfig:
     overrides: list[str] = field(default_factory=list)  # key=value applied to base for every trial
     output_dir: str = "outputs/tune"
     name: str = "tune"
-    space: SearchSpace = field(default_factory=SearchSpace)
+    space: SearchSpace = field(default_factory=default_space)  # a given space sweeps only the keys it names
     num_samples: int = 4
     max_steps: int = 40  # per trial
     eval_every: int = 10  # one Tune iteration per evaluation
@@ -206,6 +227,12 @@ def check_tune(cfg: TuneConfig) -> None:
         check_finetune(typed)
     else:
         check_pretrain(typed)
+    cls = type(typed)
+    for sample in cfg.space.choices():  # e.g. a width the head count does not divide
+        try:
+            from_dict(cls, apply_overrides(data, trial_overrides(sample)))
+        except ValueError as e:
+            raise ValueError(f"space: the trial {sample} would fail: {e}") from None
 
 
 def run_tune(cfg: TuneConfig) -> dict:
@@ -219,13 +246,8 @@ def run_tune(cfg: TuneConfig) -> dict:
         logger.info("tune: %s is already complete (same config); not recomputing", out)
         return json.loads((out / "summary.json").read_text())
     base, base_cfg = trial_base(cfg, base, out)
-    s = cfg.space
-    space = {"lr": tune.loguniform(*s.lr), "batch_size": tune.choice(s.batch_size),
-             "weight_decay": tune.choice(s.weight_decay), "warmup_steps": tune.choice(s.warmup_steps)}
-    if s.n_layer:
-        space["n_layer"] = tune.choice(s.n_layer)
-    if s.n_embd:
-        space["n_embd"] = tune.choice(s.n_embd)
+    space = {k: tune.loguniform(*cfg.space.lr) if k == "lr" else tune.choice(getattr(cfg.space, k))
+             for k in cfg.space.swept()}
     per_trial_cpus = base_cfg.scaling.num_workers * base_cfg.scaling.cpus_per_worker
     cpus = ray.cluster_resources().get("CPU", 1)
     # Ray Data's read tasks need one whole CPU beside every trial's workers; concurrent trials
@@ -291,7 +313,8 @@ def _write_table(rows: list[dict], out: Path, metric: str = "val_loss") -> None:
     for r in rows:
         if r["curve"]:
             xs, ys = zip(*r["curve"])
-            ax.plot(xs, ys, "o-", label=f"lr={r['lr']:.1e} bs={r['batch_size']}")
+            ax.plot(xs, ys, "o-", label=" ".join(f"{k}={r[k]:.1e}" if k == "lr" else f"{k}={r[k]}"
+                                                 for k in SearchSpace.__dataclass_fields__ if k in r))
     ax.set_xlabel("step")
     ax.set_ylabel(metric.replace("_", " "))
     ax.legend(fontsize=7)

@@ -25,6 +25,25 @@ def test_trial_overrides():
         check_tune(from_dict(TuneConfig, {"base": "jobs/configs/pretrain_demo.yaml", "metric": "val_accuracy"}))
 
 
+def test_a_given_space_sweeps_only_what_it_names_and_every_choice_is_checked_first(tiny_prepared, tmp_path):
+    """Keys a user's ``space`` leaves out keep the base config's values (the default space applies
+    only without a ``space`` section); a choice no trial could train with is refused by name
+    before the sweep starts."""
+    from pipeline.tune.sweep import check_tune
+
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"data": str(tiny_prepared[0]), "model": {"preset": "tiny", "max_seq_len": 32}}))
+    assert from_dict(TuneConfig, {"base": str(base), "space": {"lr": [1e-4, 1e-3]}}).space.swept() == ["lr"]
+    assert from_dict(TuneConfig, {"base": str(base)}).space.swept() == ["lr", "batch_size", "weight_decay", "warmup_steps"]
+    with pytest.raises(ValueError, match="space: name at least one"):
+        from_dict(TuneConfig, {"base": str(base), "space": {}})
+    with pytest.raises(ValueError, match=r"space: the trial \{'n_layer': 1, 'n_embd': 99\} would fail: model.n_embd"):
+        check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"n_layer": [1, 2], "n_embd": [64, 99]}}))
+    with pytest.raises(ValueError, match=r"space: the trial \{'batch_size': 0\} would fail: train.batch_size"):
+        check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"batch_size": [8, 0]}}))
+    check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"n_layer": [1, 2], "n_embd": [64, 96]}}))
+
+
 def test_tune_runs_trials_and_asha_stops_some(tiny_prepared, tmp_path):
     run_dir, _ = tiny_prepared
     base = tmp_path / "base.yaml"
