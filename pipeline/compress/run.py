@@ -61,7 +61,8 @@ class CompressEvalConfig:
     classify_data: str | None = None  # prepare config / output dir with labeled/, or a labeled file
     classify_split: str = "test"
     classify_rows: int = 300  # texts scored (a seeded random sample of the split; 0 = all)
-    text_field: str = "text"  # classify_data's columns
+    classify_train_data: str | None = None  # labeled file to calibrate int8 on (default: classify_data's train split)
+    text_field: str = "text"  # classify_data's (and classify_train_data's) columns
     label_field: str = "label"
     seed: int = 0  # which rows are sampled, for scoring and for int8 calibration
     max_len: int = 256  # LM rows: tokens scored per row
@@ -200,7 +201,10 @@ def _cls_rows(e: CompressEvalConfig, split: str | None = None, n: int | None = N
 
     split = split or e.classify_split
     files = _labeled_files(e.classify_data)
-    check(split in files, f"eval.classify_data {e.classify_data}: no {split!r} split")
+    if split == "train" and e.classify_train_data:
+        files = {"train": e.classify_train_data}
+    check(split in files, f"eval.classify_data {e.classify_data}: no {split!r} split"
+                          + (" (give eval.classify_train_data, a labeled file)" if split == "train" else ""))
     rows = _read_split(files[split], e.text_field, e.label_field, None, [])
     return sample_rows(rows, e.classify_rows if n is None else n, e.seed)
 
@@ -281,7 +285,29 @@ def check_compress(cfg: CompressConfig) -> dict:
             if spec.kind == "causal":
                 check_same_tokenizer(resolve_prepared(cfg.eval.lm_data), src, f"eval.lm_data (model {spec.name})")
     _check_variants(cfg, models)
+    if any(v.method == "int8" and v.calibration_rows for v in cfg.variants):  # calibration data exists
+        _check_calibration_data(cfg, models)
     return models
+
+
+def _check_calibration_data(cfg: CompressConfig, models: dict) -> None:
+    from pipeline.evaluate.run import _labeled_files
+    from pipeline.train.data import load_manifest, resolve_prepared, shard_paths
+
+    e, kinds = cfg.eval, {spec.kind for spec, _ in models.values()}
+    fix = "or set calibration_rows: 0 on the int8 variants for dynamic scales"
+    if "causal" in kinds:
+        check(bool(e.lm_data), f"int8 calibration of a causal LM reads train rows of eval.lm_data: set it, {fix}")
+        prepared = resolve_prepared(e.lm_data)
+        check(bool(shard_paths(prepared, load_manifest(prepared), "train")),
+              f"eval.lm_data {e.lm_data}: no train shards to calibrate int8 on; {fix}")
+    if "classifier" in kinds:
+        if e.classify_train_data:
+            check(Path(e.classify_train_data).is_file(), f"eval.classify_train_data not found: {e.classify_train_data}")
+        else:
+            check(bool(e.classify_data) and "train" in _labeled_files(e.classify_data),
+                  f"int8 calibration of a classifier reads texts of a train split: eval.classify_data "
+                  f"{e.classify_data} has none; set eval.classify_train_data (a labeled file), {fix}")
 
 
 def run_compress(cfg: CompressConfig) -> dict:

@@ -308,3 +308,31 @@ def test_scored_and_calibration_rows_are_a_seeded_sample_of_the_whole_split(tiny
     assert len(lm) == 12 and lm == _lm_rows(CompressEvalConfig(lm_data=str(prep), lm_rows=12, max_len=16), "train")
     positions = [next(i for i, r in enumerate(every) if r[:16] == x) for x in lm]
     assert positions == sorted(positions) and positions[-1] >= len(every) // 2  # not just the first shard's rows
+
+
+def test_int8_calibration_data_is_checked_before_any_work(tok, tmp_path):
+    """An int8 variant calibrates on a train split: a classifier scored on a single labeled file
+    needs ``eval.classify_train_data``, a causal LM needs ``eval.lm_data`` with train shards; both
+    are refused by name before any model is touched, and ``calibration_rows: 0`` needs neither."""
+    import json
+
+    from pipeline.compress.run import CompressConfig, check_compress
+
+    lm = saved(tok, tmp_path)
+    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2, num_labels=2,
+                                     pad_token_id=tok.pad_token_id)
+    transformers.GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "cls")
+    tok.save_pretrained(tmp_path / "cls")
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": f"t {i}", "label": "ab"[i % 2]}) + "\n" for i in range(6)))
+
+    def job(models, eval_, rows=64):
+        return from_dict(CompressConfig, {"output_dir": str(tmp_path / "out"), "models": models, "eval": eval_,
+                                          "variants": [{"name": "q", "method": "int8", "calibration_rows": rows}]})
+
+    cls = [{"name": "c", "path": str(tmp_path / "cls"), "kind": "classifier"}]
+    with pytest.raises(ValueError, match="classify_data .*test.jsonl has none; set eval.classify_train_data"):
+        check_compress(job(cls, {"classify_data": str(tmp_path / "test.jsonl")}))
+    check_compress(job(cls, {"classify_data": str(tmp_path / "test.jsonl"), "classify_train_data": str(tmp_path / "test.jsonl")}))
+    check_compress(job(cls, {"classify_data": str(tmp_path / "test.jsonl")}, rows=0))
+    with pytest.raises(ValueError, match="causal LM reads train rows of eval.lm_data: set it"):
+        check_compress(job([{"name": "lm", "path": str(lm)}], {}))
