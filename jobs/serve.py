@@ -71,13 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    try:  # the models are what their kinds say, before Ray starts
+    try:  # the models are what their kinds say (or are read as), before Ray starts
         from dataclasses import replace
 
-        from pipeline.serve.app import check_kind, resolve_path
+        from pipeline.serve.app import resolve_model
 
-        for m in cfg.models:
-            check_kind(replace(m, path=resolve_path(m.path)))
+        cfg = replace(cfg, models=[resolve_model(m) for m in cfg.models])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

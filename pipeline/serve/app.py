@@ -48,7 +48,9 @@ class AutoscalingCfg:
 class ServedModel:
     name: str  # the ``model`` field clients send
     path: str  # model directory (HF safetensors or our int8 format), or a pretrain/finetune YAML
-    kind: Literal["causal", "chat", "classifier"] = "causal"
+    # null: what the checkpoint is (a sequence classifier; else chat when its tokenizer has a chat
+    # template; else causal)
+    kind: Literal["causal", "chat", "classifier"] | None = None
     kv_cache: bool = True
     max_batch_size: int = 8
     batch_wait_ms: float = 10.0
@@ -121,6 +123,17 @@ def infer_kind(path: str) -> str | None:
     has_template = Path(path, "chat_template.jinja").is_file() or (
         tok_cfg.is_file() and bool(json.loads(tok_cfg.read_text()).get("chat_template")))
     return "chat" if has_template else "causal"
+
+
+def resolve_model(m: ServedModel) -> ServedModel:
+    """``m`` with its path resolved to a model directory, and its kind read from the checkpoint
+    when the config leaves it out; checked (a kind the checkpoint cannot serve is refused)."""
+    from dataclasses import replace
+
+    path = resolve_path(m.path)
+    m = replace(m, path=path, kind=m.kind or infer_kind(path) or "causal")
+    check_kind(m)
+    return m
 
 
 def resolve_path(spec: str) -> str:
@@ -695,10 +708,8 @@ def build_app(cfg: ServeConfig):
 
     from ray import serve
 
-    cfg = replace(cfg, models=[replace(m, path=resolve_path(m.path)) for m in cfg.models],
+    cfg = replace(cfg, models=[resolve_model(m) for m in cfg.models],  # checked before any replica starts
                   feedback_db=str(Path(cfg.feedback_db).resolve()))
-    for m in cfg.models:  # before any replica starts
-        check_kind(m)
     handles = {}
     for m in cfg.models:
         a = m.autoscaling

@@ -56,7 +56,9 @@ def smoke(url: str, cfg: ServeConfig) -> list[tuple[str, str]]:
 
     key = cfg.api_key or os.environ.get(API_KEY_ENV)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    kinds = {m.kind: m.name for m in reversed(cfg.models)}
+    served = requests.get(url + "/v1/models", headers=headers, timeout=30)
+    served.raise_for_status()  # the kinds as served (a config may leave them to the checkpoints)
+    kinds = {m["kind"]: m["id"] for m in reversed(served.json()["data"])}
     out = []
 
     def post(path, body):

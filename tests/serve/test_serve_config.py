@@ -11,7 +11,7 @@ def test_model_flags_name_kind_and_overrides():
     cfg, smoke = parse_args(["--model", "out/run/model", "--model", "chat=/m/sft:chat", "--model", "t=/m/clf:classifier",
                              "--port", "9000", "--api-key", "k", "request_timeout_s=5", "--smoke"])
     assert [(m.name, m.path, m.kind) for m in cfg.models] == [
-        ("model", "out/run/model", "causal"), ("chat", "/m/sft", "chat"), ("t", "/m/clf", "classifier")]
+        ("model", "out/run/model", None), ("chat", "/m/sft", "chat"), ("t", "/m/clf", "classifier")]  # None: read at start
     assert cfg.port == 9000 and cfg.api_key == "k" and cfg.request_timeout_s == 5 and smoke
     cfg, _ = parse_args(["--model", "/m/bloom", "models.0.context_length=2048"])  # a list element by index
     assert cfg.models[0].context_length == 2048
@@ -58,6 +58,14 @@ def test_kinds_are_read_from_the_checkpoint_and_mismatches_refused(tiny_models):
         check_kind(ServedModel(name="m", path=lm, kind="classifier"))
     with pytest.raises(ValueError, match="is a sequence classifier; serve it with kind: classifier"):
         check_kind(ServedModel(name="m", path=clf, kind="causal"))
+    # a models YAML may leave the kind out too: it is read from the checkpoint when resolved
+    from pipeline.serve.app import resolve_model
+
+    assert [resolve_model(ServedModel(name="m", path=p)).kind for p in (lm, chat, clf, str(tiny_models / "lm-int8"))] \
+        == ["causal", "chat", "classifier", "causal"]
+    assert resolve_model(ServedModel(name="m", path=chat, kind="causal")).kind == "causal"  # a chat model as plain LM
+    with pytest.raises(ValueError, match="is a sequence classifier; serve it with kind: classifier"):
+        resolve_model(ServedModel(name="m", path=clf, kind="chat"))
 
 
 def test_an_empty_completion_is_recorded_and_metrics_never_fail_a_request(ray_session, caplog):
