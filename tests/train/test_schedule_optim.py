@@ -66,6 +66,24 @@ def test_a_run_resumed_at_its_last_step_evaluates_and_reports_once():
     assert last and metrics["step"] == 3 and metrics["train_loss"] == 2.5 and metrics["val_loss"] > 0
 
 
+def test_early_stopping_ends_the_run_after_patience_evaluations_without_improvement():
+    """With a learning rate too small to move fp32 weights the validation loss never improves
+    after the first evaluation: patience 2 stops the run at the third evaluation, and that
+    evaluation is reported as the last (so the wrapper checkpoints and exports it)."""
+    from pipeline.train.loop import TrainState, Trainer
+
+    model = build_model(ModelConfig(preset="tiny", max_seq_len=16), 50)
+    trainer = Trainer(model, OptimConfig(lr=1e-20, warmup_steps=0),
+                      LoopConfig(max_steps=100, eval_every=2, batch_size=2, early_stopping_patience=2), torch.device("cpu"))
+    x = torch.randint(0, 50, (2, 16))
+    reports = []
+    state = trainer.fit(TrainState(), lambda epoch: iter([{"input_ids": x, "labels": x}] * 4),
+                        lambda: iter([{"input_ids": x, "labels": x}]),
+                        on_eval=lambda m, st, last: reports.append((m["step"], m["val_loss"], last)))
+    assert state.step == 6 and [(s, last) for s, _, last in reports] == [(2, False), (4, False), (6, True)]
+    assert reports[0][1] == reports[1][1] == reports[2][1]
+
+
 def test_the_exported_checkpoint_is_the_best_by_its_metric():
     from pipeline.train.runner import best_checkpoint
 
