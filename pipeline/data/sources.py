@@ -25,13 +25,13 @@ from pipeline.config import check
 
 logger = logging.getLogger(__name__)
 
-SourceFormat = Literal["auto", "text", "html", "jsonl", "parquet", "csv", "hf", "bbc-news", "chatterbot"]
+SourceFormat = Literal["auto", "text", "html", "jsonl", "json", "parquet", "csv", "hf", "bbc-news", "chatterbot"]
 BUILTIN_SOURCES = ("bbc-news", "chatterbot")
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 EXTENSIONS = {
     ".txt": "text", ".text": "text", ".md": "text",
     ".html": "html", ".htm": "html", ".xhtml": "html",
-    ".jsonl": "jsonl", ".ndjson": "jsonl",
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
     ".parquet": "parquet", ".pq": "parquet",
     ".csv": "csv", ".tsv": "csv",
 }
@@ -297,6 +297,60 @@ def _read_jsonl(task: dict, max_bytes: int) -> Iterator[dict]:
             yield _field_record(task, doc_id, obj, text)
 
 
+def _read_json(task: dict, max_bytes: int) -> Iterator[dict]:
+    """A ``.json`` file: a JSON array of objects (read whole: large corpora belong in JSONL or
+    Parquet), or JSON Lines under a .json name."""
+    with _open(task["path"]) as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"["):
+        yield from _read_jsonl(task, max_bytes)
+        return
+    with _open(task["path"]) as f:
+        data = f.read()
+    text, err = _decode(data)
+    if text is None:
+        yield quarantine(task, f"{task['source']}:{task['rel']}", "invalid_utf8", err)
+        return
+    try:
+        items = json.loads(text.lstrip("\ufeff"))
+    except json.JSONDecodeError as exc:
+        yield quarantine(task, f"{task['source']}:{task['rel']}", "malformed_json", f"not a JSON array: {exc}", text[:EXCERPT_CHARS])
+        return
+    for i, obj in enumerate(items):
+        doc_id = f"{task['source']}:{task['rel']}:{i}"
+        raw = json.dumps(obj, ensure_ascii=False)
+        if len(raw.encode("utf-8")) > max_bytes:
+            yield quarantine(task, doc_id, "too_large", f"{len(raw)} bytes > parse.max_doc_bytes={max_bytes}", raw)
+        elif not isinstance(obj, dict):
+            yield quarantine(task, doc_id, "malformed_json", f"expected a JSON object, got {type(obj).__name__}", raw)
+        else:
+            yield _field_record(task, doc_id, obj, raw)
+
+
+def json_records(path: str | Path, bad: list[dict]) -> Iterator[tuple[str, Any]]:
+    """(where, value) for each record of a JSON Lines file, or of a file holding one JSON array
+    (Alpaca-style ``.json`` datasets); lines that do not parse go to ``bad`` with the reason."""
+    p = Path(path)
+    with p.open(encoding="utf-8", errors="replace") as f:
+        head = f.read(4096).lstrip("\ufeff \t\r\n")
+    if head.startswith("["):
+        try:
+            items = json.loads(p.read_text(encoding="utf-8", errors="replace").lstrip("\ufeff"))
+        except json.JSONDecodeError as exc:
+            bad.append({"where": str(p), "reason": f"not a JSON array: {exc}"[:300]})
+            return
+        yield from ((f"{p}[{i}]", obj) for i, obj in enumerate(items))
+        return
+    with p.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{p}:{lineno}", json.loads(line.lstrip("\ufeff") if lineno == 1 else line)
+            except json.JSONDecodeError as exc:
+                bad.append({"where": f"{p}:{lineno}", "reason": f"not valid JSON ({exc})"[:300]})
+
+
 def _rows_from_arrow_batches(task: dict, batches, max_bytes: int, id_prefix: str = "") -> Iterator[dict]:
     row = 0
     for batch in batches:
@@ -374,7 +428,7 @@ def _read_chatterbot(task: dict, max_bytes: int) -> Iterator[dict]:
 
 
 READERS = {
-    "text": _read_text, "html": _read_html, "jsonl": _read_jsonl, "parquet": _read_parquet,
+    "text": _read_text, "html": _read_html, "jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet,
     "csv": _read_csv, "hf": _read_hf, "chatterbot": _read_chatterbot,
 }
 

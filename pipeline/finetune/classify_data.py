@@ -36,22 +36,16 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
     elif p.suffix == ".csv":
         rows = pcsv.read_csv(p).to_pylist()
     elif p.suffix in (".jsonl", ".json"):
+        from pipeline.data.sources import json_records
+
         rows = []
-        with p.open(encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    bad.append({"where": f"{path}:{lineno}", "reason": f"not valid JSON ({exc})"})
-                    continue
-                if isinstance(obj, dict):
-                    rows.append(obj)
-                else:
-                    bad.append({"where": f"{path}:{lineno}", "reason": f"a JSON {type(obj).__name__}, not an object"})
+        for where, obj in json_records(p, bad):
+            if isinstance(obj, dict):
+                rows.append(obj)
+            else:
+                bad.append({"where": where, "reason": f"a JSON {type(obj).__name__}, not an object"})
     else:
-        raise ValueError(f"{path}: unsupported extension (use .jsonl, .csv or .parquet)")
+        raise ValueError(f"{path}: unsupported extension (use .jsonl, .json, .csv or .parquet)")
     for col in (text_field, label_field):
         if rows and all(field_value(r, col) is MISSING for r in rows):
             raise ValueError(f"{path}: no column {col!r} (columns: {sorted(rows[0])})")

@@ -14,7 +14,6 @@ carry the labels, mapped to tokens through the tokenizer's offsets.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -75,13 +74,24 @@ def record_to_messages(obj: dict, where: str) -> list[dict]:
                                   if isinstance(t, dict) else t for t in turns], where)
     if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
         return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
-    raise ValueError(f"{where}: expected 'messages', 'conversations' (ShareGPT) or 'prompt' + 'completion'")
+    if isinstance(obj.get("prompt"), list) and isinstance(obj.get("completion"), list):  # conversational prompt-completion
+        return validate_messages(obj["prompt"] + obj["completion"], where)
+    if isinstance(obj.get("instruction"), str) and isinstance(obj.get("output"), str):  # Alpaca
+        extra = obj.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise ValueError(f"{where}: 'input' must be a string, got {type(extra).__name__}")
+        user = obj["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
+        system = [{"role": "system", "content": obj["system"]}] if isinstance(obj.get("system"), str) and obj["system"] else []
+        return validate_messages(system + [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}],
+                                 where)
+    raise ValueError(f"{where}: expected 'messages', 'conversations' (ShareGPT), 'prompt' + 'completion' or "
+                     f"'instruction' (+ 'input') + 'output' (Alpaca)")
 
 
 def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
-    """Conversations from a JSONL or Parquet file, a saved Hugging Face dataset, or the built-in
+    """Conversations from a JSONL, JSON (an array) or Parquet file, a saved Hugging Face dataset, or the built-in
     ``chatterbot``; each record ``messages``, ShareGPT ``conversations`` or ``prompt`` +
-    ``completion``. Bad records go to ``bad`` with their reason."""
+    ``completion``, or Alpaca ``instruction`` (+ ``input``) + ``output``. Bad records go to ``bad`` with their reason."""
     if path == "chatterbot":
         from pipeline.data.sources import SourceConfig, expand_source, read_file
 
@@ -111,25 +121,17 @@ def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
 
         records = ((f"{path}:{i}", row) for i, row in enumerate(pq.read_table(p).to_pylist()))
     elif p.is_file():
-        records = _jsonl_records(p, bad)
+        from pipeline.data.sources import json_records
+
+        records = json_records(p, bad)
     else:
-        raise ValueError(f"{path}: not found (data.train / data.val: a JSONL or Parquet file, a saved Hugging Face "
+        raise ValueError(f"{path}: not found (data.train / data.val: a JSONL, JSON or Parquet file, a saved Hugging Face "
                          f"dataset directory, or chatterbot)")
     for where, obj in records:
         try:
             yield record_to_messages(obj, where)
         except ValueError as exc:
             bad.append({"where": where, "reason": str(exc)[:300]})
-
-
-def _jsonl_records(p: Path, bad: list[dict]) -> Iterator[tuple[str, object]]:
-    for lineno, line in enumerate(p.open(encoding="utf-8", errors="replace"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{p}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append({"where": f"{p}:{lineno}", "reason": f"not valid JSON: {exc}"[:300]})
 
 
 def tokenize_chat(messages: list[dict], tok, max_len: int) -> dict:

@@ -70,6 +70,27 @@ def test_jsonl_with_malformed_lines(tmp_path, suffix):
     assert len(recs) == 9  # 10 lines, one blank
 
 
+@pytest.mark.parametrize("suffix", [".json", ".json.gz"])
+def test_json_arrays_and_json_lines_under_a_json_name(tmp_path, suffix):
+    """A ``.json`` file holding one array of objects (Alpaca-style datasets) gives one record per
+    element, each non-object or bad element quarantined with its index; JSON Lines under a .json
+    name read as JSONL; an array that does not parse is one quarantine record."""
+    items = [{"text": "First good document.", "label": "a"}, ["not", "an object"], {"text": ""},
+             {"body": "no text"}, {"text": "Second good document.", "label": "b"}]
+    raw = json.dumps(items, indent=1).encode()
+    path = tmp_path / f"arr{suffix}"
+    path.write_bytes(gzip.compress(raw) if suffix.endswith(".gz") else raw)
+    recs = read_all(SourceConfig(path=str(path), label_field="label"))
+    docs = [r for r in recs if r.get(S.STATUS) is None]
+    assert [(d[S.TEXT], d[S.LABEL], d[S.DOC_ID]) for d in docs] == [
+        ("First good document.", "a", f"arr:arr{suffix}:0"), ("Second good document.", "b", f"arr:arr{suffix}:4")]
+    assert reasons(recs) == ["empty_text", "malformed_json", "missing_text_field"] and len(recs) == 5
+    (tmp_path / "lines.json").write_text(json.dumps({"text": "One."}) + "\n" + json.dumps({"text": "Two."}) + "\n")
+    assert [r[S.TEXT] for r in read_all(SourceConfig(path=str(tmp_path / "lines.json")))] == ["One.", "Two."]
+    (tmp_path / "broken.json").write_text('[{"text": "cut off"')
+    assert reasons(read_all(SourceConfig(path=str(tmp_path / "broken.json")))) == ["malformed_json"]
+
+
 def test_parquet_csv_hf_and_file_uri(tmp_path):
     pq.write_table(pa.table({"content": ["Parquet doc one.", None, "Parquet doc two."], "y": [1, 2, 3]}),
                    tmp_path / "t.parquet")

@@ -59,6 +59,35 @@ def test_chat_records_and_bad_ones(tmp_path):
         record_to_messages({"prompt": 1, "completion": "x"}, "here")
 
 
+def test_alpaca_records_json_arrays_and_conversational_prompt_completion(tmp_path):
+    """Alpaca-style datasets are one JSON array of {instruction, input, output}: each becomes a
+    user turn (instruction, then the input when there is one) and the assistant's output; the
+    conversational prompt-completion form (lists of messages) is read too; a classification
+    file may be a JSON array as well."""
+    from pipeline.finetune.classify_data import read_labeled
+
+    records = [{"instruction": "Add one.", "input": "41", "output": "42"},
+               {"instruction": "Say hi.", "input": "", "output": "Hi!", "system": "Be brief."},
+               {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]},
+               {"instruction": "No output."}, {"instruction": "x", "input": 3, "output": "y"}, "a string"]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records, indent=2))
+    bad = []
+    convs = list(load_chat_examples(str(tmp_path / "alpaca.json"), bad))
+    assert convs == [[{"role": "user", "content": "Add one.\n\n41"}, {"role": "assistant", "content": "42"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."},
+                      {"role": "assistant", "content": "Hi!"}],
+                     [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+    assert [b["where"] for b in bad] == [f"{tmp_path / 'alpaca.json'}[{i}]" for i in (3, 4, 5)]
+    assert "Alpaca" in bad[0]["reason"] and "'input' must be a string" in bad[1]["reason"]
+    (tmp_path / "broken.json").write_text('[{"prompt": "p", "completion": "c"}')
+    bad = []
+    assert list(load_chat_examples(str(tmp_path / "broken.json"), bad)) == [] and "not a JSON array" in bad[0]["reason"]
+    (tmp_path / "labeled.json").write_text(json.dumps([{"text": "t1", "label": "a"}, {"text": "t2", "label": "b"}, 7]))
+    bad = []
+    assert read_labeled(str(tmp_path / "labeled.json"), "text", "label", bad) == [("t1", "a"), ("t2", "b")]
+    assert len(bad) == 1 and "not an object" in bad[0]["reason"]
+
+
 def test_chatterbot_conversations():
     bad = []
     convs = list(load_chat_examples("chatterbot", bad))
