@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 class LMEvalConfig:
     model: str  # causal or masked LM directory, or the pretrain config YAML that made it
     data: str | None = None  # prepare output (dir or config YAML): its val shards
-    text_file: str | None = None  # or any text file (one document per non-empty line)
+    text_file: str | None = None  # or a text file (one document per non-empty line), or a JSONL / JSON / CSV /
+    text_field: str = "text"       # Parquet file or saved HF dataset whose text_field holds the documents
     max_rows: int = 0  # 0 = every val row; else a seeded random sample of the val rows (or texts)
     seed: int = 0
     max_len: int = 256
@@ -113,11 +114,37 @@ def _read_split(path: str, text_field: str, label_field: str, extra: str | None,
     return [{"idx": i, **r} for i, r in enumerate(read_labeled_rows(path, text_field, label_field, bad, extra))]
 
 
+def _lm_texts(c: LMEvalConfig) -> tuple[list[str], str, list[str]]:
+    """The documents of ``lm.text_file``, what they are ("lines" or "records"), and the reasons
+    of records that hold no usable text. A plain text file is one document per non-empty line;
+    JSONL / JSON / CSV / Parquet files and saved HF datasets are read as the prepare stage reads
+    them, ``lm.text_field`` holding the text."""
+    from pipeline import schema as S
+    from pipeline.data.sources import HF_MARKERS, SourceConfig, detect_format, expand_source, read_file
+
+    path = Path(c.text_file)
+    check(path.exists(), f"lm.text_file not found: {path}")
+    if path.is_dir() and any((path / m).exists() for m in HF_MARKERS) or \
+            path.is_file() and detect_format(str(path)) in ("jsonl", "json", "csv", "parquet"):
+        records = [r for t in expand_source(SourceConfig(path=str(path), text_field=c.text_field)) for r in read_file(t, 1 << 30)]
+        texts = [r[S.TEXT] for r in records if r.get(S.STATUS) is None]
+        rejected = [r[S.REASON] for r in records if r.get(S.STATUS) is not None]
+        check(bool(texts), f"lm.text_file {path}: no record with text in {c.text_field!r} (lm.text_field)"
+                           + (f"; rejected: {sorted(set(rejected))}" if rejected else ""))
+        return texts, "records", rejected
+    check(path.is_file(), f"lm.text_file {path}: a directory; give a file (or a saved Hugging Face dataset)")
+    texts = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    check(bool(texts), f"lm.text_file {path}: no non-empty line to score")
+    return texts, "lines", []
+
+
 def check_evaluate(cfg: EvaluateConfig) -> None:
     """Every model directory the config names exists and is of the kind its section uses (no
     cluster needed; run before any work)."""
     from pipeline.model.build import checkpoint_kind, require_classifier
 
+    if cfg.lm is not None and cfg.lm.data is None:
+        check(Path(cfg.lm.text_file).exists(), f"lm.text_file not found: {cfg.lm.text_file}")
     for name, section in (("lm", cfg.lm), ("bias", cfg.bias)):  # causal or masked: both are scored
         if section is not None:
             path = _causal_dir(section.model)
@@ -164,16 +191,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             res = score_shards(files, str(model_dir), cfg.actors, max_rows=cfg.lm.max_rows, seed=cfg.lm.seed)
             scored = f"the val shards of {data_dir}" + (f" (a seeded sample of {cfg.lm.max_rows} rows)" if cfg.lm.max_rows else "")
         else:
-            path = Path(cfg.lm.text_file)
-            check(path.is_file(), f"lm.text_file not found: {path}")
-            texts = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-            check(bool(texts), f"lm.text_file {path}: no non-empty line to score")
             from pipeline.evaluate.classify import sample_rows
 
-            n_lines = len(texts)
+            texts, unit, rejected = _lm_texts(cfg.lm)
+            n_texts = len(texts)
             texts = sample_rows(texts, cfg.lm.max_rows, cfg.lm.seed)
-            scored = f"{len(texts)} of the {n_lines} lines of {path}, up to {cfg.lm.max_len} tokens each" + \
-                (" (a seeded sample)" if len(texts) < n_lines else "")
+            scored = f"{len(texts)} of the {n_texts} {unit} of {cfg.lm.text_file}, up to {cfg.lm.max_len} tokens each" + \
+                (" (a seeded sample)" if len(texts) < n_texts else "") + \
+                (f"; {len(rejected)} records rejected ({', '.join(sorted(set(rejected)))})" if rejected else "")
             model, tok, masked = load_lm(str(model_dir))
             res = lm_metrics_from_texts(model, tok, texts, cfg.lm.max_len, masked=masked)
         results["lm"] = {"model": str(model_dir), "scored": scored, **res}

@@ -61,6 +61,36 @@ def test_read_spans_are_the_text_a_classifier_reads(toy):
     assert sample_rows(list(range(5)), 9) == list(range(5)) == sample_rows(list(range(5)), 0)
 
 
+def test_lm_text_file_reads_plain_lines_or_records_of_a_field(toy, tmp_path):
+    """``lm.text_file`` scores a plain text file line by line, and a JSONL / JSON / CSV / Parquet
+    file by its ``lm.text_field``, records without usable text rejected with their reason (a
+    JSONL file read as lines would score its JSON syntax)."""
+    import json
+
+    from pipeline.config import from_dict
+    from pipeline.evaluate.run import EvaluateConfig, run_evaluate
+
+    tok, texts = toy
+    model = train_toy(tok, texts, steps=20)
+    model.save_pretrained(str(tmp_path / "lm"))
+    tok.save_pretrained(str(tmp_path / "lm"))
+    (tmp_path / "plain.txt").write_text("\n".join(texts[:6]) + "\n\n")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts[:6]) + "{broken\n"
+                                         + json.dumps({"other": 1}) + "\n")
+    (tmp_path / "docs.json").write_text(json.dumps([{"body": t} for t in texts[:6]]))
+    cfg = {"output_dir": str(tmp_path / "ev"), "classification": None, "fewshot": None, "bias": None}
+    res = {}
+    for name, extra in (("plain.txt", {}), ("docs.jsonl", {"text_field": "body"}), ("docs.json", {"text_field": "body"})):
+        res[name] = run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "lm"), "max_len": 32,
+                                                                       "text_file": str(tmp_path / name), **extra}}))["lm"]
+    assert res["plain.txt"]["loss"] == pytest.approx(res["docs.jsonl"]["loss"]) == pytest.approx(res["docs.json"]["loss"])
+    assert res["plain.txt"]["scored"].startswith("6 of the 6 lines")
+    assert res["docs.jsonl"]["scored"].startswith("6 of the 6 records") and \
+        "2 records rejected (malformed_json, missing_text_field)" in res["docs.jsonl"]["scored"]
+    with pytest.raises(ValueError, match=r"no record with text in 'text' \(lm.text_field\)"):
+        run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "lm"), "text_file": str(tmp_path / "docs.json")}}))
+
+
 def test_sliced_metrics_largest_gap():
     out = sliced_metrics(list("aaaa"), list("aaab"), ["x", "x", "y", "y"], ["a", "b"])
     assert out["per_group"]["x"]["accuracy"] == 1.0 and out["per_group"]["y"]["accuracy"] == 0.5
