@@ -37,7 +37,8 @@ def load_pairs(path: str | None = None) -> list[dict]:
             p = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"bias pairs line {i}: {exc}") from None
-        if not all(isinstance(p.get(k), str) for k in ("template", "stereotyped", "anti", "category")) or "{}" not in p["template"]:
+        if not isinstance(p, dict) or not all(isinstance(p.get(k), str) for k in ("template", "stereotyped", "anti", "category")) \
+                or "{}" not in p["template"]:
             raise ValueError(f"bias pairs line {i}: needs template (with {{}}), stereotyped, anti, category")
         pairs.append(p)
     return pairs

@@ -133,7 +133,7 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
         def encode(conv: list[dict], where: str) -> dict | None:
             try:
                 return tokenize_chat(conv, tok, d.max_seq_len)
-            except ValueError as exc:  # a base's own template that does not render turn by turn
+            except ValueError as exc:  # a base's own template that does not render turn by turn, or no answer in the window
                 bad.append({"where": where, "reason": str(exc)[:300]})
                 return None
 

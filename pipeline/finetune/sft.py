@@ -186,7 +186,11 @@ def _generation_prompt_alone(render) -> str:
 
 
 def _padded(ids: list[int], labels: list[int], tok, max_len: int) -> dict:
+    n_full = len(ids)
     ids, labels = ids[:max_len], labels[:max_len]
+    if all(t == -100 for t in labels[1:]):  # nothing to learn (a batch of such rows would be a NaN loss)
+        raise ValueError(f"no assistant token within data.max_seq_len ({max_len} of the conversation's {n_full} "
+                         f"tokens): the turns before the first answer fill the window")
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     n = len(ids)

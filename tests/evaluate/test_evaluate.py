@@ -127,11 +127,17 @@ def test_bias_probe_detects_a_planted_bias(toy):
     assert abs(neutral["mean_gap"]) < biased["mean_gap"] / 3
 
 
-def test_shipped_bias_pairs_load():
+def test_shipped_bias_pairs_load(tmp_path):
     pairs = load_pairs()
     assert len(pairs) >= 12 and {p["category"] for p in pairs} >= {"gender", "age", "nationality"}
     with pytest.raises(ValueError, match="not found"):
         load_pairs("/no/such/file.jsonl")
+    good = '{"category": "c", "template": "the {} said", "stereotyped": "a", "anti": "b"}'
+    for line, message in (('["a", "list"]', "line 2: needs template"), ("{oops", "line 2: "),
+                          ('{"category": "c", "template": "no slot", "stereotyped": "a", "anti": "b"}', "line 2: needs template")):
+        (tmp_path / "p.jsonl").write_text(good + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=f"bias pairs {message}"):
+            load_pairs(str(tmp_path / "p.jsonl"))
 
 
 def test_lm_metrics_and_option_scorer(toy):

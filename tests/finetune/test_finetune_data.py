@@ -34,8 +34,12 @@ def test_sft_loss_mask_covers_exactly_the_assistant_tokens(tok):
 
 
 def test_sft_truncates_to_max_len(tok):
-    ex = tokenize_chat([{"role": "user", "content": "Hello there " * 50}, {"role": "assistant", "content": "Hi"}], tok, 16)
+    ex = tokenize_chat([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there " * 50}], tok, 16)
     assert len(ex["input_ids"]) == len(ex["labels"]) == len(ex["attention_mask"]) == 16
+    assert any(t != -100 for t in ex["labels"][1:])
+    # a prompt that fills the window leaves nothing to learn: refused (a batch of such rows is a NaN loss)
+    with pytest.raises(ValueError, match=r"no assistant token within data.max_seq_len \(16 of the conversation's \d+"):
+        tokenize_chat([{"role": "user", "content": "Hello there " * 50}, {"role": "assistant", "content": "Hi"}], tok, 16)
 
 
 def test_chat_records_and_bad_ones(tmp_path):
