@@ -13,9 +13,11 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     """Initialise Ray if needed; return True when this call started it (so the caller shuts it down)."""
     import ray
 
+    global _LOCAL
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
+    _LOCAL = not address
     if address:
         logger.info("connecting to the Ray cluster at RAY_ADDRESS=%s", address)
         ray.init(address=address, log_to_driver=True)
@@ -30,6 +32,26 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
             include_dashboard=os.environ.get("PIPELINE_RAY_DASHBOARD", "1") != "0",
         )
     return True
+
+
+def check_resources(needed: dict[str, float], what: str) -> None:
+    """``needed`` (e.g. ``{"CPU": 1.0, "GPU": 2}``) against the cluster's total resources. A local
+    cluster this process started cannot grow: a shortfall there is an error (Ray would wait for
+    the resources forever). A cluster joined through ``RAY_ADDRESS`` may autoscale: a warning."""
+    import ray
+
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0)) for k, v in needed.items() if v > have.get(k, 0) + 1e-9}
+    if not short:
+        return
+    msg = f"{what} needs " + ", ".join(f"{v:g} {k} (the cluster has {h:g})" for k, (v, h) in short.items())
+    if _LOCAL:
+        raise ValueError(msg + " and this local Ray cluster cannot grow; lower the request or join a larger "
+                               "cluster (RAY_ADDRESS)")
+    logger.warning("%s: waiting for the cluster to provide them (an autoscaler may add nodes)", msg)
+
+
+_LOCAL = False  # whether init_ray started a local cluster in this process
 
 
 def cluster_cpus() -> int:

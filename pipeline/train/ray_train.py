@@ -200,6 +200,11 @@ def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
+    from pipeline.ray_utils import check_resources
+
+    needed = {k: v * scaling.num_workers for k, v in resources.items()}
+    needed["CPU"] += 1  # Ray Data's read tasks take one whole CPU beside the workers
+    check_resources(needed, f"training ({scaling.num_workers} workers x {resources}, plus one CPU for Ray Data's reads)")
     # every split is read in file order, so that a rerun gives each worker the same rows in the
     # same order (training batches are then shuffled by a seeded local buffer): same config, same
     # losses, where Ray Data's unordered delivery made runs differ

@@ -253,6 +253,11 @@ def run_tune(cfg: TuneConfig) -> dict:
     # Ray Data's read tasks need one whole CPU beside every trial's workers; concurrent trials
     # share that CPU (their reads are short), so as many trials as fit in the rest run at once
     concurrency = cfg.max_concurrent or max(1, int((cpus - 1) // (per_trial_cpus + 0.01)))
+    if base_cfg.scaling.use_gpu:  # one GPU per worker: no more trials at once than the GPUs hold
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        check(gpus >= base_cfg.scaling.num_workers, f"tune: a trial needs {base_cfg.scaling.num_workers} GPUs "
+                                                    f"(scaling.use_gpu, one per worker); the cluster has {gpus}")
+        concurrency = min(concurrency, gpus // base_cfg.scaling.num_workers)
     check(cpus - concurrency * (per_trial_cpus + 0.01) >= 1,
           f"tune: {cpus} CPUs cannot hold a trial ({per_trial_cpus} CPUs of workers + 0.01 for the trial) and "
           f"one free CPU for its data ingestion; lower scaling.cpus_per_worker in {cfg.base}")

@@ -124,3 +124,23 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_prepared, tmp_path, st
     saved = torch.load(next(out.rglob("training_state.pt")), weights_only=False)
     # the sharded run gathered its optimizer state by parameter name; DDP saves rank 0's own
     assert (saved["optimizer_by_name"] is not None) == (strategy == "fsdp")
+
+
+def test_a_request_the_cluster_cannot_hold_is_refused_on_a_local_cluster(tiny_prepared, tmp_path, monkeypatch, caplog):
+    """Ray would wait forever for GPUs (or CPUs) a local cluster does not have: the job started
+    that cluster, so the request is refused with the shortfall named; on a joined cluster (which
+    may autoscale) it is a warning."""
+    from pipeline import ray_utils
+    from pipeline.config import to_dict
+
+    cfg = from_dict(PretrainConfig, {
+        "data": str(tiny_prepared[0]), "output_dir": str(tmp_path / "out"), "model": {"preset": "tiny", "max_seq_len": 32},
+        "train": {"max_steps": 2, "batch_size": 2}, "scaling": {"num_workers": 2, "use_gpu": True}})
+    monkeypatch.setattr(ray_utils, "_LOCAL", True)
+    with pytest.raises(ValueError, match=r"needs 2 GPU \(the cluster has 0\) and this local Ray cluster cannot grow"):
+        run_pretrain(cfg)
+    with pytest.raises(ValueError, match=r"needs 9 CPU \(the cluster has 2\)"):
+        run_pretrain(from_dict(PretrainConfig, {**to_dict(cfg), "scaling": {"num_workers": 2, "cpus_per_worker": 4}}))
+    monkeypatch.setattr(ray_utils, "_LOCAL", False)
+    ray_utils.check_resources({"GPU": 2}, "a trial")
+    assert "a trial needs 2 GPU (the cluster has 0): waiting for the cluster" in caplog.text

@@ -42,6 +42,10 @@ def test_a_given_space_sweeps_only_what_it_names_and_every_choice_is_checked_fir
     with pytest.raises(ValueError, match=r"space: the trial \{'batch_size': 0\} would fail: train.batch_size"):
         check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"batch_size": [8, 0]}}))
     check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"n_layer": [1, 2], "n_embd": [64, 96]}}))
+    gpu = tmp_path / "gpu.yaml"
+    gpu.write_text(yaml.safe_dump({**yaml.safe_load(base.read_text()), "scaling": {"num_workers": 1, "use_gpu": True}}))
+    with pytest.raises(ValueError, match="tune: a trial needs 1 GPUs .*; the cluster has 0"):
+        run_tune(from_dict(TuneConfig, {"base": str(gpu), "output_dir": str(tmp_path / "t"), "space": {"lr": [1e-4, 1e-3]}}))
 
 
 def test_tune_runs_trials_and_asha_stops_some(tiny_prepared, tmp_path):
