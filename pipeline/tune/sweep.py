@@ -214,6 +214,12 @@ def trial_base(cfg: TuneConfig, base: dict, out: Path):
     check(cfg.metric == "val_loss", f"metric {cfg.metric}: pretraining reports val_loss only")
     if isinstance(base.get("data"), str):
         base["data"] = str(Path(resolve_prepared(base["data"])).resolve())
+        from pipeline.train.data import load_manifest, shard_paths
+
+        if Path(base["data"], "manifest.json").is_file():  # (a missing one is check_pretrain's error)
+            check(bool(shard_paths(base["data"], load_manifest(base["data"]), "val")),
+                  f"tune ranks trials by validation loss: {base['data']} has no val shards "
+                  f"(prepare it with split.val_fraction > 0)")
     return base, from_dict(PretrainConfig, base)
 
 

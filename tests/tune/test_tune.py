@@ -42,6 +42,12 @@ def test_a_given_space_sweeps_only_what_it_names_and_every_choice_is_checked_fir
     with pytest.raises(ValueError, match=r"space: the trial \{'batch_size': 0\} would fail: train.batch_size"):
         check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"batch_size": [8, 0]}}))
     check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"n_layer": [1, 2], "n_embd": [64, 96]}}))
+    manifest = json.loads((tiny_prepared[0] / "manifest.json").read_text())
+    (tmp_path / "noval").mkdir()
+    (tmp_path / "noval" / "manifest.json").write_text(json.dumps(
+        {**manifest, "shards": [sh for sh in manifest["shards"] if sh["split"] != "val"]}))
+    with pytest.raises(ValueError, match="tune ranks trials by validation loss: .*noval has no val shards"):
+        check_tune(from_dict(TuneConfig, {"base": str(base), "overrides": [f"data={tmp_path / 'noval'}"]}))
     gpu = tmp_path / "gpu.yaml"
     gpu.write_text(yaml.safe_dump({**yaml.safe_load(base.read_text()), "scaling": {"num_workers": 1, "use_gpu": True}}))
     with pytest.raises(ValueError, match="tune: a trial needs 1 GPUs .*; the cluster has 0"):
