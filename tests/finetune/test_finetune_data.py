@@ -366,6 +366,21 @@ def test_max_seq_len_beyond_the_base_context_is_refused_before_training(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_masked_base_at_a_gpt2_learning_rate_is_warned_about(tmp_path, tok, caplog):
+    from pipeline.config import from_dict
+    from pipeline.finetune.finetune import FinetuneConfig, check_finetune
+    from pipeline.model.build import ModelConfig, build_model
+
+    build_model(ModelConfig(preset="tiny", objective="masked", max_seq_len=64), len(tok), tok.pad_token_id) \
+        .save_pretrained(str(tmp_path / "mlm"))
+    tok.save_pretrained(str(tmp_path / "mlm"))
+    cfg = {"task": "classification", "base_model": str(tmp_path / "mlm"), "data": {"train": "unused.jsonl", "max_seq_len": 32}}
+    check_finetune(from_dict(FinetuneConfig, {**cfg, "optim": {"lr": 3e-4}}))
+    assert "masked (BERT-style" not in caplog.text
+    check_finetune(from_dict(FinetuneConfig, {**cfg, "optim": {"lr": 1e-3}}))
+    assert "optim.lr 1.0e-03 on a masked (BERT-style, post-norm) base" in caplog.text
+
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
