@@ -216,6 +216,12 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         _write(ds, tmp)
 
     clean_dir = _step(work, "clean", build_clean)
+    if not _value_counts(clean_dir, S.STATUS, _is(S.STATUS, S.STATUS_KEPT)):
+        reasons = _value_counts(clean_dir, S.REASON)
+        top = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8])
+        raise ValueError(f"prepare: no document passed parsing and the filters ({sum(reasons.values())} records: "
+                         f"{top or 'none read'}); relax the filters that removed them (quality.*, language.*, "
+                         f"harmful.*) or check the sources. The rows and their reasons: {clean_dir}")
 
     # 2) exact dedup, global: a hash shuffle puts equal texts together; the smallest id is kept
     def build_exact(tmp: Path) -> None:
@@ -281,6 +287,10 @@ def run_prepare(cfg: PrepareConfig) -> dict:
             copy_tokenizer(cfg.tokenizer.path, tmp, cfg.tokenizer)
             return
         flt = _is(S.STATUS, S.STATUS_KEPT) & _is(S.SPLIT, "train")
+        kept = _value_counts(final_dir, S.SPLIT, _is(S.STATUS, S.STATUS_KEPT))
+        check(kept.get("train", 0) > 0, f"prepare: the train split is empty (kept documents per split: {kept}), so there "
+                                        f"is nothing to train the tokenizer on; lower split.val_fraction / "
+                                        f"split.test_fraction, add documents, or give tokenizer.path")
         limit = cfg.tokenizer.max_train_docs
 
         def texts():

@@ -178,3 +178,33 @@ def test_job_entry_errors(tmp_path, capsys):
     assert not out.exists()  # a run that cannot start leaves no directory behind
     assert main(["--config", "jobs/configs/prepare_demo.yaml", "pack.sequence_len=3"]) == 2
     assert "pack.sequence_len" in capsys.readouterr().err
+
+
+def test_a_corpus_the_filters_remove_entirely_is_a_clear_error(tmp_path):
+    """Every document dropped (here: word salad without stop words) used to crash the exact-dedup
+    shuffle on an empty dataset inside Ray; now the job stops after the clean step and names the
+    reasons, the rows kept for inspection."""
+    rng = random.Random(2)
+    words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega".split()
+    (tmp_path / "salad.jsonl").write_text("".join(
+        json.dumps({"text": " ".join(rng.choice(words) for _ in range(80)) + "."}) + "\n" for _ in range(6)))
+    (tmp_path / "empty.txt").write_text("")
+    cfg = from_dict(PrepareConfig, {"name": "none", "output_dir": str(tmp_path / "out"), "sources": [str(tmp_path)],
+                                    "language": {"enabled": False}, "tokenizer": {"vocab_size": 300}})
+    with pytest.raises(ValueError, match=r"no document passed parsing and the filters \(7 records: "
+                                         r"gopher_quality:min_stop_words 6, empty_text 1\)"):
+        run_prepare(cfg)
+    assert not (cfg.run_dir / "manifest.json").exists() and (cfg.run_dir / "_work" / "clean" / "_SUCCESS").exists()
+
+    # documents kept, but every one in val: no tokenizer can be trained (it used to be trained on nothing)
+    from pipeline.data.split import SplitConfig, split_for
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "d.jsonl").write_text(json.dumps({"text": document(rng, 3)}) + "\n")
+    val = next(v / 100 for v in range(5, 95) if split_for("s:d.jsonl:1", False, SplitConfig(val_fraction=v / 100)) == "val")
+    cfg = from_dict(PrepareConfig, {"name": "one", "output_dir": str(tmp_path / "out"),
+                                    "sources": [{"path": str(tmp_path / "one"), "name": "s"}],
+                                    "quality": {"gopher_repetition": {"enabled": False}, "fineweb": {"enabled": False}},
+                                    "language": {"enabled": False}, "split": {"val_fraction": val}})
+    with pytest.raises(ValueError, match=r"the train split is empty \(kept documents per split: \{'val': 1\}\)"):
+        run_prepare(cfg)
