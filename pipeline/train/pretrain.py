@@ -71,6 +71,11 @@ def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict]:
     check(seq_len <= cfg.model.max_seq_len,
           f"model.max_seq_len ({cfg.model.max_seq_len}) is shorter than the data's seq_len ({seq_len})")
     check(bool(shard_paths(data_dir, manifest, "train")), f"data: {data_dir} has no train shards")
+    rows = sum(s.get("rows", 0) for s in manifest["shards"] if s["split"] == "train")
+    need = cfg.scaling.num_workers * cfg.train.batch_size
+    check(rows >= need, f"data: the train split holds {rows} rows of {seq_len} tokens; {cfg.scaling.num_workers} "
+                        f"workers x train.batch_size {cfg.train.batch_size} need at least {need} for one step "
+                        f"(lower them, or prepare more data)")
     return data_dir, manifest
 
 

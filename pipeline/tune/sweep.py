@@ -234,9 +234,11 @@ def check_tune(cfg: TuneConfig) -> None:
     else:
         check_pretrain(typed)
     cls = type(typed)
-    for sample in cfg.space.choices():  # e.g. a width the head count does not divide
+    for sample in cfg.space.choices():  # e.g. a width the head count does not divide, a batch larger than the data
         try:
-            from_dict(cls, apply_overrides(data, trial_overrides(sample)))
+            trial = from_dict(cls, apply_overrides(data, trial_overrides(sample)))
+            if not is_finetune(data):
+                check_pretrain(trial)
         except ValueError as e:
             raise ValueError(f"space: the trial {sample} would fail: {e}") from None
 

@@ -141,6 +141,11 @@ def test_a_request_the_cluster_cannot_hold_is_refused_on_a_local_cluster(tiny_pr
         run_pretrain(cfg)
     with pytest.raises(ValueError, match=r"needs 9 CPU \(the cluster has 2\)"):
         run_pretrain(from_dict(PretrainConfig, {**to_dict(cfg), "scaling": {"num_workers": 2, "cpus_per_worker": 4}}))
+    from pipeline.train.pretrain import check_pretrain
+
+    with pytest.raises(ValueError, match=r"data: the train split holds \d+ rows of 32 tokens; 2 workers x "
+                                         r"train.batch_size 100000 need at least 200000 for one step"):
+        check_pretrain(from_dict(PretrainConfig, {**to_dict(cfg), "train": {"batch_size": 100000}}))
     monkeypatch.setattr(ray_utils, "_LOCAL", False)
     ray_utils.check_resources({"GPU": 2}, "a trial")
     assert "a trial needs 2 GPU (the cluster has 0): waiting for the cluster" in caplog.text
