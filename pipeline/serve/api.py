@@ -153,6 +153,43 @@ class ChatMessage(_Strict):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    # OpenAI chat parameters that clients (LangChain, LiteLLM, ...) send at neutral values:
+    # accepted there, a 400 that names them otherwise
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=0)
+    store: StrictBool = False
+    metadata: dict[str, StrictStr] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, v):
+        if v is not None and v.get("type") != "text":
+            raise ValueError(f"response_format {v.get('type')!r} is not supported by this server (only 'text')")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v):
+        if v:
+            raise ValueError("tool calling is not supported by this server")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v):
+        if v not in (None, "none", "auto"):
+            raise ValueError("tool calling is not supported by this server (tool_choice: 'none' or 'auto' only)")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _not_stored(cls, v):
+        if v:
+            raise ValueError("store is not supported by this server (feedback: POST /v1/feedback)")
+        return v
 
 
 class PredictRequest(_Strict):

@@ -55,3 +55,15 @@ def test_a_non_number_is_named_as_such():
         CompletionRequest(prompt="x", temperature="hot")
     err = validation_error(exc.value)
     assert err.param == "temperature" and "valid number" in err.message, err.message
+
+
+def test_chat_parameters_clients_send_at_neutral_values_are_accepted_and_others_named():
+    msgs = [{"role": "user", "content": "hi"}]
+    ChatRequest(messages=msgs, response_format={"type": "text"}, tools=[], tool_choice="none", parallel_tool_calls=True,
+                top_logprobs=0, store=False, metadata={"run": "a"})
+    for field, value in (("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
+                         ("tool_choice", "required"), ("store", True), ("top_logprobs", 3), ("functions", [])):
+        with pytest.raises(ValidationError) as exc:
+            ChatRequest(messages=msgs, **{field: value})
+        err = validation_error(exc.value)
+        assert err.status == 400 and err.param == field, (field, err.param, err.message)
