@@ -163,31 +163,17 @@ class ChatRequest(_Sampling):
     store: StrictBool = False
     metadata: dict[str, StrictStr] | None = None
 
-    @field_validator("response_format")
+    @field_validator("response_format", "tools", "tool_choice", "store")
     @classmethod
-    def _text_format(cls, v):
-        if v is not None and v.get("type") != "text":
+    def _neutral_only(cls, v, info):
+        name = info.field_name
+        if name == "response_format" and v is not None and v.get("type") != "text":
             raise ValueError(f"response_format {v.get('type')!r} is not supported by this server (only 'text')")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
+        if name == "tools" and v:
             raise ValueError("tool calling is not supported by this server")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v):
-        if v not in (None, "none", "auto"):
+        if name == "tool_choice" and v not in (None, "none", "auto"):
             raise ValueError("tool calling is not supported by this server (tool_choice: 'none' or 'auto' only)")
-        return v
-
-    @field_validator("store")
-    @classmethod
-    def _not_stored(cls, v):
-        if v:
+        if name == "store" and v:
             raise ValueError("store is not supported by this server (feedback: POST /v1/feedback)")
         return v
 
