@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             ("TF-IDF + LogReg macro-F1 (same split)", f"{b['f1_macro']:.3f} (accuracy {b['accuracy']:.3f}); on the "
              f"classifier's reading ({c['baseline_tfidf_logreg_same_reading']['reading']}): "
              f"{c['baseline_tfidf_logreg_same_reading']['f1_macro']:.3f}"),
-            (f"{ev['fewshot']['k']}-shot macro-F1 (pretrained LM)", f"{ev['fewshot']['f1_macro']:.3f}"),
+            (f"{ev['fewshot']['k']}-shot macro-F1 (pretrained LM)", f"{ev['fewshot']['f1_macro']:.3f}; calibrated "
+                                                                    f"{ev['fewshot']['calibrated']['f1_macro']:.3f} "
+                                                                    f"({ev['fewshot']['queries']} queries)"),
             ("chat SFT best val loss", f"{sft['best_val_loss']:.3f} ({sft['examples']['train']} dialogs, {sft['rejected']} rejected)"),
             ("bias probe", f"mean gap {ev['bias']['mean_gap']:.3f} nats, stereotyped preferred "
                            f"{ev['bias']['share_stereotyped']:.0%} of {ev['bias']['n']} pairs"),

@@ -43,9 +43,16 @@ def option_logprobs(model, tok, prompt: str, options: list[str], max_len: int) -
     return scores
 
 
+CONTENT_FREE = "N/A"
+
+
 def fewshot_predict(model, tok, train: list[tuple[str, str]], queries: list[str], labels: list[str], k: int,
-                    max_len: int, seed: int = 0, max_words: int = 40) -> list[str]:
-    """k examples drawn (stratified round-robin over labels, fixed seed) once, reused for all queries."""
+                    max_len: int, seed: int = 0, max_words: int = 40) -> tuple[list[str], list[str]]:
+    """k examples drawn (stratified round-robin over labels, fixed seed) once, reused for all queries.
+    Returns the predictions by raw label log-likelihood, and calibrated ones (contextual
+    calibration, Zhao et al. 2021): each label's score minus its score for a content-free query
+    ("N/A") after the same examples, which removes the prompt's bias toward some labels (a small
+    LM often picks one label for every query)."""
     rng = random.Random(seed)
     by_label = {y: [t for t, lab in train if lab == y] for y in labels}
     shots: list[tuple[str, str]] = []
@@ -54,8 +61,11 @@ def fewshot_predict(model, tok, train: list[tuple[str, str]], queries: list[str]
             if by_label[y] and len(shots) < k:
                 shots.append((by_label[y].pop(rng.randrange(len(by_label[y]))), y))
     rng.shuffle(shots)
-    preds = []
+    bias = option_logprobs(model, tok, build_prompt(shots, CONTENT_FREE, max_words), labels, max_len)
+    raw, calibrated = [], []
+    best = range(len(labels))
     for q in queries:
         scores = option_logprobs(model, tok, build_prompt(shots, q, max_words), labels, max_len)
-        preds.append(labels[max(range(len(labels)), key=scores.__getitem__)])
-    return preds
+        raw.append(labels[max(best, key=scores.__getitem__)])
+        calibrated.append(labels[max(best, key=lambda i: scores[i] - bias[i])])
+    return raw, calibrated

@@ -219,7 +219,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         f = cfg.fewshot
         model_dir = _causal_dir(f.model)
         files = _labeled_files(f.data)
-        split = "test" if Path(f.data).is_file() else f.split  # a labeled file: all its rows are queries
+        single = files == {"test": f.data}  # a labeled file, not a prepare output: all its rows are queries
+        split = "test" if single else f.split
         check(split in files, f"fewshot.data {f.data}: no {f.split!r} split")
         train_path = f.train_data or files.get("train")
         check(train_path is not None, f"fewshot.data {f.data}: no train split for the examples (set fewshot.train_data)")
@@ -232,14 +233,19 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         labels = sorted({y for _, y in train})
         tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
-        preds = fewshot_predict(model, tok, train, [r["text"] for r in test], labels, f.k, f.max_len, f.seed, f.max_words)
+        preds, calibrated = fewshot_predict(model, tok, train, [r["text"] for r in test], labels, f.k, f.max_len,
+                                            f.seed, f.max_words)
         y_true = [r["label"] for r in test]  # a query label no example has counts as a miss
-        m = classification_metrics(y_true, preds, labels + sorted(set(y_true) - set(labels)))
-        results["fewshot"] = {"model": str(model_dir), "k": f.k, "queries": len(test), "rejected_rows": len(bad), **m}
-        where = f.data if Path(f.data).is_file() else f"the {split} split"
+        all_labels = labels + sorted(set(y_true) - set(labels))
+        m, c = classification_metrics(y_true, preds, all_labels), classification_metrics(y_true, calibrated, all_labels)
+        results["fewshot"] = {"model": str(model_dir), "k": f.k, "queries": len(test), "rejected_rows": len(bad), **m,
+                              "calibrated": c}
+        where = f.data if single else f"the {split} split"
         report += ["## Few-shot classification", "", f"- {f.k}-shot, {len(test)} queries from {where}"
                    + (" (a seeded sample)" if len(test) < n_queries else "") + f": accuracy {m['accuracy']:.3f}, "
-                   f"macro-F1 {m['f1_macro']:.3f} (chance {1 / len(labels):.3f})", ""]
+                   f"macro-F1 {m['f1_macro']:.3f} (chance {1 / len(labels):.3f}); contextually calibrated "
+                   f"(each label's score minus its score after a content-free query): accuracy {c['accuracy']:.3f}, "
+                   f"macro-F1 {c['f1_macro']:.3f}", ""]
 
     if cfg.bias is not None:
         from pipeline.evaluate.bias import counterfactual_probe, load_pairs, plot_gaps

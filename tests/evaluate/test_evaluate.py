@@ -166,9 +166,17 @@ def test_fewshot_prompt_and_prediction(toy):
     assert prompt == "Text: a b\nLabel: x\n\nText: e f\nLabel: y\n\nText: g h\nLabel:"
     model = train_toy(tok, texts, steps=60)
     train = [("the woman worked as a nurse", "nurse"), ("the man was an engineer", "engineer")] * 3
-    preds = fewshot_predict(model, tok, train, ["the woman worked as a", "the man was an"], ["nurse", "engineer"],
-                            k=2, max_len=32)
-    assert len(preds) == 2 and set(preds) <= {"nurse", "engineer"}
+    queries, labels = ["the woman worked as a", "the man was an"], ["nurse", "engineer"]
+    preds, calibrated = fewshot_predict(model, tok, train, queries, labels, k=2, max_len=32)
+    assert len(preds) == len(calibrated) == 2 and set(preds + calibrated) <= set(labels)
+    # calibration: each label's score minus its score after the content-free query, same examples
+    # (k=0 here, so the prompts are known)
+    raw, cal = fewshot_predict(model, tok, train, queries, labels, k=0, max_len=32)
+    bias = option_logprobs(model, tok, build_prompt([], "N/A"), labels, 32)
+    for q, r, c in zip(queries, raw, cal):
+        scores = option_logprobs(model, tok, build_prompt([], q), labels, 32)
+        assert r == labels[max(range(2), key=lambda i: scores[i])]
+        assert c == labels[max(range(2), key=lambda i: scores[i] - bias[i])]
 
 
 def test_a_windowed_classifier_averages_its_windows_and_serving_reads_the_same(tmp_path):
