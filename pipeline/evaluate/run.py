@@ -105,7 +105,8 @@ def _labeled_files(spec: str) -> dict[str, str]:
     from pipeline.finetune.finetune import labeled_splits
 
     files = labeled_splits(spec)
-    return files if files else {"test": spec}
+    check(files != {}, f"{spec}: the prepare output has no labeled splits (its sources need a label_field)")
+    return files if files else {"test": spec}  # None: not a prepare output, a labeled file
 
 
 def _read_split(path: str, text_field: str, label_field: str, extra: str | None, bad: list) -> list[dict]:
@@ -220,8 +221,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         model_dir = _causal_dir(f.model)
         files = _labeled_files(f.data)
         single = files == {"test": f.data}  # a labeled file, not a prepare output: all its rows are queries
-        check(not single or not f.data.endswith((".yaml", ".yml")),
-              f"fewshot.data {f.data}: the prepare output has no labeled splits (its sources need a label_field)")
         split = "test" if single else f.split
         check(split in files, f"fewshot.data {f.data}: no {f.split!r} split")
         train_path = f.train_data or files.get("train")

@@ -243,6 +243,10 @@ def test_lm_data_checks_tokenizer_and_context_before_scoring(tiny_prepared, tmp_
     build_model(ModelConfig(preset="tiny", max_seq_len=64), len(other)).save_pretrained(str(tmp_path / "other"))
     with pytest.raises(ValueError, match=r"lm\.data: .*another tokenizer"):
         run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "other"), "data": str(prep)}}))
+    from pipeline.evaluate.run import _labeled_files
+
+    with pytest.raises(ValueError, match="the prepare output has no labeled splits"):  # its sources had no labels
+        _labeled_files(str(prep))
 
 
 def test_a_masked_lm_is_scored_as_one_and_refused_where_a_causal_lm_is_needed(toy, tmp_path):
