@@ -87,6 +87,16 @@ def lm_metrics_from_texts(model, tok, texts: list[str], max_len: int, batch_size
                           masked: MaskedScorer | None = None) -> dict:
     """Each text scored on its own (truncated to ``max_len`` tokens, the first token unscored;
     with ``masked``, a masked LM's loss at the corrupted positions)."""
+    totals = [0.0, 0, 0]
+    for i in range(0, len(texts), batch_size):
+        for k, v in enumerate(text_batch_totals(model, tok, texts[i : i + batch_size], max_len, masked)):
+            totals[k] += v
+    return _summary(float(totals[0]), int(totals[1]), int(totals[2]), "causal" if masked is None else "masked")
+
+
+def text_batch_totals(model, tok, texts: list[str], max_len: int, masked: MaskedScorer | None = None) -> tuple[float, int, int]:
+    """Summed NLL, scored tokens and their bytes (0 for a masked LM) of one batch of texts, each
+    truncated to ``max_len`` tokens."""
     model.eval()
     max_len = context_length(model, max_len)
     if tok.pad_token_id is None:  # GPT-2's and Llama's tokenizers have none; padding is masked out anyway
@@ -94,22 +104,17 @@ def lm_metrics_from_texts(model, tok, texts: list[str], max_len: int, batch_size
 
         tok = copy.deepcopy(tok)
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
-    total_nll, total_tokens, total_bytes = 0.0, 0, 0
-    for i in range(0, len(texts), batch_size):
-        # right padding: a causal model numbers positions from the first column, so left padding
-        # would shift every real token's position
-        enc = tok(texts[i : i + batch_size], truncation=True, max_length=max_len, padding=True,
-                  padding_side="right", return_tensors="pt")
-        if masked is not None:
-            nll, counts = masked(model, enc["input_ids"], enc["attention_mask"])
-            total_nll, total_tokens = total_nll + float(nll.sum()), total_tokens + int(counts.sum())
-            continue
-        total_nll += float(sequence_nll(model, enc["input_ids"], enc["attention_mask"]).sum())
-        total_tokens += int(enc["attention_mask"][:, 1:].sum())
-        for ids, mask in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist()):
-            scored = [t for t, m in zip(ids[1:], mask[1:]) if m]
-            total_bytes += len(tok.decode(scored).encode("utf-8"))
-    return _summary(total_nll, total_tokens, total_bytes, "causal" if masked is None else "masked")
+    # right padding: a causal model numbers positions from the first column, so left padding
+    # would shift every real token's position
+    enc = tok(texts, truncation=True, max_length=max_len, padding=True, padding_side="right", return_tensors="pt")
+    if masked is not None:
+        nll, counts = masked(model, enc["input_ids"], enc["attention_mask"])
+        return float(nll.sum()), int(counts.sum()), 0
+    nll = float(sequence_nll(model, enc["input_ids"], enc["attention_mask"]).sum())
+    num_bytes = 0
+    for ids, mask in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist()):
+        num_bytes += len(tok.decode([t for t, m in zip(ids[1:], mask[1:]) if m]).encode("utf-8"))
+    return nll, int(enc["attention_mask"][:, 1:].sum()), num_bytes
 
 
 def _summary(nll: float, tokens: int, num_bytes: int, objective: str = "causal") -> dict:

@@ -46,6 +46,36 @@ class LMScorer:
         return {"nll": nll, "tokens": np.full(len(x), x.shape[1] - 1), "bytes": np.array(num_bytes)}
 
 
+class TextScorer:
+    """Summed NLL / tokens / bytes of each batch of texts (one output row per batch)."""
+
+    def __init__(self, model_dir: str, max_len: int):
+        import torch
+
+        from pipeline.evaluate.lm import load_lm
+
+        torch.set_num_threads(1)
+        self.model, self.tok, self.masked = load_lm(model_dir)
+        self.max_len = max_len
+
+    def __call__(self, batch: dict) -> dict:
+        from pipeline.evaluate.lm import text_batch_totals
+
+        nll, tokens, num_bytes = text_batch_totals(self.model, self.tok, [str(t) for t in batch["text"]], self.max_len,
+                                                   self.masked)
+        return {"nll": np.array([nll]), "tokens": np.array([tokens]), "bytes": np.array([num_bytes])}
+
+
+def score_texts(texts: list[str], model_dir: str, max_len: int, actors: int = 2, batch_size: int = 8) -> dict:
+    """``lm_metrics_from_texts`` over an actor pool (each actor loads the model once)."""
+    import ray
+
+    scored = ray.data.from_items([{"text": t} for t in texts]).map_batches(
+        TextScorer, fn_constructor_kwargs={"model_dir": model_dir, "max_len": max_len},
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5, batch_size=batch_size, batch_format="numpy")
+    return _totals(scored, model_dir)
+
+
 def predict_dataset(rows: list[dict], model_dir: str, max_len: int | None, actors: int = 2, batch_size: int = 32) -> list[str]:
     import ray
 
@@ -71,6 +101,10 @@ def score_shards(files: list[str], model_dir: str, actors: int = 2, batch_size: 
     scored = ds.map_batches(LMScorer, fn_constructor_kwargs={"model_dir": model_dir},
                             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5, batch_size=batch_size,
                             batch_format="numpy")
+    return _totals(scored, model_dir)
+
+
+def _totals(scored, model_dir: str) -> dict:
     totals = np.zeros(3)
     for b in scored.iter_batches(batch_format="numpy", batch_size=1024):
         totals += [b["nll"].sum(), b["tokens"].sum(), b["bytes"].sum()]

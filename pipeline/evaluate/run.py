@@ -171,7 +171,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     report = [f"# Evaluation: {cfg.name}", ""]
 
     if cfg.lm is not None:
-        from pipeline.evaluate.lm import lm_metrics_from_texts, load_lm
         from pipeline.evaluate.ray_eval import score_shards
         from pipeline.train.data import check_same_tokenizer, load_manifest, resolve_prepared, shard_paths
 
@@ -200,8 +199,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             scored = f"{len(texts)} of the {n_texts} {unit} of {cfg.lm.text_file}, up to {cfg.lm.max_len} tokens each" + \
                 (" (a seeded sample)" if len(texts) < n_texts else "") + \
                 (f"; {len(rejected)} records rejected ({', '.join(sorted(set(rejected)))})" if rejected else "")
-            model, tok, masked = load_lm(str(model_dir))
-            res = lm_metrics_from_texts(model, tok, texts, cfg.lm.max_len, masked=masked)
+            from pipeline.evaluate.ray_eval import score_texts
+
+            res = score_texts(texts, str(model_dir), cfg.lm.max_len, cfg.actors)
         results["lm"] = {"model": str(model_dir), "scored": scored, **res}
         report += ["## Language modeling", "", f"- model: `{model_dir}`; scored: {scored}",
                    f"- loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}, bits/byte {res['bits_per_byte']:.4f} "

@@ -61,7 +61,7 @@ def test_read_spans_are_the_text_a_classifier_reads(toy):
     assert sample_rows(list(range(5)), 9) == list(range(5)) == sample_rows(list(range(5)), 0)
 
 
-def test_lm_text_file_reads_plain_lines_or_records_of_a_field(toy, tmp_path):
+def test_lm_text_file_reads_plain_lines_or_records_of_a_field(toy, tmp_path, ray_session):
     """``lm.text_file`` scores a plain text file line by line, and a JSONL / JSON / CSV / Parquet
     file by its ``lm.text_field``, records without usable text rejected with their reason (a
     JSONL file read as lines would score its JSON syntax)."""
@@ -84,6 +84,10 @@ def test_lm_text_file_reads_plain_lines_or_records_of_a_field(toy, tmp_path):
         res[name] = run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "lm"), "max_len": 32,
                                                                        "text_file": str(tmp_path / name), **extra}}))["lm"]
     assert res["plain.txt"]["loss"] == pytest.approx(res["docs.jsonl"]["loss"]) == pytest.approx(res["docs.json"]["loss"])
+    # scored over Ray Data's actor pool: the same figures as scoring the texts in this process
+    local = lm_metrics_from_texts(model.eval(), tok, texts[:6], 32)
+    assert res["plain.txt"]["tokens"] == local["tokens"] and res["plain.txt"]["loss"] == pytest.approx(local["loss"], rel=1e-5)
+    assert res["plain.txt"]["bits_per_byte"] == pytest.approx(local["bits_per_byte"], rel=1e-5)
     assert res["plain.txt"]["scored"].startswith("6 of the 6 lines")
     assert res["docs.jsonl"]["scored"].startswith("6 of the 6 records") and \
         "2 records rejected (malformed_json, missing_text_field)" in res["docs.jsonl"]["scored"]
