@@ -196,7 +196,7 @@ def _lm_rows(e: CompressEvalConfig, split: str = "val", n: int | None = None) ->
 def _cls_rows(e: CompressEvalConfig, split: str | None = None, n: int | None = None) -> list | None:
     if not e.classify_data:
         return None
-    from pipeline.evaluate.classify import sample_rows
+    from pipeline.train.data import sample_rows
     from pipeline.evaluate.run import _labeled_files, _read_split
 
     split = split or e.classify_split

@@ -3,7 +3,6 @@ split, and a confusion-matrix plot."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,6 @@ def classification_metrics(y_true: list[str], y_pred: list[str], labels: list[st
                         for y, a, b, c, d in zip(labels, p, r, f, s)}
     out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
     return out
-
-
-def sample_rows(rows: list, n: int, seed: int = 0) -> list:
-    """``n`` of ``rows`` drawn at random with ``seed`` (all of them when there are no more than
-    ``n``; ``n <= 0`` means all), kept in their original order. Labeled files often come sorted by
-    label, so their first ``n`` rows can all be one class."""
-    if n <= 0 or len(rows) <= n:
-        return list(rows)
-    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
 
 
 def tfidf_baseline(train_texts: list[str], train_labels: list[str], test_texts: list[str], seed: int = 0) -> list[str]:

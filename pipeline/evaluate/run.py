@@ -191,7 +191,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             res = score_shards(files, str(model_dir), cfg.actors, max_rows=cfg.lm.max_rows, seed=cfg.lm.seed)
             scored = f"the val shards of {data_dir}" + (f" (a seeded sample of {cfg.lm.max_rows} rows)" if cfg.lm.max_rows else "")
         else:
-            from pipeline.evaluate.classify import sample_rows
+            from pipeline.train.data import sample_rows
 
             texts, unit, rejected = _lm_texts(cfg.lm)
             n_texts = len(texts)
@@ -214,7 +214,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         report += lines
 
     if cfg.fewshot is not None:
-        from pipeline.evaluate.classify import classification_metrics, sample_rows
+        from pipeline.evaluate.classify import classification_metrics
+        from pipeline.train.data import sample_rows
         from pipeline.evaluate.fewshot import fewshot_predict
 
         f = cfg.fewshot

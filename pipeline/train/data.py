@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,14 +34,21 @@ def shard_paths(prepared_dir: str | Path, manifest: dict, split: str) -> list[st
     return [str(Path(prepared_dir) / s["path"]) for s in manifest["shards"] if s["split"] == split]
 
 
+def sample_rows(rows: list, n: int, seed: int = 0) -> list:
+    """``n`` of ``rows`` drawn at random with ``seed`` (all of them when there are no more than
+    ``n``; ``n <= 0`` means all), kept in their original order. Labeled files often come sorted by
+    label, so their first ``n`` rows can all be one class."""
+    if n <= 0 or len(rows) <= n:
+        return list(rows)
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
+
+
 def sample_shard_rows(files: list[str], n: int, seed: int = 0, column: str = "input_ids") -> list:
     """``n`` rows of ``column`` drawn at random (seeded) from all of ``files`` together, in file
     order (every row when they hold no more than ``n``; ``n <= 0``: every row). Shards follow the
     sources' order, so the first rows would all come from the first source. Only the shards the
     sample hits are read."""
     import pyarrow.parquet as pq
-
-    from pipeline.evaluate.classify import sample_rows
 
     starts = [0]
     for f in files:

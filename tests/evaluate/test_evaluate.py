@@ -45,7 +45,8 @@ def test_tfidf_baseline_learns_an_easy_split():
 def test_read_spans_are_the_text_a_classifier_reads(toy):
     """The TF-IDF baseline 'on the classifier's reading' sees exactly the characters of the
     classifier's window(s): the opening for one window, more of the text for several."""
-    from pipeline.evaluate.classify import read_spans, sample_rows
+    from pipeline.evaluate.classify import read_spans
+    from pipeline.train.data import sample_rows
     from pipeline.finetune.classify_data import Windowing
 
     tok, texts = toy
