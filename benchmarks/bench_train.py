@@ -11,6 +11,10 @@ worker with one thread, leaving a core to Ray's control processes). Steady state
 Rounds alternate the two sides (Ray fit, then Ray shut down and the plain loop) so that machine noise hits both;
 the ratio reported is the median of the per-round ratios. Extra ``key=value`` arguments override
 the pretrain config (e.g. ``train.shuffle_buffer=0``).
+
+``--cpu-report S`` (Linux) also samples, during the first round's steady state, where the machine's
+CPU goes for S seconds (``benchmarks.common.cpu_breakdown``): the workers' on-CPU and run-queue-wait
+shares and every other process's share. Give the round enough steps (``--steps 90 --cpu-report 20``).
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import cpu_breakdown, machine  # noqa: E402
 
 
 def main() -> None:
@@ -32,6 +37,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cpu-report", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -62,12 +68,23 @@ def main() -> None:
         cfg = parse_pretrain(["--config", "jobs/configs/pretrain_demo.yaml", f"output_dir={tempfile.mkdtemp(prefix='bench_train')}",
                               f"train.max_steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps}",
                               "train.eval_batches=1", "train.early_stopping_patience=null", *args.overrides])
+        report: dict = {}
+        if args.cpu_report and rnd == 0:
+            def sample() -> None:
+                try:
+                    report.update(cpu_breakdown(args.cpu_report))
+                except Exception as exc:  # reported, never fails the benchmark
+                    report["error"] = repr(exc)
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
         t0 = time.perf_counter()
         summary = run_pretrain(cfg)
         walls.append(time.perf_counter() - t0)
         records = [json.loads(l) for l in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         ray_tps.append(statistics.median(r["tokens_per_s"] for r in records
                                          if r["kind"] == "train" and r["step"] > args.warmup))
+        if args.cpu_report and rnd == 0:
+            print_cpu_report(report)
 
         # Plain PyTorch: same model, global batch (16 x 256 in the demo) and threads (workers x
         # threads per worker), Ray shut down (its daemons idle on the same cores otherwise, which
@@ -97,6 +114,24 @@ def main() -> None:
           f"incl. start-up median {statistics.median(walls):.1f} s for {args.steps} steps")
     print(f"ratio Ray / plain: median {statistics.median(ratios):.2f}x (per round: "
           f"{', '.join(f'{r:.2f}' for r in ratios)}; goal >= 0.95x)")
+
+def print_cpu_report(report: dict) -> None:
+    if "machine_pct_of_one_core" not in report:
+        print(f"cpu report: {report.get('error') or 'the fit ended before the sampling window closed (raise --steps)'}")
+        return
+    split = report["machine_pct_of_one_core"]
+    workers = {w["pid"] for w in report["workers"]}
+    in_workers = sum(c for c, pid, _ in report["processes"] if pid in workers)
+    used = sum(v for k, v in split.items() if k != "idle")
+    print(f"cpu report ({report['seconds']} s, % of one core): machine {split}; used {used:.1f}, "
+          f"training workers {in_workers:.1f}, everything else {used - in_workers:.1f}")
+    for w in report["workers"]:
+        print(f"  worker pid {w['pid']}: training thread on CPU {w['on_cpu_pct']}%, runnable but waiting "
+              f"for a core {w['runqueue_wait_pct']}%")
+    for c, pid, name in report["processes"][:16]:
+        if pid not in workers and c >= 0.3:
+            print(f"  {c:5.1f}  {name}")
+
 
 if __name__ == "__main__":
     main()
