@@ -10,6 +10,7 @@ bad content. Nothing here imports Ray.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib.util
 import io
@@ -50,9 +51,14 @@ class SourceConfig:
     label_field: str | None = None  # column holding a label (labeled sources get labeled splits)
     id_field: str | None = None  # column holding a stable record id (default: file + line/row number)
     language: str = "english"  # chatterbot: which language folder
+    encoding: str = "utf-8"  # of text / JSON(L) / CSV files: latin-1, cp1252, ... (ASCII-compatible)
 
     def __post_init__(self) -> None:
         check(bool(self.path and self.path.strip()), "sources[].path must be a non-empty string")
+        try:
+            codecs.lookup(self.encoding)
+        except (LookupError, TypeError):
+            raise ValueError(f"sources[].encoding: unknown text encoding {self.encoding!r} (e.g. utf-8, latin-1, cp1252)")
 
     @classmethod
     def from_str(cls, value: str) -> "SourceConfig":
@@ -99,7 +105,7 @@ def _task(src: SourceConfig, path: str, rel: str, fmt: str, size: int, label: st
     return {
         "source": src.source_name, "path": path, "rel": rel, "format": fmt, "size": int(size or 0),
         "text_field": src.text_field, "label_field": src.label_field or "", "id_field": src.id_field or "",
-        "label": label or "",
+        "label": label or "", "encoding": src.encoding,
     }
 
 
@@ -181,19 +187,30 @@ def _open(path: str):
     return fsspec.open(path, "rb", compression="infer")
 
 
-def _decode(data: bytes) -> tuple[str | None, str]:
+def _encoding(task: dict) -> str:
+    return task.get("encoding") or "utf-8"
+
+
+def _undecodable(task: dict) -> str:
+    """The quarantine reason for bytes the source's encoding cannot decode."""
+    return "invalid_utf8" if codecs.lookup(_encoding(task)).name == "utf-8" else "invalid_encoding"
+
+
+def _decode(data: bytes, task: dict) -> tuple[str | None, str]:
+    encoding = _encoding(task)
     try:
-        return data.decode("utf-8"), ""
+        return data.decode(encoding), ""
     except UnicodeDecodeError as exc:
-        return None, f"invalid UTF-8 at byte {exc.start}: {data[exc.start:exc.start + 4]!r}"
+        return None, (f"invalid {encoding} at byte {exc.start}: {data[exc.start:exc.start + 4]!r} (if the files use "
+                      f"another encoding, set the source's encoding, e.g. latin-1 or cp1252)")
 
 
 def _text_record(task: dict, doc_id: str, data: bytes, max_bytes: int) -> dict:
     if len(data) > max_bytes:
         return quarantine(task, doc_id, "too_large", f"{len(data)} bytes > parse.max_doc_bytes={max_bytes}", data)
-    text, err = _decode(data)
+    text, err = _decode(data, task)
     if text is None:
-        return quarantine(task, doc_id, "invalid_utf8", err, data)
+        return quarantine(task, doc_id, _undecodable(task), err, data)
     if not text.strip():
         return quarantine(task, doc_id, "empty_text", "document is empty or whitespace only", data)
     return _doc(task, doc_id, text)
@@ -253,7 +270,8 @@ def _field_record(task: dict, doc_id: str, obj: dict, raw: Any) -> dict:
     try:
         text.encode("utf-8")  # lone surrogates: bytes that were not valid UTF-8 (CSV reads with surrogateescape)
     except UnicodeEncodeError:
-        return quarantine(task, doc_id, "invalid_utf8", "text holds undecodable bytes", raw)
+        return quarantine(task, doc_id, _undecodable(task), f"text holds bytes that are not valid {_encoding(task)} (set "
+                          "the source's encoding if the file uses another one, e.g. latin-1 or cp1252)", raw)
     if not text.strip():
         return quarantine(task, doc_id, "empty_text", "text is empty or whitespace only", raw)
     label = field_value(obj, task["label_field"]) if task["label_field"] else None
@@ -280,9 +298,9 @@ def _read_jsonl(task: dict, max_bytes: int) -> Iterator[dict]:
             if len(line) > max_bytes:
                 yield quarantine(task, doc_id, "too_large", f"{len(line)} bytes > parse.max_doc_bytes={max_bytes}", line)
                 continue
-            text, err = _decode(line)
+            text, err = _decode(line, task)
             if text is None:
-                yield quarantine(task, doc_id, "invalid_utf8", err, line)
+                yield quarantine(task, doc_id, _undecodable(task), err, line)
                 continue
             if lineno == 1:
                 text = text.lstrip("\ufeff")  # a byte-order mark written by some editors
@@ -307,9 +325,9 @@ def _read_json(task: dict, max_bytes: int) -> Iterator[dict]:
         return
     with _open(task["path"]) as f:
         data = f.read()
-    text, err = _decode(data)
+    text, err = _decode(data, task)
     if text is None:
-        yield quarantine(task, f"{task['source']}:{task['rel']}", "invalid_utf8", err)
+        yield quarantine(task, f"{task['source']}:{task['rel']}", _undecodable(task), err)
         return
     try:
         items = json.loads(text.lstrip("\ufeff"))
@@ -377,7 +395,8 @@ def _read_csv(task: dict, max_bytes: int) -> Iterator[dict]:
     csv.field_size_limit(max(max_bytes * 4, 1 << 20))
     with _open(task["path"]) as f:
         # surrogateescape keeps undecodable bytes visible, so the affected rows are quarantined
-        stream = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        encoding = "utf-8-sig" if codecs.lookup(_encoding(task)).name == "utf-8" else _encoding(task)
+        stream = io.TextIOWrapper(f, encoding=encoding, errors="surrogateescape", newline="")
         reader = csv.DictReader(stream, delimiter=delimiter)
         row = 0
         try:
@@ -393,12 +412,30 @@ def _read_csv(task: dict, max_bytes: int) -> Iterator[dict]:
                              f"CSV parsing stopped at record {row + 1}: {exc}")
 
 
-def _read_hf(task: dict, max_bytes: int) -> Iterator[dict]:
+def hf_splits(path: str) -> Iterator[tuple[str, Any]]:
+    """``(split name, datasets.Dataset)`` for each split holding rows of a dataset saved with
+    ``save_to_disk`` (one ``("", ds)`` for a plain Dataset). A DatasetDict's splits are loaded one
+    by one: ``load_from_disk`` of the whole dict fails when any split was saved empty."""
     import datasets
+    import fsspec
 
-    loaded = datasets.load_from_disk(task["path"])
-    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
-    for split, ds in splits:
+    fs, root = fsspec.core.url_to_fs(path)
+    dict_file = posixpath.join(root, "dataset_dict.json")
+    if fs.exists(dict_file):
+        with fs.open(dict_file, "r") as f:
+            splits = [str(name) for name in json.load(f)["splits"]]
+    else:
+        splits = [""]
+    for split in splits:
+        with fs.open(posixpath.join(root, split, "state.json"), "r") as f:
+            if not json.load(f).get("_data_files"):
+                logger.info("%s: split %r holds no rows", path, split)
+                continue
+        yield split, datasets.load_from_disk(posixpath.join(path.rstrip("/"), split) if split else path)
+
+
+def _read_hf(task: dict, max_bytes: int) -> Iterator[dict]:
+    for split, ds in hf_splits(task["path"]):
         prefix = f"{split}/" if split else ""
         yield from _rows_from_arrow_batches(task, ds.with_format("arrow").iter(batch_size=1024), max_bytes, prefix)
 

@@ -106,15 +106,12 @@ def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
                     continue
                 yield [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
         return
-    from pipeline.data.sources import HF_MARKERS
+    from pipeline.data.sources import HF_MARKERS, hf_splits
 
     p = Path(path)
     if p.is_dir() and any((p / m).exists() for m in HF_MARKERS):
-        import datasets
-
-        loaded = datasets.load_from_disk(str(p))  # a DatasetDict: its train split, else every split
-        parts = [loaded["train"]] if isinstance(loaded, datasets.DatasetDict) and "train" in loaded else \
-            list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
+        splits = dict(hf_splits(str(p)))  # a DatasetDict: its train split, else every split
+        parts = [splits["train"]] if "train" in splits else list(splits.values())
         records = ((f"{path}:{i}", row) for part in parts for i, row in enumerate(part))
     elif p.is_file() and p.suffix == ".parquet":
         import pyarrow.parquet as pq

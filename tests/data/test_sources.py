@@ -112,6 +112,25 @@ def test_parquet_csv_hf_and_file_uri(tmp_path):
     assert [(r[S.TEXT], r[S.LABEL]) for r in recs] == [("HF doc.", "z")]
 
 
+def test_hf_dataset_dict_with_an_empty_split(tmp_path):
+    """A DatasetDict saved with an empty split (load_from_disk of the whole dict raises IndexError):
+    every row of the other splits is read, split names in the ids; SFT data reads it too."""
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"content": ["First doc.", "Second doc."]})
+    datasets.DatasetDict({"train": rows, "test": rows.select([])}).save_to_disk(str(tmp_path / "dd"))
+    recs = read_all(SourceConfig(path=f"file://{tmp_path}/dd", text_field="content"))
+    assert [(r[S.DOC_ID].split(":")[-1], r[S.TEXT]) for r in recs] == [("train/0", "First doc."), ("train/1", "Second doc.")]
+
+    from pipeline.finetune.sft import load_chat_examples
+
+    chats = datasets.Dataset.from_dict({"prompt": ["Hi?"], "completion": ["Hello."]})
+    datasets.DatasetDict({"train": chats, "validation": chats.select([])}).save_to_disk(str(tmp_path / "chat"))
+    bad: list = []
+    assert list(load_chat_examples(str(tmp_path / "chat"), bad)) == [
+        [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]] and not bad
+
+
 def test_nested_fields_by_dotted_name(tmp_path):
     """text_field / label_field / id_field may name a field inside an object (JSONL) or a struct
     column (Parquet); a key that itself holds a dot still wins; a record without it is quarantined."""
@@ -167,3 +186,26 @@ def test_corrupt_file_is_quarantined_not_raised(tmp_path):
     (tmp_path / "broken.jsonl.gz").write_bytes(b"\x1f\x8b garbage")
     recs = read_all(SourceConfig(path=str(tmp_path)))
     assert reasons(recs) == ["unreadable_file", "unreadable_file"]
+
+
+def test_source_encoding(tmp_path):
+    """Files in a legacy encoding: quarantined as invalid UTF-8 with a hint by default, read with the
+    source's ``encoding``; bytes that encoding cannot decode are quarantined as invalid_encoding;
+    an unknown encoding is a config error naming the key."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_bytes("Café au lait, naïve résumé.".encode("latin-1"))
+    (tmp_path / "r.jsonl").write_bytes('{"text": "Smörgåsbord for two."}\n'.encode("cp1252"))
+    (tmp_path / "c.csv").write_bytes('text,label\n"Garçon, the bill.",food\n'.encode("cp1252"))
+    (tmp_path / "bad.txt").write_bytes(b"\x81\x8d undefined in cp1252")
+
+    recs = read_all(SourceConfig(path=str(tmp_path / "t")))
+    assert reasons(recs) == ["invalid_utf8"] and "set the source's encoding" in recs[0][S.DETAIL]
+    assert [r[S.TEXT] for r in read_all(SourceConfig(path=str(tmp_path / "t"), encoding="latin-1"))] == \
+        ["Café au lait, naïve résumé."]
+    assert [r[S.TEXT] for r in read_all(SourceConfig(path=str(tmp_path / "r.jsonl"), encoding="cp1252"))] == \
+        ["Smörgåsbord for two."]
+    assert [(r[S.TEXT], r[S.LABEL]) for r in read_all(SourceConfig(path=str(tmp_path / "c.csv"), encoding="cp1252",
+                                                                    label_field="label"))] == [("Garçon, the bill.", "food")]
+    assert reasons(read_all(SourceConfig(path=str(tmp_path / "bad.txt"), encoding="cp1252"))) == ["invalid_encoding"]
+    with pytest.raises(ValueError, match="sources\\[\\].encoding"):
+        SourceConfig(path="x", encoding="klingon-8")
