@@ -369,17 +369,23 @@ def json_records(path: str | Path, bad: list[dict]) -> Iterator[tuple[str, Any]]
                 bad.append({"where": f"{p}:{lineno}", "reason": f"not valid JSON ({exc})"[:300]})
 
 
-def _rows_from_arrow_batches(task: dict, batches, max_bytes: int, id_prefix: str = "") -> Iterator[dict]:
+def _arrow_rows(batches, prefix: str = "") -> Iterator[tuple[str, dict]]:
+    """``(row number, row)`` over Arrow record batches."""
     row = 0
     for batch in batches:
         for obj in batch.to_pylist():
-            doc_id = f"{task['source']}:{task['rel']}:{id_prefix}{row}"
+            yield f"{prefix}{row}", obj
             row += 1
-            text = field_value(obj, task["text_field"])
-            if isinstance(text, str) and len(text) > max_bytes:
-                yield quarantine(task, doc_id, "too_large", f"{len(text)} chars > parse.max_doc_bytes={max_bytes}", text)
-                continue
-            yield _field_record(task, doc_id, obj, json.dumps(obj, default=str)[:EXCERPT_CHARS])
+
+
+def _table_records(task: dict, rows: Iterator[tuple[str, dict]], max_bytes: int) -> Iterator[dict]:
+    for where, obj in rows:
+        doc_id = f"{task['source']}:{task['rel']}:{where}"
+        text = field_value(obj, task["text_field"])
+        if isinstance(text, str) and len(text) > max_bytes:
+            yield quarantine(task, doc_id, "too_large", f"{len(text)} chars > parse.max_doc_bytes={max_bytes}", text)
+            continue
+        yield _field_record(task, doc_id, obj, json.dumps(obj, default=str)[:EXCERPT_CHARS])
 
 
 def _read_parquet(task: dict, max_bytes: int) -> Iterator[dict]:
@@ -387,7 +393,7 @@ def _read_parquet(task: dict, max_bytes: int) -> Iterator[dict]:
 
     with _open(task["path"]) as f:
         pf = pq.ParquetFile(f)
-        yield from _rows_from_arrow_batches(task, pf.iter_batches(batch_size=1024), max_bytes)
+        yield from _table_records(task, _arrow_rows(pf.iter_batches(batch_size=1024)), max_bytes)
 
 
 def _read_csv(task: dict, max_bytes: int) -> Iterator[dict]:
@@ -412,6 +418,29 @@ def _read_csv(task: dict, max_bytes: int) -> Iterator[dict]:
                              f"CSV parsing stopped at record {row + 1}: {exc}")
 
 
+def hf_dict_splits(path: str) -> dict[str, str] | None:
+    """The splits of a DatasetDict saved with ``save_to_disk`` as ``{name: directory}`` (each a
+    saved Dataset), empty ones left out and validation / valid / dev named ``val`` as in a prepare
+    output; None when ``path`` is not a DatasetDict."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(posixpath.join(root, "dataset_dict.json")):
+        return None
+    out = {}
+    for name in _dict_split_names(fs, root):
+        with fs.open(posixpath.join(root, name, "state.json"), "r") as f:
+            if json.load(f).get("_data_files"):
+                out["val" if name in ("validation", "valid", "dev") and "val" not in out else name] = \
+                    posixpath.join(path.rstrip("/"), name)
+    return out
+
+
+def _dict_split_names(fs, root: str) -> list[str]:
+    with fs.open(posixpath.join(root, "dataset_dict.json"), "r") as f:
+        return [str(name) for name in json.load(f)["splits"]]
+
+
 def hf_splits(path: str) -> Iterator[tuple[str, Any]]:
     """``(split name, datasets.Dataset)`` for each split holding rows of a dataset saved with
     ``save_to_disk`` (one ``("", ds)`` for a plain Dataset). A DatasetDict's splits are loaded one
@@ -421,11 +450,7 @@ def hf_splits(path: str) -> Iterator[tuple[str, Any]]:
 
     fs, root = fsspec.core.url_to_fs(path)
     dict_file = posixpath.join(root, "dataset_dict.json")
-    if fs.exists(dict_file):
-        with fs.open(dict_file, "r") as f:
-            splits = [str(name) for name in json.load(f)["splits"]]
-    else:
-        splits = [""]
+    splits = _dict_split_names(fs, root) if fs.exists(dict_file) else [""]
     for split in splits:
         with fs.open(posixpath.join(root, split, "state.json"), "r") as f:
             if not json.load(f).get("_data_files"):
@@ -434,10 +459,24 @@ def hf_splits(path: str) -> Iterator[tuple[str, Any]]:
         yield split, datasets.load_from_disk(posixpath.join(path.rstrip("/"), split) if split else path)
 
 
+def hf_rows(path: str, label_field: str | None = None, only_train: bool = False) -> Iterator[tuple[str, dict]]:
+    """``(split/row, row)`` of a saved Hugging Face dataset, every split (``only_train``: a
+    DatasetDict's train split when it has one). A ``ClassLabel`` column named ``label_field``
+    gives its class names ("sports"), not the integers it stores."""
+    splits = list(hf_splits(path))
+    if only_train and any(name == "train" for name, _ in splits):
+        splits = [(name, ds) for name, ds in splits if name == "train"]
+    for split, ds in splits:
+        feature = ds.features.get(label_field) if label_field else None
+        names = getattr(feature, "names", None) if type(feature).__name__ == "ClassLabel" else None
+        for where, obj in _arrow_rows(ds.with_format("arrow").iter(batch_size=1024), f"{split}/" if split else ""):
+            if names is not None and isinstance(obj.get(label_field), int) and 0 <= obj[label_field] < len(names):
+                obj[label_field] = names[obj[label_field]]
+            yield where, obj
+
+
 def _read_hf(task: dict, max_bytes: int) -> Iterator[dict]:
-    for split, ds in hf_splits(task["path"]):
-        prefix = f"{split}/" if split else ""
-        yield from _rows_from_arrow_batches(task, ds.with_format("arrow").iter(batch_size=1024), max_bytes, prefix)
+    yield from _table_records(task, hf_rows(task["path"], task["label_field"] or None), max_bytes)
 
 
 def _read_chatterbot(task: dict, max_bytes: int) -> Iterator[dict]:

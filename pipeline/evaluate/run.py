@@ -105,7 +105,8 @@ def _labeled_files(spec: str) -> dict[str, str]:
     from pipeline.finetune.finetune import labeled_splits
 
     files = labeled_splits(spec)
-    check(files != {}, f"{spec}: the prepare output has no labeled splits (its sources need a label_field)")
+    check(files != {}, f"{spec}: no labeled splits (a prepare output's sources need a label_field; a "
+                          f"saved DatasetDict needs a non-empty split)")
     return files if files else {"test": spec}  # None: not a prepare output, a labeled file
 
 

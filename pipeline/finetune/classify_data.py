@@ -1,5 +1,6 @@
-"""Labeled texts for sequence classification: JSONL, CSV or Parquet files with a text and a label
-column, or a prepare output's ``labeled/`` split files (BBC topics in the demo)."""
+"""Labeled texts for sequence classification: JSONL, JSON, CSV or Parquet files or saved Hugging
+Face datasets with a text and a label column, or a prepare output's ``labeled/`` split files (BBC
+topics in the demo)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    from pipeline.data.sources import MISSING, field_value
+    from pipeline.data.sources import HF_MARKERS, MISSING, field_value, hf_rows
 
     p = Path(path)
-    if not p.is_file():
+    hf = p.is_dir() and any((p / m).exists() for m in HF_MARKERS)
+    if not p.is_file() and not hf:
         raise ValueError(f"data file not found: {path}")
-    if p.suffix == ".parquet":
+    if hf:  # a saved HF dataset (of a DatasetDict, every split: finetune and evaluate pick one through labeled_splits)
+        rows = [row for _, row in hf_rows(str(p), label_field)]
+    elif p.suffix == ".parquet":
         rows = pq.read_table(p).to_pylist()
     elif p.suffix == ".csv":
         rows = pcsv.read_csv(p).to_pylist()
@@ -45,7 +49,8 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
             else:
                 bad.append({"where": where, "reason": f"a JSON {type(obj).__name__}, not an object"})
     else:
-        raise ValueError(f"{path}: unsupported extension (use .jsonl, .json, .csv or .parquet)")
+        raise ValueError(f"{path}: unsupported extension (use .jsonl, .json, .csv or .parquet, or a directory "
+                         f"written by datasets.save_to_disk)")
     for col in (text_field, label_field):
         if rows and all(field_value(r, col) is MISSING for r in rows):
             raise ValueError(f"{path}: no column {col!r} (columns: {sorted(rows[0])})")

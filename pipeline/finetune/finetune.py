@@ -108,9 +108,13 @@ def resolve_model_dir(base: str) -> Path:
 
 
 def labeled_splits(spec: str) -> dict[str, str] | None:
-    """The labeled/{split}.parquet files of a prepare output, if ``spec`` names one."""
+    """The labeled/{split}.parquet files of a prepare output, or the splits of a saved Hugging Face
+    DatasetDict (validation named val), if ``spec`` names one."""
+    from pipeline.data.sources import hf_dict_splits
     from pipeline.train.data import resolve_prepared
 
+    if (splits := hf_dict_splits(spec)) is not None:
+        return splits
     if not (spec.endswith((".yaml", ".yml")) or Path(spec, "manifest.json").exists()):
         return None
     root = resolve_prepared(spec) / "labeled"
@@ -148,6 +152,7 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
                                    f"first reason: {bad[0]['reason'] if bad else '-'})")
         return rows, {}, bad
     files = labeled_splits(d.train) or {"train": d.train, **({"val": d.val} if d.val else {}), **({"test": d.test} if d.test else {})}
+    check("train" in files, f"data.train {d.train}: no train split (it has {sorted(files) or 'none'})")
     data = {split: read_labeled(path, d.text_field, d.label_field, bad) for split, path in files.items()}
     if "val" not in data:
         pairs = data["train"]

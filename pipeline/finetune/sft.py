@@ -106,13 +106,11 @@ def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
                     continue
                 yield [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
         return
-    from pipeline.data.sources import HF_MARKERS, hf_splits
+    from pipeline.data.sources import HF_MARKERS, hf_rows
 
     p = Path(path)
-    if p.is_dir() and any((p / m).exists() for m in HF_MARKERS):
-        splits = dict(hf_splits(str(p)))  # a DatasetDict: its train split, else every split
-        parts = [splits["train"]] if "train" in splits else list(splits.values())
-        records = ((f"{path}:{i}", row) for part in parts for i, row in enumerate(part))
+    if p.is_dir() and any((p / m).exists() for m in HF_MARKERS):  # a DatasetDict: its train split, else every split
+        records = ((f"{path}:{where}", row) for where, row in hf_rows(str(p), only_train=True))
     elif p.is_file() and p.suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -121,6 +121,12 @@ def test_hf_dataset_dict_with_an_empty_split(tmp_path):
     datasets.DatasetDict({"train": rows, "test": rows.select([])}).save_to_disk(str(tmp_path / "dd"))
     recs = read_all(SourceConfig(path=f"file://{tmp_path}/dd", text_field="content"))
     assert [(r[S.DOC_ID].split(":")[-1], r[S.TEXT]) for r in recs] == [("train/0", "First doc."), ("train/1", "Second doc.")]
+    # a ClassLabel column gives its class names
+    named = datasets.Dataset.from_dict({"content": ["A doc."], "y": [1]}, features=datasets.Features(
+        {"content": datasets.Value("string"), "y": datasets.ClassLabel(names=["neg", "pos"])}))
+    named.save_to_disk(str(tmp_path / "named"))
+    assert [r[S.LABEL] for r in read_all(SourceConfig(path=str(tmp_path / "named"), text_field="content",
+                                                      label_field="y"))] == ["pos"]
 
     from pipeline.finetune.sft import load_chat_examples
 

@@ -250,7 +250,7 @@ def test_lm_data_checks_tokenizer_and_context_before_scoring(tiny_prepared, tmp_
         run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "other"), "data": str(prep)}}))
     from pipeline.evaluate.run import _labeled_files
 
-    with pytest.raises(ValueError, match="the prepare output has no labeled splits"):  # its sources had no labels
+    with pytest.raises(ValueError, match="no labeled splits \\(a prepare output.s sources need a label_field"):  # its sources had no labels
         _labeled_files(str(prep))
 
 

@@ -149,6 +149,26 @@ def test_labeled_data_and_bad_rows(tmp_path, tok):
     assert [r["group"] for r in read_labeled_rows(str(jl), "t", "y", [], "meta.src")] == ["web", None]
 
 
+def test_labeled_data_from_a_saved_hf_dataset_dict(tmp_path):
+    """A DatasetDict (train / validation / an empty test) with a ClassLabel column: its splits act as
+    a prepare output's labeled splits (validation -> val, the empty one left out) and the labels
+    are the class names, not the stored integers."""
+    import datasets
+
+    from pipeline.finetune.finetune import labeled_splits
+
+    features = datasets.Features({"body": datasets.Value("string"), "topic": datasets.ClassLabel(names=["sport", "tech"])})
+    part = datasets.Dataset.from_dict({"body": ["Goal in the last minute.", "New chip released."], "topic": [0, 1]},
+                                      features=features)
+    datasets.DatasetDict({"train": part, "validation": part.select([1]), "test": part.select([])}).save_to_disk(
+        str(tmp_path / "dd"))
+    files = labeled_splits(str(tmp_path / "dd"))
+    assert sorted(files) == ["train", "val"]
+    assert read_labeled(files["train"], "body", "topic", []) == [("Goal in the last minute.", "sport"),
+                                                                 ("New chip released.", "tech")]
+    assert read_labeled(files["val"], "body", "topic", []) == [("New chip released.", "tech")]
+
+
 def test_classifier_texts_end_with_eos_after_truncation_and_reload(tmp_path, tok):
     import copy
 
