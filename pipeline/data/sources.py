@@ -396,26 +396,31 @@ def _read_parquet(task: dict, max_bytes: int) -> Iterator[dict]:
         yield from _table_records(task, _arrow_rows(pf.iter_batches(batch_size=1024)), max_bytes)
 
 
+def csv_rows(path: str, encoding: str = "utf-8", max_field: int = 1 << 20) -> Iterator[dict]:
+    """The rows of a CSV (or, by its name, TSV) file as dicts of strings, in a text ``encoding``
+    (UTF-8 with or without a byte-order mark by default). Bytes the encoding cannot decode stay in
+    the values as lone surrogates (surrogateescape), so that only the rows holding them are
+    rejected; ``csv.Error`` on a malformed file."""
+    csv.field_size_limit(max(max_field, 1 << 20))
+    with _open(path) as f:
+        stream = io.TextIOWrapper(f, encoding="utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding,
+                                  errors="surrogateescape", newline="")
+        yield from csv.DictReader(stream, delimiter="\t" if ".tsv" in path.lower() else ",")
+
+
 def _read_csv(task: dict, max_bytes: int) -> Iterator[dict]:
-    delimiter = "\t" if ".tsv" in task["path"].lower() else ","
-    csv.field_size_limit(max(max_bytes * 4, 1 << 20))
-    with _open(task["path"]) as f:
-        # surrogateescape keeps undecodable bytes visible, so the affected rows are quarantined
-        encoding = "utf-8-sig" if codecs.lookup(_encoding(task)).name == "utf-8" else _encoding(task)
-        stream = io.TextIOWrapper(f, encoding=encoding, errors="surrogateescape", newline="")
-        reader = csv.DictReader(stream, delimiter=delimiter)
-        row = 0
-        try:
-            for obj in reader:
-                row += 1
-                doc_id = f"{task['source']}:{task['rel']}:{row}"
-                if None in obj:  # more values than header columns
-                    yield quarantine(task, doc_id, "malformed_csv", f"{len(obj[None])} extra value(s)", json.dumps(obj, default=str))
-                    continue
-                yield _field_record(task, doc_id, obj, json.dumps(obj, default=str, ensure_ascii=False))
-        except csv.Error as exc:
-            yield quarantine(task, f"{task['source']}:{task['rel']}:{row + 1}", "malformed_csv",
-                             f"CSV parsing stopped at record {row + 1}: {exc}")
+    row = 0
+    try:
+        for obj in csv_rows(task["path"], _encoding(task), max_bytes * 4):
+            row += 1
+            doc_id = f"{task['source']}:{task['rel']}:{row}"
+            if None in obj:  # more values than header columns
+                yield quarantine(task, doc_id, "malformed_csv", f"{len(obj[None])} extra value(s)", json.dumps(obj, default=str))
+                continue
+            yield _field_record(task, doc_id, obj, json.dumps(obj, default=str, ensure_ascii=False))
+    except csv.Error as exc:
+        yield quarantine(task, f"{task['source']}:{task['rel']}:{row + 1}", "malformed_csv",
+                         f"CSV parsing stopped at record {row + 1}: {exc}")
 
 
 def hf_dict_splits(path: str) -> dict[str, str] | None:

@@ -22,12 +22,11 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
                       group_field: str | None = None) -> list[dict]:
     """``read_labeled``'s rows as ``{"text", "label", "group"}``; ``group`` is ``group_field``'s
     value (None without one, or where a row lacks it)."""
-    import json
+    import csv
 
-    import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    from pipeline.data.sources import HF_MARKERS, MISSING, field_value, hf_rows
+    from pipeline.data.sources import HF_MARKERS, MISSING, csv_rows, field_value, hf_rows
 
     p = Path(path)
     hf = p.is_dir() and any((p / m).exists() for m in HF_MARKERS)
@@ -37,8 +36,11 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
         rows = [row for _, row in hf_rows(str(p), label_field)]
     elif p.suffix == ".parquet":
         rows = pq.read_table(p).to_pylist()
-    elif p.suffix == ".csv":
-        rows = pcsv.read_csv(p).to_pylist()
+    elif p.suffix in (".csv", ".tsv"):
+        try:
+            rows = list(csv_rows(str(p)))
+        except csv.Error as exc:
+            raise ValueError(f"{path}: not a readable CSV file ({exc})") from exc
     elif p.suffix in (".jsonl", ".json"):
         from pipeline.data.sources import json_records
 
@@ -49,7 +51,7 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
             else:
                 bad.append({"where": where, "reason": f"a JSON {type(obj).__name__}, not an object"})
     else:
-        raise ValueError(f"{path}: unsupported extension (use .jsonl, .json, .csv or .parquet, or a directory "
+        raise ValueError(f"{path}: unsupported extension (use .jsonl, .json, .csv, .tsv or .parquet, or a directory "
                          f"written by datasets.save_to_disk)")
     for col in (text_field, label_field):
         if rows and all(field_value(r, col) is MISSING for r in rows):
@@ -59,12 +61,22 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
         text, label = field_value(row, text_field), field_value(row, label_field)
         if not isinstance(text, str) or not text.strip():
             bad.append({"where": f"{path}:{i}", "reason": "missing or non-string text"})
+        elif not _is_utf8(text):
+            bad.append({"where": f"{path}:{i}", "reason": "text holds bytes that are not valid UTF-8 (save the file as UTF-8)"})
         elif label is MISSING or label is None or not str(label).strip():
             bad.append({"where": f"{path}:{i}", "reason": "missing label"})
         else:
             group = field_value(row, group_field) if group_field else None
             out.append({"text": text, "label": str(label), "group": None if group is MISSING else group})
     return out
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # lone surrogates: undecodable bytes kept by the CSV reader
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def end_with_eos(tok) -> bool:

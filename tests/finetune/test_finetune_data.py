@@ -132,6 +132,14 @@ def test_labeled_data_and_bad_rows(tmp_path, tok):
     assert [r["labels"] for r in rows] == [0, 1] and all(len(r["input_ids"]) == 8 for r in rows)
     with pytest.raises(ValueError, match="no column 'body'"):
         read_labeled(str(path), "body", "label", [])
+    # a row in another encoding is rejected with that reason (pyarrow read the whole column as
+    # binary and every row was "missing text"); TSV by its name
+    (tmp_path / "mixed.csv").write_bytes('text,label\n"Gar\xe7on",a\nFine text,b\n'.encode("latin-1"))
+    bad = []
+    assert read_labeled(str(tmp_path / "mixed.csv"), "text", "label", bad) == [("Fine text", "b")]
+    assert "not valid UTF-8" in bad[0]["reason"]
+    (tmp_path / "t.tsv").write_text("text\tlabel\nTab, separated\ta\n")
+    assert read_labeled(str(tmp_path / "t.tsv"), "text", "label", []) == [("Tab, separated", "a")]
     with pytest.raises(ValueError, match="not found"):
         read_labeled(str(tmp_path / "nope.csv"), "text", "label", [])
     # JSONL: a line that does not parse is counted, not fatal; nested fields by dotted name
