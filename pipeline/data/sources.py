@@ -423,6 +423,34 @@ def _read_csv(task: dict, max_bytes: int) -> Iterator[dict]:
                          f"CSV parsing stopped at record {row + 1}: {exc}")
 
 
+def _saved_splits(path: str) -> tuple[bool, list[str]]:
+    """Whether ``path`` (written by ``save_to_disk``) is a DatasetDict, and the names of its splits
+    that hold rows (``[""]`` for a plain Dataset with rows). Empty splits are left out: loading one
+    fails (``load_from_disk`` of the whole dict raises IndexError)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    dict_file = posixpath.join(root, "dataset_dict.json")
+    is_dict = fs.exists(dict_file)
+    if is_dict:
+        with fs.open(dict_file, "r") as f:
+            names = [str(name) for name in json.load(f)["splits"]]
+    else:
+        names = [""]
+    kept = []
+    for name in names:
+        with fs.open(posixpath.join(root, name, "state.json"), "r") as f:
+            if json.load(f).get("_data_files"):
+                kept.append(name)
+            else:
+                logger.info("%s: split %r holds no rows", path, name)
+    return is_dict, kept
+
+
+def _split_path(path: str, split: str) -> str:
+    return posixpath.join(path.rstrip("/"), split) if split else path
+
+
 def hf_dict_splits(path: str) -> dict[str, str] | None:
     """The splits of a DatasetDict saved with ``save_to_disk`` as ``{name: directory}`` (each a
     saved Dataset), empty ones left out and validation / valid / dev named ``val`` as in a prepare
@@ -433,35 +461,18 @@ def hf_dict_splits(path: str) -> dict[str, str] | None:
     if not fs.exists(posixpath.join(root, "dataset_dict.json")):
         return None
     out = {}
-    for name in _dict_split_names(fs, root):
-        with fs.open(posixpath.join(root, name, "state.json"), "r") as f:
-            if json.load(f).get("_data_files"):
-                out["val" if name in ("validation", "valid", "dev") and "val" not in out else name] = \
-                    posixpath.join(path.rstrip("/"), name)
+    for name in _saved_splits(path)[1]:
+        out["val" if name in ("validation", "valid", "dev") and "val" not in out else name] = _split_path(path, name)
     return out
-
-
-def _dict_split_names(fs, root: str) -> list[str]:
-    with fs.open(posixpath.join(root, "dataset_dict.json"), "r") as f:
-        return [str(name) for name in json.load(f)["splits"]]
 
 
 def hf_splits(path: str) -> Iterator[tuple[str, Any]]:
     """``(split name, datasets.Dataset)`` for each split holding rows of a dataset saved with
-    ``save_to_disk`` (one ``("", ds)`` for a plain Dataset). A DatasetDict's splits are loaded one
-    by one: ``load_from_disk`` of the whole dict fails when any split was saved empty."""
+    ``save_to_disk`` (one ``("", ds)`` for a plain Dataset), loaded one by one."""
     import datasets
-    import fsspec
 
-    fs, root = fsspec.core.url_to_fs(path)
-    dict_file = posixpath.join(root, "dataset_dict.json")
-    splits = _dict_split_names(fs, root) if fs.exists(dict_file) else [""]
-    for split in splits:
-        with fs.open(posixpath.join(root, split, "state.json"), "r") as f:
-            if not json.load(f).get("_data_files"):
-                logger.info("%s: split %r holds no rows", path, split)
-                continue
-        yield split, datasets.load_from_disk(posixpath.join(path.rstrip("/"), split) if split else path)
+    for split in _saved_splits(path)[1]:
+        yield split, datasets.load_from_disk(_split_path(path, split))
 
 
 def hf_rows(path: str, label_field: str | None = None, only_train: bool = False) -> Iterator[tuple[str, dict]]:
