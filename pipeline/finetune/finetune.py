@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import check, config_hash, to_dict
+from pipeline.data.sources import hf_dict_splits
 from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled
 from pipeline.finetune.sft import CHAT_TEMPLATE, load_chat_examples, prepare_chat_tokenizer, tokenize_chat
 from pipeline.train.checkpoint import write_json
@@ -110,7 +111,6 @@ def resolve_model_dir(base: str) -> Path:
 def labeled_splits(spec: str) -> dict[str, str] | None:
     """The labeled/{split}.parquet files of a prepare output, or the splits of a saved Hugging Face
     DatasetDict (validation named val), if ``spec`` names one."""
-    from pipeline.data.sources import hf_dict_splits
     from pipeline.train.data import resolve_prepared
 
     if (splits := hf_dict_splits(spec)) is not None:
@@ -130,7 +130,11 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
     d = cfg.data
     bad: list[dict] = []
     if cfg.task == "sft":
-        convs = list(load_chat_examples(d.train, bad))
+        train_path, val_path = d.train, d.val
+        splits = hf_dict_splits(d.train) if d.val is None else None
+        if splits and "train" in splits and "val" in splits:  # a saved DatasetDict brings its own validation split
+            train_path, val_path = splits["train"], splits["val"]
+        convs = list(load_chat_examples(train_path, bad))
         check(bool(convs), f"data.train {d.train}: no usable conversation ({len(bad)} rejected)")
         rows = {"train": [], "val": []}
 
@@ -142,11 +146,11 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
                 return None
 
         for i, conv in enumerate(convs):
-            split = "val" if d.val is None and _in_val(f"{i}:{conv[0]['content']}", d.val_fraction) else "train"
-            if (row := encode(conv, f"{d.train}: conversation {i}")) is not None:
+            split = "val" if val_path is None and _in_val(f"{i}:{conv[0]['content']}", d.val_fraction) else "train"
+            if (row := encode(conv, f"{train_path}: conversation {i}")) is not None:
                 rows[split].append(row)
-        if d.val is not None:
-            encoded = (encode(c, f"{d.val}: conversation {i}") for i, c in enumerate(load_chat_examples(d.val, bad)))
+        if val_path is not None:
+            encoded = (encode(c, f"{val_path}: conversation {i}") for i, c in enumerate(load_chat_examples(val_path, bad)))
             rows["val"] = [r for r in encoded if r is not None]
         check(bool(rows["train"]), f"data.train {d.train}: no conversation could be encoded ({len(bad)} rejected; "
                                    f"first reason: {bad[0]['reason'] if bad else '-'})")

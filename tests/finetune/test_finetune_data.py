@@ -177,6 +177,20 @@ def test_labeled_data_from_a_saved_hf_dataset_dict(tmp_path):
     assert read_labeled(files["val"], "body", "topic", []) == [("New chip released.", "tech")]
 
 
+def test_sft_from_a_dataset_dict_uses_its_validation_split(tmp_path, tok):
+    import datasets
+
+    from pipeline.finetune.finetune import FinetuneConfig, FinetuneDataConfig, build_examples
+
+    def part(n):
+        return datasets.Dataset.from_dict({"prompt": [f"How do I reset password {i}?" for i in range(n)],
+                                           "completion": ["Click on forgot password."] * n})
+    datasets.DatasetDict({"train": part(6), "validation": part(2)}).save_to_disk(str(tmp_path / "chat"))
+    cfg = FinetuneConfig(task="sft", base_model="unused", data=FinetuneDataConfig(train=str(tmp_path / "chat"), max_seq_len=64))
+    rows, _, bad = build_examples(cfg, tok)
+    assert (len(rows["train"]), len(rows["val"]), bad) == (6, 2, [])
+
+
 def test_classifier_texts_end_with_eos_after_truncation_and_reload(tmp_path, tok):
     import copy
 
