@@ -51,7 +51,7 @@ class SourceConfig:
     label_field: str | None = None  # column holding a label (labeled sources get labeled splits)
     id_field: str | None = None  # column holding a stable record id (default: file + line/row number)
     language: str = "english"  # chatterbot: which language folder
-    encoding: str = "utf-8"  # of text / JSON(L) / CSV files: latin-1, cp1252, ... (ASCII-compatible)
+    encoding: str = "utf-8"  # of text / JSON(L) / CSV files: latin-1, cp1252, ... (JSONL: ASCII-compatible ones)
 
     def __post_init__(self) -> None:
         check(bool(self.path and self.path.strip()), "sources[].path must be a non-empty string")
@@ -290,6 +290,11 @@ def _iter_lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
 
 
 def _read_jsonl(task: dict, max_bytes: int) -> Iterator[dict]:
+    if "\n".encode(_encoding(task)) != b"\n":  # UTF-16/32: lines cannot be split on newline bytes
+        yield quarantine(task, f"{task['source']}:{task['rel']}", "unsupported_encoding",
+                         f"JSON Lines are read line by line, which needs an ASCII-compatible encoding (utf-8, latin-1, "
+                         f"cp1252, ...), not {_encoding(task)}: convert the file to UTF-8")
+        return
     with _open(task["path"]) as f:
         for lineno, line in enumerate(_iter_lines(f), start=1):
             doc_id = f"{task['source']}:{task['rel']}:{lineno}"

@@ -213,5 +213,11 @@ def test_source_encoding(tmp_path):
     assert [(r[S.TEXT], r[S.LABEL]) for r in read_all(SourceConfig(path=str(tmp_path / "c.csv"), encoding="cp1252",
                                                                     label_field="label"))] == [("Garçon, the bill.", "food")]
     assert reasons(read_all(SourceConfig(path=str(tmp_path / "bad.txt"), encoding="cp1252"))) == ["invalid_encoding"]
+    # UTF-16: a text file decodes whole; JSON Lines cannot be split into lines: one clear record
+    (tmp_path / "u16.txt").write_bytes("Ünïcode in UTF-16.".encode("utf-16"))
+    assert [r[S.TEXT] for r in read_all(SourceConfig(path=str(tmp_path / "u16.txt"), encoding="utf-16"))] == \
+        ["Ünïcode in UTF-16."]
+    (tmp_path / "u16.jsonl").write_bytes('{"text": "a"}\n{"text": "b"}\n'.encode("utf-16"))
+    assert reasons(read_all(SourceConfig(path=str(tmp_path / "u16.jsonl"), encoding="utf-16"))) == ["unsupported_encoding"]
     with pytest.raises(ValueError, match="sources\\[\\].encoding"):
         SourceConfig(path="x", encoding="klingon-8")
