@@ -155,7 +155,9 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
         check(bool(rows["train"]), f"data.train {d.train}: no conversation could be encoded ({len(bad)} rejected; "
                                    f"first reason: {bad[0]['reason'] if bad else '-'})")
         return rows, {}, bad
-    files = labeled_splits(d.train) or {"train": d.train, **({"val": d.val} if d.val else {}), **({"test": d.test} if d.test else {})}
+    # a prepare output's or DatasetDict's splits, where data.train names one; data.val / data.test override
+    files = {**(labeled_splits(d.train) or {"train": d.train}), **({"val": d.val} if d.val else {}),
+             **({"test": d.test} if d.test else {})}
     check("train" in files, f"data.train {d.train}: no train split (it has {sorted(files) or 'none'})")
     data = {split: read_labeled(path, d.text_field, d.label_field, bad) for split, path in files.items()}
     if "val" not in data:

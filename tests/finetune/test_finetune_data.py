@@ -157,7 +157,7 @@ def test_labeled_data_and_bad_rows(tmp_path, tok):
     assert [r["group"] for r in read_labeled_rows(str(jl), "t", "y", [], "meta.src")] == ["web", None]
 
 
-def test_labeled_data_from_a_saved_hf_dataset_dict(tmp_path):
+def test_labeled_data_from_a_saved_hf_dataset_dict(tmp_path, tok):
     """A DatasetDict (train / validation / an empty test) with a ClassLabel column: its splits act as
     a prepare output's labeled splits (validation -> val, the empty one left out) and the labels
     are the class names, not the stored integers."""
@@ -175,6 +175,15 @@ def test_labeled_data_from_a_saved_hf_dataset_dict(tmp_path):
     assert read_labeled(files["train"], "body", "topic", []) == [("Goal in the last minute.", "sport"),
                                                                  ("New chip released.", "tech")]
     assert read_labeled(files["val"], "body", "topic", []) == [("New chip released.", "tech")]
+    # through build_examples: an explicit data.val wins over the DatasetDict's validation split
+    from pipeline.finetune.finetune import FinetuneConfig, FinetuneDataConfig, build_examples
+
+    (tmp_path / "val.jsonl").write_text('{"body": "Match report.", "topic": "sport"}\n{"body": "GPU news.", "topic": "tech"}\n')
+    for val, n_val in ((None, 1), (str(tmp_path / "val.jsonl"), 2)):
+        cfg = FinetuneConfig(task="classification", base_model="unused", data=FinetuneDataConfig(
+            train=str(tmp_path / "dd"), val=val, text_field="body", label_field="topic", max_seq_len=16))
+        rows, info, bad = build_examples(cfg, tok)
+        assert (len(rows["train"]), len(rows["val"]), bad) == (2, n_val, [])
 
 
 def test_sft_from_a_dataset_dict_uses_its_validation_split(tmp_path, tok):
