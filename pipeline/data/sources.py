@@ -428,16 +428,15 @@ def _read_csv(task: dict, max_bytes: int) -> Iterator[dict]:
                          f"CSV parsing stopped at record {row + 1}: {exc}")
 
 
-def _saved_splits(path: str) -> tuple[bool, list[str]]:
-    """Whether ``path`` (written by ``save_to_disk``) is a DatasetDict, and the names of its splits
-    that hold rows (``[""]`` for a plain Dataset with rows). Empty splits are left out: loading one
-    fails (``load_from_disk`` of the whole dict raises IndexError)."""
+def _saved_splits(path: str) -> list[str]:
+    """The names of the splits that hold rows of a DatasetDict written by ``save_to_disk`` (``[""]``
+    for a plain Dataset with rows). Empty splits are left out: loading one fails (``load_from_disk``
+    of the whole dict raises IndexError)."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(path)
     dict_file = posixpath.join(root, "dataset_dict.json")
-    is_dict = fs.exists(dict_file)
-    if is_dict:
+    if fs.exists(dict_file):
         with fs.open(dict_file, "r") as f:
             names = [str(name) for name in json.load(f)["splits"]]
     else:
@@ -449,7 +448,7 @@ def _saved_splits(path: str) -> tuple[bool, list[str]]:
                 kept.append(name)
             else:
                 logger.info("%s: split %r holds no rows", path, name)
-    return is_dict, kept
+    return kept
 
 
 def _split_path(path: str, split: str) -> str:
@@ -466,7 +465,7 @@ def hf_dict_splits(path: str) -> dict[str, str] | None:
     if not fs.exists(posixpath.join(root, "dataset_dict.json")):
         return None
     out = {}
-    for name in _saved_splits(path)[1]:
+    for name in _saved_splits(path):
         out["val" if name in ("validation", "valid", "dev") and "val" not in out else name] = _split_path(path, name)
     return out
 
@@ -476,7 +475,7 @@ def hf_splits(path: str) -> Iterator[tuple[str, Any]]:
     ``save_to_disk`` (one ``("", ds)`` for a plain Dataset), loaded one by one."""
     import datasets
 
-    for split in _saved_splits(path)[1]:
+    for split in _saved_splits(path):
         yield split, datasets.load_from_disk(_split_path(path, split))
 
 
