@@ -190,7 +190,8 @@ def _finalize(batch: pa.Table, fuzzy_path: str, ngram_path: str, ngram: int, spl
         if reason:
             row.update({S.STATUS: S.STATUS_DROPPED, S.REASON: reason, S.RAW_EXCERPT: row[S.TEXT][:200], S.TEXT: None})
         else:
-            row[S.SPLIT] = split_for(row[S.DOC_ID], row[S.LABEL] is not None, split_cfg)
+            # a split the source named (a DatasetDict's, a split_field's) stands; the rest by hash
+            row[S.SPLIT] = row.get(S.SPLIT) or split_for(row[S.DOC_ID], row[S.LABEL] is not None, split_cfg)
     return S.docs_table(rows)
 
 

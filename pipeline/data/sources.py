@@ -27,6 +27,9 @@ from pipeline.config import check
 logger = logging.getLogger(__name__)
 
 SourceFormat = Literal["auto", "text", "html", "jsonl", "json", "parquet", "csv", "hf", "bbc-news", "chatterbot"]
+# A source's own split names -> prepare's splits (others are assigned by hash like unsplit records).
+SPLIT_NAMES = {"train": "train", "training": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val",
+               "test": "test", "testing": "test"}
 BUILTIN_SOURCES = ("bbc-news", "chatterbot")
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 EXTENSIONS = {
@@ -52,6 +55,8 @@ class SourceConfig:
     id_field: str | None = None  # column holding a stable record id (default: file + line/row number)
     language: str = "english"  # chatterbot: which language folder
     encoding: str = "utf-8"  # of text / JSON(L) / CSV files: latin-1, cp1252, ... (JSONL: ASCII-compatible ones)
+    split_field: str | None = None  # column naming each record's split (train / validation|valid|dev / test)
+    splits: Literal["source", "hash"] = "source"  # source: a saved DatasetDict's splits and split_field decide; hash: ignore them
 
     def __post_init__(self) -> None:
         check(bool(self.path and self.path.strip()), "sources[].path must be a non-empty string")
@@ -106,6 +111,7 @@ def _task(src: SourceConfig, path: str, rel: str, fmt: str, size: int, label: st
         "source": src.source_name, "path": path, "rel": rel, "format": fmt, "size": int(size or 0),
         "text_field": src.text_field, "label_field": src.label_field or "", "id_field": src.id_field or "",
         "label": label or "", "encoding": src.encoding,
+        "split_field": (src.split_field or "") if src.splits == "source" else "", "keep_splits": src.splits == "source",
     }
 
 
@@ -173,11 +179,12 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
-def _doc(task: dict, doc_id: str, text: str, label: Any = None) -> dict:
+def _doc(task: dict, doc_id: str, text: str, label: Any = None, split: Any = None) -> dict:
     label = task["label"] or label
     return {
         S.DOC_ID: doc_id, S.SOURCE: task["source"], S.PATH: task["path"],
         S.LABEL: None if label in (None, "") else str(label), S.TEXT: text,
+        S.SPLIT: SPLIT_NAMES.get(str(split).strip().lower()) if split is not None else None,
     }
 
 
@@ -275,7 +282,8 @@ def _field_record(task: dict, doc_id: str, obj: dict, raw: Any) -> dict:
     if not text.strip():
         return quarantine(task, doc_id, "empty_text", "text is empty or whitespace only", raw)
     label = field_value(obj, task["label_field"]) if task["label_field"] else None
-    return _doc(task, doc_id, text, None if label is MISSING else label)
+    split = field_value(obj, task["split_field"]) if task.get("split_field") else task.get("source_split")
+    return _doc(task, doc_id, text, None if label is MISSING else label, None if split is MISSING else split)
 
 
 def _iter_lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
@@ -487,16 +495,24 @@ def hf_rows(path: str, label_field: str | None = None, only_train: bool = False)
     if only_train and any(name == "train" for name, _ in splits):
         splits = [(name, ds) for name, ds in splits if name == "train"]
     for split, ds in splits:
-        feature = ds.features.get(label_field) if label_field else None
-        names = getattr(feature, "names", None) if type(feature).__name__ == "ClassLabel" else None
-        for where, obj in _arrow_rows(ds.with_format("arrow").iter(batch_size=1024), f"{split}/" if split else ""):
-            if names is not None and isinstance(obj.get(label_field), int) and 0 <= obj[label_field] < len(names):
-                obj[label_field] = names[obj[label_field]]
-            yield where, obj
+        yield from _hf_split_rows(split, ds, label_field)
+
+
+def _hf_split_rows(split: str, ds: Any, label_field: str | None) -> Iterator[tuple[str, dict]]:
+    feature = ds.features.get(label_field) if label_field else None
+    names = getattr(feature, "names", None) if type(feature).__name__ == "ClassLabel" else None
+    for where, obj in _arrow_rows(ds.with_format("arrow").iter(batch_size=1024), f"{split}/" if split else ""):
+        if names is not None and isinstance(obj.get(label_field), int) and 0 <= obj[label_field] < len(names):
+            obj[label_field] = names[obj[label_field]]
+        yield where, obj
 
 
 def _read_hf(task: dict, max_bytes: int) -> Iterator[dict]:
-    yield from _table_records(task, hf_rows(task["path"], task["label_field"] or None), max_bytes)
+    """Every split of a saved dataset; a DatasetDict's split names go with its records (where the
+    source keeps its splits) so that its train / validation / test rows stay in those splits."""
+    for split, ds in hf_splits(task["path"]):
+        split_task = dict(task, source_split=split or None) if task["keep_splits"] and not task["split_field"] else task
+        yield from _table_records(split_task, _hf_split_rows(split, ds, task["label_field"] or None), max_bytes)
 
 
 def _read_chatterbot(task: dict, max_bytes: int) -> Iterator[dict]:

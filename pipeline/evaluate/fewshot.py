@@ -23,49 +23,67 @@ def build_prompt(examples: list[tuple[str, str]], query: str, max_words: int = 4
 
 @torch.no_grad()
 def option_logprobs(model, tok, prompt: str, options: list[str], max_len: int) -> list[float]:
-    """Sum of log p(option tokens | prompt) per option (options get a leading space). The prompt is
-    cut from the left so that prompt + option fits ``max_len``."""
+    """Sum of log p(option tokens | prompt) per option (options get a leading space), the options
+    scored in one right-padded batch. The prompt is cut from the left so that prompt + option fits
+    ``max_len``."""
     from pipeline.evaluate.lm import context_length
 
     model.eval()
     max_len = context_length(model, max_len)
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    scores = []
+    rows, n_opts = [], []
     for option in options:
         opt_ids = tok(" " + option, add_special_tokens=False)["input_ids"]
         ids = (prompt_ids + opt_ids)[-max_len:]
-        n_opt = min(len(opt_ids), len(ids) - 1)
-        x = torch.tensor([ids])
-        logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), dim=-1)
-        targets = x[0, 1:]
-        token_lp = logp.gather(1, targets[:, None])[:, 0]
-        scores.append(float(token_lp[-n_opt:].sum()))
-    return scores
+        rows.append(ids)
+        n_opts.append(min(len(opt_ids), len(ids) - 1))
+    width = max(map(len, rows))
+    x = torch.tensor([ids + [0] * (width - len(ids)) for ids in rows])
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows])
+    logp = torch.log_softmax(model(input_ids=x, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+    token_lp = logp.gather(2, x[:, 1:, None])[..., 0]
+    return [float(token_lp[i, len(ids) - 1 - n:len(ids) - 1].sum()) for i, (ids, n) in enumerate(zip(rows, n_opts))]
 
 
 CONTENT_FREE = "N/A"
 
 
-def fewshot_predict(model, tok, train: list[tuple[str, str]], queries: list[str], labels: list[str], k: int,
-                    max_len: int, seed: int = 0, max_words: int = 40) -> tuple[list[str], list[str]]:
-    """k examples drawn (stratified round-robin over labels, fixed seed) once, reused for all queries.
-    Returns the predictions by raw label log-likelihood, and calibrated ones (contextual
-    calibration, Zhao et al. 2021): each label's score minus its score for a content-free query
-    ("N/A") after the same examples, which removes the prompt's bias toward some labels (a small
-    LM often picks one label for every query)."""
+def draw_shots(train: list[tuple[str, str]], labels: list[str], k: int, seed: int = 0,
+               exclude: set[str] | frozenset = frozenset()) -> list[tuple[str, str]]:
+    """k examples, stratified round-robin over labels with a fixed seed, none of whose texts is in
+    ``exclude`` (the queries: when the examples come from the queries' own file, a query must not
+    be its own example)."""
     rng = random.Random(seed)
-    by_label = {y: [t for t, lab in train if lab == y] for y in labels}
+    by_label = {y: [t for t, lab in train if lab == y and t not in exclude] for y in labels}
     shots: list[tuple[str, str]] = []
     while len(shots) < k and any(by_label.values()):
         for y in labels:
             if by_label[y] and len(shots) < k:
                 shots.append((by_label[y].pop(rng.randrange(len(by_label[y]))), y))
     rng.shuffle(shots)
-    bias = option_logprobs(model, tok, build_prompt(shots, CONTENT_FREE, max_words), labels, max_len)
-    raw, calibrated = [], []
+    return shots
+
+
+def score_queries(model, tok, shots: list[tuple[str, str]], queries: list[str], labels: list[str], max_len: int,
+                  max_words: int = 40) -> list[list[float]]:
+    """Each query's label log-likelihoods after the same examples."""
+    return [option_logprobs(model, tok, build_prompt(shots, q, max_words), labels, max_len) for q in queries]
+
+
+def decide(scores: list[list[float]], bias: list[float], labels: list[str]) -> tuple[list[str], list[str]]:
+    """Predictions by raw label log-likelihood, and calibrated ones (contextual calibration, Zhao et
+    al. 2021): each label's score minus its score for a content-free query ("N/A") after the same
+    examples (``bias``), which removes the prompt's bias toward some labels (a small LM often picks
+    one label for every query)."""
     best = range(len(labels))
-    for q in queries:
-        scores = option_logprobs(model, tok, build_prompt(shots, q, max_words), labels, max_len)
-        raw.append(labels[max(best, key=scores.__getitem__)])
-        calibrated.append(labels[max(best, key=lambda i: scores[i] - bias[i])])
+    raw = [labels[max(best, key=s.__getitem__)] for s in scores]
+    calibrated = [labels[max(best, key=lambda i: s[i] - bias[i])] for s in scores]
     return raw, calibrated
+
+
+def fewshot_predict(model, tok, train: list[tuple[str, str]], queries: list[str], labels: list[str], k: int,
+                    max_len: int, seed: int = 0, max_words: int = 40) -> tuple[list[str], list[str]]:
+    """In process: ``draw_shots`` once (never a query), reused for all queries; ``decide``."""
+    shots = draw_shots(train, labels, k, seed, exclude=set(queries))
+    bias = option_logprobs(model, tok, build_prompt(shots, CONTENT_FREE, max_words), labels, max_len)
+    return decide(score_queries(model, tok, shots, queries, labels, max_len, max_words), bias, labels)

@@ -66,6 +66,39 @@ class TextScorer:
         return {"nll": np.array([nll]), "tokens": np.array([tokens]), "bytes": np.array([num_bytes])}
 
 
+class FewshotScorer:
+    """Each query's label log-likelihoods after the same few-shot examples."""
+
+    def __init__(self, model_dir: str, shots: list, labels: list[str], max_len: int, max_words: int):
+        import torch
+        import transformers
+
+        torch.set_num_threads(1)
+        self.tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+        self.shots, self.labels, self.max_len, self.max_words = [tuple(s) for s in shots], labels, max_len, max_words
+
+    def __call__(self, batch: dict) -> dict:
+        from pipeline.evaluate.fewshot import score_queries
+
+        scores = score_queries(self.model, self.tok, self.shots, [str(q) for q in batch["text"]], self.labels,
+                               self.max_len, self.max_words)
+        return {"idx": batch["idx"], "scores": np.array(scores, dtype=np.float64)}
+
+
+def fewshot_scores(queries: list[str], model_dir: str, shots: list[tuple[str, str]], labels: list[str], max_len: int,
+                   max_words: int, actors: int = 2, batch_size: int = 8) -> list[list[float]]:
+    """``score_queries`` over an actor pool, in the queries' order."""
+    import ray
+
+    ds = ray.data.from_items([{"idx": i, "text": q} for i, q in enumerate(queries)]).map_batches(
+        FewshotScorer, fn_constructor_kwargs={"model_dir": model_dir, "shots": shots, "labels": labels,
+                                              "max_len": max_len, "max_words": max_words},
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5, batch_size=batch_size, batch_format="numpy")
+    out = {int(r["idx"]): [float(v) for v in r["scores"]] for r in ds.take_all()}
+    return [out[i] for i in range(len(queries))]
+
+
 def score_texts(texts: list[str], model_dir: str, max_len: int, actors: int = 2, batch_size: int = 8) -> dict:
     """``lm_metrics_from_texts`` over an actor pool (each actor loads the model once)."""
     import ray

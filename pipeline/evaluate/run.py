@@ -217,7 +217,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.fewshot is not None:
         from pipeline.evaluate.classify import classification_metrics
         from pipeline.train.data import sample_rows
-        from pipeline.evaluate.fewshot import fewshot_predict
+        from pipeline.evaluate.fewshot import CONTENT_FREE, build_prompt, decide, draw_shots, option_logprobs
+        from pipeline.evaluate.ray_eval import fewshot_scores
 
         f = cfg.fewshot
         model_dir = _causal_dir(f.model)
@@ -234,17 +235,20 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         test = sample_rows(test, f.max_queries, f.seed)
         check(bool(train) and bool(test), f"fewshot: no usable rows (train {len(train)}, queries {len(test)})")
         labels = sorted({y for _, y in train})
+        queries = [r["text"] for r in test]
+        shots = draw_shots(train, labels, f.k, f.seed, exclude=set(queries))  # never a query as its own example
         tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
-        preds, calibrated = fewshot_predict(model, tok, train, [r["text"] for r in test], labels, f.k, f.max_len,
-                                            f.seed, f.max_words)
+        bias = option_logprobs(model, tok, build_prompt(shots, CONTENT_FREE, f.max_words), labels, f.max_len)
+        scores = fewshot_scores(queries, str(model_dir), shots, labels, f.max_len, f.max_words, cfg.actors)
+        preds, calibrated = decide(scores, bias, labels)
         y_true = [r["label"] for r in test]  # a query label no example has counts as a miss
         all_labels = labels + sorted(set(y_true) - set(labels))
         m, c = classification_metrics(y_true, preds, all_labels), classification_metrics(y_true, calibrated, all_labels)
-        results["fewshot"] = {"model": str(model_dir), "k": f.k, "queries": len(test), "rejected_rows": len(bad), **m,
+        results["fewshot"] = {"model": str(model_dir), "k": f.k, "examples": len(shots), "queries": len(test), "rejected_rows": len(bad), **m,
                               "calibrated": c}
         where = f.data if single else f"the {split} split"
-        report += ["## Few-shot classification", "", f"- {f.k}-shot, {len(test)} queries from {where}"
+        report += ["## Few-shot classification", "", f"- {len(shots)}-shot, {len(test)} queries from {where}"
                    + (" (a seeded sample)" if len(test) < n_queries else "") + f": accuracy {m['accuracy']:.3f}, "
                    f"macro-F1 {m['f1_macro']:.3f} (chance {1 / len(labels):.3f}); contextually calibrated "
                    f"(each label's score minus its score after a content-free query): accuracy {c['accuracy']:.3f}, "

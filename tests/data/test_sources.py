@@ -10,6 +10,7 @@ import pytest
 import zstandard
 
 from pipeline import schema as S
+from pipeline.config import from_dict
 from pipeline.data.sources import SourceConfig, expand_source, read_file
 
 MAX = 1_000_000
@@ -135,6 +136,34 @@ def test_hf_dataset_dict_with_an_empty_split(tmp_path):
     bad: list = []
     assert list(load_chat_examples(str(tmp_path / "chat"), bad)) == [
         [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]] and not bad
+
+
+def test_a_sources_own_splits_are_kept(tmp_path):
+    """A saved DatasetDict's train / validation / test rows stay in those splits (other split names,
+    and every row with splits: hash, are assigned by hash in finalize); a split_field does the same
+    for any table format."""
+    import datasets
+
+    from pipeline.data import ray_ops
+    from pipeline.data.split import SplitConfig
+
+    rows = datasets.Dataset.from_dict({"content": ["A doc."]})
+    datasets.DatasetDict({"train": rows, "validation": rows, "test": rows, "unsupervised": rows}).save_to_disk(
+        str(tmp_path / "dd"))
+    recs = read_all(SourceConfig(path=str(tmp_path / "dd"), text_field="content"))
+    assert [r[S.SPLIT] for r in recs] == ["train", "val", "test", None]
+    assert [r[S.SPLIT] for r in read_all(SourceConfig(path=str(tmp_path / "dd"), text_field="content",
+                                                      splits="hash"))] == [None] * 4
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps({"t": f"Doc {i}.", "part": p})
+                                                for i, p in enumerate(["TEST", "dev", "train", "other"])) + "\n")
+    recs = read_all(SourceConfig(path=str(tmp_path / "s.jsonl"), text_field="t", split_field="part"))
+    assert [r[S.SPLIT] for r in recs] == ["test", "val", "train", None]
+    # finalize keeps a named split and assigns the others by hash (val_fraction 0: train for unlabeled text)
+    kept = [dict(r, **{S.STATUS: S.STATUS_KEPT}) for r in recs]
+    out = ray_ops._finalize(S.docs_table(kept), "", "", 13, SplitConfig(val_fraction=0.0)).column(S.SPLIT).to_pylist()
+    assert out == ["test", "val", "train", "train"]
+    with pytest.raises(ValueError, match="splits"):
+        from_dict(SourceConfig, {"path": "x", "splits": "random"})
 
 
 def test_nested_fields_by_dotted_name(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from pipeline.data.tokenizer import TokenizerConfig, train_tokenizer
 from pipeline.evaluate.bias import counterfactual_probe, load_pairs, sliced_metrics
 from pipeline.evaluate.classify import classification_metrics, tfidf_baseline
-from pipeline.evaluate.fewshot import build_prompt, fewshot_predict, option_logprobs
+from pipeline.evaluate.fewshot import build_prompt, draw_shots, fewshot_predict, option_logprobs
 from pipeline.evaluate.lm import lm_metrics_from_rows, lm_metrics_from_texts
 from pipeline.model.build import ModelConfig, build_model
 from pipeline.train.loop import LoopConfig, OptimConfig, Trainer
@@ -173,6 +173,9 @@ def test_fewshot_prompt_and_prediction(toy):
     train = [("the woman worked as a nurse", "nurse"), ("the man was an engineer", "engineer")] * 3
     queries, labels = ["the woman worked as a", "the man was an"], ["nurse", "engineer"]
     preds, calibrated = fewshot_predict(model, tok, train, queries, labels, k=2, max_len=32)
+    # a query is never its own example (examples drawn from the queries' own file)
+    pool = [(q, y) for q, y in zip(queries, labels)] + [("the woman sang", "nurse")]
+    assert draw_shots(pool, labels, k=3, exclude=set(queries)) == [("the woman sang", "nurse")]
     assert len(preds) == len(calibrated) == 2 and set(preds + calibrated) <= set(labels)
     # calibration: each label's score minus its score after the content-free query, same examples
     # (k=0 here, so the prompts are known)
