@@ -15,7 +15,7 @@ from typing import Literal
 from pipeline.config import check, config_hash, to_dict
 from pipeline.data.sources import hf_dict_splits
 from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled
-from pipeline.finetune.sft import CHAT_TEMPLATE, load_chat_examples, prepare_chat_tokenizer, tokenize_chat
+from pipeline.finetune.sft import OUR_TEMPLATES, load_chat_examples, prepare_chat_tokenizer, tokenize_chat
 from pipeline.train.checkpoint import write_json
 from pipeline.train.loop import LoopConfig, OptimConfig
 from pipeline.train.ray_train import RunConfigCfg, ScalingConfig
@@ -185,9 +185,13 @@ def setup_finetune(config: dict):
     dropout = config.get("dropout_overrides") or {}
     if config["task"] == "classification":
         label2id = config["label2id"]
+        # a padding token added past the base's embeddings is set after they grow: Llama-style models
+        # build their embedding with padding_idx = pad_token_id, which must lie inside it
+        n_base = transformers.AutoConfig.from_pretrained(base, local_files_only=True).vocab_size
+        pad = {"pad_token_id": tok.pad_token_id} if tok.pad_token_id < n_base else {}
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             base, num_labels=len(label2id), label2id=label2id, id2label={i: y for y, i in label2id.items()},
-            pad_token_id=tok.pad_token_id, local_files_only=True, **dropout)
+            local_files_only=True, **pad, **dropout)
         from pipeline.finetune.classify_data import Windowing
 
         Windowing(*config["windowing"]).save_to(model.config)  # saved with every checkpoint
@@ -195,6 +199,8 @@ def setup_finetune(config: dict):
         model = transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True, **dropout)
     if len(tok) > model.get_input_embeddings().num_embeddings:  # padding or role tokens were added
         model.resize_token_embeddings(len(tok))
+    if config["task"] == "classification":
+        model.config.pad_token_id = tok.pad_token_id  # the classifier reads each row's last non-padding token
     return model, (lambda batch: batch), tok, 0.0
 
 
@@ -254,7 +260,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> dict:
         added = prepare_chat_tokenizer(tok, cfg.data.chat_template)
         if added:
             logger.info("finetune: added the role tokens %s to the tokenizer", added)
-        logger.info("finetune: chat template: %s", "ours" if tok.chat_template == CHAT_TEMPLATE else "the base's own")
+        logger.info("finetune: chat template: %s", "ours" if tok.chat_template in OUR_TEMPLATES else "the base's own")
     else:
         if end_with_eos(tok):
             logger.info("finetune: texts end with %s, where the classifier reads them", tok.eos_token)

@@ -2,9 +2,10 @@
 
 Examples come as ``{"messages": [{"role", "content"}, ...]}`` or ``{"prompt", "completion"}``
 JSONL, or from the built-in ``chatterbot`` dialogs (turns alternate user / assistant). They are
-rendered with ``CHAT_TEMPLATE`` (saved with the tokenizer, so ``apply_chat_template`` gives the
-same text) and tokenized segment by segment, so that the loss mask is exact: only assistant
-content and its end-of-turn token carry labels; everything else is -100.
+rendered with ``CHAT_TEMPLATE`` (opened by BOS where the base's tokenizer opens texts with one;
+saved with the tokenizer, so ``apply_chat_template`` gives the same text) and tokenized segment by
+segment, so that the loss mask is exact: only assistant content and its end-of-turn token carry
+labels; everything else is -100.
 
 A base whose tokenizer has a chat template of its own (a chat model from elsewhere) keeps it:
 conversations are rendered with it, and the characters each assistant turn adds (between the
@@ -24,6 +25,16 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+# the same, opened by the BOS token, for a base whose tokenizer starts every text with one (Llama's):
+# its model saw BOS at the first position throughout pretraining
+CHAT_TEMPLATE_BOS = "{{ bos_token }}" + CHAT_TEMPLATE
+OUR_TEMPLATES = (CHAT_TEMPLATE, CHAT_TEMPLATE_BOS)
+
+
+def adds_bos(tok) -> bool:
+    """Whether ``tok`` opens an encoded text with its BOS token."""
+    ids = tok("a", add_special_tokens=True)["input_ids"]
+    return tok.bos_token_id is not None and bool(ids) and ids[0] == tok.bos_token_id
 
 
 def prepare_chat_tokenizer(tok, template: str = "auto") -> list[str]:
@@ -43,7 +54,7 @@ def prepare_chat_tokenizer(tok, template: str = "auto") -> list[str]:
     missing = [t for t in ROLE_TOKENS if t not in vocab]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = CHAT_TEMPLATE_BOS if adds_bos(tok) else CHAT_TEMPLATE
     return missing
 
 
@@ -131,12 +142,12 @@ def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
 
 def tokenize_chat(messages: list[dict], tok, max_len: int) -> dict:
     """input_ids, attention_mask, labels (-100 except assistant content + its end-of-turn)."""
-    if tok.chat_template != CHAT_TEMPLATE:
-        return _tokenize_with_own_template(messages, tok, max_len)
+    if tok.chat_template not in OUR_TEMPLATES:
+        return _tokenize_rendered(messages, tok, max_len)
     eos = tok.eos_token_id
     newline = tok("\n", add_special_tokens=False)["input_ids"]
-    ids: list[int] = []
-    labels: list[int] = []
+    ids: list[int] = [tok.bos_token_id] if tok.chat_template == CHAT_TEMPLATE_BOS else []
+    labels: list[int] = [-100] * len(ids)
     for m in messages:
         header = tok.convert_tokens_to_ids(f"<|{m['role']}|>")
         content = tok(m["content"], add_special_tokens=False)["input_ids"]
@@ -146,11 +157,18 @@ def tokenize_chat(messages: list[dict], tok, max_len: int) -> dict:
         labels += (content + [eos]) if m["role"] == "assistant" else [-100] * (len(content) + 1)
         ids += newline
         labels += [-100] * len(newline)
+    if getattr(tok, "is_fast", False) and \
+            tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"] != ids:
+        # a tokenizer that encodes a piece differently in context (SentencePiece-style Metaspace: "\nHow"
+        # is not "\n" + "How"): train on what Serve encodes, the rendered text; the newline that follows
+        # each turn's EOS carries no label, as above
+        return _tokenize_rendered(messages, tok, max_len, tail=1)
     return _padded(ids, labels, tok, max_len)
 
 
-def _tokenize_with_own_template(messages: list[dict], tok, max_len: int) -> dict:
-    """The base's own template: each assistant turn's added characters carry the labels."""
+def _tokenize_rendered(messages: list[dict], tok, max_len: int, tail: int = 0) -> dict:
+    """The rendered conversation encoded whole (the base's own template, or ours for a tokenizer
+    that needs it): each assistant turn's added characters, but the last ``tail``, carry the labels."""
     def render(msgs: list[dict], generation_prompt: bool = False) -> str:
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
 
@@ -165,7 +183,7 @@ def _tokenize_with_own_template(messages: list[dict], tok, max_len: int) -> dict
             raise ValueError("the base's chat template does not render this conversation turn by turn (an earlier "
                              "rendering is not a prefix of a later one), so its assistant tokens cannot be told "
                              "apart; set data.chat_template: builtin")
-        spans.append((len(before), len(upto)))
+        spans.append((len(before), len(upto) - tail))
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [t if any(a <= start < b for a, b in spans) else -100
               for t, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])]

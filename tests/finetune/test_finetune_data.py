@@ -288,25 +288,31 @@ def test_a_relative_base_model_path_is_made_absolute(tmp_path, monkeypatch):
     assert resolve_model_dir("models/m").is_absolute()
 
 
-def _no_pad_model(tmp_path):
-    """A GPT-2 and its tokenizer the way hub GPT-2s come: no padding token, and exactly as many
-    embedding rows as tokens."""
+def _no_pad_model(tmp_path, arch: str = "gpt2"):
+    """A GPT-2 (or Llama) and its tokenizer the way hub ones come: no padding token, and exactly
+    as many embedding rows as tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     words = "<|endoftext|> [UNK] shares rose fell the match was won lost a goal market".split()
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="[UNK]")
     assert tok.pad_token_id is None
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2,
-                                       eos_token_id=0, bos_token_id=0))
+    if arch == "llama":  # its embedding is built with padding_idx = pad_token_id
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, max_position_embeddings=32, eos_token_id=0,
+                                             bos_token_id=0, pad_token_id=None))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                           eos_token_id=0, bos_token_id=0))
     model.save_pretrained(str(tmp_path / "base"))
     tok.save_pretrained(str(tmp_path / "base"))
     return tok
 
 
-def test_classifier_from_a_base_without_padding_token(tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_classifier_from_a_base_without_padding_token(tmp_path, arch):
     """A base whose tokenizer has no padding token (GPT-2's, Llama's) gets one of its own, the
     embeddings grow to cover it, and a padded row is classified from its EOS, as it is alone."""
     import torch
@@ -314,7 +320,7 @@ def test_classifier_from_a_base_without_padding_token(tmp_path):
     from pipeline.finetune.classify_data import Windowing, end_with_eos, ensure_pad_token
     from pipeline.finetune.finetune import setup_finetune
 
-    tok = _no_pad_model(tmp_path)
+    tok = _no_pad_model(tmp_path, arch)
     tok.padding_side = "left"
     assert end_with_eos(tok) and ensure_pad_token(tok)
     assert tok.pad_token_id == len(tok) - 1 and tok.pad_token_id != tok.eos_token_id and tok.padding_side == "right"
@@ -399,6 +405,34 @@ def test_sft_from_a_tokenizer_without_role_tokens(tmp_path):
     assert model.get_input_embeddings().num_embeddings == len(tok) == n_before + 3
     batch = {k: torch.tensor([ex[k]]) for k in ("input_ids", "attention_mask", "labels")}
     assert torch.isfinite(model(**batch).loss)
+
+
+def test_sft_template_opens_with_bos_where_the_base_tokenizer_does():
+    """A Llama-style tokenizer starts every text with BOS (its model saw BOS first throughout
+    pretraining): our template then opens with it too, the training ids start with it (no label),
+    and they equal what Serve encodes from the rendered template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.finetune.sft import CHAT_TEMPLATE_BOS, adds_bos, prepare_chat_tokenizer
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    backend.train_from_iterator(["How do I reset my password? Click on forgot password."] * 20,
+                                trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert adds_bos(tok)
+    prepare_chat_tokenizer(tok)
+    assert tok.chat_template == CHAT_TEMPLATE_BOS
+    messages = [{"role": "user", "content": "How do I reset my password?"},
+                {"role": "assistant", "content": "Click on forgot password."}]
+    ex = tokenize_chat(messages, tok, 64)
+    n = sum(ex["attention_mask"])
+    assert ex["input_ids"][0] == tok.bos_token_id and ex["labels"][0] == -100
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    assert rendered.startswith("<s><|user|>") and tok(rendered, add_special_tokens=False)["input_ids"] == ex["input_ids"][:n]
+    assert tok.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if l != -100]) == "Click on forgot password.</s>"
 
 
 def test_max_seq_len_beyond_the_base_context_is_refused_before_training(tmp_path, tok):
