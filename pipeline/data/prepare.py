@@ -146,6 +146,17 @@ def _value_counts(path: Path, column: str, filter=None) -> dict[str, int]:
     return counts
 
 
+def _named_splits(path: Path) -> dict[str, list[str]]:
+    """Per source, the held-out splits (val, test) its own records name (a DatasetDict's, a
+    split_field's): the hash then fills only the others from that source's remaining records."""
+    named: dict[str, set[str]] = {}
+    flt = _is(S.STATUS, S.STATUS_KEPT) & pads.field(S.SPLIT).isin(["val", "test"])
+    for batch in _scan(path, [S.SOURCE, S.SPLIT], flt):
+        for src, split in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            named.setdefault(src, set()).add(split)
+    return {src: sorted(v) for src, v in sorted(named.items())}
+
+
 def _is(column: str, value: str):
     return pads.field(column) == value
 
@@ -276,7 +287,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     # 5) remove fuzzy duplicates and contaminated docs, assign splits
     def build_final(tmp: Path) -> None:
         ds = ray_ops.finalize(_read_kept(exact_dir), str(fuzzy_dir / "duplicates.parquet"), ngram_path,
-                              cfg.decontam.ngram, cfg.split)
+                              cfg.decontam.ngram, cfg.split, _named_splits(exact_dir))
         _write(ds, tmp)
 
     final_dir = _step(work, "final", build_final)
@@ -410,6 +421,7 @@ def count_documents(clean_dir: Path, exact_dir: Path, final_dir: Path) -> dict:
         "dropped": dict(sorted(dropped.items())),
         "quarantined_by_reason": dict(sorted(quarantined_by_reason.items())),
         "kept_by_split": _value_counts(final_dir, S.SPLIT, _is(S.STATUS, S.STATUS_KEPT)),
+        "splits_named_by_source": _named_splits(exact_dir),
         "kept_by_source": _value_counts(final_dir, S.SOURCE, _is(S.STATUS, S.STATUS_KEPT)),
         "input_by_source": _value_counts(clean_dir, S.SOURCE),
         "removed_by_source": {k: dict(sorted(v.items())) for k, v in sorted(by_source.items())},

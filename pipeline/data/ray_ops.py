@@ -20,7 +20,7 @@ from pipeline.data.dedup import bucket_edges, content_hash, exact_dedup_block, v
 from pipeline.data.minhash import MinHashConfig, MinHasher, band_keys, shingle_hashes
 from pipeline.data.shards import write_packed_shard
 from pipeline.data.sources import read_file
-from pipeline.data.split import SplitConfig, split_for
+from pipeline.data.split import SplitConfig, split_for, without
 
 logger = logging.getLogger(__name__)
 ROWS_PER_OUTPUT = 1000
@@ -175,8 +175,12 @@ def verified_duplicates(docs, components_path: str, edges_path: str, cfg: MinHas
 
 
 # ---------------------------------------------------------------- 4) finalize: fuzzy removal, decontamination, split
-def _finalize(batch: pa.Table, fuzzy_path: str, ngram_path: str, ngram: int, split_cfg: SplitConfig) -> pa.Table:
+def _finalize(batch: pa.Table, fuzzy_path: str, ngram_path: str, ngram: int, split_cfg: SplitConfig,
+              named: dict[str, list[str]] | None = None) -> pa.Table:
+    """``named``: per source, the held-out splits its records name themselves (they stay there);
+    the source's other records are assigned by hash to train and the held-out splits it lacks."""
     dups = _fuzzy_duplicates(fuzzy_path)
+    named = named or {}
     index = _ngram_index(ngram_path, ngram) if ngram_path else None
     rows = batch.to_pylist()
     for row in rows:
@@ -190,14 +194,15 @@ def _finalize(batch: pa.Table, fuzzy_path: str, ngram_path: str, ngram: int, spl
         if reason:
             row.update({S.STATUS: S.STATUS_DROPPED, S.REASON: reason, S.RAW_EXCERPT: row[S.TEXT][:200], S.TEXT: None})
         else:
-            # a split the source named (a DatasetDict's, a split_field's) stands; the rest by hash
-            row[S.SPLIT] = row.get(S.SPLIT) or split_for(row[S.DOC_ID], row[S.LABEL] is not None, split_cfg)
+            row[S.SPLIT] = row[S.SPLIT] if row.get(S.SPLIT) in ("val", "test") else split_for(
+                row[S.DOC_ID], row[S.LABEL] is not None, without(split_cfg, tuple(named.get(row[S.SOURCE], ()))))
     return S.docs_table(rows)
 
 
-def finalize(ds, fuzzy_path: str, ngram_path: str, ngram: int, split_cfg: SplitConfig):
+def finalize(ds, fuzzy_path: str, ngram_path: str, ngram: int, split_cfg: SplitConfig,
+             named: dict[str, list[str]] | None = None):
     return ds.map_batches(_finalize, batch_format="pyarrow", fn_kwargs={
-        "fuzzy_path": fuzzy_path, "ngram_path": ngram_path, "ngram": ngram, "split_cfg": split_cfg})
+        "fuzzy_path": fuzzy_path, "ngram_path": ngram_path, "ngram": ngram, "split_cfg": split_cfg, "named": named})
 
 
 # ---------------------------------------------------------------- 5) tokenize + pack + write

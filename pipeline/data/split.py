@@ -3,8 +3,10 @@ in the same split on every run and every machine, whatever the order of processi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 from pipeline.config import check
 
@@ -30,3 +32,11 @@ def split_for(doc_id: str, labeled: bool, cfg: SplitConfig) -> str:
     if labeled and u < cfg.val_fraction + cfg.test_fraction:
         return "test"
     return "train"
+
+
+@lru_cache(maxsize=64)
+def without(cfg: SplitConfig, held_out: tuple[str, ...]) -> SplitConfig:
+    """``cfg`` with the fractions of the ``held_out`` splits (val, test) set to 0: a source that
+    names those splits itself keeps all its other records out of them."""
+    return dataclasses.replace(cfg, val_fraction=0.0 if "val" in held_out else cfg.val_fraction,
+                               test_fraction=0.0 if "test" in held_out else cfg.test_fraction)

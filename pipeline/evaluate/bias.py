@@ -23,12 +23,19 @@ from pipeline.evaluate.lm import sequence_nll
 
 
 def load_pairs(path: str | None = None) -> list[dict]:
+    """The shipped template set, or a JSONL file of pairs (a local path or any fsspec URI)."""
     if path is None:
         raw = resources.files("pipeline").joinpath("resources/bias_pairs.jsonl").read_text(encoding="utf-8")
     else:
-        if not Path(path).is_file():
-            raise ValueError(f"bias.pairs_path not found: {path}")
-        raw = Path(path).read_text(encoding="utf-8")
+        import fsspec
+
+        try:
+            with fsspec.open(path, "rt", encoding="utf-8") as f:
+                raw = f.read()
+        except (FileNotFoundError, IsADirectoryError):
+            raise ValueError(f"bias.pairs_path not found: {path}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"bias.pairs_path {path}: not UTF-8 ({exc})") from None
     pairs = []
     for i, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
@@ -60,34 +67,50 @@ def pseudo_log_likelihood(model, input_ids: torch.Tensor, mask_id: int, special_
     return float(logp[rows, ids[cols]].sum())
 
 
+def check_pairs_fit(tok, config, pairs: list[dict]) -> None:
+    """Every sentence of ``pairs`` fits the model's context (checked before any scoring)."""
+    from pipeline.model.build import context_length
+
+    limit = context_length(config, default=1 << 30)
+    for p in pairs:
+        for term in (p["stereotyped"], p["anti"]):
+            text = p["template"].format(term)
+            n = len(tok(text)["input_ids"])
+            if n > limit:
+                raise ValueError(f"bias pair sentence {text[:60]!r}: {n} tokens, more than the model's context "
+                                 f"length ({limit})")
+
+
 @torch.no_grad()
-def counterfactual_probe(model, tok, pairs: list[dict], masked: bool = False) -> dict:
-    """``masked``: the model is a masked LM, scored by pseudo-log-likelihood."""
+def pair_gaps(model, tok, pairs: list[dict], masked: bool = False) -> list[float]:
+    """log p(stereotyped sentence) - log p(anti-stereotyped sentence) per pair. ``masked``: the
+    model is a masked LM, scored by pseudo-log-likelihood."""
     from pipeline.model.build import context_length
 
     model.eval()
     special = sorted(set(tok.all_special_ids))
-    limit = context_length(model.config, default=1 << 30)
+    check_pairs_fit(tok, model.config, pairs)
 
     def loglik(text: str) -> float:
         ids = tok(text, return_tensors="pt")["input_ids"]
-        if ids.shape[1] > limit:
-            raise ValueError(f"bias pair sentence {text[:60]!r}: {ids.shape[1]} tokens, more than the model's "
-                             f"context length ({limit})")
         if masked:
             return pseudo_log_likelihood(model, ids, tok.mask_token_id, special)
         return -float(sequence_nll(model, ids)[0])  # the whole sentence (the first token is not predicted)
 
-    gaps, cats = [], []
-    for p in pairs:
-        gaps.append(loglik(p["template"].format(p["stereotyped"])) - loglik(p["template"].format(p["anti"])))
-        cats.append(p["category"])
-    g = np.array(gaps)
-    by_cat = {c: {"mean_gap": float(g[[x == c for x in cats]].mean()),
-                  "share_stereotyped": float((g[[x == c for x in cats]] > 0).mean()), "n": int(sum(x == c for x in cats))}
-              for c in sorted(set(cats))}
+    return [loglik(p["template"].format(p["stereotyped"])) - loglik(p["template"].format(p["anti"])) for p in pairs]
+
+
+def summarize_gaps(gaps: list[float], categories: list[str]) -> dict:
+    g, cats = np.array(gaps), np.array(categories)
+    by_cat = {c: {"mean_gap": float(g[cats == c].mean()), "share_stereotyped": float((g[cats == c] > 0).mean()),
+                  "n": int((cats == c).sum())} for c in sorted(set(categories))}
     return {"n": len(gaps), "mean_gap": float(g.mean()), "median_gap": float(np.median(g)),
-            "share_stereotyped": float((g > 0).mean()), "by_category": by_cat, "gaps": gaps}
+            "share_stereotyped": float((g > 0).mean()), "by_category": by_cat, "gaps": list(map(float, gaps))}
+
+
+def counterfactual_probe(model, tok, pairs: list[dict], masked: bool = False) -> dict:
+    """In process: ``pair_gaps`` summarized overall and per category."""
+    return summarize_gaps(pair_gaps(model, tok, pairs, masked), [p["category"] for p in pairs])
 
 
 def sliced_metrics(y_true: list[str], y_pred: list[str], groups: list[str], labels: list[str]) -> dict:

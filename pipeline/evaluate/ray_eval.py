@@ -99,6 +99,37 @@ def fewshot_scores(queries: list[str], model_dir: str, shots: list[tuple[str, st
     return [out[i] for i in range(len(queries))]
 
 
+class PairScorer:
+    """Counterfactual bias pairs -> their log-likelihood gaps."""
+
+    def __init__(self, model_dir: str):
+        import torch
+
+        from pipeline.evaluate.lm import load_lm
+
+        torch.set_num_threads(1)
+        self.model, self.tok, self.masked = load_lm(model_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        from pipeline.evaluate.bias import pair_gaps
+
+        pairs = [{"template": str(t), "stereotyped": str(s), "anti": str(a)}
+                 for t, s, a in zip(batch["template"], batch["stereotyped"], batch["anti"])]
+        return {"idx": batch["idx"], "gap": np.array(pair_gaps(self.model, self.tok, pairs, self.masked is not None))}
+
+
+def bias_gaps(pairs: list[dict], model_dir: str, actors: int = 2, batch_size: int = 16) -> list[float]:
+    """``pair_gaps`` over an actor pool, in the pairs' order."""
+    import ray
+
+    rows = [{"idx": i, **{k: p[k] for k in ("template", "stereotyped", "anti")}} for i, p in enumerate(pairs)]
+    ds = ray.data.from_items(rows).map_batches(
+        PairScorer, fn_constructor_kwargs={"model_dir": model_dir}, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=0.5, batch_size=batch_size, batch_format="numpy")
+    out = {int(r["idx"]): float(r["gap"]) for r in ds.take_all()}
+    return [out[i] for i in range(len(pairs))]
+
+
 def score_texts(texts: list[str], model_dir: str, max_len: int, actors: int = 2, batch_size: int = 8) -> dict:
     """``lm_metrics_from_texts`` over an actor pool (each actor loads the model once)."""
     import ray

@@ -255,20 +255,23 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                    f"macro-F1 {c['f1_macro']:.3f}", ""]
 
     if cfg.bias is not None:
-        from pipeline.evaluate.bias import counterfactual_probe, load_pairs, plot_gaps
-
-        from pipeline.evaluate.lm import load_lm
+        from pipeline.evaluate.bias import check_pairs_fit, load_pairs, plot_gaps, summarize_gaps
+        from pipeline.evaluate.ray_eval import bias_gaps
+        from pipeline.model.build import checkpoint_kind
 
         model_dir = _causal_dir(cfg.bias.model)
-        model, tok, masked = load_lm(str(model_dir))
-        probe = counterfactual_probe(model, tok, load_pairs(cfg.bias.pairs_path), masked=masked is not None)
+        masked = checkpoint_kind(model_dir) == "masked"
+        pairs = load_pairs(cfg.bias.pairs_path)
+        check_pairs_fit(transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True),
+                        transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True), pairs)
+        probe = summarize_gaps(bias_gaps(pairs, str(model_dir), cfg.actors), [p["category"] for p in pairs])
         plot_gaps(probe["gaps"], out / "bias_gaps.png")
         results["bias"] = {"model": str(model_dir), **probe,
-                           "scoring": "pseudo-log-likelihood" if masked is not None else "log-likelihood"}
+                           "scoring": "pseudo-log-likelihood" if masked else "log-likelihood"}
         report += ["## Bias: counterfactual probe", "",
                    f"- {probe['n']} pairs: mean gap {probe['mean_gap']:.3f} nats, median {probe['median_gap']:.3f}, "
                    f"stereotyped variant preferred in {probe['share_stereotyped']:.0%}"
-                   + (" (masked LM: pseudo-log-likelihoods)" if masked is not None else ""), "",
+                   + (" (masked LM: pseudo-log-likelihoods)" if masked else ""), "",
                    "| category | mean gap | share stereotyped | pairs |", "|---|---:|---:|---:|",
                    *[f"| {c} | {v['mean_gap']:.3f} | {v['share_stereotyped']:.0%} | {v['n']} |" for c, v in probe["by_category"].items()],
                    "", "![bias gaps](bias_gaps.png)", ""]

@@ -158,10 +158,17 @@ def test_a_sources_own_splits_are_kept(tmp_path):
                                                 for i, p in enumerate(["TEST", "dev", "train", "other"])) + "\n")
     recs = read_all(SourceConfig(path=str(tmp_path / "s.jsonl"), text_field="t", split_field="part"))
     assert [r[S.SPLIT] for r in recs] == ["test", "val", "train", None]
-    # finalize keeps a named split and assigns the others by hash (val_fraction 0: train for unlabeled text)
-    kept = [dict(r, **{S.STATUS: S.STATUS_KEPT}) for r in recs]
-    out = ray_ops._finalize(S.docs_table(kept), "", "", 13, SplitConfig(val_fraction=0.0)).column(S.SPLIT).to_pylist()
-    assert out == ["test", "val", "train", "train"]
+    # finalize keeps a named held-out split; the source's other records are hashed into train and
+    # only the held-out splits the source does not name itself
+    kept = S.docs_table([dict(r, **{S.STATUS: S.STATUS_KEPT}) for r in recs])
+    assert recs[0][S.SOURCE] == "s"
+
+    def final(named, **fractions):
+        return ray_ops._finalize(kept, "", "", 13, SplitConfig(**fractions), named).column(S.SPLIT).to_pylist()
+
+    assert final({"s": ["test", "val"]}, val_fraction=0.85) == ["test", "val", "train", "train"]
+    assert final({"s": ["test"]}, val_fraction=0.89) == ["test", "val", "val", "val"]  # no val of its own: carved
+    assert final({"s": ["val"]}, val_fraction=0.0, test_fraction=0.99) == ["test", "val", "train", "train"]  # unlabeled: no test
     with pytest.raises(ValueError, match="splits"):
         from_dict(SourceConfig, {"path": "x", "splits": "random"})
 

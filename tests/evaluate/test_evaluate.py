@@ -1,6 +1,7 @@
 """Evaluation cores: metrics equal scikit-learn's, perplexity / bits per byte, the few-shot scorer,
 and a bias probe that detects a bias planted in a toy model."""
 
+import json
 import math
 from pathlib import Path
 
@@ -143,6 +144,10 @@ def test_shipped_bias_pairs_load(tmp_path):
         (tmp_path / "p.jsonl").write_text(good + "\n" + line + "\n")
         with pytest.raises(ValueError, match=f"bias pairs {message}"):
             load_pairs(str(tmp_path / "p.jsonl"))
+    (tmp_path / "p.jsonl").write_text(good + "\n")
+    assert load_pairs(f"file://{tmp_path}/p.jsonl") == [json.loads(good)]  # a URI works as a path does
+    with pytest.raises(ValueError, match="not found"):
+        load_pairs(str(tmp_path))  # a directory
 
 
 def test_lm_metrics_and_option_scorer(toy):
