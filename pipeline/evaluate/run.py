@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class LMEvalConfig:
     model: str  # causal or masked LM directory, or the pretrain config YAML that made it
-    data: str | None = None  # prepare output (dir or config YAML): its val shards
+    data: str | None = None  # prepare output (dir or config YAML): the shards of its `split`
+    split: str = "val"  # val | test | train
     text_file: str | None = None  # or a text file (one document per non-empty line), or a JSONL / JSON / CSV /
     text_field: str = "text"       # Parquet file or saved HF dataset whose text_field holds the documents
     max_rows: int = 0  # 0 = every val row; else a seeded random sample of the val rows (or texts)
@@ -27,6 +28,7 @@ class LMEvalConfig:
 
     def __post_init__(self) -> None:
         check(self.data is not None or self.text_file is not None, "lm: set lm.data or lm.text_file")
+        check(self.split in ("val", "test", "train"), f"lm.split must be val, test or train, got {self.split!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,8 +181,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         if cfg.lm.data is not None:
             data_dir = resolve_prepared(cfg.lm.data)
             manifest = load_manifest(data_dir)
-            files = shard_paths(data_dir, manifest, "val")
-            check(bool(files), f"lm.data {data_dir}: no val shards")
+            files = shard_paths(data_dir, manifest, cfg.lm.split)
+            check(bool(files), f"lm.data {data_dir}: no {cfg.lm.split} shards (lm.split; a test split holds labeled "
+                               f"sources' documents, or those a source's own test split or split_field names)")
             check_same_tokenizer(data_dir, model_dir, "lm.data")
             from pipeline.model.build import context_length
 
@@ -190,7 +193,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             check(seq_len <= ctx, f"lm.data: its rows hold {seq_len} tokens, more than the model's context length "
                                   f"({ctx}); score a prepare output packed to at most {ctx} tokens, or lm.text_file")
             res = score_shards(files, str(model_dir), cfg.actors, max_rows=cfg.lm.max_rows, seed=cfg.lm.seed)
-            scored = f"the val shards of {data_dir}" + (f" (a seeded sample of {cfg.lm.max_rows} rows)" if cfg.lm.max_rows else "")
+            scored = f"the {cfg.lm.split} shards of {data_dir}" + (f" (a seeded sample of {cfg.lm.max_rows} rows)" if cfg.lm.max_rows else "")
         else:
             from pipeline.train.data import sample_rows
 

@@ -256,6 +256,11 @@ def test_lm_data_checks_tokenizer_and_context_before_scoring(tiny_prepared, tmp_
     build_model(ModelConfig(preset="tiny", max_seq_len=64), len(other)).save_pretrained(str(tmp_path / "other"))
     with pytest.raises(ValueError, match=r"lm\.data: .*another tokenizer"):
         run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "other"), "data": str(prep)}}))
+    with pytest.raises(ValueError, match=r"lm\.data .*: no test shards \(lm\.split"):  # unlabeled sources: no test split
+        run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "other"), "data": str(prep),
+                                                             "split": "test"}}))
+    with pytest.raises(ValueError, match="lm.split must be"):
+        from_dict(EvaluateConfig, {**cfg, "lm": {"model": "m", "data": str(prep), "split": "validation"}})
     from pipeline.evaluate.run import _labeled_files
 
     with pytest.raises(ValueError, match="no labeled splits \\(a prepare output.s sources need a label_field"):  # its sources had no labels
