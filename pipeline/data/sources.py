@@ -182,7 +182,7 @@ def _printable(text: str) -> str:
 def _doc(task: dict, doc_id: str, text: str, label: Any = None, split: Any = None) -> dict:
     label = task["label"] or label
     return {
-        S.DOC_ID: doc_id, S.SOURCE: task["source"], S.PATH: task["path"],
+        S.DOC_ID: _printable(doc_id), S.SOURCE: task["source"], S.PATH: task["path"],
         S.LABEL: None if label in (None, "") else str(label), S.TEXT: text,
         S.SPLIT: SPLIT_NAMES.get(str(split).strip().lower()) if split is not None else None,
     }
@@ -274,14 +274,13 @@ def _field_record(task: dict, doc_id: str, obj: dict, raw: Any) -> dict:
     if not isinstance(text, str):
         reason = "missing_text_field" if text is None else "non_string_text"
         return quarantine(task, doc_id, reason, f"field {field!r} is {type(text).__name__}", raw)
-    try:
-        text.encode("utf-8")  # lone surrogates: bytes that were not valid UTF-8 (CSV reads with surrogateescape)
-    except UnicodeEncodeError:
-        return quarantine(task, doc_id, _undecodable(task), f"text holds bytes that are not valid {_encoding(task)} (set "
+    label = field_value(obj, task["label_field"]) if task["label_field"] else None
+    if not _valid_text(text) or (isinstance(label, str) and not _valid_text(label)):
+        # lone surrogates: bytes that were not valid in the encoding (CSV / JSON arrays read with surrogateescape)
+        return quarantine(task, doc_id, _undecodable(task), f"the text or label holds bytes that are not valid {_encoding(task)} (set "
                           "the source's encoding if the file uses another one, e.g. latin-1 or cp1252)", raw)
     if not text.strip():
         return quarantine(task, doc_id, "empty_text", "text is empty or whitespace only", raw)
-    label = field_value(obj, task["label_field"]) if task["label_field"] else None
     split = field_value(obj, task["split_field"]) if task.get("split_field") else task.get("source_split")
     return _doc(task, doc_id, text, None if label is MISSING else label, None if split is MISSING else split)
 
@@ -328,49 +327,147 @@ def _read_jsonl(task: dict, max_bytes: int) -> Iterator[dict]:
             yield _field_record(task, doc_id, obj, text)
 
 
+class JsonArrayError(ValueError):
+    """The array's structure is broken at ``index`` (its earlier elements were read)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+def iter_json_array(chunks: Iterator[str]) -> Iterator[Any]:
+    """The elements of one JSON array read from text ``chunks``, one at a time: memory holds the
+    largest element, not the file. Raises ``JsonArrayError`` where the array is broken
+    (the elements before it have been yielded)."""
+    decoder = json.JSONDecoder()
+    buf, pos, index, done = "", 0, 0, False
+
+    def more() -> bool:  # read on, at least as much again as is held (an element re-parses in linear time overall)
+        nonlocal buf, pos, done
+        if done:
+            return False
+        buf, pos = buf[pos:], 0
+        want, added = max(len(buf), 1), 0
+        while added < want:
+            piece = next(chunks, None)
+            if piece is None:
+                done = True
+                break
+            buf += piece
+            added += len(piece)
+        return added > 0
+
+    def skip_ws() -> str:  # the next non-blank character ("" at the end)
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not more():
+                return buf[pos:pos + 1]
+
+    while True:
+        more()
+        if buf.lstrip("\ufeff \t\r\n") or done:
+            break
+    pos = len(buf) - len(buf.lstrip("\ufeff"))
+    if skip_ws() != "[":
+        raise JsonArrayError(0, "not a JSON array: it does not start with [")
+    pos += 1
+    if skip_ws() == "]":
+        return
+    while True:
+        skip_ws()
+        while True:  # an element, read on until it parses and is followed by what comes next
+            try:
+                value, end = decoder.raw_decode(buf, pos)
+                delimited = end == len(buf) or buf[end] in " \t\r\n,]"  # "1" may go on as "1.5" in the next chunk
+                if delimited and (done or end < len(buf)):
+                    break
+                if done:
+                    raise JsonArrayError(index, f"element {index}: unexpected {buf[end:end + 10]!r} after a value")
+            except json.JSONDecodeError as exc:
+                if done:
+                    raise JsonArrayError(index, f"element {index}: {exc.msg}") from None
+            more()
+        pos = end
+        yield value
+        index += 1
+        sep = skip_ws()
+        if sep == "]":
+            pos += 1
+            if skip_ws() != "":
+                raise JsonArrayError(index, "text after the closing ] of the array")
+            return
+        if sep != ",":
+            raise JsonArrayError(index, f"element {index}: expected , or ] after element {index - 1}, got "
+                                        f"{sep or 'the end of the file'!r}")
+        pos += 1
+
+
+def _text_chunks(path: str, encoding: str, chunk_chars: int = 1 << 20, errors: str = "strict") -> Iterator[str]:
+    """Decoded text of a (possibly compressed) file in chunks; UnicodeDecodeError where it stops
+    decoding (``errors="strict"``)."""
+    with _open(path) as f:
+        stream = io.TextIOWrapper(f, encoding="utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding,
+                                  errors=errors)
+        while piece := stream.read(chunk_chars):
+            yield piece
+
+
+def _starts_json_array(path: str) -> bool:
+    with _open(path) as f:
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
 def _read_json(task: dict, max_bytes: int) -> Iterator[dict]:
-    """A ``.json`` file: a JSON array of objects (read whole: large corpora belong in JSONL or
-    Parquet), or JSON Lines under a .json name."""
-    with _open(task["path"]) as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if not head.startswith(b"["):
+    """A ``.json`` file: a JSON array of objects, streamed element by element, or JSON Lines under
+    a .json name. Where the array breaks (bad syntax, bytes the encoding cannot decode), the
+    rest of the file is one quarantine record with the reason."""
+    if not _starts_json_array(task["path"]):
         yield from _read_jsonl(task, max_bytes)
         return
-    with _open(task["path"]) as f:
-        data = f.read()
-    text, err = _decode(data, task)
-    if text is None:
-        yield quarantine(task, f"{task['source']}:{task['rel']}", _undecodable(task), err)
-        return
+    n = 0  # elements read
+    try:  # bytes the encoding cannot decode stay as lone surrogates: only the elements holding them are rejected
+        for obj in iter_json_array(_text_chunks(task["path"], _encoding(task), errors="surrogateescape")):
+            doc_id = f"{task['source']}:{task['rel']}:{n}"
+            n += 1
+            raw = json.dumps(obj, ensure_ascii=False)
+            if len(raw.encode("utf-8", errors="surrogateescape")) > max_bytes:
+                yield quarantine(task, doc_id, "too_large", f"{len(raw)} bytes > parse.max_doc_bytes={max_bytes}", raw)
+            elif not _valid_text(raw):
+                yield quarantine(task, doc_id, _undecodable(task), f"the element holds bytes that are not valid "
+                                 f"{_encoding(task)} (set the source's encoding if the file uses another one, e.g. "
+                                 f"latin-1 or cp1252)", raw)
+            elif not isinstance(obj, dict):
+                yield quarantine(task, doc_id, "malformed_json", f"expected a JSON object, got {type(obj).__name__}", raw)
+            else:
+                yield _field_record(task, doc_id, obj, raw)
+    except JsonArrayError as exc:
+        yield quarantine(task, f"{task['source']}:{task['rel']}:{exc.index}", "malformed_json",
+                         f"{exc} (elements from {exc.index} on are not read)")
+
+
+def _valid_text(text: str) -> bool:
+    """False for text holding lone surrogates: undecodable bytes read with surrogateescape."""
     try:
-        items = json.loads(text.lstrip("\ufeff"))
-    except json.JSONDecodeError as exc:
-        yield quarantine(task, f"{task['source']}:{task['rel']}", "malformed_json", f"not a JSON array: {exc}", text[:EXCERPT_CHARS])
-        return
-    for i, obj in enumerate(items):
-        doc_id = f"{task['source']}:{task['rel']}:{i}"
-        raw = json.dumps(obj, ensure_ascii=False)
-        if len(raw.encode("utf-8")) > max_bytes:
-            yield quarantine(task, doc_id, "too_large", f"{len(raw)} bytes > parse.max_doc_bytes={max_bytes}", raw)
-        elif not isinstance(obj, dict):
-            yield quarantine(task, doc_id, "malformed_json", f"expected a JSON object, got {type(obj).__name__}", raw)
-        else:
-            yield _field_record(task, doc_id, obj, raw)
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def json_records(path: str | Path, bad: list[dict]) -> Iterator[tuple[str, Any]]:
     """(where, value) for each record of a JSON Lines file, or of a file holding one JSON array
     (Alpaca-style ``.json`` datasets); lines that do not parse go to ``bad`` with the reason."""
     p = Path(path)
-    with p.open(encoding="utf-8", errors="replace") as f:
-        head = f.read(4096).lstrip("\ufeff \t\r\n")
-    if head.startswith("["):
+    if _starts_json_array(str(p)):
+        n = 0
         try:
-            items = json.loads(p.read_text(encoding="utf-8", errors="replace").lstrip("\ufeff"))
-        except json.JSONDecodeError as exc:
-            bad.append({"where": str(p), "reason": f"not a JSON array: {exc}"[:300]})
-            return
-        yield from ((f"{p}[{i}]", obj) for i, obj in enumerate(items))
+            for obj in iter_json_array(_text_chunks(str(p), "utf-8", errors="replace")):  # as the lines below
+                yield f"{p}[{n}]", obj
+                n += 1
+        except JsonArrayError as exc:
+            bad.append({"where": f"{p}[{n}:]", "reason": f"the JSON array breaks: {exc}"[:300]})
         return
     with p.open(encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):

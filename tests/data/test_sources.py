@@ -90,6 +90,42 @@ def test_json_arrays_and_json_lines_under_a_json_name(tmp_path, suffix):
     assert [r[S.TEXT] for r in read_all(SourceConfig(path=str(tmp_path / "lines.json")))] == ["One.", "Two."]
     (tmp_path / "broken.json").write_text('[{"text": "cut off"')
     assert reasons(read_all(SourceConfig(path=str(tmp_path / "broken.json")))) == ["malformed_json"]
+    # streamed element by element: the elements before a break are read, the rest is one record
+    (tmp_path / "half.json").write_text('[{"text": "Kept before the break."}, {"text": oops}, {"text": "lost"}]')
+    recs = read_all(SourceConfig(path=str(tmp_path / "half.json")))
+    assert [r.get(S.TEXT) for r in recs] == ["Kept before the break.", None] and reasons(recs) == ["malformed_json"]
+    assert recs[1][S.DOC_ID].endswith(":1") and "not read" in recs[1][S.DETAIL]
+    # a byte the encoding cannot decode rejects its element only (in a value or a label)
+    (tmp_path / "latin.json").write_bytes(b'[{"text": "caf\xc3\xa9 ok"}, {"text": "caf\xe9"}, {"text": "x", "y": "\xe9"},'
+                                          b' {"text": "after"}]')
+    recs = read_all(SourceConfig(path=str(tmp_path / "latin.json"), label_field="y"))
+    assert [r.get(S.TEXT) for r in recs] == ["caf\u00e9 ok", None, None, "after"]
+    assert reasons(recs) == ["invalid_utf8", "invalid_utf8"]
+    assert [r[S.TEXT] for r in read_all(SourceConfig(path=str(tmp_path / "latin.json"), encoding="latin-1"))][1] == "caf\u00e9"
+
+
+def test_json_array_stream_matches_json_loads_at_any_chunking():
+    """Elements cut anywhere between chunks (inside strings, numbers, escapes) parse as a whole."""
+    import random
+
+    from pipeline.data.sources import JsonArrayError, iter_json_array
+
+    rng = random.Random(0)
+
+    def chunks(text, size):
+        return iter([text[i:i + size] for i in range(0, len(text), size)])
+
+    values = [{"t": 'x"y\u00e9 ,]', "n": [1, {"b": None}]}, 12345, -1.5e10, 0.25, "s", True, None, {}, []]
+    for trial in range(300):
+        items = [rng.choice(values) for _ in range(rng.randint(0, 6))]
+        text = ("\ufeff \n" if trial % 3 == 0 else "") + json.dumps(items, indent=trial % 2 or None) + " \n"
+        assert list(iter_json_array(chunks(text, rng.choice([1, 2, 3, 7, 64])))) == items
+    for broken, read, index in (("[1,2", [1, 2], 2), ("[1 2]", [1], 1), ("[1,]", [1], 1), ('{"a": 1}', [], 0),
+                                ("[1] x", [1], 1), ("[1.5e", [], 0)):
+        got: list = []
+        with pytest.raises(JsonArrayError) as err:
+            got.extend(iter_json_array(chunks(broken, 2)))
+        assert got == read and err.value.index == index
 
 
 def test_parquet_csv_hf_and_file_uri(tmp_path):

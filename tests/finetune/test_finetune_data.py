@@ -85,7 +85,10 @@ def test_alpaca_records_json_arrays_and_conversational_prompt_completion(tmp_pat
     assert "Alpaca" in bad[0]["reason"] and "'input' must be a string" in bad[1]["reason"]
     (tmp_path / "broken.json").write_text('[{"prompt": "p", "completion": "c"}')
     bad = []
-    assert list(load_chat_examples(str(tmp_path / "broken.json"), bad)) == [] and "not a JSON array" in bad[0]["reason"]
+    # a cut-off array (streamed): the elements before the cut are read, the break is reported
+    assert list(load_chat_examples(str(tmp_path / "broken.json"), bad)) == [
+        [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]]
+    assert "the JSON array breaks" in bad[0]["reason"] and bad[0]["where"].endswith("broken.json[1:]")
     (tmp_path / "labeled.json").write_text(json.dumps([{"text": "t1", "label": "a"}, {"text": "t2", "label": "b"}, 7]))
     bad = []
     assert read_labeled(str(tmp_path / "labeled.json"), "text", "label", bad) == [("t1", "a"), ("t2", "b")]
