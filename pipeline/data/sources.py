@@ -30,6 +30,15 @@ SourceFormat = Literal["auto", "text", "html", "jsonl", "json", "parquet", "csv"
 # A source's own split names -> prepare's splits (others are assigned by hash like unsplit records).
 SPLIT_NAMES = {"train": "train", "training": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val",
                "test": "test", "testing": "test"}
+
+
+def split_role(name: Any) -> str | None:
+    """train / val / test for a dataset's own split name: the names above in any case, or a name
+    they start (``train_sft``, ``test_gen``, ``validation_matched``); None for any other."""
+    key = str(name).strip().lower()
+    if key in SPLIT_NAMES:
+        return SPLIT_NAMES[key]
+    return next((role for prefix, role in SPLIT_NAMES.items() if key.startswith(prefix)), None)
 BUILTIN_SOURCES = ("bbc-news", "chatterbot")
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 EXTENSIONS = {
@@ -184,7 +193,7 @@ def _doc(task: dict, doc_id: str, text: str, label: Any = None, split: Any = Non
     return {
         S.DOC_ID: _printable(doc_id), S.SOURCE: task["source"], S.PATH: task["path"],
         S.LABEL: None if label in (None, "") else str(label), S.TEXT: text,
-        S.SPLIT: SPLIT_NAMES.get(str(split).strip().lower()) if split is not None else None,
+        S.SPLIT: split_role(split) if split is not None else None,
     }
 
 
@@ -571,7 +580,12 @@ def hf_dict_splits(path: str) -> dict[str, str] | None:
         return None
     out = {}
     for name in _saved_splits(path):
-        out["val" if name in ("validation", "valid", "dev") and "val" not in out else name] = _split_path(path, name)
+        role = split_role(name) or name
+        if role in out:
+            logger.warning("%s: split %r is not used (split %r already serves as %s)", path, name,
+                           posixpath.basename(out[role]), role)
+            continue
+        out[role] = _split_path(path, name)
     return out
 
 
@@ -586,11 +600,16 @@ def hf_splits(path: str) -> Iterator[tuple[str, Any]]:
 
 def hf_rows(path: str, label_field: str | None = None, only_train: bool = False) -> Iterator[tuple[str, dict]]:
     """``(split/row, row)`` of a saved Hugging Face dataset, every split (``only_train``: a
-    DatasetDict's train split when it has one). A ``ClassLabel`` column named ``label_field``
+    DatasetDict's train splits, ``split_role``). A ``ClassLabel`` column named ``label_field``
     gives its class names ("sports"), not the integers it stores."""
     splits = list(hf_splits(path))
-    if only_train and any(name == "train" for name, _ in splits):
-        splits = [(name, ds) for name, ds in splits if name == "train"]
+    if only_train:  # the train split(s); else every split that is not held out (validation, test)
+        train = [(n, ds) for n, ds in splits if split_role(n) == "train"] or \
+            [(n, ds) for n, ds in splits if split_role(n) not in ("val", "test")]
+        if train:
+            splits = train
+        else:
+            logger.warning("%s: no train split (only %s); reading them all", path, [n for n, _ in splits])
     for split, ds in splits:
         yield from _hf_split_rows(split, ds, label_field)
 

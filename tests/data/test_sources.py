@@ -172,6 +172,15 @@ def test_hf_dataset_dict_with_an_empty_split(tmp_path):
     bad: list = []
     assert list(load_chat_examples(str(tmp_path / "chat"), bad)) == [
         [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]] and not bad
+    # split names by role (UltraChat-style train_sft / test_sft): training reads no held-out split
+    from pipeline.data.sources import hf_dict_splits, split_role
+
+    held = datasets.Dataset.from_dict({"prompt": ["Held out?"], "completion": ["Yes."]})
+    datasets.DatasetDict({"train_sft": chats, "test_sft": held}).save_to_disk(str(tmp_path / "ultra"))
+    assert [c[0]["content"] for c in load_chat_examples(str(tmp_path / "ultra"), bad)] == ["Hi?"]
+    assert sorted(hf_dict_splits(str(tmp_path / "ultra"))) == ["test", "train"]
+    assert [split_role(n) for n in ("TRAIN", "training", "validation_matched", "dev", "test_gen", "unsupervised")] == \
+        ["train", "train", "val", "val", "test", None]
 
 
 def test_a_sources_own_splits_are_kept(tmp_path):
