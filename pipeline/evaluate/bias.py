@@ -30,7 +30,7 @@ def load_pairs(path: str | None = None) -> list[dict]:
         import fsspec
 
         try:
-            with fsspec.open(path, "rt", encoding="utf-8") as f:
+            with fsspec.open(path, "rt", encoding="utf-8-sig") as f:  # a byte-order mark is not part of line 1
                 raw = f.read()
         except (FileNotFoundError, IsADirectoryError):
             raise ValueError(f"bias.pairs_path not found: {path}") from None

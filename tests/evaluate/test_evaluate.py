@@ -144,7 +144,7 @@ def test_shipped_bias_pairs_load(tmp_path):
         (tmp_path / "p.jsonl").write_text(good + "\n" + line + "\n")
         with pytest.raises(ValueError, match=f"bias pairs {message}"):
             load_pairs(str(tmp_path / "p.jsonl"))
-    (tmp_path / "p.jsonl").write_text(good + "\n")
+    (tmp_path / "p.jsonl").write_text("\ufeff" + good + "\n")  # with a byte-order mark
     assert load_pairs(f"file://{tmp_path}/p.jsonl") == [json.loads(good)]  # a URI works as a path does
     with pytest.raises(ValueError, match="not found"):
         load_pairs(str(tmp_path))  # a directory
