@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 
 from pipeline.config import check
 
@@ -25,14 +24,22 @@ class HarmfulConfig:
     def __post_init__(self) -> None:
         check(self.min_hits >= 1, f"harmful.min_hits must be >= 1, got {self.min_hits}")
         if self.blocklist_path is not None:
-            check(Path(self.blocklist_path).is_file(), f"harmful.blocklist_path not found: {self.blocklist_path}")
+            from pipeline.data.sources import path_kind
+
+            check(path_kind(self.blocklist_path) == "file", f"harmful.blocklist_path {self.blocklist_path}: not found "
+                                                           f"(a local path or URI of a text file)")
 
 
 def load_terms(cfg: HarmfulConfig) -> list[str]:
     if cfg.blocklist_path is None:
         raw = resources.files("pipeline").joinpath("resources/blocklist.txt").read_text(encoding="utf-8")
     else:
-        raw = Path(cfg.blocklist_path).read_text(encoding="utf-8")
+        from pipeline.data.sources import read_small_text
+
+        try:
+            raw = read_small_text(cfg.blocklist_path)
+        except ValueError as exc:
+            raise ValueError(f"harmful.blocklist_path {exc}") from None
     terms = [line.strip().lower() for line in raw.splitlines() if line.strip() and not line.startswith("#")]
     return sorted(set(terms + [t.strip().lower() for t in cfg.extra_terms if t.strip()]))
 

@@ -203,6 +203,47 @@ def _open(path: str):
     return fsspec.open(path, "rb", compression="infer")
 
 
+def path_kind(path: str) -> str:
+    """"file", "dir", "hf" (a saved Hugging Face dataset) or "missing", for a local path or any
+    fsspec URI."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(root):
+        return "missing"
+    if fs.isdir(root):
+        return "hf" if any(fs.exists(posixpath.join(root, m)) for m in HF_MARKERS) else "dir"
+    return "file"
+
+
+def read_small_text(path: str) -> str:
+    """A UTF-8 text file (a list, a set of pairs) from a local path or URI, compressed or not, a
+    byte-order mark dropped; ValueError naming the path when it is missing or not UTF-8."""
+    try:
+        with _open(path) as f:
+            return f.read().decode("utf-8-sig")
+    except (FileNotFoundError, IsADirectoryError):
+        raise ValueError(f"{path}: not found") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 ({exc})") from None
+
+
+def text_lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str | None]]:
+    """``(line number, text)`` of each non-blank line of a text file (local path or URI,
+    compressed or not); text None for a line the encoding cannot decode."""
+    with _open(path) as f:
+        for lineno, line in enumerate(_iter_lines(f), start=1):
+            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            try:
+                text = line.decode(encoding).rstrip("\r")
+            except UnicodeDecodeError:
+                yield lineno, None
+                continue
+            if text.strip():
+                yield lineno, text
+
+
 def _encoding(task: dict) -> str:
     return task.get("encoding") or "utf-8"
 

@@ -27,15 +27,12 @@ def load_pairs(path: str | None = None) -> list[dict]:
     if path is None:
         raw = resources.files("pipeline").joinpath("resources/bias_pairs.jsonl").read_text(encoding="utf-8")
     else:
-        import fsspec
+        from pipeline.data.sources import read_small_text
 
         try:
-            with fsspec.open(path, "rt", encoding="utf-8-sig") as f:  # a byte-order mark is not part of line 1
-                raw = f.read()
-        except (FileNotFoundError, IsADirectoryError):
-            raise ValueError(f"bias.pairs_path not found: {path}") from None
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"bias.pairs_path {path}: not UTF-8 ({exc})") from None
+            raw = read_small_text(path)
+        except ValueError as exc:
+            raise ValueError(f"bias.pairs_path {exc}") from None
     pairs = []
     for i, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():

@@ -124,22 +124,23 @@ def _lm_texts(c: LMEvalConfig) -> tuple[list[str], str, list[str]]:
     JSONL / JSON / CSV / Parquet files and saved HF datasets are read as the prepare stage reads
     them, ``lm.text_field`` holding the text."""
     from pipeline import schema as S
-    from pipeline.data.sources import HF_MARKERS, SourceConfig, detect_format, expand_source, read_file
+    from pipeline.data.sources import SourceConfig, detect_format, expand_source, path_kind, read_file, text_lines
 
-    path = Path(c.text_file)
-    check(path.exists(), f"lm.text_file not found: {path}")
-    if path.is_dir() and any((path / m).exists() for m in HF_MARKERS) or \
-            path.is_file() and detect_format(str(path)) in ("jsonl", "json", "csv", "parquet"):
-        records = [r for t in expand_source(SourceConfig(path=str(path), text_field=c.text_field)) for r in read_file(t, 1 << 30)]
+    path, kind = c.text_file, path_kind(c.text_file)  # a local path or a URI
+    check(kind != "missing", f"lm.text_file not found: {path}")
+    if kind == "hf" or kind == "file" and detect_format(path) in ("jsonl", "json", "csv", "parquet"):
+        records = [r for t in expand_source(SourceConfig(path=path, text_field=c.text_field)) for r in read_file(t, 1 << 30)]
         texts = [r[S.TEXT] for r in records if r.get(S.STATUS) is None]
         rejected = [r[S.REASON] for r in records if r.get(S.STATUS) is not None]
         check(bool(texts), f"lm.text_file {path}: no record with text in {c.text_field!r} (lm.text_field)"
                            + (f"; rejected: {sorted(set(rejected))}" if rejected else ""))
         return texts, "records", rejected
-    check(path.is_file(), f"lm.text_file {path}: a directory; give a file (or a saved Hugging Face dataset)")
-    texts = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    check(bool(texts), f"lm.text_file {path}: no non-empty line to score")
-    return texts, "lines", []
+    check(kind == "file", f"lm.text_file {path}: a directory; give a file (or a saved Hugging Face dataset)")
+    lines = list(text_lines(path))
+    texts = [t for _, t in lines if t is not None]
+    rejected = ["invalid_utf8"] * (len(lines) - len(texts))
+    check(bool(texts), f"lm.text_file {path}: no non-empty UTF-8 line to score")
+    return texts, "lines", rejected
 
 
 def check_evaluate(cfg: EvaluateConfig) -> None:
@@ -148,7 +149,9 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
     from pipeline.model.build import checkpoint_kind, require_classifier
 
     if cfg.lm is not None and cfg.lm.data is None:
-        check(Path(cfg.lm.text_file).exists(), f"lm.text_file not found: {cfg.lm.text_file}")
+        from pipeline.data.sources import path_kind
+
+        check(path_kind(cfg.lm.text_file) != "missing", f"lm.text_file not found: {cfg.lm.text_file}")
     for name, section in (("lm", cfg.lm), ("bias", cfg.bias)):  # causal or masked: both are scored
         if section is not None:
             path = _causal_dir(section.model)

@@ -80,12 +80,19 @@ def test_lm_text_file_reads_plain_lines_or_records_of_a_field(toy, tmp_path, ray
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts[:6]) + "{broken\n"
                                          + json.dumps({"other": 1}) + "\n")
     (tmp_path / "docs.json").write_text(json.dumps([{"body": t} for t in texts[:6]]))
+    import gzip  # the same lines compressed, with a byte-order mark and a line that is not UTF-8, named by URI
+
+    (tmp_path / "plain.txt.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + "\n".join(texts[:3]).encode() + b"\n\xff\xfe\n"
+                                                          + "\n".join(texts[3:6]).encode()))
     cfg = {"output_dir": str(tmp_path / "ev"), "classification": None, "fewshot": None, "bias": None}
     res = {}
-    for name, extra in (("plain.txt", {}), ("docs.jsonl", {"text_field": "body"}), ("docs.json", {"text_field": "body"})):
+    for name, extra in (("plain.txt", {}), ("docs.jsonl", {"text_field": "body"}), ("docs.json", {"text_field": "body"}),
+                        ("plain.txt.gz", {})):
         res[name] = run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "lm"), "max_len": 32,
-                                                                       "text_file": str(tmp_path / name), **extra}}))["lm"]
+                                                                       "text_file": f"file://{tmp_path / name}", **extra}}))["lm"]
     assert res["plain.txt"]["loss"] == pytest.approx(res["docs.jsonl"]["loss"]) == pytest.approx(res["docs.json"]["loss"])
+    assert res["plain.txt.gz"]["loss"] == pytest.approx(res["plain.txt"]["loss"])
+    assert "1 records rejected (invalid_utf8)" in res["plain.txt.gz"]["scored"]
     # scored over Ray Data's actor pool: the same figures as scoring the texts in this process
     local = lm_metrics_from_texts(model.eval(), tok, texts[:6], 32)
     assert res["plain.txt"]["tokens"] == local["tokens"] and res["plain.txt"]["loss"] == pytest.approx(local["loss"], rel=1e-5)
