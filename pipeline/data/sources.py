@@ -145,7 +145,7 @@ def expand_source(src: SourceConfig, index: int = 0) -> list[dict]:
         fs, root = fsspec.core.url_to_fs(src.path)
     except (ImportError, ValueError) as exc:
         raise ValueError(f"{key}: cannot open this URI ({exc}); s3:// needs s3fs, gs:// needs gcsfs") from exc
-    if fs.isdir(root) and (fmt == "hf" or any(fs.exists(posixpath.join(root, m)) for m in HF_MARKERS)):
+    if fs.isdir(root) and (fmt == "hf" or _has_hf_marker(fs, root)):
         return [_task(src, src.path, posixpath.basename(root.rstrip("/")), "hf", 0)]
     if any(ch in root for ch in "*?["):
         infos = fs.glob(root, detail=True)
@@ -212,8 +212,12 @@ def path_kind(path: str) -> str:
     if not fs.exists(root):
         return "missing"
     if fs.isdir(root):
-        return "hf" if any(fs.exists(posixpath.join(root, m)) for m in HF_MARKERS) else "dir"
+        return "hf" if _has_hf_marker(fs, root) else "dir"
     return "file"
+
+
+def _has_hf_marker(fs, root: str) -> bool:
+    return any(fs.exists(posixpath.join(root, m)) for m in HF_MARKERS)
 
 
 def read_small_text(path: str) -> str:
