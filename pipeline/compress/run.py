@@ -303,7 +303,10 @@ def _check_calibration_data(cfg: CompressConfig, models: dict) -> None:
               f"eval.lm_data {e.lm_data}: no train shards to calibrate int8 on; {fix}")
     if "classifier" in kinds:
         if e.classify_train_data:
-            check(Path(e.classify_train_data).exists(), f"eval.classify_train_data not found: {e.classify_train_data}")
+            from pipeline.data.sources import path_kind
+
+            check(path_kind(e.classify_train_data) != "missing",
+                  f"eval.classify_train_data not found: {e.classify_train_data}")
         else:
             check(bool(e.classify_data) and "train" in _labeled_files(e.classify_data),
                   f"int8 calibration of a classifier reads texts of a train split: eval.classify_data "

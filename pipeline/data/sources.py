@@ -512,25 +512,30 @@ def _valid_text(text: str) -> bool:
 
 def json_records(path: str | Path, bad: list[dict]) -> Iterator[tuple[str, Any]]:
     """(where, value) for each record of a JSON Lines file, or of a file holding one JSON array
-    (Alpaca-style ``.json`` datasets); lines that do not parse go to ``bad`` with the reason."""
-    p = Path(path)
-    if _starts_json_array(str(p)):
+    (Alpaca-style ``.json`` datasets), a local path or URI, compressed or not; records that do
+    not parse or are not UTF-8 go to ``bad`` with the reason."""
+    path = str(path)
+    not_utf8 = "not valid UTF-8 (save the file as UTF-8)"
+    if _starts_json_array(path):
         n = 0
-        try:
-            for obj in iter_json_array(_text_chunks(str(p), "utf-8", errors="replace")):  # as the lines below
-                yield f"{p}[{n}]", obj
+        try:  # undecodable bytes stay as lone surrogates: only the elements holding them are rejected
+            for obj in iter_json_array(_text_chunks(path, "utf-8", errors="surrogateescape")):
+                if _valid_text(json.dumps(obj, ensure_ascii=False)):
+                    yield f"{path}[{n}]", obj
+                else:
+                    bad.append({"where": f"{path}[{n}]", "reason": not_utf8})
                 n += 1
         except JsonArrayError as exc:
-            bad.append({"where": f"{p}[{n}:]", "reason": f"the JSON array breaks: {exc}"[:300]})
+            bad.append({"where": f"{path}[{n}:]", "reason": f"the JSON array breaks: {exc}"[:300]})
         return
-    with p.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{p}:{lineno}", json.loads(line.lstrip("\ufeff") if lineno == 1 else line)
-            except json.JSONDecodeError as exc:
-                bad.append({"where": f"{p}:{lineno}", "reason": f"not valid JSON ({exc})"[:300]})
+    for lineno, line in text_lines(path):
+        if line is None:
+            bad.append({"where": f"{path}:{lineno}", "reason": not_utf8})
+            continue
+        try:
+            yield f"{path}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.append({"where": f"{path}:{lineno}", "reason": f"not valid JSON ({exc})"[:300]})
 
 
 def _arrow_rows(batches, prefix: str = "") -> Iterator[tuple[str, dict]]:

@@ -5,7 +5,6 @@ topics in the demo)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 
 from pipeline.config import check
@@ -26,26 +25,26 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
 
     import pyarrow.parquet as pq
 
-    from pipeline.data.sources import HF_MARKERS, MISSING, csv_rows, field_value, hf_rows
+    from pipeline.data.sources import MISSING, _open, csv_rows, detect_format, field_value, hf_rows, path_kind
 
-    p = Path(path)
-    hf = p.is_dir() and any((p / m).exists() for m in HF_MARKERS)
-    if not p.is_file() and not hf:
+    kind, fmt = path_kind(path), detect_format(path)  # a local path or a URI; compressed files too
+    if kind not in ("file", "hf"):
         raise ValueError(f"data file not found: {path}")
-    if hf:  # a saved HF dataset (of a DatasetDict, every split: finetune and evaluate pick one through labeled_splits)
-        rows = [row for _, row in hf_rows(str(p), label_field)]
-    elif p.suffix == ".parquet":
-        rows = pq.read_table(p).to_pylist()
-    elif p.suffix in (".csv", ".tsv"):
+    if kind == "hf":  # a saved HF dataset (of a DatasetDict, every split: finetune and evaluate pick one through labeled_splits)
+        rows = [row for _, row in hf_rows(path, label_field)]
+    elif fmt == "parquet":
+        with _open(path) as f:
+            rows = pq.read_table(f).to_pylist()
+    elif fmt == "csv":
         try:
-            rows = list(csv_rows(str(p)))
+            rows = list(csv_rows(path))
         except csv.Error as exc:
             raise ValueError(f"{path}: not a readable CSV file ({exc})") from exc
-    elif p.suffix in (".jsonl", ".json"):
+    elif fmt in ("jsonl", "json"):
         from pipeline.data.sources import json_records
 
         rows = []
-        for where, obj in json_records(p, bad):
+        for where, obj in json_records(path, bad):
             if isinstance(obj, dict):
                 rows.append(obj)
             else:

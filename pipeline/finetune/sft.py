@@ -15,7 +15,6 @@ carry the labels, mapped to tokens through the tokenizer's offsets.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 ROLES = ("system", "user", "assistant")
@@ -117,19 +116,19 @@ def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
                     continue
                 yield [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
         return
-    from pipeline.data.sources import HF_MARKERS, hf_rows
+    from pipeline.data.sources import _open, detect_format, hf_rows, json_records, path_kind
 
-    p = Path(path)
-    if p.is_dir() and any((p / m).exists() for m in HF_MARKERS):  # a DatasetDict: its train split, else every split
-        records = ((f"{path}:{where}", row) for where, row in hf_rows(str(p), only_train=True))
-    elif p.is_file() and p.suffix == ".parquet":
+    kind = path_kind(path)  # a local path or a URI; compressed files too
+    if kind == "hf":  # a DatasetDict: its train split(s), never a held-out one
+        records = ((f"{path}:{where}", row) for where, row in hf_rows(path, only_train=True))
+    elif kind == "file" and detect_format(path) == "parquet":
         import pyarrow.parquet as pq
 
-        records = ((f"{path}:{i}", row) for i, row in enumerate(pq.read_table(p).to_pylist()))
-    elif p.is_file():
-        from pipeline.data.sources import json_records
-
-        records = json_records(p, bad)
+        with _open(path) as f:
+            table = pq.read_table(f)
+        records = ((f"{path}:{i}", row) for i, row in enumerate(table.to_pylist()))
+    elif kind == "file":
+        records = json_records(path, bad)
     else:
         raise ValueError(f"{path}: not found (data.train / data.val: a JSONL, JSON or Parquet file, a saved Hugging Face "
                          f"dataset directory, or chatterbot)")

@@ -95,6 +95,27 @@ def test_alpaca_records_json_arrays_and_conversational_prompt_completion(tmp_pat
     assert len(bad) == 1 and "not an object" in bad[0]["reason"]
 
 
+def test_chat_and_labeled_data_from_uris_and_compressed_files(tmp_path):
+    """data.train named by a URI, gzipped: read as the local file is; a line or element that is
+    not UTF-8 is one rejected record, the rest is read."""
+    import gzip
+
+    from pipeline.finetune.classify_data import read_labeled
+
+    chat = b'{"prompt": "Hi?", "completion": "Hello."}\n{"prompt": "caf\xe9", "completion": "x"}\n'
+    (tmp_path / "chat.jsonl.gz").write_bytes(gzip.compress(chat))
+    bad: list = []
+    assert list(load_chat_examples(f"file://{tmp_path}/chat.jsonl.gz", bad)) == [
+        [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]]
+    assert [b["reason"] for b in bad] == ["not valid UTF-8 (save the file as UTF-8)"]
+    (tmp_path / "lab.json").write_bytes(b'[{"text": "t1", "label": "a"}, {"text": "caf\xe9", "label": "b"}, {"text": "t3", "label": "c"}]')
+    bad = []
+    assert read_labeled(f"file://{tmp_path}/lab.json", "text", "label", bad) == [("t1", "a"), ("t3", "c")]
+    assert bad[0]["where"].endswith("lab.json[1]")
+    with pytest.raises(ValueError, match="data file not found"):
+        read_labeled(f"file://{tmp_path}/nothing.csv", "text", "label", [])
+
+
 def test_chatterbot_conversations():
     bad = []
     convs = list(load_chat_examples("chatterbot", bad))
