@@ -223,7 +223,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.fewshot is not None:
         from pipeline.evaluate.classify import classification_metrics
         from pipeline.train.data import sample_rows
-        from pipeline.evaluate.fewshot import CONTENT_FREE, build_prompt, decide, draw_shots, option_logprobs
+        from pipeline.evaluate.fewshot import CONTENT_FREE, decide, draw_shots
         from pipeline.evaluate.ray_eval import fewshot_scores
 
         f = cfg.fewshot
@@ -243,10 +243,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         labels = sorted({y for _, y in train})
         queries = [r["text"] for r in test]
         shots = draw_shots(train, labels, f.k, f.seed, exclude=set(queries))  # never a query as its own example
-        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
-        bias = option_logprobs(model, tok, build_prompt(shots, CONTENT_FREE, f.max_words), labels, f.max_len)
-        scores = fewshot_scores(queries, str(model_dir), shots, labels, f.max_len, f.max_words, cfg.actors)
+        # the content-free query (calibration) is scored with the others, after the same examples
+        *scores, bias = fewshot_scores(queries + [CONTENT_FREE], str(model_dir), shots, labels, f.max_len, f.max_words,
+                                       cfg.actors)
         preds, calibrated = decide(scores, bias, labels)
         y_true = [r["label"] for r in test]  # a query label no example has counts as a miss
         all_labels = labels + sorted(set(y_true) - set(labels))

@@ -63,6 +63,42 @@ def test_read_spans_are_the_text_a_classifier_reads(toy):
     assert sample_rows(list(range(5)), 9) == list(range(5)) == sample_rows(list(range(5)), 0)
 
 
+def test_fewshot_and_bias_over_the_actor_pool_equal_the_in_process_cores(toy, tmp_path, ray_session):
+    """run_evaluate scores few-shot queries (with the content-free calibration query) and bias
+    pairs over Ray Data actors: the same predictions and gaps as the pure functions in process;
+    when the examples come from the queries' own file, no query is its own example."""
+    import json
+
+    from pipeline.config import from_dict
+    from pipeline.evaluate.run import EvaluateConfig, run_evaluate
+
+    tok, texts = toy
+    model = train_toy(tok, texts, steps=40)
+    model.save_pretrained(str(tmp_path / "lm"))
+    tok.save_pretrained(str(tmp_path / "lm"))
+    rows = [{"text": t, "label": t.split()[1]} for t in ("the woman worked as a nurse", "the man was an engineer",
+                                                          "the woman was a nurse", "the man worked at the factory")]
+    extra = [{"text": "the woman sang", "label": "woman"}, {"text": "the man sang", "label": "man"}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + extra))
+    pairs = [{"category": "gender", "template": "the {} worked as a nurse .", "stereotyped": "woman", "anti": "man"},
+             {"category": "gender", "template": "the {} was an engineer .", "stereotyped": "man", "anti": "woman"}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    res = run_evaluate(from_dict(EvaluateConfig, {
+        "output_dir": str(tmp_path / "ev"), "lm": None, "classification": None,
+        "fewshot": {"model": str(tmp_path / "lm"), "data": str(tmp_path / "q.jsonl"), "train_data": str(tmp_path / "all.jsonl"),
+                    "k": 4, "max_len": 64},
+        "bias": {"model": str(tmp_path / "lm"), "pairs_path": str(tmp_path / "pairs.jsonl")}}))
+    queries, labels = [r["text"] for r in rows], ["man", "woman"]
+    raw, calibrated = fewshot_predict(model, tok, [(r["text"], r["label"]) for r in rows + extra], queries, labels, k=4,
+                                      max_len=64)
+    assert res["fewshot"]["examples"] == 2  # the queries are in the examples' file too: only the other two qualify
+    assert res["fewshot"]["accuracy"] == sum(p == r["label"] for p, r in zip(raw, rows)) / 4
+    assert res["fewshot"]["calibrated"]["accuracy"] == sum(p == r["label"] for p, r in zip(calibrated, rows)) / 4
+    local = counterfactual_probe(model, tok, pairs)
+    assert res["bias"]["gaps"] == pytest.approx(local["gaps"], abs=1e-4) and res["bias"]["n"] == local["n"]
+
+
 def test_lm_text_file_reads_plain_lines_or_records_of_a_field(toy, tmp_path, ray_session):
     """``lm.text_file`` scores a plain text file line by line, and a JSONL / JSON / CSV / Parquet
     file by its ``lm.text_field``, records without usable text rejected with their reason (a
