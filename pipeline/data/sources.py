@@ -329,7 +329,7 @@ def _field_record(task: dict, doc_id: str, obj: dict, raw: Any) -> dict:
         reason = "missing_text_field" if text is None else "non_string_text"
         return quarantine(task, doc_id, reason, f"field {field!r} is {type(text).__name__}", raw)
     label = field_value(obj, task["label_field"]) if task["label_field"] else None
-    if not _valid_text(text) or (isinstance(label, str) and not _valid_text(label)):
+    if not valid_text(text) or (isinstance(label, str) and not valid_text(label)):
         # lone surrogates: bytes that were not valid in the encoding (CSV / JSON arrays read with surrogateescape)
         return quarantine(task, doc_id, _undecodable(task), f"the text or label holds bytes that are not valid {_encoding(task)} (set "
                           "the source's encoding if the file uses another one, e.g. latin-1 or cp1252)", raw)
@@ -488,7 +488,7 @@ def _read_json(task: dict, max_bytes: int) -> Iterator[dict]:
             raw = json.dumps(obj, ensure_ascii=False)
             if len(raw.encode("utf-8", errors="surrogateescape")) > max_bytes:
                 yield quarantine(task, doc_id, "too_large", f"{len(raw)} bytes > parse.max_doc_bytes={max_bytes}", raw)
-            elif not _valid_text(raw):
+            elif not valid_text(raw):
                 yield quarantine(task, doc_id, _undecodable(task), f"the element holds bytes that are not valid "
                                  f"{_encoding(task)} (set the source's encoding if the file uses another one, e.g. "
                                  f"latin-1 or cp1252)", raw)
@@ -501,7 +501,7 @@ def _read_json(task: dict, max_bytes: int) -> Iterator[dict]:
                          f"{exc} (elements from {exc.index} on are not read)")
 
 
-def _valid_text(text: str) -> bool:
+def valid_text(text: str) -> bool:
     """False for text holding lone surrogates: undecodable bytes read with surrogateescape."""
     try:
         text.encode("utf-8")
@@ -520,7 +520,7 @@ def json_records(path: str | Path, bad: list[dict]) -> Iterator[tuple[str, Any]]
         n = 0
         try:  # undecodable bytes stay as lone surrogates: only the elements holding them are rejected
             for obj in iter_json_array(_text_chunks(path, "utf-8", errors="surrogateescape")):
-                if _valid_text(json.dumps(obj, ensure_ascii=False)):
+                if valid_text(json.dumps(obj, ensure_ascii=False)):
                     yield f"{path}[{n}]", obj
                 else:
                     bad.append({"where": f"{path}[{n}]", "reason": not_utf8})

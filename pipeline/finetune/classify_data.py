@@ -25,7 +25,8 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
 
     import pyarrow.parquet as pq
 
-    from pipeline.data.sources import MISSING, _open, csv_rows, detect_format, field_value, hf_rows, path_kind
+    from pipeline.data.sources import (MISSING, _open, csv_rows, detect_format, field_value, hf_rows, path_kind,
+                                      valid_text)
 
     kind, fmt = path_kind(path), detect_format(path)  # a local path or a URI; compressed files too
     if kind not in ("file", "hf"):
@@ -60,8 +61,9 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
         text, label = field_value(row, text_field), field_value(row, label_field)
         if not isinstance(text, str) or not text.strip():
             bad.append({"where": f"{path}:{i}", "reason": "missing or non-string text"})
-        elif not _is_utf8(text):
-            bad.append({"where": f"{path}:{i}", "reason": "text holds bytes that are not valid UTF-8 (save the file as UTF-8)"})
+        elif not valid_text(text) or isinstance(label, str) and not valid_text(label):  # undecodable CSV bytes
+            bad.append({"where": f"{path}:{i}", "reason": "text or label holds bytes that are not valid UTF-8 (save the "
+                                                          "file as UTF-8)"})
         elif label is MISSING or label is None or not str(label).strip():
             bad.append({"where": f"{path}:{i}", "reason": "missing label"})
         else:
@@ -70,12 +72,6 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
     return out
 
 
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")  # lone surrogates: undecodable bytes kept by the CSV reader
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def end_with_eos(tok) -> bool:

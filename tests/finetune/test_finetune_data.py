@@ -158,10 +158,10 @@ def test_labeled_data_and_bad_rows(tmp_path, tok):
         read_labeled(str(path), "body", "label", [])
     # a row in another encoding is rejected with that reason (pyarrow read the whole column as
     # binary and every row was "missing text"); TSV by its name
-    (tmp_path / "mixed.csv").write_bytes('text,label\n"Gar\xe7on",a\nFine text,b\n'.encode("latin-1"))
+    (tmp_path / "mixed.csv").write_bytes('text,label\n"Gar\xe7on",a\nFine text,b\nA label,caf\xe9\n'.encode("latin-1"))
     bad = []
     assert read_labeled(str(tmp_path / "mixed.csv"), "text", "label", bad) == [("Fine text", "b")]
-    assert "not valid UTF-8" in bad[0]["reason"]
+    assert len(bad) == 2 and all("not valid UTF-8" in b["reason"] for b in bad)  # in the text, in the label
     (tmp_path / "t.tsv").write_text("text\tlabel\nTab, separated\ta\n")
     assert read_labeled(str(tmp_path / "t.tsv"), "text", "label", []) == [("Tab, separated", "a")]
     with pytest.raises(ValueError, match="not found"):
