@@ -82,8 +82,6 @@ def check_pairs_fit(tok, config, pairs: list[dict]) -> None:
 def pair_gaps(model, tok, pairs: list[dict], masked: bool = False) -> list[float]:
     """log p(stereotyped sentence) - log p(anti-stereotyped sentence) per pair. ``masked``: the
     model is a masked LM, scored by pseudo-log-likelihood."""
-    from pipeline.model.build import context_length
-
     model.eval()
     special = sorted(set(tok.all_special_ids))
     check_pairs_fit(tok, model.config, pairs)

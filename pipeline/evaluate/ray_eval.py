@@ -89,14 +89,10 @@ class FewshotScorer:
 def fewshot_scores(queries: list[str], model_dir: str, shots: list[tuple[str, str]], labels: list[str], max_len: int,
                    max_words: int, actors: int = 2, batch_size: int = 8) -> list[list[float]]:
     """``score_queries`` over an actor pool, in the queries' order."""
-    import ray
-
-    ds = ray.data.from_items([{"idx": i, "text": q} for i, q in enumerate(queries)]).map_batches(
-        FewshotScorer, fn_constructor_kwargs={"model_dir": model_dir, "shots": shots, "labels": labels,
-                                              "max_len": max_len, "max_words": max_words},
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5, batch_size=batch_size, batch_format="numpy")
-    out = {int(r["idx"]): [float(v) for v in r["scores"]] for r in ds.take_all()}
-    return [out[i] for i in range(len(queries))]
+    ds = _pool_map(_items([{"idx": i, "text": q} for i, q in enumerate(queries)]), FewshotScorer,
+                   {"model_dir": model_dir, "shots": shots, "labels": labels, "max_len": max_len, "max_words": max_words},
+                   actors, batch_size)
+    return [[float(v) for v in s] for s in _in_order(ds, "scores", len(queries))]
 
 
 class PairScorer:
@@ -120,35 +116,21 @@ class PairScorer:
 
 def bias_gaps(pairs: list[dict], model_dir: str, actors: int = 2, batch_size: int = 16) -> list[float]:
     """``pair_gaps`` over an actor pool, in the pairs' order."""
-    import ray
-
     rows = [{"idx": i, **{k: p[k] for k in ("template", "stereotyped", "anti")}} for i, p in enumerate(pairs)]
-    ds = ray.data.from_items(rows).map_batches(
-        PairScorer, fn_constructor_kwargs={"model_dir": model_dir}, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=0.5, batch_size=batch_size, batch_format="numpy")
-    out = {int(r["idx"]): float(r["gap"]) for r in ds.take_all()}
-    return [out[i] for i in range(len(pairs))]
+    ds = _pool_map(_items(rows), PairScorer, {"model_dir": model_dir}, actors, batch_size)
+    return [float(g) for g in _in_order(ds, "gap", len(pairs))]
 
 
 def score_texts(texts: list[str], model_dir: str, max_len: int, actors: int = 2, batch_size: int = 8) -> dict:
     """``lm_metrics_from_texts`` over an actor pool (each actor loads the model once)."""
-    import ray
-
-    scored = ray.data.from_items([{"text": t} for t in texts]).map_batches(
-        TextScorer, fn_constructor_kwargs={"model_dir": model_dir, "max_len": max_len},
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5, batch_size=batch_size, batch_format="numpy")
+    scored = _pool_map(_items([{"text": t} for t in texts]), TextScorer, {"model_dir": model_dir, "max_len": max_len},
+                       actors, batch_size)
     return _totals(scored, model_dir)
 
 
 def predict_dataset(rows: list[dict], model_dir: str, max_len: int | None, actors: int = 2, batch_size: int = 32) -> list[str]:
-    import ray
-
-    ds = ray.data.from_items(rows).map_batches(
-        ClassifierPredictor, fn_constructor_kwargs={"model_dir": model_dir, "max_len": max_len},
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5, batch_size=batch_size, batch_format="numpy",
-    )
-    out = {r["idx"]: r["prediction"] for r in ds.select_columns(["idx", "prediction"]).take_all()}
-    return [str(out[i]) for i in range(len(rows))]
+    ds = _pool_map(_items(rows), ClassifierPredictor, {"model_dir": model_dir, "max_len": max_len}, actors, batch_size)
+    return [str(p) for p in _in_order(ds, "prediction", len(rows))]
 
 
 def score_shards(files: list[str], model_dir: str, actors: int = 2, batch_size: int = 16, max_rows: int = 0,
@@ -158,14 +140,31 @@ def score_shards(files: list[str], model_dir: str, actors: int = 2, batch_size: 
     if max_rows:  # a seeded sample over every shard: the first rows would all come from the first source
         from pipeline.train.data import sample_shard_rows
 
-        ds = ray.data.from_items([{"input_ids": np.asarray(r, dtype=np.int32)}
-                                  for r in sample_shard_rows(files, max_rows, seed)])
+        ds = _items([{"input_ids": np.asarray(r, dtype=np.int32)} for r in sample_shard_rows(files, max_rows, seed)])
     else:
         ds = ray.data.read_parquet(files)
-    scored = ds.map_batches(LMScorer, fn_constructor_kwargs={"model_dir": model_dir},
-                            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5, batch_size=batch_size,
-                            batch_format="numpy")
-    return _totals(scored, model_dir)
+    return _totals(_pool_map(ds, LMScorer, {"model_dir": model_dir}, actors, batch_size), model_dir)
+
+
+def _items(rows: list[dict]):
+    import ray
+
+    return ray.data.from_items(rows)
+
+
+def _pool_map(ds, scorer: type, kwargs: dict, actors: int, batch_size: int):
+    """``scorer`` (a class: each actor loads the model once) over ``ds`` on an actor pool; half a
+    CPU per actor leaves room for the read tasks."""
+    import ray
+
+    return ds.map_batches(scorer, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
+                          num_cpus=0.5, batch_size=batch_size, batch_format="numpy")
+
+
+def _in_order(ds, column: str, n: int) -> list:
+    """``column`` of the rows of ``ds`` by their ``idx`` 0..n-1 (the pool returns them in any order)."""
+    out = {int(r["idx"]): r[column] for r in ds.select_columns(["idx", column]).take_all()}
+    return [out[i] for i in range(n)]
 
 
 def _totals(scored, model_dir: str) -> dict:
