@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +59,30 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+_FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+_FOOTER_BATCH = 10  # files per footer-reading call (Ray's RAY_DATA_PARQUET_FOOTER_BATCH_SIZE default)
+_ENV_LOCK = threading.Lock()
+
+
+def read_parquet(files: list[str]):
+    """``ray.data.read_parquet(files)`` with a footer-reading pool sized to the files.
+
+    Ray 2.60 lists Parquet files by reading their footers on a pool of actors that is 32 actors
+    per read whatever the number of files (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``); it hands
+    them batches of 10 files, and each actor it starts before the listing ends is a new worker
+    process. On a small machine that costs seconds per read (prepare on 200 documents: 35-43 s
+    with 32, 28-34 s with one; every training run reads two splits). Here the pool has one actor
+    per batch of files, up to Ray's 32. The size is read when the dataset is created (in this
+    process), so setting it around the call is enough; a user's own setting wins."""
+    import ray
+
+    if _FOOTER_ACTORS in os.environ:
+        return ray.data.read_parquet(files)
+    with _ENV_LOCK:
+        os.environ[_FOOTER_ACTORS] = str(max(1, min(32, -(-len(files) // _FOOTER_BATCH))))
+        try:
+            return ray.data.read_parquet(files)
+        finally:
+            os.environ.pop(_FOOTER_ACTORS, None)

@@ -166,6 +166,8 @@ def _read_kept(path: Path, split: str | None = None, columns: list[str] | None =
     import ray
     from ray.data.expressions import col
 
+    from pipeline.ray_utils import read_parquet
+
     files = _parquet_files(path)
     if not files:
         empty = S.DOCS_SCHEMA.empty_table()
@@ -173,7 +175,7 @@ def _read_kept(path: Path, split: str | None = None, columns: list[str] | None =
     expr = col(S.STATUS) == S.STATUS_KEPT
     if split is not None:
         expr = expr & (col(S.SPLIT) == split)
-    ds = ray.data.read_parquet(files).filter(expr=expr)
+    ds = read_parquet(files).filter(expr=expr)
     return ds.select_columns(columns) if columns else ds
 
 

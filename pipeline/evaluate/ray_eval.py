@@ -135,14 +135,14 @@ def predict_dataset(rows: list[dict], model_dir: str, max_len: int | None, actor
 
 def score_shards(files: list[str], model_dir: str, actors: int = 2, batch_size: int = 16, max_rows: int = 0,
                  seed: int = 0) -> dict:
-    import ray
+    from pipeline.ray_utils import read_parquet
 
     if max_rows:  # a seeded sample over every shard: the first rows would all come from the first source
         from pipeline.train.data import sample_shard_rows
 
         ds = _items([{"input_ids": np.asarray(r, dtype=np.int32)} for r in sample_shard_rows(files, max_rows, seed)])
     else:
-        ds = ray.data.read_parquet(files)
+        ds = read_parquet(files)
     return _totals(_pool_map(ds, LMScorer, {"model_dir": model_dir}, actors, batch_size), model_dir)
 
 

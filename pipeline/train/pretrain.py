@@ -80,7 +80,7 @@ def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict]:
 
 
 def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
-    import ray
+    from pipeline.ray_utils import read_parquet
 
     data_dir, manifest = check_pretrain(cfg)
     seq_len = manifest["tokens"]["seq_len"]
@@ -91,9 +91,9 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
         return {**json.loads(summary_path.read_text()), "cached": True}
     train_files = shard_paths(data_dir, manifest, "train")
     val_files = shard_paths(data_dir, manifest, "val")
-    datasets = {"train": ray.data.read_parquet(train_files)}
+    datasets = {"train": read_parquet(train_files)}
     if val_files:
-        datasets["val"] = ray.data.read_parquet(val_files)
+        datasets["val"] = read_parquet(val_files)
     tok_dir = str(prepared_tokenizer_dir(data_dir, manifest))
     config = {"model": to_dict(cfg.model), "optim": to_dict(cfg.optim), "loop": to_dict(cfg.train),
               "scaling": to_dict(cfg.scaling), "run": to_dict(cfg.run), "tokenizer_dir": tok_dir, "seq_len": seq_len}

@@ -14,6 +14,14 @@ from tests.serve.conftest import deploy
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(300)]
 
 
+@pytest.fixture(autouse=True)
+def whole_app(serve_app):
+    """The restart test (last in this module) leaves a one-model app behind; any test run after
+    it gets the whole application back first."""
+    if serve_app.pop("reduced", False):
+        deploy(serve_app["config"], serve_app["url"])
+
+
 def post(app, path, body, **kw):
     data = body if isinstance(body, (str, bytes)) else json.dumps(body)
     return requests.post(app["url"] + path, data=data, headers={"Content-Type": "application/json", **kw.pop("headers", {})},
@@ -272,30 +280,6 @@ def test_compressed_variants_answer(serve_app):
         assert body["model"] == name and body["usage"]["completion_tokens"] > 0
 
 
-def test_api_key_and_feedback_survives_restart(serve_app):
-    rid = complete(serve_app).json()["id"]
-    ok = post(serve_app, "/v1/feedback", {"id": rid, "rating": 4, "comment": "useful"})
-    assert ok.status_code == 200 and ok.json()["status"] == "stored", ok.text
-    assert_openai_error(post(serve_app, "/v1/feedback", {"id": "cmpl-unknown", "rating": 4}), 404, "id")
-    assert_openai_error(post(serve_app, "/v1/feedback", {"id": rid, "rating": 99}), 400, "rating")
-    assert_openai_error(post(serve_app, "/v1/feedback", {"id": rid, "rating": "good"}), 400, "rating")
-    # restart the application with an API key: the feedback is still there, and the key is enforced
-    deploy({**serve_app["config"], "api_key": "s3cret"}, serve_app["url"])
-    try:
-        assert_openai_error(complete_raw(serve_app), 401)
-        assert_openai_error(complete_raw(serve_app, headers={"Authorization": "Bearer wrong"}), 401)
-        assert complete_raw(serve_app, headers={"Authorization": "Bearer s3cret"}).status_code == 200
-        stored = requests.get(f"{serve_app['url']}/v1/responses/{rid}", headers={"Authorization": "Bearer s3cret"},
-                              timeout=10).json()
-        assert stored["feedback"][0]["rating"] == 4 and stored["feedback"][0]["comment"] == "useful"
-    finally:
-        deploy(serve_app["config"], serve_app["url"])
-
-
-def complete_raw(app, **kw):
-    return post(app, "/v1/completions", {"model": "tiny", "prompt": "the market", "max_tokens": 4}, **kw)
-
-
 def test_metrics_reach_rays_prometheus_endpoint(serve_app):
     import time
 
@@ -342,3 +326,28 @@ def test_official_openai_client(serve_app):
     with pytest.raises(openai.BadRequestError) as exc:
         c.completions.create(model="tiny", prompt="x", max_tokens=100_000)
     assert exc.value.body["code"] == "context_length_exceeded"
+
+
+# Last in the module: it restarts the application with one model (see the autouse fixture above).
+def test_api_key_and_feedback_survives_restart(serve_app):
+    rid = complete(serve_app).json()["id"]
+    ok = post(serve_app, "/v1/feedback", {"id": rid, "rating": 4, "comment": "useful"})
+    assert ok.status_code == 200 and ok.json()["status"] == "stored", ok.text
+    assert_openai_error(post(serve_app, "/v1/feedback", {"id": "cmpl-unknown", "rating": 4}), 404, "id")
+    assert_openai_error(post(serve_app, "/v1/feedback", {"id": rid, "rating": 99}), 400, "rating")
+    assert_openai_error(post(serve_app, "/v1/feedback", {"id": rid, "rating": "good"}), 400, "rating")
+    # restart the application (one model, to keep the test short) with an API key: the feedback
+    # is still there, and the key is enforced
+    cfg = serve_app["config"]
+    serve_app["reduced"] = True  # the next test of this module, if any, redeploys the whole app first
+    deploy({**cfg, "api_key": "s3cret", "models": [m for m in cfg["models"] if m["name"] == "tiny"]}, serve_app["url"])
+    assert_openai_error(complete_raw(serve_app), 401)
+    assert_openai_error(complete_raw(serve_app, headers={"Authorization": "Bearer wrong"}), 401)
+    assert complete_raw(serve_app, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    stored = requests.get(f"{serve_app['url']}/v1/responses/{rid}", headers={"Authorization": "Bearer s3cret"},
+                          timeout=10).json()
+    assert stored["feedback"][0]["rating"] == 4 and stored["feedback"][0]["comment"] == "useful"
+
+
+def complete_raw(app, **kw):
+    return post(app, "/v1/completions", {"model": "tiny", "prompt": "the market", "max_tokens": 4}, **kw)

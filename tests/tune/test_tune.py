@@ -61,7 +61,9 @@ def test_tune_runs_trials_and_asha_stops_some(tiny_prepared, tmp_path):
         "data": str(run_dir), "output_dir": str(tmp_path / "unused"), "name": "p",
         "model": {"preset": "tiny", "max_seq_len": 32},
         "train": {"batch_size": 4, "eval_batches": 2, "log_every": 1},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.45, "threads_per_worker": 1},
+        # one worker per trial: two trials at a time on the 2 test CPUs (two workers per trial is
+        # what the classification sweep test and the demo run)
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.45, "threads_per_worker": 1},
     }))
     cfg = from_dict(TuneConfig, {"base": str(base), "output_dir": str(tmp_path / "tune"), "num_samples": 4,
                                  "max_steps": 8, "eval_every": 2, "seed": 1,
@@ -70,6 +72,7 @@ def test_tune_runs_trials_and_asha_stops_some(tiny_prepared, tmp_path):
     summary = run_tune(cfg)
     assert summary["num_trials"] == 4 and not any(t["error"] for t in summary["trials"])
     assert summary["stopped_early"] >= 1, summary["trials"]
+    assert summary["concurrency"] == 2
     best = yaml.safe_load(open(summary["best_config"]))
     assert best["optim"]["lr"] == pytest.approx(summary["best"]["lr"])
     cfg2 = pretrain.parse_config(["--config", summary["best_config"]])  # accepted unchanged
