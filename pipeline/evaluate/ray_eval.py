@@ -91,7 +91,7 @@ def fewshot_scores(queries: list[str], model_dir: str, shots: list[tuple[str, st
     """``score_queries`` over an actor pool, in the queries' order."""
     ds = _pool_map(_items([{"idx": i, "text": q} for i, q in enumerate(queries)]), FewshotScorer,
                    {"model_dir": model_dir, "shots": shots, "labels": labels, "max_len": max_len, "max_words": max_words},
-                   actors, batch_size)
+                   actors, batch_size, len(queries))
     return [[float(v) for v in s] for s in _in_order(ds, "scores", len(queries))]
 
 
@@ -117,19 +117,20 @@ class PairScorer:
 def bias_gaps(pairs: list[dict], model_dir: str, actors: int = 2, batch_size: int = 16) -> list[float]:
     """``pair_gaps`` over an actor pool, in the pairs' order."""
     rows = [{"idx": i, **{k: p[k] for k in ("template", "stereotyped", "anti")}} for i, p in enumerate(pairs)]
-    ds = _pool_map(_items(rows), PairScorer, {"model_dir": model_dir}, actors, batch_size)
+    ds = _pool_map(_items(rows), PairScorer, {"model_dir": model_dir}, actors, batch_size, len(rows))
     return [float(g) for g in _in_order(ds, "gap", len(pairs))]
 
 
 def score_texts(texts: list[str], model_dir: str, max_len: int, actors: int = 2, batch_size: int = 8) -> dict:
     """``lm_metrics_from_texts`` over an actor pool (each actor loads the model once)."""
     scored = _pool_map(_items([{"text": t} for t in texts]), TextScorer, {"model_dir": model_dir, "max_len": max_len},
-                       actors, batch_size)
+                       actors, batch_size, len(texts))
     return _totals(scored, model_dir)
 
 
 def predict_dataset(rows: list[dict], model_dir: str, max_len: int | None, actors: int = 2, batch_size: int = 32) -> list[str]:
-    ds = _pool_map(_items(rows), ClassifierPredictor, {"model_dir": model_dir, "max_len": max_len}, actors, batch_size)
+    ds = _pool_map(_items(rows), ClassifierPredictor, {"model_dir": model_dir, "max_len": max_len}, actors, batch_size,
+                   len(rows))
     return [str(p) for p in _in_order(ds, "prediction", len(rows))]
 
 
@@ -140,10 +141,11 @@ def score_shards(files: list[str], model_dir: str, actors: int = 2, batch_size: 
     if max_rows:  # a seeded sample over every shard: the first rows would all come from the first source
         from pipeline.train.data import sample_shard_rows
 
-        ds = _items([{"input_ids": np.asarray(r, dtype=np.int32)} for r in sample_shard_rows(files, max_rows, seed)])
+        sampled = sample_shard_rows(files, max_rows, seed)
+        ds, rows = _items([{"input_ids": np.asarray(r, dtype=np.int32)} for r in sampled]), len(sampled)
     else:
-        ds = read_parquet(files)
-    return _totals(_pool_map(ds, LMScorer, {"model_dir": model_dir}, actors, batch_size), model_dir)
+        ds, rows = read_parquet(files), None
+    return _totals(_pool_map(ds, LMScorer, {"model_dir": model_dir}, actors, batch_size, rows), model_dir)
 
 
 def _items(rows: list[dict]):
@@ -152,12 +154,20 @@ def _items(rows: list[dict]):
     return ray.data.from_items(rows)
 
 
-def _pool_map(ds, scorer: type, kwargs: dict, actors: int, batch_size: int):
-    """``scorer`` (a class: each actor loads the model once) over ``ds`` on an actor pool; half a
-    CPU per actor leaves room for the read tasks."""
+def pool_size(actors: int, batch_size: int, rows: int | None) -> int:
+    """``actors``, or with ``rows`` known no more actors than half the batches: an actor's start
+    (a process, the model loaded) costs about what scoring a couple of batches does, so a
+    few-query set is scored by one actor."""
+    return actors if rows is None else max(1, min(actors, -(-rows // batch_size) // 2))
+
+
+def _pool_map(ds, scorer: type, kwargs: dict, actors: int, batch_size: int, rows: int | None = None):
+    """``scorer`` (a class: each actor loads the model once) over ``ds`` on an actor pool sized
+    by ``pool_size``; half a CPU per actor leaves room for the read tasks."""
     import ray
 
-    return ds.map_batches(scorer, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
+    size = pool_size(actors, batch_size, rows)
+    return ds.map_batches(scorer, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=size),
                           num_cpus=0.5, batch_size=batch_size, batch_format="numpy")
 
 

@@ -63,6 +63,14 @@ def test_read_spans_are_the_text_a_classifier_reads(toy):
     assert sample_rows(list(range(5)), 9) == list(range(5)) == sample_rows(list(range(5)), 0)
 
 
+def test_actor_pools_are_sized_to_the_work():
+    from pipeline.evaluate.ray_eval import pool_size
+
+    assert pool_size(2, 16, None) == 2  # shards of unknown length: the configured pool
+    assert pool_size(2, 16, 16) == pool_size(2, 16, 40) == 1  # one to three batches: one actor
+    assert pool_size(2, 16, 64) == 2 and pool_size(8, 16, 10_000) == 8 and pool_size(3, 8, 0) == 1
+
+
 def test_fewshot_and_bias_over_the_actor_pool_equal_the_in_process_cores(toy, tmp_path, ray_session):
     """run_evaluate scores few-shot queries (with the content-free calibration query) and bias
     pairs over Ray Data actors: the same predictions and gaps as the pure functions in process;
