@@ -43,7 +43,7 @@ def stop_cluster(temp_dir: str) -> None:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)  # a test cluster: what has not exited by then is killed
     for p in alive:
         p.kill()
 
