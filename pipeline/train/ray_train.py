@@ -157,11 +157,10 @@ def train_worker(config: dict) -> dict:
             marker.write_text(str(record["step"]))
             os._exit(1)  # a hard worker death, as a preempted node would look
 
-    # The worker group's placement group and this worker's actor id, reported so that a Tune sweep
-    # can release the group once Tune has stopped the trial (pipeline.tune.sweep).
+    # The worker group's placement group, reported so that a Tune sweep can release the groups of
+    # a trial's controller once Tune has stopped the trial (pipeline.tune.sweep).
     pg = get_current_placement_group()
-    pg_id = {"placement_group_id": pg.id.hex(), "train_worker_actor_id": ray.get_runtime_context().get_actor_id()} \
-        if pg is not None else {}
+    pg_id = {"placement_group_id": pg.id.hex()} if pg is not None else {}
 
     def on_eval(metrics: dict, st: TrainState, is_last: bool) -> None:
         # sharded: every rank takes part in gathering the full weights and optimizer state

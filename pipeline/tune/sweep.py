@@ -98,68 +98,95 @@ def trial_overrides(sample: dict) -> list[str]:
 
 
 def release_train_placement_groups_callback():
-    """A Tune callback that removes the Ray Train placement group a stopped trial leaves behind.
+    """A Tune callback that removes the Ray Train placement groups a stopped trial leaves behind.
 
     When Tune stops a trial (ASHA, or ``max_t`` reached) the trial's actor exits and takes the
     TorchTrainer's controller with it, before the controller removes its workers' placement
-    group (placement groups are not fate-shared with the actor that creates them). Ray Train's
-    own ``PlacementGroupCleaner`` notices a dead controller through the state API, which only
-    answers on clusters that run the dashboard; elsewhere the group keeps its CPUs and the next
-    trial waits for them forever.
+    group (placement groups are not fate-shared with the actor that creates them). Worse, the
+    controller may see its worker die first and, within its ``max_failures``, create a new group
+    for a replacement just before it dies itself (seen in CI: the sweep's test passed, and the
+    next training run waited forever for the CPUs of that empty group). Ray Train's own
+    ``PlacementGroupCleaner`` notices a dead controller through the state API, which only answers
+    on clusters that run the dashboard; elsewhere the groups keep their CPUs.
 
-    The workers report their group's id and their actor id with every result. Once a trial has
-    ended, this callback waits until that worker is dead (so a live controller is never
-    disturbed, it would retry on a new group) and then removes the group if it still exists."""
+    The workers report their group's id with every result; the group's creator, from the GCS
+    placement-group table, is the trial's Train controller. Once a trial has ended and its
+    controller is dead (a live controller is never disturbed: it releases its own groups), every
+    group that controller created and that still exists is removed."""
     import ray
     from ray import tune
     from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     def actor_dead(actor_id: str) -> bool:
         # GCS actor table (ray.util.state would need the dashboard, the very thing missing)
         return (ray._private.state.actors(actor_id) or {}).get("State", "DEAD") == "DEAD"
 
+    def live_groups() -> dict[str, str]:
+        """Placement groups not removed -> the id of the actor that created them."""
+        from ray._private.state import state
+        from ray.core.generated import gcs_pb2
+
+        table = [gcs_pb2.PlacementGroupTableData.FromString(raw)
+                 for raw in state._connect_and_get_accessor().get_placement_group_table()]
+        return {d.placement_group_id.hex(): d.creator_actor_id.hex() for d in table
+                if d.state != gcs_pb2.PlacementGroupTableData.REMOVED}
+
     class ReleaseTrainPlacementGroups(tune.Callback):
         def __init__(self) -> None:
-            self.running: dict[str, tuple[str, str]] = {}  # trial id -> (group id, worker actor id)
-            self.ended: list[tuple[str, str, str]] = []
+            self.running: dict[str, str] = {}  # trial id -> its first reported placement group id
+            self.ended: dict[str, str] = {}  # trial id -> the group id, trial ended
+            self.controllers: dict[str, str] = {}  # trial id -> its controller's actor id (once known)
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            if result.get("placement_group_id") and result.get("train_worker_actor_id"):
-                self.running[trial.trial_id] = (result["placement_group_id"], result["train_worker_actor_id"])
+            pg_hex = result.get("placement_group_id")
+            if pg_hex and trial.trial_id not in self.running:
+                self.running[trial.trial_id] = pg_hex
+                try:  # the group's creator is the trial's Train controller
+                    self.controllers[trial.trial_id] = live_groups().get(pg_hex, "")
+                except Exception as e:  # the GCS table is unavailable: the reported group alone is released
+                    logger.debug("placement group table: %s", e)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             if trial.trial_id in self.running:
-                self.ended.append((trial.trial_id, *self.running.pop(trial.trial_id)))
+                self.ended[trial.trial_id] = self.running.pop(trial.trial_id)
 
         on_trial_error = on_trial_complete
 
         def on_step_begin(self, iteration, trials, **info) -> None:
-            self.ended = [t for t in self.ended if not self._release(*t)]
+            if self.ended:
+                self._release_ended()
 
         def on_experiment_end(self, trials, **info) -> None:
-            # the last trials stopped may still be shutting down: wait for them (bounded), then
-            # release what is left, so that no group keeps CPUs from what runs after the sweep
-            deadline = time.monotonic() + 30
+            # the last trials stopped may still be shutting down: wait for their controllers
+            # (bounded), so that no group keeps CPUs from what runs after the sweep
+            deadline = time.monotonic() + 60
             while self.ended and time.monotonic() < deadline:
-                self.on_step_begin(0, trials)
+                self._release_ended()
                 if self.ended:
                     time.sleep(0.5)
-            self.ended = [t for t in self.ended if not self._release(*t, force=True)]
+            if self.ended:
+                logger.warning("tune: the Train controllers of trials %s are still alive after the sweep; their "
+                               "placement groups are left to them", sorted(self.ended))
 
-        @staticmethod
-        def _release(trial_id: str, pg_hex: str, worker_id: str, force: bool = False) -> bool:
-            """True once nothing is left to do for this trial. ``force``: even if its worker lives."""
+        def _release_ended(self) -> None:
             try:
-                if not force and not actor_dead(worker_id):
-                    return False
-                pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex)))
-                if placement_group_table(pg).get("state") != "REMOVED":
-                    remove_placement_group(pg)
-                    logger.info("released Ray Train placement group %s left by trial %s", pg_hex, trial_id)
-            except Exception as e:  # the group is already gone, or the id is unknown: nothing to do
-                logger.debug("placement group %s of trial %s: %s", pg_hex, trial_id, e)
-            return True
+                groups = live_groups()
+            except Exception as e:  # the GCS table is unavailable: try again at the next step
+                logger.debug("placement group table: %s", e)
+                return
+            for trial_id, pg_hex in list(self.ended.items()):
+                controller = self.controllers.get(trial_id, "")
+                if controller and not actor_dead(controller):
+                    continue
+                for group, creator in groups.items():
+                    if group == pg_hex or (controller and creator == controller):
+                        try:
+                            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group))))
+                            logger.info("released Ray Train placement group %s left by trial %s", group, trial_id)
+                        except Exception as e:  # removed meanwhile: nothing to do
+                            logger.debug("placement group %s of trial %s: %s", group, trial_id, e)
+                del self.ended[trial_id]
 
     return ReleaseTrainPlacementGroups()
 

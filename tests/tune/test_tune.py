@@ -79,3 +79,40 @@ def test_tune_runs_trials_and_asha_stops_some(tiny_prepared, tmp_path):
     assert cfg2.optim.lr == pytest.approx(summary["best"]["lr"])
     out = json.loads(open(f"{summary['output_dir']}/summary.json").read())
     assert out["best"]["val_loss"] == min(t["val_loss"] for t in out["trials"] if t["val_loss"] is not None)
+
+
+def test_the_groups_of_a_stopped_trials_dead_controller_are_released():
+    """A stopped trial's Train controller may create a new placement group for a replacement
+    worker just before it dies (its worker died first); no one else removes that group on a
+    cluster without the dashboard, and the next training run waited forever for its CPUs. The
+    sweep's callback removes every group of an ended trial's controller once it is dead, and
+    leaves a live controller's groups alone."""
+    from types import SimpleNamespace
+
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
+
+    from pipeline.tune.sweep import release_train_placement_groups_callback
+
+    @ray.remote(num_cpus=0)
+    class Controller:  # stands in for Ray Train's: it creates its workers' groups
+        def group(self) -> str:
+            pg = placement_group([{"CPU": 0.1}])
+            ray.get(pg.ready())
+            return pg.id.hex()
+
+    def state(pg_hex: str) -> str:
+        return placement_group_table(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex))))["state"]
+
+    controller = Controller.remote()
+    workers_group = ray.get(controller.group.remote())
+    callback, trial = release_train_placement_groups_callback(), SimpleNamespace(trial_id="t1")
+    callback.on_trial_result(1, [], trial, {"placement_group_id": workers_group})
+    retry_group = ray.get(controller.group.remote())  # a replacement worker group, never reported
+    callback.on_trial_complete(1, [], trial)
+    callback.on_step_begin(2, [])
+    assert state(workers_group) == state(retry_group) == "CREATED"  # its controller is alive
+    ray.kill(controller)
+    callback.on_experiment_end([])
+    assert state(workers_group) == state(retry_group) == "REMOVED"
