@@ -176,7 +176,7 @@ def release_train_placement_groups_callback():
                 logger.debug("placement group table: %s", e)
                 return
             for trial_id, pg_hex in list(self.ended.items()):
-                controller = self.controllers.get(trial_id, "")
+                controller = self.controllers.get(trial_id) or groups.get(pg_hex, "")
                 if controller and not actor_dead(controller):
                     continue
                 for group, creator in groups.items():
