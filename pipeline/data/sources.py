@@ -63,7 +63,7 @@ class SourceConfig:
     label_field: str | None = None  # column holding a label (labeled sources get labeled splits)
     id_field: str | None = None  # column holding a stable record id (default: file + line/row number)
     language: str = "english"  # chatterbot: which language folder
-    encoding: str = "utf-8"  # of text / JSON(L) / CSV files: latin-1, cp1252, ... (JSONL: ASCII-compatible ones)
+    encoding: str = "utf-8"  # of text / JSON(L) / CSV files: latin-1, cp1252, utf-16-le, ... (utf-8: a UTF-16/32 BOM wins)
     split_field: str | None = None  # column naming each record's split (train / validation|valid|dev / test)
     splits: Literal["source", "hash"] = "source"  # source: a saved DatasetDict's splits and split_field decide; hash: ignore them
 
@@ -232,20 +232,75 @@ def read_small_text(path: str) -> str:
         raise ValueError(f"{path}: not UTF-8 ({exc})") from None
 
 
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),  # before UTF-16: FF FE starts both
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"), (codecs.BOM_UTF8, "utf-8-sig"))
+
+
+def bom_encoding(head: bytes, encoding: str = "utf-8") -> str:
+    """The encoding to read a file with, from its first bytes: while ``encoding`` is UTF-8 (the
+    default), a UTF-16 or UTF-32 byte-order mark (what Windows tools such as PowerShell and
+    Notepad write) says the file is UTF-16 / UTF-32, and a UTF-8 one is skipped ("utf-8-sig").
+    Any other encoding a source names is kept as it is."""
+    if codecs.lookup(encoding).name != "utf-8":
+        return encoding
+    return next((enc for bom, enc in _BOMS if head.startswith(bom)), "utf-8-sig")
+
+
+def sniff_encoding(path: str, encoding: str = "utf-8") -> str:
+    with _open(path) as f:
+        return bom_encoding(f.read(4), encoding)
+
+
+def _ascii_compatible(encoding: str) -> bool:
+    """Whether newline bytes split the encoded file into lines (not for UTF-16 / UTF-32)."""
+    return "\n".encode(encoding).removeprefix(codecs.BOM_UTF8) == b"\n"  # utf-8-sig writes its mark first
+
+
+def _mark_undecodable(exc: UnicodeDecodeError) -> tuple[str, int]:
+    """Codec error handler: each byte that cannot be decoded becomes a lone surrogate (as with
+    surrogateescape, which refuses bytes below 0x80, found in broken UTF-16), so that only the
+    line, row or element holding it is rejected (``valid_text``)."""
+    return "".join(chr(0xDC00 + b) for b in exc.object[exc.start:exc.end]), exc.end
+
+
+codecs.register_error("pipeline_undecodable", _mark_undecodable)
+
+
+def _lines(path: str, encoding: str) -> Iterator[tuple[int, bytes | str]]:
+    """``(line number, line)`` of a text file: the line's bytes in an ASCII-compatible encoding
+    (the caller decodes it, so that one bad line is one rejected line), the decoded text for a
+    UTF-16 / UTF-32 file (bytes it cannot decode as lone surrogates). A byte-order mark is dropped."""
+    encoding = sniff_encoding(path, encoding)
+    with _open(path) as f:
+        if _ascii_compatible(encoding):
+            for lineno, line in enumerate(_iter_lines(f), start=1):
+                yield lineno, line[3:] if lineno == 1 and line.startswith(codecs.BOM_UTF8) else line
+            return
+        stream = io.TextIOWrapper(f, encoding=encoding, errors="pipeline_undecodable", newline="\n")
+        for lineno, line in enumerate(stream, start=1):
+            yield lineno, line.removesuffix("\n")
+
+
+def _line_text(line: bytes | str, encoding: str) -> str | None:
+    """A line from ``_lines`` as text, None when it holds bytes the encoding cannot decode."""
+    if isinstance(line, str):
+        return line if valid_text(line) else None
+    try:
+        return line.decode(encoding)
+    except UnicodeDecodeError:
+        return None
+
+
 def text_lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str | None]]:
     """``(line number, text)`` of each non-blank line of a text file (local path or URI,
-    compressed or not); text None for a line the encoding cannot decode."""
-    with _open(path) as f:
-        for lineno, line in enumerate(_iter_lines(f), start=1):
-            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-            try:
-                text = line.decode(encoding).rstrip("\r")
-            except UnicodeDecodeError:
-                yield lineno, None
-                continue
-            if text.strip():
-                yield lineno, text
+    compressed or not; UTF-16 / UTF-32 with a byte-order mark too); text None for a line the
+    encoding cannot decode."""
+    for lineno, line in _lines(path, encoding):
+        text = _line_text(line, encoding)
+        if text is None:
+            yield lineno, None
+        elif text.strip():
+            yield lineno, text.rstrip("\r")
 
 
 def _encoding(task: dict) -> str:
@@ -258,12 +313,23 @@ def _undecodable(task: dict) -> str:
 
 
 def _decode(data: bytes, task: dict) -> tuple[str | None, str]:
-    encoding = _encoding(task)
+    encoding = bom_encoding(data[:4], _encoding(task))
     try:
         return data.decode(encoding), ""
+    except UnicodeDecodeError:
+        return None, _decode_error(data, encoding)
+
+
+def _decode_error(data: bytes | str, encoding: str) -> str:
+    """Why ``data`` (bytes, or text from ``_lines`` holding undecodable bytes) is not valid ``encoding``."""
+    hint = "(if the files use another encoding, set the source's encoding, e.g. latin-1 or cp1252)"
+    if isinstance(data, str):
+        return f"bytes that cannot be decoded in the encoding the file's byte-order mark names {hint}"
+    try:
+        data.decode(encoding)
+        return ""
     except UnicodeDecodeError as exc:
-        return None, (f"invalid {encoding} at byte {exc.start}: {data[exc.start:exc.start + 4]!r} (if the files use "
-                      f"another encoding, set the source's encoding, e.g. latin-1 or cp1252)")
+        return f"invalid {encoding.removesuffix('-sig')} at byte {exc.start}: {data[exc.start:exc.start + 4]!r} {hint}"
 
 
 def _text_record(task: dict, doc_id: str, data: bytes, max_bytes: int) -> dict:
@@ -351,34 +417,28 @@ def _iter_lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
 
 
 def _read_jsonl(task: dict, max_bytes: int) -> Iterator[dict]:
-    if "\n".encode(_encoding(task)) != b"\n":  # UTF-16/32: lines cannot be split on newline bytes
-        yield quarantine(task, f"{task['source']}:{task['rel']}", "unsupported_encoding",
-                         f"JSON Lines are read line by line, which needs an ASCII-compatible encoding (utf-8, latin-1, "
-                         f"cp1252, ...), not {_encoding(task)}: convert the file to UTF-8")
-        return
-    with _open(task["path"]) as f:
-        for lineno, line in enumerate(_iter_lines(f), start=1):
-            doc_id = f"{task['source']}:{task['rel']}:{lineno}"
-            if not line.strip():
-                continue  # blank lines carry no record
-            if len(line) > max_bytes:
-                yield quarantine(task, doc_id, "too_large", f"{len(line)} bytes > parse.max_doc_bytes={max_bytes}", line)
-                continue
-            text, err = _decode(line, task)
-            if text is None:
-                yield quarantine(task, doc_id, _undecodable(task), err, line)
-                continue
-            if lineno == 1:
-                text = text.lstrip("\ufeff")  # a byte-order mark written by some editors
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield quarantine(task, doc_id, "malformed_json", str(exc), text)
-                continue
-            if not isinstance(obj, dict):
-                yield quarantine(task, doc_id, "malformed_json", f"expected a JSON object, got {type(obj).__name__}", text)
-                continue
-            yield _field_record(task, doc_id, obj, text)
+    for lineno, line in _lines(task["path"], _encoding(task)):
+        doc_id = f"{task['source']}:{task['rel']}:{lineno}"
+        if not line.strip():
+            continue  # blank lines carry no record
+        size = len(line) if isinstance(line, bytes) else len(line.encode("utf-8", errors="surrogatepass"))
+        if size > max_bytes:
+            yield quarantine(task, doc_id, "too_large", f"{size} bytes > parse.max_doc_bytes={max_bytes}", line)
+            continue
+        text = _line_text(line, _encoding(task))
+        if text is None:
+            reason = _undecodable(task) if isinstance(line, bytes) else "invalid_encoding"
+            yield quarantine(task, doc_id, reason, _decode_error(line, _encoding(task)), line)
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield quarantine(task, doc_id, "malformed_json", str(exc), text)
+            continue
+        if not isinstance(obj, dict):
+            yield quarantine(task, doc_id, "malformed_json", f"expected a JSON object, got {type(obj).__name__}", text)
+            continue
+        yield _field_record(task, doc_id, obj, text)
 
 
 class JsonArrayError(ValueError):
@@ -462,15 +522,26 @@ def _text_chunks(path: str, encoding: str, chunk_chars: int = 1 << 20, errors: s
     """Decoded text of a (possibly compressed) file in chunks; UnicodeDecodeError where it stops
     decoding (``errors="strict"``)."""
     with _open(path) as f:
-        stream = io.TextIOWrapper(f, encoding="utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding,
-                                  errors=errors)
+        stream = _text_stream(f, path, encoding, errors)
         while piece := stream.read(chunk_chars):
             yield piece
 
 
+def _text_stream(f, path: str, encoding: str, errors: str, **kw) -> io.TextIOWrapper:
+    """``f`` (binary) decoded in ``encoding``, or in UTF-16 / UTF-32 where the file's byte-order
+    mark says so (``bom_encoding``); there surrogateescape becomes a handler that takes every byte."""
+    encoding = sniff_encoding(path, encoding)
+    if errors == "surrogateescape" and not _ascii_compatible(encoding):
+        errors = "pipeline_undecodable"
+    return io.TextIOWrapper(f, encoding=encoding, errors=errors, **kw)
+
+
 def _starts_json_array(path: str) -> bool:
     with _open(path) as f:
-        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+        head = f.read(4096)
+    encoding = bom_encoding(head)
+    head = head[:len(head) - len(head) % 4] if encoding in ("utf-16", "utf-32") else head
+    return head.decode(encoding, errors="ignore").lstrip(" \t\r\n").startswith("[")
 
 
 def _read_json(task: dict, max_bytes: int) -> Iterator[dict]:
@@ -486,7 +557,7 @@ def _read_json(task: dict, max_bytes: int) -> Iterator[dict]:
             doc_id = f"{task['source']}:{task['rel']}:{n}"
             n += 1
             raw = json.dumps(obj, ensure_ascii=False)
-            if len(raw.encode("utf-8", errors="surrogateescape")) > max_bytes:
+            if len(raw.encode("utf-8", errors="surrogatepass")) > max_bytes:
                 yield quarantine(task, doc_id, "too_large", f"{len(raw)} bytes > parse.max_doc_bytes={max_bytes}", raw)
             elif not valid_text(raw):
                 yield quarantine(task, doc_id, _undecodable(task), f"the element holds bytes that are not valid "
@@ -572,8 +643,7 @@ def csv_rows(path: str, encoding: str = "utf-8", max_field: int = 1 << 20) -> It
     rejected; ``csv.Error`` on a malformed file."""
     csv.field_size_limit(max(max_field, 1 << 20))
     with _open(path) as f:
-        stream = io.TextIOWrapper(f, encoding="utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding,
-                                  errors="surrogateescape", newline="")
+        stream = _text_stream(f, path, encoding, "surrogateescape", newline="")
         yield from csv.DictReader(stream, delimiter="\t" if ".tsv" in path.lower() else ",")
 
 

@@ -1,6 +1,7 @@
 """Source formats and bad input: every record is either a document or a quarantine record with a
 reason; nothing raises, nothing disappears."""
 
+import codecs
 import gzip
 import json
 
@@ -11,7 +12,7 @@ import zstandard
 
 from pipeline import schema as S
 from pipeline.config import from_dict
-from pipeline.data.sources import SourceConfig, expand_source, read_file
+from pipeline.data.sources import SourceConfig, expand_source, json_records, read_file, text_lines
 
 MAX = 1_000_000
 
@@ -268,6 +269,38 @@ def test_missing_path_and_bad_uri_are_clear_errors(tmp_path):
         expand_source(SourceConfig(path="s3://bucket/key.jsonl"))
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_a_byte_order_mark_names_the_encoding(tmp_path, encoding):
+    """Files saved as UTF-16 / UTF-32 by Windows tools (PowerShell, Notepad) start with a byte-order
+    mark: with the default encoding every format reads them, as the prepare stage, fine-tuning and
+    evaluation do; bytes that break the encoding reject only their line."""
+    bom = {"utf-16-be": codecs.BOM_UTF16_BE}.get(encoding, b"")
+
+    def write(name: str, text: str) -> str:
+        (tmp_path / name).write_bytes(bom + text.encode(encoding))
+        return str(tmp_path / name)
+
+    doc = "Ünïcode text, saved by a Windows tool."
+    assert [r[S.TEXT] for r in read_all(SourceConfig(path=write("a.txt", doc)))] == [doc]
+    jsonl = write("b.jsonl", f'{{"text": "{doc}", "label": "x"}}\r\n\r\n{{"text": "second", "label": "y"}}\r\n')
+    assert [(r[S.TEXT], r[S.LABEL]) for r in read_all(SourceConfig(path=jsonl, label_field="label"))] == \
+        [(doc, "x"), ("second", "y")]
+    csv_path = write("c.csv", f'text,label\r\n"{doc}",x\r\n"two, lines\r\nin one field",y\r\n')
+    assert [r[S.TEXT] for r in read_all(SourceConfig(path=csv_path, label_field="label"))] == \
+        [doc, "two, lines\r\nin one field"]
+    array = write("d.json", f'  [{{"text": "{doc}"}}, {{"text": "second"}}]')
+    assert [r[S.TEXT] for r in read_all(SourceConfig(path=array))] == [doc, "second"]
+    bad: list = []
+    assert [obj["label"] for _, obj in json_records(jsonl, bad)] == ["x", "y"] and not bad
+    assert [t for _, t in text_lines(write("e.txt", "one\r\n\r\ntwo\n"))] == ["one", "two"]
+    if encoding == "utf-16":  # a lone high surrogate (D800) and an odd last byte: those lines only
+        (tmp_path / "f.jsonl").write_bytes(codecs.BOM_UTF16_LE + '{"text": "ok"}\n'.encode("utf-16-le")
+                                           + b"\x00\xd8" + '{"text": "x"}\n{"text": "fine"}\n'.encode("utf-16-le") + b"\x41")
+        recs = read_all(SourceConfig(path=str(tmp_path / "f.jsonl")))
+        assert [r[S.TEXT] if r.get(S.STATUS) is None else r[S.REASON] for r in recs] == \
+            ["ok", "invalid_encoding", "fine", "invalid_encoding"]
+
+
 def test_corrupt_file_is_quarantined_not_raised(tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
     (tmp_path / "broken.jsonl.gz").write_bytes(b"\x1f\x8b garbage")
@@ -294,11 +327,8 @@ def test_source_encoding(tmp_path):
     assert [(r[S.TEXT], r[S.LABEL]) for r in read_all(SourceConfig(path=str(tmp_path / "c.csv"), encoding="cp1252",
                                                                     label_field="label"))] == [("Garçon, the bill.", "food")]
     assert reasons(read_all(SourceConfig(path=str(tmp_path / "bad.txt"), encoding="cp1252"))) == ["invalid_encoding"]
-    # UTF-16: a text file decodes whole; JSON Lines cannot be split into lines: one clear record
-    (tmp_path / "u16.txt").write_bytes("Ünïcode in UTF-16.".encode("utf-16"))
-    assert [r[S.TEXT] for r in read_all(SourceConfig(path=str(tmp_path / "u16.txt"), encoding="utf-16"))] == \
-        ["Ünïcode in UTF-16."]
-    (tmp_path / "u16.jsonl").write_bytes('{"text": "a"}\n{"text": "b"}\n'.encode("utf-16"))
-    assert reasons(read_all(SourceConfig(path=str(tmp_path / "u16.jsonl"), encoding="utf-16"))) == ["unsupported_encoding"]
+    # an encoding whose newlines are not newline bytes, named by the source: JSON Lines still read line by line
+    (tmp_path / "u16.jsonl").write_bytes('{"text": "a"}\r\n{"text": "b"}\n'.encode("utf-16-le"))
+    assert [r[S.TEXT] for r in read_all(SourceConfig(path=str(tmp_path / "u16.jsonl"), encoding="utf-16-le"))] == ["a", "b"]
     with pytest.raises(ValueError, match="sources\\[\\].encoding"):
         SourceConfig(path="x", encoding="klingon-8")
