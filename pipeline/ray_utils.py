@@ -38,18 +38,33 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
 def check_resources(needed: dict[str, float], what: str) -> None:
     """``needed`` (e.g. ``{"CPU": 1.0, "GPU": 2}``) against the cluster's total resources. A local
     cluster this process started cannot grow: a shortfall there is an error (Ray would wait for
-    the resources forever). A cluster joined through ``RAY_ADDRESS`` may autoscale: a warning."""
+    the resources forever). A cluster joined through ``RAY_ADDRESS`` may autoscale: a warning.
+    Resources the cluster has but other work holds now: a warning that says so."""
     import ray
 
     have = ray.cluster_resources()
-    short = {k: (v, have.get(k, 0)) for k, v in needed.items() if v > have.get(k, 0) + 1e-9}
-    if not short:
+    short = _short(needed, have)
+    if short:
+        msg = f"{what} needs " + ", ".join(f"{v:g} {k} (the cluster has {h:g})" for k, (v, h) in short.items())
+        if _LOCAL:
+            raise ValueError(msg + " and this local Ray cluster cannot grow; lower the request or join a larger "
+                                   "cluster (RAY_ADDRESS)")
+        logger.warning("%s: waiting for the cluster to provide them (an autoscaler may add nodes)", msg)
         return
-    msg = f"{what} needs " + ", ".join(f"{v:g} {k} (the cluster has {h:g})" for k, (v, h) in short.items())
-    if _LOCAL:
-        raise ValueError(msg + " and this local Ray cluster cannot grow; lower the request or join a larger "
-                               "cluster (RAY_ADDRESS)")
-    logger.warning("%s: waiting for the cluster to provide them (an autoscaler may add nodes)", msg)
+    # enough in total, but held now: without this line the run would wait in silence (Ray Data's
+    # read tasks queue for a CPU that, say, Serve replicas hold, and nothing is logged)
+    busy = _short(needed, ray.available_resources())
+    if busy:
+        logger.warning("%s needs %s free to start; free now: %s. Other work on the cluster holds the rest (running "
+                       "jobs, Serve replicas, actors or placement groups: `ray status` and the dashboard list them); "
+                       "this run waits until they are released", what,
+                       ", ".join(f"{v:g} {k}" for k, (v, _) in busy.items()),
+                       ", ".join(f"{f:g} {k}" for k, (_, f) in busy.items()))
+
+
+def _short(needed: dict[str, float], have: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """``{resource: (needed, have)}`` for each resource ``have`` falls short of."""
+    return {k: (v, have.get(k, 0)) for k, v in needed.items() if v > have.get(k, 0) + 1e-9}
 
 
 _LOCAL = False  # whether init_ray started a local cluster in this process

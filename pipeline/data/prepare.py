@@ -34,6 +34,7 @@ from pipeline.data.dedup import DedupConfig, components_from_edges
 from pipeline.data.harmful import HarmfulConfig
 from pipeline.data.language import LanguageConfig
 from pipeline.data.normalize import NormalizeConfig
+from pipeline.ray_utils import check_resources
 from pipeline.data.pii import PIIConfig
 from pipeline.data.quality import QualityConfig
 from pipeline.data.sources import SourceConfig, expand_source, read_file
@@ -213,6 +214,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     work = run_dir / "_work"
     work.mkdir(exist_ok=True)
+    check_resources({"CPU": 1}, "prepare (Ray Data tasks of one CPU each)")
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     partitions = cfg.runtime.num_partitions or cfg.dedup.fuzzy.num_partitions or max(2, 2 * cpus)
 

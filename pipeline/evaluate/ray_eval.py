@@ -166,6 +166,9 @@ def _pool_map(ds, scorer: type, kwargs: dict, actors: int, batch_size: int, rows
     by ``pool_size``; half a CPU per actor leaves room for the read tasks."""
     import ray
 
+    from pipeline.ray_utils import check_resources
+
+    check_resources({"CPU": 0.5}, f"evaluation ({scorer.__name__}: actors of half a CPU)")
     size = pool_size(actors, batch_size, rows)
     return ds.map_batches(scorer, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=size),
                           num_cpus=0.5, batch_size=batch_size, batch_format="numpy")

@@ -4,6 +4,8 @@ epoch, interrupted-run resume, recovery from a worker death, export loadable by 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -153,6 +155,36 @@ def test_a_request_the_cluster_cannot_hold_is_refused_on_a_local_cluster(tiny_pr
     monkeypatch.setattr(ray_utils, "_LOCAL", False)
     ray_utils.check_resources({"GPU": 2}, "a trial")
     assert "a trial needs 2 GPU (the cluster has 0): waiting for the cluster" in caplog.text
+
+
+def test_resources_held_by_other_work_are_named_before_a_run_waits_for_them(caplog):
+    """The cluster has the CPUs but another actor (a Serve replica, say) holds them: a run would
+    wait for its Ray Data reads in silence; the check says what is free and why it waits."""
+    import ray
+
+    from pipeline import ray_utils
+
+    @ray.remote
+    class Holder:
+        def ping(self):
+            return 1
+
+    free = ray.available_resources().get("CPU", 0)
+    holder = Holder.options(num_cpus=free - 0.5).remote()  # leaves half a CPU
+    try:
+        ray.get(holder.ping.remote())
+        with caplog.at_level(logging.WARNING, logger="pipeline.ray_utils"):
+            ray_utils.check_resources({"CPU": 1.45}, "training (1 worker)")
+        assert "training (1 worker) needs 1.45 CPU free to start; free now: 0.5 CPU" in caplog.text
+        assert "Serve replicas" in caplog.text
+    finally:
+        ray.kill(holder)
+    caplog.clear()
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < free and time.time() < deadline:
+        time.sleep(0.2)
+    ray_utils.check_resources({"CPU": free}, "training (1 worker)")
+    assert "free to start" not in caplog.text
 
 
 def test_parquet_reads_size_their_footer_reader_pool_to_the_files(tiny_prepared, monkeypatch):
