@@ -97,53 +97,68 @@ def trial_overrides(sample: dict) -> list[str]:
     return [f"{mapping[k]}={v}" for k, v in sorted(sample.items()) if k in mapping]
 
 
+def _actor_dead(actor_id: str) -> bool:
+    import ray
+
+    # GCS actor table (ray.util.state would need the dashboard, the very thing missing)
+    return (ray._private.state.actors(actor_id) or {}).get("State", "DEAD") == "DEAD"
+
+
+def _live_groups() -> dict[str, str]:
+    """Placement groups not removed -> the id of the actor that created them (GCS table)."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    table = [gcs_pb2.PlacementGroupTableData.FromString(raw) for raw in state._connect_and_get_accessor().get_placement_group_table()]
+    return {d.placement_group_id.hex(): d.creator_actor_id.hex() for d in table
+            if d.state != gcs_pb2.PlacementGroupTableData.REMOVED}
+
+
+def _remove_group(group: str) -> None:
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group))))
+
+
 def release_train_placement_groups_callback():
     """A Tune callback that removes the Ray Train placement groups a stopped trial leaves behind.
 
     When Tune stops a trial (ASHA, or ``max_t`` reached) the trial's actor exits and takes the
     TorchTrainer's controller with it, before the controller removes its workers' placement
-    group (placement groups are not fate-shared with the actor that creates them). Worse, the
-    controller may see its worker die first and, within its ``max_failures``, create a new group
+    group (a group an actor creates lives as long as the job, not the actor). Worse, the
+    controller may see its worker die first and, within its ``max_failures``, ask for a new group
     for a replacement just before it dies itself (seen in CI: the sweep's test passed, and the
-    next training run waited forever for the CPUs of that empty group). Ray Train's own
-    ``PlacementGroupCleaner`` notices a dead controller through the state API, which only answers
-    on clusters that run the dashboard; elsewhere the groups keep their CPUs.
+    next training run waited forever for the CPUs of that empty group); that request can reach
+    the GCS after the controller is already dead (seen in a later CI run: 130 ms after its other
+    groups were removed). Ray Train's own ``PlacementGroupCleaner`` notices a dead controller
+    through the state API, which only answers on clusters that run the dashboard; elsewhere the
+    groups keep their CPUs.
 
     The workers report their group's id with every result; the group's creator, from the GCS
     placement-group table, is the trial's Train controller. Once a trial has ended and its
     controller is dead (a live controller is never disturbed: it releases its own groups), every
-    group that controller created and that still exists is removed."""
-    import ray
+    group that controller created is removed, and for ``grace_s`` afterwards so is any group
+    that turns up created by it (a dead actor owns nothing that anyone can use)."""
     from ray import tune
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    def actor_dead(actor_id: str) -> bool:
-        # GCS actor table (ray.util.state would need the dashboard, the very thing missing)
-        return (ray._private.state.actors(actor_id) or {}).get("State", "DEAD") == "DEAD"
-
-    def live_groups() -> dict[str, str]:
-        """Placement groups not removed -> the id of the actor that created them."""
-        from ray._private.state import state
-        from ray.core.generated import gcs_pb2
-
-        table = [gcs_pb2.PlacementGroupTableData.FromString(raw)
-                 for raw in state._connect_and_get_accessor().get_placement_group_table()]
-        return {d.placement_group_id.hex(): d.creator_actor_id.hex() for d in table
-                if d.state != gcs_pb2.PlacementGroupTableData.REMOVED}
 
     class ReleaseTrainPlacementGroups(tune.Callback):
+        grace_s = 30.0  # how long a dead controller's late group requests are watched for
+        interval_s = 1.0  # at most one look at the GCS table per interval while there is work
+
         def __init__(self) -> None:
             self.running: dict[str, str] = {}  # trial id -> its first reported placement group id
             self.ended: dict[str, str] = {}  # trial id -> the group id, trial ended
             self.controllers: dict[str, str] = {}  # trial id -> its controller's actor id (once known)
+            self.dead: dict[str, float] = {}  # dead controller id -> when it was found dead
+            self.last = 0.0
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             pg_hex = result.get("placement_group_id")
             if pg_hex and trial.trial_id not in self.running:
                 self.running[trial.trial_id] = pg_hex
                 try:  # the group's creator is the trial's Train controller
-                    self.controllers[trial.trial_id] = live_groups().get(pg_hex, "")
+                    self.controllers[trial.trial_id] = _live_groups().get(pg_hex, "")
                 except Exception as e:  # the GCS table is unavailable: the reported group alone is released
                     logger.debug("placement group table: %s", e)
 
@@ -154,39 +169,50 @@ def release_train_placement_groups_callback():
         on_trial_error = on_trial_complete
 
         def on_step_begin(self, iteration, trials, **info) -> None:
-            if self.ended:
-                self._release_ended()
+            if (self.ended or self.dead) and time.monotonic() - self.last >= self.interval_s:
+                self._release()
 
         def on_experiment_end(self, trials, **info) -> None:
             # the last trials stopped may still be shutting down: wait for their controllers
-            # (bounded), so that no group keeps CPUs from what runs after the sweep
+            # (bounded), then for the late requests of the dead ones, so that no group keeps
+            # CPUs from what runs after the sweep
             deadline = time.monotonic() + 60
             while self.ended and time.monotonic() < deadline:
-                self._release_ended()
+                self._release()
                 if self.ended:
                     time.sleep(0.5)
+            if self.dead:
+                time.sleep(max(0.0, min(2.0, max(self.dead.values()) + 2.0 - time.monotonic())))
+                self._release()
             if self.ended:
                 logger.warning("tune: the Train controllers of trials %s are still alive after the sweep; their "
                                "placement groups are left to them", sorted(self.ended))
 
-        def _release_ended(self) -> None:
+        def _release(self) -> None:
+            self.last = now = time.monotonic()
+            self.dead = {c: t for c, t in self.dead.items() if now - t < self.grace_s}
             try:
-                groups = live_groups()
+                groups = _live_groups()
             except Exception as e:  # the GCS table is unavailable: try again at the next step
                 logger.debug("placement group table: %s", e)
                 return
+            doomed: dict[str, str] = {}  # group -> the trial (or controller) it is released for
             for trial_id, pg_hex in list(self.ended.items()):
                 controller = self.controllers.get(trial_id) or groups.get(pg_hex, "")
-                if controller and not actor_dead(controller):
+                if controller and not _actor_dead(controller):
                     continue
-                for group, creator in groups.items():
-                    if group == pg_hex or (controller and creator == controller):
-                        try:
-                            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group))))
-                            logger.info("released Ray Train placement group %s left by trial %s", group, trial_id)
-                        except Exception as e:  # removed meanwhile: nothing to do
-                            logger.debug("placement group %s of trial %s: %s", group, trial_id, e)
+                if controller:
+                    self.dead[controller] = now
+                if pg_hex in groups:
+                    doomed[pg_hex] = f"trial {trial_id}"
                 del self.ended[trial_id]
+            doomed.update({g: f"the dead Train controller {c}" for g, c in groups.items() if c in self.dead})
+            for group, whose in doomed.items():
+                try:
+                    _remove_group(group)
+                    logger.info("released Ray Train placement group %s left by %s", group, whose)
+                except Exception as e:  # removed meanwhile: nothing to do
+                    logger.debug("placement group %s (%s): %s", group, whose, e)
 
     return ReleaseTrainPlacementGroups()
 

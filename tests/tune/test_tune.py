@@ -2,6 +2,7 @@
 configuration comes back as a YAML that the pretrain job accepts unchanged."""
 
 import json
+import time
 
 import pytest
 import yaml
@@ -81,19 +82,20 @@ def test_tune_runs_trials_and_asha_stops_some(tiny_prepared, tmp_path):
     assert out["best"]["val_loss"] == min(t["val_loss"] for t in out["trials"] if t["val_loss"] is not None)
 
 
-def test_the_groups_of_a_stopped_trials_dead_controller_are_released():
+def test_the_groups_of_a_stopped_trials_dead_controller_are_released(monkeypatch):
     """A stopped trial's Train controller may create a new placement group for a replacement
     worker just before it dies (its worker died first); no one else removes that group on a
     cluster without the dashboard, and the next training run waited forever for its CPUs. The
     sweep's callback removes every group of an ended trial's controller once it is dead, and
-    leaves a live controller's groups alone."""
+    leaves a live controller's groups alone. A group request the controller sent just before it
+    died can reach the GCS after that (seen in CI): such a late group is removed too."""
     from types import SimpleNamespace
 
     import ray
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
 
-    from pipeline.tune.sweep import release_train_placement_groups_callback
+    from pipeline.tune import sweep
 
     @ray.remote(num_cpus=0)
     class Controller:  # stands in for Ray Train's: it creates its workers' groups
@@ -107,12 +109,24 @@ def test_the_groups_of_a_stopped_trials_dead_controller_are_released():
 
     controller = Controller.remote()
     workers_group = ray.get(controller.group.remote())
-    callback, trial = release_train_placement_groups_callback(), SimpleNamespace(trial_id="t1")
+    callback, trial = sweep.release_train_placement_groups_callback(), SimpleNamespace(trial_id="t1")
+    callback.interval_s = 0
     callback.on_trial_result(1, [], trial, {"placement_group_id": workers_group})
     retry_group = ray.get(controller.group.remote())  # a replacement worker group, never reported
     callback.on_trial_complete(1, [], trial)
     callback.on_step_begin(2, [])
     assert state(workers_group) == state(retry_group) == "CREATED"  # its controller is alive
     ray.kill(controller)
-    callback.on_experiment_end([])
+    deadline = time.time() + 30
+    while callback.ended and time.time() < deadline:  # until the GCS has the controller dead
+        callback.on_step_begin(3, [])
+        time.sleep(0.2)
     assert state(workers_group) == state(retry_group) == "REMOVED"
+    # the late group: the GCS table shows it created by the dead controller (a stand-in group here)
+    late = placement_group([{"CPU": 0.1}])
+    ray.get(late.ready())
+    real, dead_controller = sweep._live_groups, callback.controllers["t1"]
+    monkeypatch.setattr(sweep, "_live_groups", lambda: {**real(), late.id.hex(): dead_controller}
+                        if state(late.id.hex()) != "REMOVED" else real())
+    callback.on_experiment_end([])
+    assert state(late.id.hex()) == "REMOVED"
