@@ -76,6 +76,11 @@ def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict]:
     check(rows >= need, f"data: the train split holds {rows} rows of {seq_len} tokens; {cfg.scaling.num_workers} "
                         f"workers x train.batch_size {cfg.train.batch_size} need at least {need} for one step "
                         f"(lower them, or prepare more data)")
+    val_rows = sum(s.get("rows", 0) for s in manifest["shards"] if s["split"] == "val")
+    # Ray Train gives every worker an equal share of the validation rows (the remainder is left out)
+    check(val_rows == 0 or val_rows >= cfg.scaling.num_workers,
+          f"data: the val split holds {val_rows} row(s) for {cfg.scaling.num_workers} workers, who each score an "
+          f"equal share: none would be scored (prepare more validation data, or lower scaling.num_workers)")
     return data_dir, manifest
 
 

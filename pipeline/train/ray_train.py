@@ -128,9 +128,15 @@ def train_worker(config: dict) -> dict:
     column = config["column"]
 
     def batches(shard, epoch: int | None = None, make=batcher):
+        """Training batches of an epoch (full batches only: every rank steps alike), or with
+        ``epoch`` None the validation batches, the last one partial: every validation row is
+        scored, and a split smaller than a batch is not skipped. Ray's equal split gives every
+        rank the same number of rows, so the ranks run the same number of evaluation forwards
+        (FSDP gathers weights in each)."""
+        training = epoch is not None
         shuffle = {"local_shuffle_buffer_size": loop.shuffle_buffer, "local_shuffle_seed": loop.seed + epoch} \
-            if epoch is not None and loop.shuffle_buffer else {}
-        for b in shard.iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long, drop_last=True, **shuffle):
+            if training and loop.shuffle_buffer else {}
+        for b in shard.iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long, drop_last=training, **shuffle):
             yield make(b[column]) if column else make(b)
 
     # validation: read once, replayed at every evaluation; its own copy of the batcher, so that

@@ -139,6 +139,12 @@ def test_sft_finetune_masks_prompts_and_loads(pipeline_dirs, tmp_path):
     })
     summary = run_finetune(sft)
     assert summary["rejected"] == 1 and summary["examples"]["train"] + summary["examples"]["val"] == 40
+    # a validation split smaller than a batch per worker (here 2 per worker, batch 4) is scored whole
+    from pathlib import Path
+
+    evals = [json.loads(l) for l in Path(summary["run_dir"], "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert 0 < summary["examples"]["val"] < 2 * 4 and evals and all(e["val_tokens"] > 0 for e in evals), evals
+    assert summary["best_val_loss"] == min(e["val_loss"] for e in evals) < 20
     tok = AutoTokenizer.from_pretrained(summary["model_dir"])
     assert tok.chat_template and "<|assistant|>" in tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
@@ -159,6 +165,13 @@ def test_finetune_bad_inputs(pipeline_dirs, tmp_path):
         run_finetune(from_dict(FinetuneConfig, {**base, "task": "classification", "data": {"train": str(one_label)}}))
     with pytest.raises(ValueError, match="task"):
         from_dict(FinetuneConfig, {**base, "task": "regression", "data": {"train": "x"}})
+    chat, one = tmp_path / "chat.jsonl", tmp_path / "one_val.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": f"Who won {w}?", "completion": "The home team."}) + "\n"
+                            for w in TOPICS["sport"]))
+    one.write_text(json.dumps({"prompt": "Who won?", "completion": "Nobody."}) + "\n")
+    with pytest.raises(ValueError, match=r"data\.val: 1 validation example\(s\) for 2 workers"):
+        run_finetune(from_dict(FinetuneConfig, {**base, "task": "sft", "train": {"batch_size": 2},
+                                                "data": {"train": str(chat), "val": str(one), "max_seq_len": 32}}))
 
 
 def test_tune_sweeps_a_classification_finetune(pipeline_dirs, tmp_path):

@@ -152,6 +152,13 @@ def test_a_request_the_cluster_cannot_hold_is_refused_on_a_local_cluster(tiny_pr
     with pytest.raises(ValueError, match=r"data: the train split holds \d+ rows of 32 tokens; 2 workers x "
                                          r"train.batch_size 100000 need at least 200000 for one step"):
         check_pretrain(from_dict(PretrainConfig, {**to_dict(cfg), "train": {"batch_size": 100000}}))
+    # each worker scores an equal share of the val rows: fewer rows than workers would score none
+    manifest = json.loads((tiny_prepared[0] / "manifest.json").read_text())
+    val_rows = sum(s["rows"] for s in manifest["shards"] if s["split"] == "val")
+    assert val_rows > 0
+    with pytest.raises(ValueError, match=rf"data: the val split holds {val_rows} row\(s\) for {val_rows + 1} workers"):
+        check_pretrain(from_dict(PretrainConfig, {**to_dict(cfg), "train": {"batch_size": 1},
+                                                  "scaling": {"num_workers": val_rows + 1}}))
     monkeypatch.setattr(ray_utils, "_LOCAL", False)
     ray_utils.check_resources({"GPU": 2}, "a trial")
     assert "a trial needs 2 GPU (the cluster has 0): waiting for the cluster" in caplog.text
