@@ -74,6 +74,20 @@ def peak_flops(device: torch.device) -> float:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0)
 
 
+def shard_batches(shard, loop: LoopConfig, column: str | None, make: Callable, epoch: int | None = None):
+    """A worker's batches of its dataset shard: an epoch of training batches (shuffled by a local
+    buffer seeded by ``epoch``), or with ``epoch`` None the validation batches, in order.
+
+    Every row of the shard is yielded, the last batch partial: no row is skipped in an epoch.
+    Ray's equal split gives every rank the same number of rows (it leaves out the remainder of
+    rows / workers), so every rank runs the same number of steps (DDP all-reduces, FSDP gathers
+    in each one) and the same number of evaluation forwards."""
+    shuffle = {"local_shuffle_buffer_size": loop.shuffle_buffer, "local_shuffle_seed": loop.seed + epoch} \
+        if epoch is not None and loop.shuffle_buffer else {}
+    for b in shard.iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long, drop_last=False, **shuffle):
+        yield make(b[column]) if column else make(b)
+
+
 def train_worker(config: dict) -> dict:
     """Runs on every Ray Train worker. ``config`` holds plain data only (see ``fit``)."""
     import ray.train
@@ -128,16 +142,7 @@ def train_worker(config: dict) -> dict:
     column = config["column"]
 
     def batches(shard, epoch: int | None = None, make=batcher):
-        """Training batches of an epoch (full batches only: every rank steps alike), or with
-        ``epoch`` None the validation batches, the last one partial: every validation row is
-        scored, and a split smaller than a batch is not skipped. Ray's equal split gives every
-        rank the same number of rows, so the ranks run the same number of evaluation forwards
-        (FSDP gathers weights in each)."""
-        training = epoch is not None
-        shuffle = {"local_shuffle_buffer_size": loop.shuffle_buffer, "local_shuffle_seed": loop.seed + epoch} \
-            if training and loop.shuffle_buffer else {}
-        for b in shard.iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long, drop_last=training, **shuffle):
-            yield make(b[column]) if column else make(b)
+        return shard_batches(shard, loop, column, make, epoch)
 
     # validation: read once, replayed at every evaluation; its own copy of the batcher, so that
     # (masked objective) evaluations draw no masks from the training stream's generator

@@ -19,46 +19,70 @@ pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(600)]
 
 
 def collect_rows(config: dict) -> dict:
+    """Two epochs of this worker's training batches as the training loop iterates them
+    (``shard_batches``: local shuffle, last batch partial), and its validation batches."""
     import ray.train
 
-    shard = ray.train.get_dataset_shard("train")
-    rows = []
+    from pipeline.train.data import LMBatcher
+    from pipeline.train.loop import LoopConfig
+    from pipeline.train.ray_train import shard_batches
+
+    loop = LoopConfig(batch_size=config["batch_size"], shuffle_buffer=16)
+    batcher = LMBatcher("causal")
+    rows, batch_sizes = [], []
     for epoch in range(2):
-        for batch in shard.iter_torch_batches(batch_size=4, dtypes=torch.long):
+        for batch in shard_batches(ray.train.get_dataset_shard("train"), loop, "input_ids", batcher, epoch):
             rows.extend((epoch, tuple(r.tolist())) for r in batch["input_ids"])
+            batch_sizes.append(len(batch["input_ids"]))
+    val = [tuple(r.tolist()) for b in shard_batches(ray.train.get_dataset_shard("val"), loop, "input_ids", batcher)
+           for r in b["input_ids"]]
     ray.train.report({"n": len(rows)})
-    return {"rank": ray.train.get_context().get_world_rank(), "rows": rows}
+    return {"rank": ray.train.get_context().get_world_rank(), "rows": rows, "batch_sizes": batch_sizes, "val": val}
 
 
 def test_two_workers_see_each_token_once_per_epoch(tiny_prepared, tmp_path):
+    """Through the training loop's own batching, with a batch size that does not divide a
+    worker's rows: each epoch the two workers together see every training row exactly once (the
+    last batch partial, no row skipped), in a different order per epoch, in the same number of
+    batches; validation rows likewise, once."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     run_dir, manifest = tiny_prepared
-    files = [str(run_dir / s["path"]) for s in manifest["shards"] if s["split"] == "train"]
-    expected = sorted(tuple(r) for f in files for r in pq.read_table(f).column("input_ids").to_pylist())
 
-    seen = []
+    def split_rows(split: str) -> tuple[list[str], list]:
+        files = [str(run_dir / s["path"]) for s in manifest["shards"] if s["split"] == split]
+        return files, sorted(tuple(r) for f in files for r in pq.read_table(f).column("input_ids").to_pylist())
+
+    files, expected = split_rows("train")
+    val_files, val_expected = split_rows("val")
+    assert len(expected) % 2 == 0  # Ray's equal split leaves out the remainder of rows / workers: none here
+    batch_size = next(b for b in range(3, 20) if (len(expected) // 2) % b)
 
     def worker(config):
         out = collect_rows(config)
-        (Path(config["out"]) / f"rank{out['rank']}.json").write_text(json.dumps(out["rows"]))
+        (Path(config["out"]) / f"rank{out['rank']}.json").write_text(json.dumps(out))
 
-    trainer = TorchTrainer(worker, train_loop_config={"out": str(tmp_path)},
+    trainer = TorchTrainer(worker, train_loop_config={"out": str(tmp_path), "batch_size": batch_size},
                            scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                           datasets={"train": ray.data.read_parquet(files)},
+                           datasets={"train": ray.data.read_parquet(files), "val": ray.data.read_parquet(val_files)},
                            run_config=ray.train.RunConfig(name="coverage", storage_path=str(tmp_path / "ray")))
     trainer.fit()
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert all(per_rank), "each worker must get data"
+    assert all(p["rows"] for p in per_rank), "each worker must get data"
+    assert per_rank[0]["batch_sizes"] == per_rank[1]["batch_sizes"]  # the ranks step together
+    assert per_rank[0]["batch_sizes"][-1] < batch_size  # a partial last batch, kept
     for epoch in range(2):
-        for rows in per_rank:
-            seen.extend(tuple(r) for e, r in rows if e == epoch)
+        seen = [tuple(r) for p in per_rank for e, r in p["rows"] if e == epoch]
         assert sorted(seen) == expected, f"epoch {epoch}: rows missing or seen twice"
-        seen.clear()
-    ranks = [{tuple(r) for e, r in rows if e == 0} for rows in per_rank]
+    orders = [[tuple(r) for e, r in per_rank[0]["rows"] if e == epoch] for epoch in range(2)]
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])  # reshuffled, same rows per rank
+    ranks = [{tuple(r) for e, r in p["rows"] if e == 0} for p in per_rank]
     assert not ranks[0] & ranks[1]
+    val_seen = [tuple(r) for p in per_rank for r in p["val"]]  # 221 rows: one is the split's remainder
+    assert len(per_rank[0]["val"]) == len(per_rank[1]["val"]) == len(val_expected) // 2
+    assert len(set(val_seen)) == len(val_seen) and set(val_seen) <= set(val_expected)
 
 
 def config(data_dir, out, **overrides) -> PretrainConfig:
