@@ -18,7 +18,7 @@ from pipeline.finetune.classify_data import encode_classification, end_with_eos,
 from pipeline.finetune.sft import OUR_TEMPLATES, load_chat_examples, prepare_chat_tokenizer, tokenize_chat
 from pipeline.train.checkpoint import write_json
 from pipeline.train.loop import LoopConfig, OptimConfig
-from pipeline.train.ray_train import RunConfigCfg, ScalingConfig
+from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, check_val_share
 from pipeline.train.runner import train_and_export
 
 logger = logging.getLogger(__name__)
@@ -273,11 +273,8 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> dict:
     write_json(run_dir / "rejected.json", {"count": len(bad), "records": bad[:1000]})
     check(len(rows.get("train", [])) >= cfg.train.batch_size * cfg.scaling.num_workers,
           f"data.train: {len(rows.get('train', []))} examples is fewer than one global batch")
-    n_val, workers = len(rows.get("val", [])), cfg.scaling.num_workers
-    # Ray Train gives every worker an equal share of the validation rows (the remainder is left out)
-    check(n_val == 0 or n_val >= workers,
-          f"data.val: {n_val} validation example(s) for {workers} workers, who each score an equal share: none "
-          f"would be scored; give more validation data (data.val, data.val_fraction) or fewer scaling.num_workers")
+    check_val_share(len(rows.get("val", [])), cfg.scaling.num_workers, "data.val:",
+                    "give more validation data (data.val, data.val_fraction) or fewer scaling.num_workers")
     if "test" in rows:
         import pyarrow as pa
         import pyarrow.parquet as pq

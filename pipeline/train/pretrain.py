@@ -17,7 +17,7 @@ from pipeline.config import check, config_hash, to_dict
 from pipeline.model.build import ModelConfig, build_model, flops_per_token
 from pipeline.train.data import LMBatcher, load_manifest, prepared_tokenizer_dir, resolve_prepared, shard_paths
 from pipeline.train.loop import LoopConfig, OptimConfig
-from pipeline.train.ray_train import RunConfigCfg, ScalingConfig
+from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, check_val_share
 from pipeline.train.runner import train_and_export
 
 logger = logging.getLogger(__name__)
@@ -76,11 +76,8 @@ def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict]:
     check(rows >= need, f"data: the train split holds {rows} rows of {seq_len} tokens; {cfg.scaling.num_workers} "
                         f"workers x train.batch_size {cfg.train.batch_size} need at least {need} for one step "
                         f"(lower them, or prepare more data)")
-    val_rows = sum(s.get("rows", 0) for s in manifest["shards"] if s["split"] == "val")
-    # Ray Train gives every worker an equal share of the validation rows (the remainder is left out)
-    check(val_rows == 0 or val_rows >= cfg.scaling.num_workers,
-          f"data: the val split holds {val_rows} row(s) for {cfg.scaling.num_workers} workers, who each score an "
-          f"equal share: none would be scored (prepare more validation data, or lower scaling.num_workers)")
+    check_val_share(sum(s.get("rows", 0) for s in manifest["shards"] if s["split"] == "val"), cfg.scaling.num_workers,
+                    "data: the val split holds", "prepare more validation data, or lower scaling.num_workers")
     return data_dir, manifest
 
 

@@ -74,6 +74,14 @@ def peak_flops(device: torch.device) -> float:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0)
 
 
+def check_val_share(val_rows: int, workers: int, what: str, remedy: str) -> None:
+    """Ray Train gives every worker an equal share of a split's rows (the remainder is left out):
+    a validation split with fewer rows than workers would be scored by none of them."""
+    check(val_rows == 0 or val_rows >= workers,
+          f"{what} {val_rows} validation row(s) for {workers} workers, who each score an equal share: none would be "
+          f"scored; {remedy}")
+
+
 def shard_batches(shard, loop: LoopConfig, column: str | None, make: Callable, epoch: int | None = None):
     """A worker's batches of its dataset shard: an epoch of training batches (shuffled by a local
     buffer seeded by ``epoch``), or with ``epoch`` None the validation batches, in order.

@@ -180,7 +180,7 @@ def test_a_request_the_cluster_cannot_hold_is_refused_on_a_local_cluster(tiny_pr
     manifest = json.loads((tiny_prepared[0] / "manifest.json").read_text())
     val_rows = sum(s["rows"] for s in manifest["shards"] if s["split"] == "val")
     assert val_rows > 0
-    with pytest.raises(ValueError, match=rf"data: the val split holds {val_rows} row\(s\) for {val_rows + 1} workers"):
+    with pytest.raises(ValueError, match=rf"data: the val split holds {val_rows} validation row\(s\) for {val_rows + 1} workers"):
         check_pretrain(from_dict(PretrainConfig, {**to_dict(cfg), "train": {"batch_size": 1},
                                                   "scaling": {"num_workers": val_rows + 1}}))
     monkeypatch.setattr(ray_utils, "_LOCAL", False)
