@@ -321,7 +321,8 @@ def run_tune(cfg: TuneConfig) -> dict:
         concurrency = min(concurrency, gpus // base_cfg.scaling.num_workers)
     check(cpus - concurrency * (per_trial_cpus + 0.01) >= 1,
           f"tune: {cpus} CPUs cannot hold a trial ({per_trial_cpus} CPUs of workers + 0.01 for the trial) and "
-          f"one free CPU for its data ingestion; lower scaling.cpus_per_worker in {cfg.base}")
+          f"one free CPU for its data ingestion; lower scaling.cpus_per_worker or scaling.num_workers in {cfg.base}, "
+          f"or in the sweep's own overrides (e.g. overrides: [scaling.num_workers=1, scaling.cpus_per_worker=0.45])")
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=math.ceil(cfg.max_steps / cfg.eval_every),
                               grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
     tuner = tune.Tuner(

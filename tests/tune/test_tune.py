@@ -53,6 +53,12 @@ def test_a_given_space_sweeps_only_what_it_names_and_every_choice_is_checked_fir
     gpu.write_text(yaml.safe_dump({**yaml.safe_load(base.read_text()), "scaling": {"num_workers": 1, "use_gpu": True}}))
     with pytest.raises(ValueError, match="tune: a trial needs 1 GPUs .*; the cluster has 0"):
         run_tune(from_dict(TuneConfig, {"base": str(gpu), "output_dir": str(tmp_path / "t"), "space": {"lr": [1e-4, 1e-3]}}))
+    # the pretrain and finetune jobs' 2 workers x 0.5 CPU leave no CPU for a trial's reads on 2 CPUs:
+    # refused with both ways out (the base config, or the sweep's own overrides)
+    wide = tmp_path / "wide.yaml"
+    wide.write_text(yaml.safe_dump({**yaml.safe_load(base.read_text()), "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}}))
+    with pytest.raises(ValueError, match=r"cannot hold a trial .* or in the sweep's own overrides"):
+        run_tune(from_dict(TuneConfig, {"base": str(wide), "output_dir": str(tmp_path / "t"), "space": {"lr": [1e-4, 1e-3]}}))
 
 
 def test_tune_runs_trials_and_asha_stops_some(tiny_prepared, tmp_path):
