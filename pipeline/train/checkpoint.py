@@ -26,12 +26,27 @@ def unwrap(model):
         model = inner
 
 
+def rng_state() -> dict:
+    """This process's random number generators (dropout, sampling, shuffles)."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])  # dropout masks on GPU continue as they were
+
+
 def save_checkpoint(path: str | Path, model, tokenizer=None, optimizer=None, state: TrainState | None = None,
                     extra: dict | None = None, *, model_state: dict | None = None,
-                    optimizer_state: dict | None = None) -> Path:
+                    optimizer_state: dict | None = None, rng_by_rank: list[dict] | None = None) -> Path:
     """``model_state`` / ``optimizer_state``: full state dicts gathered from a sharded model
     (``pipeline.train.sharding.full_state``) to save instead of the module's own (the optimizer's
-    keyed by parameter name)."""
+    keyed by parameter name). ``rng_by_rank``: every worker's ``rng_state()``, gathered by the
+    rank that saves, so that each worker resumes its own random streams (dropout differs by rank)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     bare = unwrap(model)
@@ -47,8 +62,8 @@ def save_checkpoint(path: str | Path, model, tokenizer=None, optimizer=None, sta
             "optimizer": optimizer.state_dict() if optimizer is not None and optimizer_state is None else None,
             "optimizer_by_name": optimizer_state,
             "state": state.to_dict() if state is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": rng_state(),
+            "rng_by_rank": rng_by_rank,
             "extra": extra or {},
         }, path / STATE_FILE)
         if state is not None:
@@ -82,9 +97,15 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return best
 
 
-def load_training_state(path: str | Path, optimizer=None, model=None) -> tuple[TrainState, dict]:
+def load_training_state(path: str | Path, optimizer=None, model=None, rank: int = 0,
+                        world_size: int = 1) -> tuple[TrainState, dict]:
     """The training state saved with a checkpoint; the optimizer state goes into ``optimizer``
-    (``model`` is needed when it was saved by parameter name, from a sharded run)."""
+    (``model`` is needed when it was saved by parameter name, from a sharded run).
+
+    The random generators continue as worker ``rank`` left them when the checkpoint holds every
+    worker's state and the run has as many workers as the one that saved it; otherwise rank 0
+    takes the saving process's state and the other ranks keep their own seeding (taking rank
+    0's would give every rank the same dropout masks)."""
     blob = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
     if optimizer is not None:
         from pipeline.train.sharding import is_sharded, load_full_optimizer_state
@@ -99,13 +120,10 @@ def load_training_state(path: str | Path, optimizer=None, model=None) -> tuple[T
             optimizer.load_state_dict(blob["optimizer"])
     names = {f.name for f in fields(TrainState)}
     state = TrainState(**{k: v for k, v in (blob["state"] or {}).items() if k in names})
-    rng = blob.get("rng") or {}
-    if "torch" in rng:
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng.get("cuda") is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])  # dropout masks on GPU continue as they were
+    by_rank = blob.get("rng_by_rank")
+    rng = by_rank[rank] if by_rank and len(by_rank) == world_size else blob.get("rng") if rank == 0 else None
+    if rng:
+        set_rng_state(rng)
     return state, blob.get("extra", {})
 
 

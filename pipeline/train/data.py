@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from pipeline.model.masking import mask_tokens
@@ -90,6 +92,12 @@ def check_same_tokenizer(prepared_dir: str | Path, model_dir: str | Path, key: s
                       f"prepare the data with the model's tokenizer (prepare's tokenizer.path)")
 
 
+def stream_seed(*keys: int) -> int:
+    """A seed for the random stream named by ``keys`` (e.g. seed, rank, epoch): distinct keys give
+    independent streams (seed 1 of rank 0 is not seed 0 of rank 1)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
 class LMBatcher:
     """rows of token ids -> {"input_ids", "labels"} for the causal or masked objective."""
 
@@ -101,7 +109,22 @@ class LMBatcher:
         self.mask_id = mask_id
         self.vocab_size = vocab_size
         self.special_ids = special_ids or []
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+
+    def for_epoch(self, epoch: int | None, rank: int = 0) -> "LMBatcher":
+        """This batcher for one rank's epoch (``epoch`` None: its validation split), its masks
+        drawn from a generator keyed by (seed, rank, epoch) alone.
+
+        A run resumed in epoch e then draws, batch for batch, the masks the uninterrupted run drew
+        there (it replays the epoch's skipped batches through the same generator), whatever it
+        drew in earlier epochs; and no two ranks draw the same mask pattern. The causal objective
+        draws nothing: the batcher itself is returned."""
+        if self.objective != "masked":
+            return self
+        twin = copy.copy(self)
+        twin.generator = torch.Generator().manual_seed(stream_seed(self.seed, rank, 0 if epoch is None else epoch + 1))
+        return twin
 
     def __call__(self, input_ids: torch.Tensor) -> dict:
         input_ids = input_ids.long()

@@ -4,7 +4,6 @@ The training itself is ``pipeline.train.loop.Trainer``; nothing here computes a 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -16,8 +15,9 @@ from typing import Callable, Literal
 import torch
 
 from pipeline.config import check
-from pipeline.train.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
-from pipeline.train.data import ValidationCache
+from pipeline.train.checkpoint import (latest_checkpoint, load_model_weights, load_training_state, rng_state,
+                                       save_checkpoint)
+from pipeline.train.data import ValidationCache, stream_seed
 from pipeline.train.loop import LoopConfig, OptimConfig, TrainState, Trainer
 from pipeline.train.sharding import full_state, shard_model
 
@@ -114,9 +114,10 @@ def train_worker(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(scaling.threads_per_worker or max(1, int(scaling.cpus_per_worker)))
-    torch.manual_seed(loop.seed + rank)
-
+    # the model is initialised from loop.seed, the same weights on every rank (FSDP shards them
+    # without a broadcast); then each rank draws its own dropout masks
     model, batcher, tokenizer, flops_per_token = setup(config)
+    torch.manual_seed(stream_seed(loop.seed, rank))
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_dir"):
@@ -142,21 +143,21 @@ def train_worker(config: dict) -> dict:
     trainer = Trainer(model, optim, loop, device, flops_per_token, peak_flops(device))
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state, _ = load_training_state(ckpt_dir, trainer.optimizer, model)
+            state, _ = load_training_state(ckpt_dir, trainer.optimizer, model, rank, world)
         logger.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch, state.batches_in_epoch)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if "val" in config["datasets"] else None
     column = config["column"]
 
-    def batches(shard, epoch: int | None = None, make=batcher):
-        return shard_batches(shard, loop, column, make, epoch)
+    def batches(shard, epoch: int | None = None):
+        # a masked-LM batcher draws each (rank, epoch)'s masks from a generator of its own, so a
+        # resumed run draws the masks the uninterrupted one did; validation (read once, replayed
+        # at every evaluation) has its own too
+        for_epoch = getattr(batcher, "for_epoch", None)
+        return shard_batches(shard, loop, column, for_epoch(epoch, rank) if for_epoch else batcher, epoch)
 
-    # validation: read once, replayed at every evaluation; its own copy of the batcher, so that
-    # (masked objective) evaluations draw no masks from the training stream's generator
-    val_batcher = copy.deepcopy(batcher)
-    val_batches = ValidationCache(lambda: batches(val_shard, make=val_batcher), loop.eval_batches) \
-        if val_shard is not None else None
+    val_batches = ValidationCache(lambda: batches(val_shard), loop.eval_batches) if val_shard is not None else None
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
         if world > 1:
@@ -184,12 +185,17 @@ def train_worker(config: dict) -> dict:
     def on_eval(metrics: dict, st: TrainState, is_last: bool) -> None:
         # sharded: every rank takes part in gathering the full weights and optimizer state
         model_state, optim_state = full_state(model, trainer.optimizer) if sharded else (None, None)
+        rngs = [None] * world  # every worker's random streams, to resume each as it was
+        if world > 1:
+            torch.distributed.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"kind": "eval", **metrics}) + "\n")
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, model, tokenizer, trainer.optimizer, st, extra={"metrics": metrics},
-                                model_state=model_state, optimizer_state=optim_state)
+                                model_state=model_state, optimizer_state=optim_state, rng_by_rank=rngs)
                 ray.train.report({**metrics, **pg_id}, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report({**metrics, **pg_id})

@@ -169,6 +169,84 @@ def test_resume_is_exact(tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_a_masked_run_resumed_in_a_later_epoch_draws_the_uninterrupted_runs_masks(tmp_path):
+    """The masks of (rank, epoch) come from a generator of their own: a masked-LM run stopped in
+    its second epoch and resumed by a fresh batcher ends with the uninterrupted run's weights (one
+    generator for the whole run, restarted on resume, drew other masks there); ranks and epochs
+    draw different masks."""
+    from pipeline.train.checkpoint import load_training_state
+    from pipeline.train.data import LMBatcher
+
+    data = [fixed_batch(i) for i in range(3)]
+
+    def run(interrupt_at=None, resume_from=None):
+        batcher = LMBatcher("masked", mask_id=3, vocab_size=VOCAB, special_ids=[0, 1, 2], seed=7)
+        model = build_model(tiny(objective="masked"), VOCAB, pad_id=1, seed=0)
+        trainer = Trainer(model, OptimConfig(lr=3e-3, warmup_steps=2), LoopConfig(max_steps=8, eval_every=100, log_every=1),
+                          torch.device("cpu"))
+        state = TrainState()
+        if resume_from:
+            load_model_weights(model, resume_from)
+            state, _ = load_training_state(resume_from, trainer.optimizer)
+
+        def on_log(rec):
+            if rec["step"] == interrupt_at:
+                save_checkpoint(tmp_path, model, optimizer=trainer.optimizer, state=state)
+                raise KeyboardInterrupt
+
+        try:
+            trainer.fit(state, lambda epoch: (batcher.for_epoch(epoch)(x) for x in data), on_log=on_log)
+        except KeyboardInterrupt:
+            return None
+        return model
+
+    torch.manual_seed(0)
+    straight = run()
+    torch.manual_seed(0)
+    assert run(interrupt_at=5) is None
+    resumed = run(resume_from=tmp_path)
+    assert load_training_state(tmp_path, None)[0].epoch == 1
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    batcher = LMBatcher("masked", mask_id=3, vocab_size=VOCAB, special_ids=[0, 1, 2], seed=7)
+    draws = {key: batcher.for_epoch(*key)(data[0])["labels"] for key in [(0, 0), (0, 1), (1, 0), (None, 0)]}
+    assert torch.equal(draws[(0, 0)], batcher.for_epoch(0, 0)(data[0])["labels"])  # a function of the key alone
+    assert len({tuple(v.flatten().tolist()) for v in draws.values()}) == 4
+    causal = LMBatcher("causal")
+    assert causal.for_epoch(3, 1) is causal  # draws nothing
+
+
+def test_each_worker_resumes_its_own_random_streams(tmp_path):
+    """A checkpoint holds every worker's generators: worker r resumes its own (dropout differs by
+    rank); with another number of workers, rank 0 takes the saver's and the others keep their own
+    seeding rather than all drawing rank 0's numbers."""
+    from pipeline.train.checkpoint import load_training_state, rng_state
+
+    states = []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        states.append(rng_state())
+    model = build_model(tiny(), VOCAB, seed=0)
+    torch.manual_seed(100)  # the saving process is rank 0
+    save_checkpoint(tmp_path, model, state=TrainState(step=4), rng_by_rank=states)
+
+    def next_draw(rank, world):
+        torch.manual_seed(7)
+        load_training_state(tmp_path, rank=rank, world_size=world)
+        return torch.rand(3)
+
+    expected = []
+    for rank in range(2):
+        torch.set_rng_state(states[rank]["torch"])
+        expected.append(torch.rand(3))
+    assert torch.equal(next_draw(0, 2), expected[0]) and torch.equal(next_draw(1, 2), expected[1])
+    assert not torch.equal(expected[0], expected[1])
+    assert torch.equal(next_draw(0, 3), expected[0])  # another world size: rank 0 takes the saver's
+    torch.manual_seed(7)
+    own = torch.rand(3)
+    assert torch.equal(next_draw(1, 3), own)  # and rank 1 keeps its own seeding
+
+
 def test_checkpoint_kinds_of_lms_and_classifiers_from_either_objective(tmp_path):
     """A classifier fine-tuned from a BERT-style base is a classifier (evaluated, compressed and
     served as one), not a masked LM; each kind is refused where another is needed, by name."""

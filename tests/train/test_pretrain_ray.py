@@ -131,25 +131,32 @@ def test_pretrain_recovers_from_a_worker_death_and_exports(tiny_prepared, tmp_pa
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tiny_prepared, tmp_path):
-    # DDP (the default); the worker-death test above runs FSDP, and test_sharding checks that a
-    # sharded run resumed from its gathered checkpoint continues exactly as the uninterrupted one
+    """DDP (the default), the masked objective with dropout: the rerun continues from the step-4
+    checkpoint exactly as the interrupted run went on, the same rows, masks and every worker's
+    own dropout masks (the losses of the redone steps are equal). The worker-death test above
+    runs the causal objective under FSDP."""
     run_dir, _ = tiny_prepared
-    crashing = config(run_dir, tmp_path, run={"max_failures": 0, "fail_at_step": 6})
+    crashing = config(run_dir, tmp_path, model={"objective": "masked", "dropout": 0.1},
+                      run={"max_failures": 0, "fail_at_step": 6})
     with pytest.raises(Exception):
         run_pretrain(crashing)
     out = crashing.run_dir({"config_hash": json.loads((run_dir / "manifest.json").read_text())["config_hash"]})
-    assert steps_logged(out)[-1] >= 5 and not (out / "summary.json").exists()
+    assert steps_logged(out)[-1] >= 6 and not (out / "summary.json").exists()
     summary = run_pretrain(crashing)  # same config, same run: continues from the step-4 checkpoint
     steps = steps_logged(out)
     assert summary["steps"] == 12 and steps[-1] == 12
     assert steps.count(1) == 1 and steps.count(5) == 2
-    from transformers import AutoModelForCausalLM
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    first, rerun = records[:-8], records[-8:]  # steps 1..(the crash), then steps 5..12
+    before = {r["step"]: r["loss"] for r in first}
+    assert [r["step"] for r in rerun] == list(range(5, 13))
+    assert [r["loss"] for r in rerun[:2]] == pytest.approx([before[5], before[6]], rel=1e-6, abs=1e-6)
+    from transformers import AutoModelForMaskedLM
 
-    model = AutoModelForCausalLM.from_pretrained(summary["model_dir"])  # a plain, whole model
+    model = AutoModelForMaskedLM.from_pretrained(summary["model_dir"])  # a plain, whole model
     assert summary["exported"]["val_loss"] == summary["best_val_loss"]
-    assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_layer == 2
-    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
-    assert losses[-1] < losses[0]
+    assert type(model).__name__ == "BertForMaskedLM" and model.config.num_hidden_layers == 2
+    assert records[-1]["loss"] < records[0]["loss"]
     import torch
 
     saved = torch.load(next(out.rglob("training_state.pt")), weights_only=False)
