@@ -257,7 +257,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
             edge_tables = [t.select(["a", "b"]) for t in edges.iter_batches(batch_format="pyarrow", batch_size=65536)]
             edge_table = pa.concat_tables(edge_tables) if edge_tables else pa.table({"a": pa.array([], pa.string()), "b": pa.array([], pa.string())})
             comp = components_from_edges([(edge_table["a"].to_pylist(), edge_table["b"].to_pylist())])
-            logger.info("fuzzy dedup: %d candidate pairs over %d documents", edge_table.num_rows, len(comp))
+            logger.info("fuzzy dedup: %d candidate pairs linking %d documents", edge_table.num_rows, len(comp))
             if fz.verify and comp:
                 comp_path, edges_path = tmp / "components.parquet", tmp / "edges.parquet"
                 pq.write_table(pa.table({"doc_id": list(comp), "component": list(comp.values())}), comp_path)

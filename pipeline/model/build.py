@@ -76,10 +76,15 @@ def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int | None, eos_id: int
             max_position_embeddings=cfg.max_seq_len, attention_dropout=cfg.dropout, rms_norm_eps=1e-5,
             tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
         )
+    # GPT-2's GELU is the tanh approximation; transformers' "gelu_new" computes it as a chain of
+    # elementwise ops in Python, "gelu_pytorch_tanh" the same function in one fused torch kernel:
+    # 1.16x per training step of the small preset on one CPU thread, 1.55x for gpt2-124M in bf16
+    # eager on an H200 (BENCHMARKS.md)
     return transformers.GPT2Config(
         vocab_size=vocab_size, n_positions=cfg.max_seq_len, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, bos_token_id=eos_id,
         eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=cfg.tie_embeddings,
+        activation_function="gelu_pytorch_tanh",
     )
 
 
@@ -101,16 +106,16 @@ def num_params(model, trainable_only: bool = False) -> int:
 def flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token: 6N + 12 * n_layer * d_model * seq_len (the PaLM paper's MFU
     formula). N counts the weights that multiply: every parameter except the embedding lookups
-    (token and learned positions), plus the output projection even when it is tied to the token
-    embedding (a vocab x d_model matmul per token, about a third of gpt2-124M's compute)."""
+    (token, learned positions, BERT's token types), plus the output projection even when it is tied
+    to the token embedding (a vocab x d_model matmul per token, about a third of gpt2-124M's compute)."""
+    import torch
+
     c = model.config
     n_layer = getattr(c, "n_layer", None) or c.num_hidden_layers
     d = getattr(c, "n_embd", None) or c.hidden_size
     wte = model.get_input_embeddings().weight
-    n = num_params(model) - wte.numel()
-    wpe = getattr(getattr(model, "transformer", None), "wpe", None)  # GPT-2 learned positions
-    if wpe is not None:
-        n -= wpe.weight.numel()
+    lookups = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    n = num_params(model) - sum(lookups.values())
     head = model.get_output_embeddings()
     if head is not None and head.weight is wte:  # tied: counted once in num_params, used twice
         n += wte.numel()

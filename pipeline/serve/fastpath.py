@@ -169,7 +169,8 @@ class GPT2Decoder:
     def __init__(self, model) -> None:
         tr, cfg = model.transformer, model.config
         self.wte, self.wpe, self.ln_f, self.lm_head = tr.wte.forward, tr.wpe.forward, norm_fn(tr.ln_f), kernel_2d(model.lm_head)
-        gelu_tanh = cfg.activation_function == "gelu_new"  # the formula of F.gelu's tanh form, fused
+        # GPT-2's tanh-approximated GELU: "gelu_new" spells it as a chain of elementwise ops
+        gelu_tanh = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
         self.layers = []
         for i, block in enumerate(tr.h):
             attn, mlp = block.attn, block.mlp

@@ -85,6 +85,14 @@ def test_flops_per_token_counts_every_matmul_once():
     expected = 6 * (blocks + 50304 * 768) + 12 * 12 * 768 * 1024
     assert flops_per_token(model, 1024) == expected
     assert 0.85e9 < expected < 0.88e9  # about 0.87 GFLOP per token at 1,024 positions
+    # BERT-style: its word, position and token-type lookups cost no matmul; the MLM decoder is
+    # tied to the word embedding and counted
+    bert = build_model(tiny(objective="masked"), VOCAB, pad_id=1)
+    emb = bert.bert.embeddings
+    lookups = sum(m.weight.numel() for m in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings))
+    assert bert.get_output_embeddings().weight is emb.word_embeddings.weight
+    assert flops_per_token(bert, 64) == 6 * (num_params(bert) - lookups + emb.word_embeddings.weight.numel()) \
+        + 12 * bert.config.num_hidden_layers * bert.config.hidden_size * 64
 
 
 @pytest.mark.parametrize("kwargs, key", [

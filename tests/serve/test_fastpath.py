@@ -19,12 +19,18 @@ def tok(tiny_prepared):
     return transformers.AutoTokenizer.from_pretrained(str(tiny_prepared[0] / "tokenizer"))
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "llama-gqa"])
-def lm(tok, request):  # both families; Llama also with grouped-query attention (2 query heads per key)
-    arch, _, gqa = request.param.partition("-")
+@pytest.fixture(scope="module", params=["gpt2", "gpt2-gelu_new", "llama", "llama-gqa"])
+def lm(tok, request):
+    """Both families; GPT-2 also with OpenAI's checkpoints' activation spelling ("gelu_new", ours
+    is "gelu_pytorch_tanh"); Llama also with grouped-query attention (2 query heads per key)."""
+    arch, _, variant = request.param.partition("-")
     cfg = ModelConfig(arch=arch, preset="custom", n_layer=2, n_head=4, n_embd=64, max_seq_len=96,
-                      n_kv_head=2 if gqa else None)
+                      n_kv_head=2 if variant == "gqa" else None)
     lm = build_model(cfg, len(tok), tok.pad_token_id, tok.eos_token_id, seed=7)
+    if variant == "gelu_new":
+        lm.config.activation_function = "gelu_new"
+        for block in lm.transformer.h:
+            block.mlp.act = transformers.activations.ACT2FN["gelu_new"]
     with torch.no_grad():  # a freshly initialized model attends almost uniformly: sharpen it, so that
         for name, p in lm.named_parameters():  # a wrong key, value or mask shows in the logits
             if name.endswith(("attn.c_attn.weight", "q_proj.weight", "k_proj.weight")):

@@ -27,7 +27,7 @@ def collect_rows(config: dict) -> dict:
     from pipeline.train.loop import LoopConfig
     from pipeline.train.ray_train import shard_batches
 
-    loop = LoopConfig(batch_size=config["batch_size"], shuffle_buffer=16)
+    loop = LoopConfig(batch_size=config["batch_size"], shuffle_buffer=64)
     batcher = LMBatcher("causal")
     rows, batch_sizes = [], []
     for epoch in range(2):
@@ -58,7 +58,7 @@ def test_two_workers_see_each_token_once_per_epoch(tiny_prepared, tmp_path):
     files, expected = split_rows("train")
     val_files, val_expected = split_rows("val")
     assert len(expected) % 2 == 0  # Ray's equal split leaves out the remainder of rows / workers: none here
-    batch_size = next(b for b in range(3, 20) if (len(expected) // 2) % b)
+    batch_size = next(b for b in range(24, 64) if (len(expected) // 2) % b)
 
     def worker(config):
         out = collect_rows(config)

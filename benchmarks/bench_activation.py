@@ -1,0 +1,93 @@
+"""GPT-2's GELU spelled two ways: transformers' "gelu_new" (the tanh approximation as a chain of
+elementwise ops in Python, what OpenAI's GPT-2 configs name) against "gelu_pytorch_tanh" (the same
+function in one fused torch kernel, what ``build_model`` now configures). Same model, same batch,
+the training step of ``Trainer.train_step`` (forward, backward, AdamW), no Ray.
+
+    python benchmarks/bench_activation.py                      # the demo's small preset, 1 CPU thread
+    python benchmarks/bench_activation.py --device cuda --preset gpt2-124m --seq-len 1024 --batch 16
+
+Rounds alternate the two spellings (noise on a shared machine hits both); each round reports the
+median step after the warm-up steps, and the summary the median over rounds and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SPELLINGS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def step_time(torch, device, preset: str, act: str, vocab: int, batch: int, seq_len: int, steps: int, warmup: int,
+              precision: str) -> tuple[float, float]:
+    from transformers.activations import ACT2FN
+
+    from pipeline.model.build import ModelConfig, build_model
+    from pipeline.train.loop import LoopConfig, OptimConfig, Trainer
+
+    model = build_model(ModelConfig(preset=preset, max_seq_len=seq_len), vocab, seed=0)
+    model.config.activation_function = act
+    for block in model.transformer.h:
+        block.mlp.act = ACT2FN[act]
+    model.to(device)
+    trainer = Trainer(model, OptimConfig(), LoopConfig(max_steps=10_000, precision=precision), device)
+    x = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    times, first_loss = [], None
+    for step in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss, _ = trainer.train_step([{"input_ids": x, "labels": x}], step)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        first_loss = loss if first_loss is None else first_loss
+    return statistics.median(times[warmup:]), first_loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--vocab", type=int, default=8192, help="the demo tokenizer's size")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", default="auto", help="auto: bf16 autocast on a GPU, fp32 on CPU")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rounds: dict[str, list[float]] = {s: [] for s in SPELLINGS}
+    losses = {}
+    for r in range(args.rounds):
+        for act in (SPELLINGS if r % 2 == 0 else SPELLINGS[::-1]):
+            t, losses[act] = step_time(torch, device, args.preset, act, args.vocab, args.batch, args.seq_len,
+                                       args.steps, args.warmup, args.precision)
+            rounds[act].append(t)
+            print(f"round {r}: {act}: {t * 1000:.1f} ms per step (first loss {losses[act]:.5f})", flush=True)
+    med = {a: statistics.median(v) for a, v in rounds.items()}
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "args": vars(args), "step_ms": {a: [t * 1000 for t in v] for a, v in rounds.items()},
+           "median_ms": {a: t * 1000 for a, t in med.items()}, "speedup": med["gelu_new"] / med["gelu_pytorch_tanh"],
+           "first_loss": losses}
+    print(f"median step: gelu_new {med['gelu_new'] * 1000:.1f} ms, gelu_pytorch_tanh "
+          f"{med['gelu_pytorch_tanh'] * 1000:.1f} ms: {out['speedup']:.2f}x", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
