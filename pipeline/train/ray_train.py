@@ -18,7 +18,7 @@ from pipeline.config import check
 from pipeline.train.checkpoint import (latest_checkpoint, load_model_weights, load_training_state, rng_state,
                                        save_checkpoint)
 from pipeline.train.data import ValidationCache, stream_seed
-from pipeline.train.loop import LoopConfig, OptimConfig, TrainState, Trainer
+from pipeline.train.loop import LoopConfig, OptimConfig, TrainState, Trainer, autocast_context
 from pipeline.train.sharding import full_state, shard_model
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,10 @@ def train_worker(config: dict) -> dict:
         model = torch.compile(model)
     device = ray.train.torch.get_device()
     trainer = Trainer(model, optim, loop, device, flops_per_token, peak_flops(device))
+    if rank == 0:
+        amp = isinstance(autocast_context(device, loop.precision), torch.autocast)
+        logger.info("training on %s (%d workers), precision %s: %s", device, world, loop.precision,
+                    "bf16 autocast" if amp else "fp32")
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state, _ = load_training_state(ckpt_dir, trainer.optimizer, model, rank, world)

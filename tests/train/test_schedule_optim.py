@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.model.build import ModelConfig, build_model
-from pipeline.train.loop import LoopConfig, OptimConfig
+from pipeline.train.loop import LoopConfig, OptimConfig, Trainer
 from pipeline.train.optim import param_groups
 from pipeline.train.ray_train import RunConfigCfg, ScalingConfig
 from pipeline.train.schedule import get_lr
@@ -95,3 +95,27 @@ def test_the_exported_checkpoint_is_the_best_by_its_metric():
     assert best_checkpoint(kept, "val_loss")[0] == "c200"
     assert best_checkpoint(kept, "val_accuracy")[0] == "c300"  # a tie goes to the later step
     assert best_checkpoint([("a", None), ("b", {})], "val_loss")[0] == "b"
+
+
+def test_bf16_native_autocasts_only_where_the_device_multiplies_bf16(monkeypatch):
+    """``precision: bf16-native``: bf16 autocast on a CPU with AMX tiles (and on CUDA), fp32 on
+    any other CPU, where bf16 is emulated; ``auto`` stays fp32 on every CPU."""
+    from pipeline.train.loop import autocast_context, native_bf16
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    ctx = autocast_context(cpu, "bf16-native")
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+    assert not isinstance(autocast_context(cpu, "auto"), torch.autocast)
+    model = build_model(ModelConfig(preset="tiny", max_seq_len=16), 64, seed=0)
+    trainer = Trainer(model, OptimConfig(lr=1e-3, warmup_steps=1), LoopConfig(max_steps=2, precision="bf16-native"), cpu)
+    x = torch.arange(32).reshape(2, 16) % 64
+    with autocast_context(cpu, "bf16-native"):
+        assert model(input_ids=x).logits.dtype == torch.bfloat16  # the matmuls ran in bf16
+    loss, _ = trainer.train_step([{"input_ids": x, "labels": x}], 0)
+    assert math.isfinite(loss) and all(p.dtype == torch.float32 for p in model.parameters())
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not native_bf16(cpu) and not isinstance(autocast_context(cpu, "bf16-native"), torch.autocast)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert not native_bf16(cpu)  # a torch without the probe
+    assert native_bf16(torch.device("cuda"))
