@@ -88,11 +88,11 @@ class TrainState:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU, or a CPU with AMX tiles
-    (Intel Sapphire Rapids and later). Elsewhere bf16 autocast on a CPU is emulated and slower
+    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU from Ampere on, or a
+    CPU with AMX tiles (Intel Sapphire Rapids and later). Elsewhere bf16 is emulated and slower
     than fp32."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         try:
             return bool(torch.cpu._is_amx_tile_supported())

@@ -118,4 +118,6 @@ def test_bf16_native_autocasts_only_where_the_device_multiplies_bf16(monkeypatch
     assert not native_bf16(cpu) and not isinstance(autocast_context(cpu, "bf16-native"), torch.autocast)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert not native_bf16(cpu)  # a torch without the probe
-    assert native_bf16(torch.device("cuda"))
+    for native in (True, False):  # a GPU: its own report (an Ampere or later one multiplies bf16)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
+        assert native_bf16(torch.device("cuda")) is native
