@@ -401,6 +401,11 @@ def _field_record(task: dict, doc_id: str, obj: dict, raw: Any) -> dict:
                           "the source's encoding if the file uses another one, e.g. latin-1 or cp1252)", raw)
     if not text.strip():
         return quarantine(task, doc_id, "empty_text", "text is empty or whitespace only", raw)
+    if isinstance(label, (list, dict, bytes)):
+        return quarantine(task, doc_id, "bad_label", f"label field {task['label_field']!r} is a {type(label).__name__}, "
+                          f"not one value (a string or a number)", raw)
+    if isinstance(label, float) and label != label:  # NaN (a JSON NaN, a pandas gap): no label
+        label = None
     split = field_value(obj, task["split_field"]) if task.get("split_field") else task.get("source_split")
     return _doc(task, doc_id, text, None if label is MISSING else label, None if split is MISSING else split)
 

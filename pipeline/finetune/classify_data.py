@@ -64,14 +64,15 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
         elif not valid_text(text) or isinstance(label, str) and not valid_text(label):  # undecodable CSV bytes
             bad.append({"where": f"{path}:{i}", "reason": "text or label holds bytes that are not valid UTF-8 (save the "
                                                           "file as UTF-8)"})
-        elif label is MISSING or label is None or not str(label).strip():
+        elif label is MISSING or label is None or label != label or not str(label).strip():  # label != label: NaN
             bad.append({"where": f"{path}:{i}", "reason": "missing label"})
+        elif isinstance(label, (list, dict, bytes)):
+            bad.append({"where": f"{path}:{i}", "reason": f"the label is a {type(label).__name__}, not one value "
+                                                          f"(a string or a number)"})
         else:
             group = field_value(row, group_field) if group_field else None
             out.append({"text": text, "label": str(label), "group": None if group is MISSING else group})
     return out
-
-
 
 
 def end_with_eos(tok) -> bool:

@@ -54,6 +54,8 @@ def test_jsonl_with_malformed_lines(tmp_path, suffix):
         "",
         json.dumps({"text": "   "}),
         json.dumps({"text": "Second good document.", "label": 3}),
+        json.dumps({"text": "A document with a list label.", "label": ["a", "b"]}),
+        json.dumps({"text": "A NaN label is no label.", "label": float("nan")}),
     ]
     raw = b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff byte"}\n'
     path = tmp_path / f"data{suffix}"
@@ -64,12 +66,12 @@ def test_jsonl_with_malformed_lines(tmp_path, suffix):
     path.write_bytes(raw)
     recs = read_all(SourceConfig(path=str(path), label_field="label", id_field="id"))
     docs = [r for r in recs if r.get(S.STATUS) is None]
-    assert [d[S.TEXT] for d in docs] == ["First good document.", "Second good document."]
-    assert [d[S.LABEL] for d in docs] == ["a", "3"]
+    assert [d[S.TEXT] for d in docs] == ["First good document.", "Second good document.", "A NaN label is no label."]
+    assert [d[S.LABEL] for d in docs] == ["a", "3", None]
     assert docs[0][S.DOC_ID] == "data:x1" and docs[1][S.DOC_ID] == "data:data" + suffix + ":9"
     assert reasons(recs) == sorted(["malformed_json", "missing_text_field", "non_string_text", "missing_text_field",
-                                    "malformed_json", "empty_text", "invalid_utf8"])
-    assert len(recs) == 9  # 10 lines, one blank
+                                    "malformed_json", "empty_text", "bad_label", "invalid_utf8"])
+    assert len(recs) == 11  # 12 lines, one blank
 
 
 @pytest.mark.parametrize("suffix", [".json", ".json.gz"])

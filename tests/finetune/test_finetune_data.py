@@ -179,6 +179,14 @@ def test_labeled_data_and_bad_rows(tmp_path, tok):
 
     jl.write_text('{"t": "Hello there", "y": "a", "meta": {"src": "web"}}\n{"t": "Thanks", "y": "b"}\n')
     assert [r["group"] for r in read_labeled_rows(str(jl), "t", "y", [], "meta.src")] == ["web", None]
+    # a label that is not one value (a list, an object) or is NaN is rejected, not made a class;
+    # numbers are classes by their text
+    jl.write_text('{"t": "One", "y": 1}\n{"t": "Two", "y": ["a", "b"]}\n{"t": "Three", "y": {"k": 1}}\n'
+                  '{"t": "Four", "y": NaN}\n{"t": "Five", "y": true}\n')
+    bad = []
+    assert read_labeled(str(jl), "t", "y", bad) == [("One", "1"), ("Five", "True")]
+    assert [b["reason"] for b in bad] == ["the label is a list, not one value (a string or a number)",
+                                          "the label is a dict, not one value (a string or a number)", "missing label"]
 
 
 def test_labeled_data_from_a_saved_hf_dataset_dict(tmp_path, tok):
