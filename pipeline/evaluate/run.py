@@ -112,6 +112,20 @@ def _labeled_files(spec: str) -> dict[str, str]:
     return files if files else {"test": spec}  # None: not a prepare output, a labeled file
 
 
+def _eval_files(section: str, data: str, split: str, train_data: str | None, need_train: bool) -> tuple[str, str, str | None]:
+    """A labeled section's files: (the split it reads, its file, the train file or None). ``data``
+    is a prepare output or DatasetDict (its ``split``) or one labeled file (all of it, whatever
+    ``split`` says); the train file is ``train_data`` if set, else the train split of ``data``."""
+    files = _labeled_files(data)
+    name = "test" if files == {"test": data} else split
+    check(name in files, f"{section}.data {data}: no {split!r} split")
+    train = train_data or files.get("train")
+    check(not need_train or train is not None,
+          f"{section}.data {data}: no train split for " + ("the examples" if section == "fewshot" else "the TF-IDF baseline")
+          + f" (set {section}.train_data" + (", or classification.baseline: false)" if section == "classification" else ")"))
+    return name, files[name], train
+
+
 def _read_split(path: str, text_field: str, label_field: str, extra: str | None, bad: list) -> list[dict]:
     from pipeline.finetune.classify_data import read_labeled_rows
 
@@ -163,8 +177,12 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
         model_dir = resolve_finetuned(cfg.classification.model)
         check((model_dir / "config.json").exists(), f"classification.model: {model_dir} is not a model directory")
         require_classifier(model_dir, "classification.model")
+        c = cfg.classification
+        _eval_files("classification", c.data, c.split, c.train_data, c.baseline)
     if cfg.fewshot is not None:
         _causal_dir(cfg.fewshot.model, "fewshot.model")
+        f = cfg.fewshot
+        _eval_files("fewshot", f.data, f.split, f.train_data, True)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
@@ -228,15 +246,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
         f = cfg.fewshot
         model_dir = _causal_dir(f.model)
-        files = _labeled_files(f.data)
-        single = files == {"test": f.data}  # a labeled file, not a prepare output: all its rows are queries
-        split = "test" if single else f.split
-        check(split in files, f"fewshot.data {f.data}: no {f.split!r} split")
-        train_path = f.train_data or files.get("train")
-        check(train_path is not None, f"fewshot.data {f.data}: no train split for the examples (set fewshot.train_data)")
+        split, split_path, train_path = _eval_files("fewshot", f.data, f.split, f.train_data, True)
+        single = split_path == f.data  # a labeled file, not a prepare output: all its rows are queries
         bad: list = []
         train = [(r["text"], r["label"]) for r in _read_split(train_path, f.text_field, f.label_field, None, bad)]
-        test = _read_split(files[split], f.text_field, f.label_field, None, bad)
+        test = _read_split(split_path, f.text_field, f.label_field, None, bad)
         n_queries = len(test)
         test = sample_rows(test, f.max_queries, f.seed)
         check(bool(train) and bool(test), f"fewshot: no usable rows (train {len(train)}, queries {len(test)})")
@@ -297,14 +311,10 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
     model_dir = resolve_finetuned(c.model)
     check((model_dir / "config.json").exists(), f"classification.model: {model_dir} is not a model directory")
     require_classifier(model_dir, "classification.model")
-    files = _labeled_files(c.data)
-    check(c.split in files, f"classification.data {c.data}: no {c.split!r} split")
+    split, split_path, train_path = _eval_files("classification", c.data, c.split, c.train_data, c.baseline)
     bad: list = []
-    rows = _read_split(files[c.split], c.text_field, c.label_field, c.group_field, bad)
-    check(bool(rows), f"classification: the {c.split} split has no usable rows")
-    train_path = files.get("train") or c.train_data
-    check(not c.baseline or train_path is not None,  # before the predictions, not after
-          "classification.baseline needs a train split (or classification.train_data)")
+    rows = _read_split(split_path, c.text_field, c.label_field, c.group_field, bad)
+    check(bool(rows), f"classification: the {split} split of {c.data} has no usable rows")
     preds = predict_dataset([{"idx": r["idx"], "text": r["text"]} for r in rows], str(model_dir), c.max_len, actors)
     y_true = [r["label"] for r in rows]
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -312,8 +322,8 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
     unknown = sorted(set(y_true) - set(labels))  # never predicted: each such row is a miss, in every metric
     m = classification_metrics(y_true, preds, labels + unknown)
     plot_confusion(m["confusion_matrix"], m["labels"], out / "confusion_matrix.png", "fine-tuned classifier")
-    res = {"model": str(model_dir), "split": c.split, "rejected_rows": len(bad), "labels_unknown_to_model": unknown, **m}
-    lines = ["## Classification", "", f"- model `{model_dir}`, {len(rows)} {c.split} examples"
+    res = {"model": str(model_dir), "split": split, "rejected_rows": len(bad), "labels_unknown_to_model": unknown, **m}
+    lines = ["## Classification", "", f"- model `{model_dir}`, {len(rows)} {split} examples"
              + (f"; labels the classifier was not trained on: {', '.join(unknown)} "
                 f"({sum(y in unknown for y in y_true)} examples, all counted as errors)" if unknown else ""),
              "", "| | accuracy | macro-F1 | weighted-F1 |", "|---|---:|---:|---:|",
@@ -342,7 +352,7 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
         lines.append(f"| TF-IDF + LogisticRegression on the classifier's reading ({what} per text) | {sr['accuracy']:.3f} | "
                      f"{sr['f1_macro']:.3f} | {sr['f1_weighted']:.3f} |")
     if c.group_field and all(r["group"] is None for r in rows):  # the default "source" in a file without it
-        lines += ["", f"- not sliced: no row of the {c.split} split has a field `{c.group_field}` (group_field)"]
+        lines += ["", f"- not sliced: no row of the {split} split has a field `{c.group_field}` (group_field)"]
     elif c.group_field:  # rows without the field form their own group
         groups = [str(r["group"]) if r["group"] is not None else "(missing)" for r in rows]
         res["sliced"] = sliced_metrics(y_true, preds, groups, m["labels"])

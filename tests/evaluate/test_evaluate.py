@@ -425,6 +425,18 @@ def test_jobs_refuse_a_model_of_the_wrong_kind_before_ray_starts(toy, tmp_path, 
     (tmp_path / "ev.yaml").write_text(f"fewshot: {{model: {tmp_path / 'mlm'}, data: {tmp_path}}}\n")
     assert jobs.evaluate.main(["--config", str(tmp_path / "ev.yaml"), f"output_dir={tmp_path / 'ev'}"]) == 2
     assert "fewshot.model: " in capsys.readouterr().err and not (tmp_path / "ev").exists()
+    # a labeled file to evaluate a classifier on, without data to train the TF-IDF baseline on
+    import transformers
+
+    clf = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2, num_labels=2, pad_token_id=tok.pad_token_id))
+    clf.save_pretrained(str(tmp_path / "clf"))
+    tok.save_pretrained(str(tmp_path / "clf"))
+    (tmp_path / "l.csv").write_text("text,label\nrain today,LABEL_0\n")
+    (tmp_path / "ev.yaml").write_text(f"classification: {{model: {tmp_path / 'clf'}, data: {tmp_path / 'l.csv'}}}\n")
+    assert jobs.evaluate.main(["--config", str(tmp_path / "ev.yaml"), f"output_dir={tmp_path / 'ev'}"]) == 2
+    assert "no train split for the TF-IDF baseline (set classification.train_data, or classification.baseline: " \
+           "false)" in capsys.readouterr().err and not (tmp_path / "ev").exists()
     # every section takes the config YAML that made its model, as the demo's evaluation does: they
     # resolve (no "unknown config key"), and name the missing run (an empty working directory)
     import shutil
