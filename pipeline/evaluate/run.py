@@ -27,7 +27,11 @@ class LMEvalConfig:
     max_len: int = 256
 
     def __post_init__(self) -> None:
-        check(self.data is not None or self.text_file is not None, "lm: set lm.data or lm.text_file")
+        check((self.data is None) != (self.text_file is None),
+              "lm: set one of lm.data (a prepare output's shards) or lm.text_file, not both"
+              if self.data is not None else "lm: set lm.data or lm.text_file")
+        check(self.max_len >= 2, f"lm.max_len must be >= 2 (tokens per document), got {self.max_len}")
+        check(self.max_rows >= 0, f"lm.max_rows must be >= 0 (0: every row), got {self.max_rows}")
         check(self.split in ("val", "test", "train"), f"lm.split must be val, test or train, got {self.split!r}")
 
 
@@ -67,6 +71,8 @@ class FewshotEvalConfig:
     def __post_init__(self) -> None:
         check(self.k >= 0, f"fewshot.k must be >= 0, got {self.k}")
         check(self.max_queries >= 1, f"fewshot.max_queries must be >= 1, got {self.max_queries}")
+        check(self.max_words >= 1, f"fewshot.max_words must be >= 1, got {self.max_words}")
+        check(self.max_len >= 8, f"fewshot.max_len must be >= 8, got {self.max_len}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +132,19 @@ def _eval_files(section: str, data: str, split: str, train_data: str | None, nee
     return name, files[name], train
 
 
+def _bias_pairs(b: BiasEvalConfig) -> list[dict]:
+    """The counterfactual pairs, each checked to fit the model's context."""
+    import transformers
+
+    from pipeline.evaluate.bias import check_pairs_fit, load_pairs
+
+    model_dir = str(_causal_dir(b.model))
+    pairs = load_pairs(b.pairs_path)
+    check_pairs_fit(transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True),
+                    transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True), pairs)
+    return pairs
+
+
 def _read_split(path: str, text_field: str, label_field: str, extra: str | None, bad: list) -> list[dict]:
     from pipeline.finetune.classify_data import read_labeled_rows
 
@@ -183,6 +202,8 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
         _causal_dir(cfg.fewshot.model, "fewshot.model")
         f = cfg.fewshot
         _eval_files("fewshot", f.data, f.split, f.train_data, True)
+    if cfg.bias is not None:  # the pairs parse and fit the model's context
+        _bias_pairs(cfg.bias)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
@@ -274,15 +295,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                    f"macro-F1 {c['f1_macro']:.3f}", ""]
 
     if cfg.bias is not None:
-        from pipeline.evaluate.bias import check_pairs_fit, load_pairs, plot_gaps, summarize_gaps
+        from pipeline.evaluate.bias import plot_gaps, summarize_gaps
         from pipeline.evaluate.ray_eval import bias_gaps
         from pipeline.model.build import checkpoint_kind
 
         model_dir = _causal_dir(cfg.bias.model)
         masked = checkpoint_kind(model_dir) == "masked"
-        pairs = load_pairs(cfg.bias.pairs_path)
-        check_pairs_fit(transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True),
-                        transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True), pairs)
+        pairs = _bias_pairs(cfg.bias)
         probe = summarize_gaps(bias_gaps(pairs, str(model_dir), cfg.actors), [p["category"] for p in pairs])
         plot_gaps(probe["gaps"], out / "bias_gaps.png")
         results["bias"] = {"model": str(model_dir), **probe,

@@ -80,6 +80,11 @@ class TuneConfig:
         check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
         check(self.max_steps >= self.eval_every >= 1, f"max_steps ({self.max_steps}) must be >= eval_every ({self.eval_every}) >= 1")
         check(self.reduction_factor >= 2, f"reduction_factor must be >= 2, got {self.reduction_factor}")
+        evaluations = -(-self.max_steps // self.eval_every)  # ASHA's max_t
+        check(1 <= self.grace_period <= evaluations, f"grace_period must be in [1, evaluations per trial = "
+                                                     f"{evaluations}], got {self.grace_period}")
+        check(self.max_concurrent is None or self.max_concurrent >= 1,
+              f"max_concurrent must be >= 1 or null, got {self.max_concurrent}")
 
 
 METRICS = {"val_loss": "min", "val_accuracy": "max"}

@@ -281,14 +281,24 @@ def test_a_windowed_classifier_averages_its_windows_and_serving_reads_the_same(t
     assert source16 == [0, 0, 0] and n16 == sum(len(x) for x in enc16["input_ids"])
 
 
-def test_classifier_reading_lengths_name_their_key():
+def test_evaluation_lengths_and_sources_name_their_key():
     from pipeline.compress.run import CompressEvalConfig
-    from pipeline.evaluate.run import ClassifyEvalConfig
+    from pipeline.evaluate.run import ClassifyEvalConfig, FewshotEvalConfig, LMEvalConfig
 
     with pytest.raises(ValueError, match="classification.max_len"):
         ClassifyEvalConfig(model="m", data="d", max_len=2)
     with pytest.raises(ValueError, match="eval.classify_max_len"):
         CompressEvalConfig(classify_max_len=0)
+    with pytest.raises(ValueError, match="lm.max_len must be >= 2"):
+        LMEvalConfig(model="m", text_file="t.txt", max_len=0)
+    with pytest.raises(ValueError, match="lm.max_rows must be >= 0"):
+        LMEvalConfig(model="m", data="d", max_rows=-1)
+    with pytest.raises(ValueError, match="set one of lm.data .* or lm.text_file, not both"):
+        LMEvalConfig(model="m", data="d", text_file="t.txt")
+    with pytest.raises(ValueError, match="fewshot.max_words must be >= 1"):
+        FewshotEvalConfig(model="m", data="d", max_words=0)
+    with pytest.raises(ValueError, match="fewshot.max_len must be >= 8"):
+        FewshotEvalConfig(model="m", data="d", max_len=4)
 
 
 def test_lm_data_checks_tokenizer_and_context_before_scoring(tiny_prepared, tmp_path):
@@ -437,6 +447,15 @@ def test_jobs_refuse_a_model_of_the_wrong_kind_before_ray_starts(toy, tmp_path, 
     assert jobs.evaluate.main(["--config", str(tmp_path / "ev.yaml"), f"output_dir={tmp_path / 'ev'}"]) == 2
     assert "no train split for the TF-IDF baseline (set classification.train_data, or classification.baseline: " \
            "false)" in capsys.readouterr().err and not (tmp_path / "ev").exists()
+    # a bias pairs file that is not there, or a pair too long for the model's context
+    (tmp_path / "ev.yaml").write_text(f"bias: {{model: {tmp_path / 'mlm'}, pairs_path: {tmp_path / 'none.jsonl'}}}\n")
+    assert jobs.evaluate.main(["--config", str(tmp_path / "ev.yaml"), f"output_dir={tmp_path / 'ev'}"]) == 2
+    assert "bias.pairs_path" in capsys.readouterr().err and not (tmp_path / "ev").exists()
+    long = {"template": "{} " + "word " * 80, "stereotyped": "he", "anti": "she", "category": "gender"}
+    (tmp_path / "long.jsonl").write_text(json.dumps(long) + "\n")
+    (tmp_path / "ev.yaml").write_text(f"bias: {{model: {tmp_path / 'mlm'}, pairs_path: {tmp_path / 'long.jsonl'}}}\n")
+    assert jobs.evaluate.main(["--config", str(tmp_path / "ev.yaml"), f"output_dir={tmp_path / 'ev'}"]) == 2
+    assert "context" in capsys.readouterr().err and not (tmp_path / "ev").exists()
     # every section takes the config YAML that made its model, as the demo's evaluation does: they
     # resolve (no "unknown config key"), and name the missing run (an empty working directory)
     import shutil

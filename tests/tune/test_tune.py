@@ -20,6 +20,12 @@ def test_trial_overrides():
         SearchSpace(lr=[0.1, 0.01])
     with pytest.raises(ValueError, match="metric must be one of"):
         from_dict(TuneConfig, {"base": "x.yaml", "metric": "val_f1"})
+    with pytest.raises(ValueError, match=r"grace_period must be in \[1, evaluations per trial = 4\], got 0"):
+        from_dict(TuneConfig, {"base": "x.yaml", "max_steps": 40, "grace_period": 0})
+    with pytest.raises(ValueError, match=r"grace_period must be in \[1, evaluations per trial = 4\], got 5"):
+        from_dict(TuneConfig, {"base": "x.yaml", "max_steps": 40, "grace_period": 5})
+    with pytest.raises(ValueError, match="max_concurrent must be >= 1"):
+        from_dict(TuneConfig, {"base": "x.yaml", "max_concurrent": 0})
     from pipeline.tune.sweep import check_tune
 
     with pytest.raises(ValueError, match="pretraining reports val_loss only"):
