@@ -75,6 +75,8 @@ class CompressEvalConfig:
     def __post_init__(self) -> None:
         check(self.repeats >= 1 and self.decode_tokens >= 1, "eval.repeats and eval.decode_tokens must be >= 1")
         check(self.lm_rows >= 0 and self.classify_rows >= 0, "eval.lm_rows and eval.classify_rows must be >= 0 (0: all)")
+        check(self.threads >= 1, f"eval.threads must be >= 1, got {self.threads}")
+        check(self.max_len >= 2, f"eval.max_len must be >= 2 (tokens per LM row), got {self.max_len}")
         check(self.classify_max_len is None or self.classify_max_len >= 8,
               f"eval.classify_max_len must be >= 8 or null, got {self.classify_max_len}")
 

@@ -289,6 +289,10 @@ def test_evaluation_lengths_and_sources_name_their_key():
         ClassifyEvalConfig(model="m", data="d", max_len=2)
     with pytest.raises(ValueError, match="eval.classify_max_len"):
         CompressEvalConfig(classify_max_len=0)
+    with pytest.raises(ValueError, match="eval.threads must be >= 1"):
+        CompressEvalConfig(threads=0)
+    with pytest.raises(ValueError, match="eval.max_len must be >= 2"):
+        CompressEvalConfig(max_len=1)
     with pytest.raises(ValueError, match="lm.max_len must be >= 2"):
         LMEvalConfig(model="m", text_file="t.txt", max_len=0)
     with pytest.raises(ValueError, match="lm.max_rows must be >= 0"):
