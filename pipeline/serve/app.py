@@ -66,7 +66,14 @@ class ServedModel:
     def __post_init__(self) -> None:
         check(bool(self.name) and self.name.replace("-", "").replace("_", "").replace(".", "").isalnum(),
               f"models[].name must be letters, digits, '-', '_' or '.', got {self.name!r}")
-        check(self.max_batch_size >= 1 and self.max_queue >= 0, f"models[{self.name}]: max_batch_size >= 1, max_queue >= 0")
+        # every request waits in the replica's queue for the next batch, so a queue of 0 would refuse them all
+        check(self.max_batch_size >= 1 and self.max_queue >= 1,
+              f"models[{self.name}]: max_batch_size and max_queue must be >= 1, got {self.max_batch_size} and {self.max_queue}")
+        check(self.batch_wait_ms >= 0, f"models[{self.name}].batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        check(self.max_ongoing_requests >= 1 and self.default_max_tokens >= 1,
+              f"models[{self.name}]: max_ongoing_requests and default_max_tokens must be >= 1")
+        check(self.max_queued_requests >= 1 or self.max_queued_requests == -1,
+              f"models[{self.name}].max_queued_requests must be >= 1 or -1 (no limit), got {self.max_queued_requests}")
         check(self.cpus > 0 and self.threads >= 1, f"models[{self.name}]: cpus > 0 and threads >= 1")
         check(self.context_length is None or self.context_length >= 2,
               f"models[{self.name}].context_length must be >= 2 or null, got {self.context_length}")
@@ -92,6 +99,8 @@ class ServeConfig:
         check(len(set(names)) == len(names), f"models: names must be unique, got {names}")
         check(self.max_body_bytes > 0 and self.request_timeout_s > 0, "max_body_bytes and request_timeout_s must be > 0")
         check(self.rating_min < self.rating_max, "rating_min must be < rating_max")
+        check(1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}")
+        check(self.gateway_cpus > 0, f"gateway_cpus must be > 0, got {self.gateway_cpus}")
 
 
 def check_kind(m: ServedModel) -> None:

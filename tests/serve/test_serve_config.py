@@ -35,6 +35,12 @@ def test_serve_config_file_and_models_file_agree():
     ({"models": [{"name": "a", "path": "x", "max_batch": 4}]}, "max_batch"),
     ({"models": [{"name": "a", "path": "x", "context_length": 1}]}, "context_length"),
     ({"models": [{"name": "a", "path": "x", "context_length": "long"}]}, "context_length"),
+    ({"models": [{"name": "a", "path": "x", "max_queue": 0}]}, "max_queue must be >= 1"),
+    ({"models": [{"name": "a", "path": "x", "batch_wait_ms": -1}]}, "batch_wait_ms must be >= 0"),
+    ({"models": [{"name": "a", "path": "x", "max_queued_requests": 0}]}, "max_queued_requests must be >= 1 or -1"),
+    ({"models": [{"name": "a", "path": "x", "default_max_tokens": 0}]}, "default_max_tokens"),
+    ({"models": [{"name": "a", "path": "x"}], "port": 99999}, r"port must be in \[1, 65535\]"),
+    ({"models": [{"name": "a", "path": "x"}], "gateway_cpus": 0}, "gateway_cpus"),
 ])
 def test_bad_serve_config_names_the_key(data, key):
     with pytest.raises(ValueError, match=key):
