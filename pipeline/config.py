@@ -158,7 +158,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                                      f"{part!r} is not an index into it")
                 part = int(part)
             elif not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {path[depth - 1]} is not a mapping or a list")
+                raise ValueError(f"override {item!r}: {'.'.join(path[:depth])} is {node!r}, not a mapping or a list "
+                                 f"(replace it whole: {'.'.join(path[:depth])}=...)")
             if last:
                 node[part] = value
                 break

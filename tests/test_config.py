@@ -78,7 +78,8 @@ def test_overrides_index_into_lists():
     assert out["models"] == [{"name": "a", "threads": 1, "autoscaling": {"max_replicas": 4}}, {"name": "b", "threads": 2}]
     assert out["tags"] == ["z", "y"] and data["models"][1] == {"name": "b"}  # the input is not changed
     for bad, match in (("models.2.threads=1", "list of 2; '2'"), ("models.x.threads=1", "'x' is not an index"),
-                       ("n.k=1", "n is not a mapping")):
+                       ("n.k=1", r"n is 3, not a mapping or a list \(replace it whole: n=...\)"),
+                       ("tags.0.k=1", "tags.0 is 'x', not a mapping")):
         with pytest.raises(ValueError, match=match):
             apply_overrides(data, [bad])
 
