@@ -55,10 +55,10 @@ def tiny_models(tiny_prepared, tmp_path_factory):
     return root
 
 
-def serve_config(tiny_models, tmp, **over) -> dict:
+def serve_config(tiny_models, tmp, port: int, **over) -> dict:
     base = {"cpus": 0.05, "max_batch_size": 8, "batch_wait_ms": 30, "default_max_tokens": 16}
     return {
-        "port": 0, "feedback_db": str(tmp / "feedback.sqlite"), "gateway_cpus": 0.05, "request_timeout_s": 60,
+        "port": port, "feedback_db": str(tmp / "feedback.sqlite"), "gateway_cpus": 0.05, "request_timeout_s": 60,
         "models": [
             {"name": "tiny", "path": str(tiny_models / "lm"), **base},
             {"name": "tiny-chat", "path": str(tiny_models / "chat"), "kind": "chat", **base},
@@ -101,7 +101,7 @@ def serve_app(ray_session, tiny_models, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    cfg = serve_config(tiny_models, tmp_path_factory.mktemp("serve"))
+    cfg = serve_config(tiny_models, tmp_path_factory.mktemp("serve"), port)
     deploy(cfg, url)
     yield {"url": url, "config": cfg}
     serve.shutdown()  # frees the replicas' CPUs for the training tests that follow
