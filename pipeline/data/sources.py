@@ -726,7 +726,8 @@ def hf_splits(path: str) -> Iterator[tuple[str, Any]]:
 def hf_rows(path: str, label_field: str | None = None, only_train: bool = False) -> Iterator[tuple[str, dict]]:
     """``(split/row, row)`` of a saved Hugging Face dataset, every split (``only_train``: a
     DatasetDict's train splits, ``split_role``). A ``ClassLabel`` column named ``label_field``
-    gives its class names ("sports"), not the integers it stores."""
+    gives its class names ("sports"), not the integers it stores; its -1 (Hugging Face's "no
+    label", as in GLUE's test splits) is no label (None)."""
     splits = list(hf_splits(path))
     if only_train:  # the train split(s); else every split that is not held out (validation, test)
         train = [(n, ds) for n, ds in splits if split_role(n) == "train"] or \
@@ -743,8 +744,9 @@ def _hf_split_rows(split: str, ds: Any, label_field: str | None) -> Iterator[tup
     feature = ds.features.get(label_field) if label_field else None
     names = getattr(feature, "names", None) if type(feature).__name__ == "ClassLabel" else None
     for where, obj in _arrow_rows(ds.with_format("arrow").iter(batch_size=1024), f"{split}/" if split else ""):
-        if names is not None and isinstance(obj.get(label_field), int) and 0 <= obj[label_field] < len(names):
-            obj[label_field] = names[obj[label_field]]
+        if names is not None and isinstance(obj.get(label_field), int):
+            value = obj[label_field]
+            obj[label_field] = names[value] if 0 <= value < len(names) else None if value == -1 else value
         yield where, obj
 
 

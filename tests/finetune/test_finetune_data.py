@@ -207,6 +207,12 @@ def test_labeled_data_from_a_saved_hf_dataset_dict(tmp_path, tok):
     assert read_labeled(files["train"], "body", "topic", []) == [("Goal in the last minute.", "sport"),
                                                                  ("New chip released.", "tech")]
     assert read_labeled(files["val"], "body", "topic", []) == [("New chip released.", "tech")]
+    # ClassLabel's -1 is Hugging Face's "no label" (GLUE's test splits): counted as missing, not a class "-1"
+    datasets.Dataset.from_dict({"body": ["Goal!", "Unlabeled text."], "topic": [0, -1]}, features=features).save_to_disk(
+        str(tmp_path / "unlabeled"))
+    bad = []
+    assert read_labeled(str(tmp_path / "unlabeled"), "body", "topic", bad) == [("Goal!", "sport")]
+    assert [b["reason"] for b in bad] == ["missing label"]
     # through build_examples: an explicit data.val wins over the DatasetDict's validation split
     from pipeline.finetune.finetune import FinetuneConfig, FinetuneDataConfig, build_examples
 
