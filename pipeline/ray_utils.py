@@ -78,26 +78,38 @@ def cluster_cpus() -> int:
 
 _FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _FOOTER_BATCH = 10  # files per footer-reading call (Ray's RAY_DATA_PARQUET_FOOTER_BATCH_SIZE default)
+_READER = "RAY_DATA_USE_DATASOURCE_V2"
 _ENV_LOCK = threading.Lock()
 
 
 def read_parquet(files: list[str]):
-    """``ray.data.read_parquet(files)`` with a footer-reading pool sized to the files.
+    """``ray.data.read_parquet(files)`` without Ray 2.60's footer-reading actor pool.
 
-    Ray 2.60 lists Parquet files by reading their footers on a pool of actors that is 32 actors
-    per read whatever the number of files (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``); it hands
-    them batches of 10 files, and each actor it starts before the listing ends is a new worker
-    process. On a small machine that costs seconds per read (prepare on 200 documents: 35-43 s
-    with 32, 28-34 s with one; every training run reads two splits). Here the pool has one actor
-    per batch of files, up to Ray's 32. The size is read when the dataset is created (in this
-    process), so setting it around the call is enough; a user's own setting wins."""
+    Ray 2.60's default Parquet reader (its "datasource V2") lists the files in a task and reads
+    their footers on a pool of actors, 32 per read whatever the number of files
+    (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``), each one a new worker process started while the
+    read waits. Its other reader (V1, ``DataContext.use_datasource_v2 = False``) reads the
+    footers in this process, or in plain tasks above a few dozen files, and goes straight to the
+    read tasks, which saves seconds per read on a small machine (``benchmarks/bench_footer_pool.py``;
+    figures in BENCHMARKS.md). Reads here use V1. A user who chooses a reader (``RAY_DATA_USE_DATASOURCE_V2``) or sizes the
+    footer pool gets V2 as they set it; V2 with no pool size set gets one actor per batch of
+    files, up to Ray's 32. The choice is read when the dataset is created (in this process), so
+    setting it around the call is enough."""
     import ray
+    from ray.data import DataContext
 
-    if _FOOTER_ACTORS in os.environ:
-        return ray.data.read_parquet(files)
     with _ENV_LOCK:
-        os.environ[_FOOTER_ACTORS] = str(max(1, min(32, -(-len(files) // _FOOTER_BATCH))))
+        if _FOOTER_ACTORS in os.environ:
+            return ray.data.read_parquet(files)
+        if _READER in os.environ:
+            os.environ[_FOOTER_ACTORS] = str(max(1, min(32, -(-len(files) // _FOOTER_BATCH))))
+            try:
+                return ray.data.read_parquet(files)
+            finally:
+                os.environ.pop(_FOOTER_ACTORS, None)
+        ctx = DataContext.get_current()
+        chosen, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
         try:
             return ray.data.read_parquet(files)
         finally:
-            os.environ.pop(_FOOTER_ACTORS, None)
+            ctx.use_datasource_v2 = chosen

@@ -216,6 +216,11 @@ def _pack_batch(batch: pa.Table, tokenizer_dir: str, seq_len: int, out_dir: str)
 
 
 def pack_shards(ds, tokenizer_dir: str, seq_len: int, out_dir: str, docs_per_shard: int) -> list[dict]:
+    """One shard per ``docs_per_shard`` consecutive documents (the last shard the rest). The
+    strict repartition makes every group exactly that size whatever blocks the reader made;
+    ``map_batches`` alone cuts its batches within the blocks each task is given, so a reader
+    with smaller blocks made more, smaller shards (and a packing remainder per shard)."""
+    ds = ds.repartition(target_num_rows_per_block=docs_per_shard, strict=True)
     meta = ds.map_batches(
         _pack_batch, batch_size=docs_per_shard, batch_format="pyarrow",
         fn_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": seq_len, "out_dir": out_dir},

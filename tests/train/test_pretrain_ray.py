@@ -225,26 +225,39 @@ def test_resources_held_by_other_work_are_named_before_a_run_waits_for_them(capl
     assert "free to start" not in caplog.text
 
 
-def test_parquet_reads_size_their_footer_reader_pool_to_the_files(tiny_prepared, monkeypatch):
-    """Ray 2.60 starts up to 32 footer-reading actors per Parquet read whatever the number of
-    files; ours has one per batch of 10 files, the whole dataset is read, and a user's own
-    RAY_DATA_PARQUET_FOOTER_NUM_ACTORS wins."""
+def test_parquet_reads_use_rays_v1_reader_unless_the_user_chooses(tiny_prepared, monkeypatch):
+    """Ray 2.60's default Parquet reader starts a pool of footer-reading actors per read (32,
+    whatever the number of files); ours reads with Ray's V1 reader (no pool), leaves the process's
+    DataContext as it was, and reads every row. A user who picks the reader
+    (RAY_DATA_USE_DATASOURCE_V2) gets V2 with one footer actor per batch of 10 files, and a user's
+    own RAY_DATA_PARQUET_FOOTER_NUM_ACTORS wins."""
     import os
+
+    from ray.data import DataContext
 
     from pipeline.ray_utils import read_parquet
 
-    def pool_size(ds) -> int:
+    def source(ds):
         op = ds._logical_plan.dag
         while op.input_dependencies:
             op = op.input_dependencies[0]
-        return op.file_indexer._num_actors
+        return op
 
     run_dir, manifest = tiny_prepared
     files = [str(run_dir / s["path"]) for s in manifest["shards"]]
-    monkeypatch.delenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", raising=False)
+    for key in ("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "RAY_DATA_USE_DATASOURCE_V2"):
+        monkeypatch.delenv(key, raising=False)
+    before = DataContext.get_current().use_datasource_v2
     ds = read_parquet(files)
-    assert pool_size(ds) == -(-len(files) // 10) and "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ
+    assert type(source(ds).datasource).__name__ == "ParquetDatasource" and not hasattr(source(ds), "file_indexer")
+    assert DataContext.get_current().use_datasource_v2 == before
     assert ds.count() == sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    assert pool_size(read_parquet(files * (400 // len(files)))) == 32
+    assert set(ds.take(1)[0]) == set(pq.read_schema(files[0]).names)
+    monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", "1")
+    ds = read_parquet(files)
+    assert source(ds).file_indexer._num_actors == -(-len(files) // 10)
+    assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ
+    assert ds.count() == sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    assert source(read_parquet(files * (400 // len(files)))).file_indexer._num_actors == 32
     monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "5")
-    assert pool_size(read_parquet(files)) == 5
+    assert source(read_parquet(files)).file_indexer._num_actors == 5
