@@ -207,7 +207,11 @@ def test_resources_held_by_other_work_are_named_before_a_run_waits_for_them(capl
         def ping(self):
             return 1
 
-    free = ray.available_resources().get("CPU", 0)
+    # the actors of the tests before may still be giving their CPUs back: start from a quiet cluster
+    free = ray.cluster_resources()["CPU"]
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < free and time.time() < deadline:
+        time.sleep(0.2)
     holder = Holder.options(num_cpus=free - 0.5).remote()  # leaves half a CPU
     try:
         ray.get(holder.ping.remote())
