@@ -90,11 +90,11 @@ def read_parquet(files: list[str]):
     (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``), each one a new worker process started while the
     read waits. Its other reader (V1, ``DataContext.use_datasource_v2 = False``) reads the
     footers in this process, or in plain tasks above a few dozen files, and goes straight to the
-    read tasks, which saves seconds per read on a small machine (``benchmarks/bench_footer_pool.py``;
-    figures in BENCHMARKS.md). Reads here use V1. A user who chooses a reader (``RAY_DATA_USE_DATASOURCE_V2``) or sizes the
-    footer pool gets V2 as they set it; V2 with no pool size set gets one actor per batch of
-    files, up to Ray's 32. The choice is read when the dataset is created (in this process), so
-    setting it around the call is enough."""
+    read tasks, which saves seconds per read on a small machine (``benchmarks/bench_footer_pool.py``,
+    figures in BENCHMARKS.md). Reads here use V1. A user who chooses a reader
+    (``RAY_DATA_USE_DATASOURCE_V2``) or sizes the footer pool gets what they set; V2 with no pool
+    size set gets one actor per batch of files, up to Ray's 32. The choice is read when the
+    dataset is created (in this process), so setting it around the call is enough."""
     import ray
     from ray.data import DataContext
 

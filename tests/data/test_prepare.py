@@ -121,6 +121,10 @@ def test_shards_and_tokenizer_load(prepared):
         stats = m["tokens"]["per_split"][split]
         assert stats["documents"] == stats["packed"] + stats["remainder"]
         assert stats["num_docs"] == m["counts"]["kept_by_split"].get(split, 0)
+        # one shard per 25 consecutive documents, the last the rest, whatever blocks Ray Data read
+        groups = [g["num_docs"] for g in json.loads((run / split / "_shards.json").read_text())]
+        n = stats["num_docs"]
+        assert groups == ([25] * (n // 25) + ([n % 25] if n % 25 else [])), (split, groups)
     text = tok.decode(pq.read_table(train[0]).column("input_ids")[0].as_py())
     assert " of the " in text
     assert sorted(p.name for p in (run / "train").glob("*.parquet")) == sorted(Path(p).name for p in train)
