@@ -6,7 +6,8 @@ approximation as a chain of elementwise ops in Python, what OpenAI's GPT-2 confi
 "gelu_pytorch_tanh" (the same function in one fused torch kernel, what ``build_model`` configures).
 
 ``--compare precision``: fp32 against ``train.precision: bf16-native`` (bf16 autocast where the
-device has bf16 matrix units: a GPU, or a CPU with AMX; on any other CPU both run fp32).
+device multiplies bf16 in hardware: a GPU, or a CPU with AMX or AVX512-BF16; on any other CPU both
+run fp32).
 
     python benchmarks/bench_step.py --compare activation      # the demo's small preset, 1 CPU thread
     python benchmarks/bench_step.py --compare precision

@@ -98,12 +98,13 @@ def test_the_exported_checkpoint_is_the_best_by_its_metric():
 
 
 def test_bf16_native_autocasts_only_where_the_device_multiplies_bf16(monkeypatch):
-    """``precision: bf16-native``: bf16 autocast on a CPU with AMX tiles (and on CUDA), fp32 on
-    any other CPU, where bf16 is emulated; ``auto`` stays fp32 on every CPU."""
-    from pipeline.train.loop import autocast_context, native_bf16
+    """``precision: bf16-native``: bf16 autocast on a CPU with AMX tiles or AVX512-BF16 (and on
+    CUDA), fp32 on any other CPU, where bf16 is emulated; ``auto`` stays fp32 on every CPU."""
+    from pipeline.train.loop import CPU_BF16_PROBES, autocast_context, native_bf16
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     ctx = autocast_context(cpu, "bf16-native")
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
     assert not isinstance(autocast_context(cpu, "auto"), torch.autocast)
@@ -116,8 +117,11 @@ def test_bf16_native_autocasts_only_where_the_device_multiplies_bf16(monkeypatch
     assert math.isfinite(loss) and all(p.dtype == torch.float32 for p in model.parameters())
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert not native_bf16(cpu) and not isinstance(autocast_context(cpu, "bf16-native"), torch.autocast)
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert not native_bf16(cpu)  # a torch without the probe
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # e.g. AMD Zen 4 and 5
+    assert native_bf16(cpu) and isinstance(autocast_context(cpu, "bf16-native"), torch.autocast)
+    for probe in CPU_BF16_PROBES:
+        monkeypatch.delattr(torch.cpu, probe)
+    assert not native_bf16(cpu)  # a torch without the probes
     for native in (True, False):  # a GPU: its own report (an Ampere or later one multiplies bf16)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
         assert native_bf16(torch.device("cuda")) is native
