@@ -5,6 +5,7 @@ A checkpoint directory is itself a loadable model (``AutoModelForCausalLM.from_p
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import fields
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 from pipeline.train.loop import TrainState
 
 STATE_FILE = "training_state.pt"
+
+logger = logging.getLogger(__name__)
 
 
 def unwrap(model):
@@ -121,6 +124,13 @@ def load_training_state(path: str | Path, optimizer=None, model=None, rank: int 
     names = {f.name for f in fields(TrainState)}
     state = TrainState(**{k: v for k, v in (blob["state"] or {}).items() if k in names})
     by_rank = blob.get("rng_by_rank")
+    if by_rank and len(by_rank) != world_size and rank == 0:
+        logger.warning(
+            "%s was saved by a run of %d workers and this run has %d: the weights, optimizer, schedule and step "
+            "continue, but the position in the epoch does not carry over exactly (each worker skips the first %d "
+            "batches of its own, now different, share of the data, so rows of epoch %d may be read twice or not at "
+            "all) and ranks other than 0 restart their random streams; resume with scaling.num_workers=%d to "
+            "continue exactly", path, len(by_rank), world_size, state.batches_in_epoch, state.epoch, len(by_rank))
     rng = by_rank[rank] if by_rank and len(by_rank) == world_size else blob.get("rng") if rank == 0 else None
     if rng:
         set_rng_state(rng)
