@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine  # noqa: E402
 
 SETTINGS = {"activation": (("activation", "gelu_new"), ("activation", "gelu_pytorch_tanh")),
             "precision": (("precision", "fp32"), ("precision", "bf16-native"))}
@@ -96,9 +97,10 @@ def main() -> None:
             print(f"round {r}: {value}: {t * 1000:.1f} ms per step (first loss {losses[value]:.5f})", flush=True)
     med = {n: statistics.median(v) for n, v in rounds.items()}
     speedup = med[names[0]] / med[names[1]]
-    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else machine(),
            "args": vars(args), "step_ms": {n: [t * 1000 for t in v] for n, v in rounds.items()},
            "median_ms": {n: t * 1000 for n, t in med.items()}, "speedup": speedup, "first_loss": losses}
+    print(f"machine: {out['device']}", flush=True)
     print(f"median step: {names[0]} {med[names[0]] * 1000:.1f} ms, {names[1]} {med[names[1]] * 1000:.1f} ms: "
           f"{speedup:.2f}x", flush=True)
     if args.json:

@@ -32,8 +32,27 @@ def median_time(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 matrix instructions (this project's machines differ in
+    both, and bf16 training speed with them)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name} ({', '.join(bf16) or 'no bf16 instructions'})"
+
+
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def cpu_breakdown(seconds: float, match: str = "RayTrainWorker", delay: float = 20.0) -> dict:
