@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,13 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     return True
 
 
-def check_resources(needed: dict[str, float], what: str) -> None:
+def check_resources(needed: dict[str, float], what: str, settle_s: float = 3.0) -> None:
     """``needed`` (e.g. ``{"CPU": 1.0, "GPU": 2}``) against the cluster's total resources. A local
     cluster this process started cannot grow: a shortfall there is an error (Ray would wait for
     the resources forever). A cluster joined through ``RAY_ADDRESS`` may autoscale: a warning.
-    Resources the cluster has but other work holds now: a warning that says so."""
+    Resources the cluster has but other work holds for more than ``settle_s`` seconds: a warning
+    that says so. Work that is ending gives its resources back within that time: the sampling
+    tasks of the Parquet reads a run has just set up, the actors of the stage before it."""
     import ray
 
     have = ray.cluster_resources()
@@ -54,6 +57,10 @@ def check_resources(needed: dict[str, float], what: str) -> None:
     # enough in total, but held now: without this line the run would wait in silence (Ray Data's
     # read tasks queue for a CPU that, say, Serve replicas hold, and nothing is logged)
     busy = _short(needed, ray.available_resources())
+    deadline = time.monotonic() + settle_s
+    while busy and time.monotonic() < deadline:
+        time.sleep(0.1)
+        busy = _short(needed, ray.available_resources())
     if busy:
         logger.warning("%s needs %s free to start; free now: %s. Other work on the cluster holds the rest (running "
                        "jobs, Serve replicas, actors or placement groups: `ray status` and the dashboard list them); "

@@ -228,6 +228,22 @@ def test_resources_held_by_other_work_are_named_before_a_run_waits_for_them(capl
     ray_utils.check_resources({"CPU": free}, "training (1 worker)")
     assert "free to start" not in caplog.text
 
+    # work that is ending (the sampling tasks of a Parquet read just set up, the actors of the
+    # stage before) holds the CPUs for a moment: no warning, the check waits that moment out
+    @ray.remote
+    def brief():
+        time.sleep(1.0)
+        return 1
+
+    pending = brief.options(num_cpus=free).remote()
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) >= free and time.time() < deadline:
+        time.sleep(0.02)  # until the task holds the CPUs
+    with caplog.at_level(logging.WARNING, logger="pipeline.ray_utils"):
+        ray_utils.check_resources({"CPU": free}, "training (1 worker)")
+    assert "free to start" not in caplog.text
+    ray.get(pending)
+
 
 def test_parquet_reads_use_rays_v1_reader_unless_the_user_chooses(tiny_prepared, monkeypatch):
     """Ray 2.60's default Parquet reader starts a pool of footer-reading actors per read (32,
