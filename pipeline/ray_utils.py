@@ -36,13 +36,14 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     return True
 
 
-def check_resources(needed: dict[str, float], what: str, settle_s: float = 3.0) -> None:
+def check_resources(needed: dict[str, float], what: str, settle_s: float = 3.0, warn_held: bool = True) -> None:
     """``needed`` (e.g. ``{"CPU": 1.0, "GPU": 2}``) against the cluster's total resources. A local
     cluster this process started cannot grow: a shortfall there is an error (Ray would wait for
     the resources forever). A cluster joined through ``RAY_ADDRESS`` may autoscale: a warning.
     Resources the cluster has but other work holds for more than ``settle_s`` seconds: a warning
-    that says so. Work that is ending gives its resources back within that time: the sampling
-    tasks of the Parquet reads a run has just set up, the actors of the stage before it."""
+    that says so (unless ``warn_held`` is False). Work that is ending gives its resources back
+    within that time: the sampling tasks of the Parquet reads a run has just set up, the actors of
+    the stage before it."""
     import ray
 
     have = ray.cluster_resources()
@@ -53,6 +54,8 @@ def check_resources(needed: dict[str, float], what: str, settle_s: float = 3.0) 
             raise ValueError(msg + " and this local Ray cluster cannot grow; lower the request or join a larger "
                                    "cluster (RAY_ADDRESS)")
         logger.warning("%s: waiting for the cluster to provide them (an autoscaler may add nodes)", msg)
+        return
+    if not warn_held:
         return
     # enough in total, but held now: without this line the run would wait in silence (Ray Data's
     # read tasks queue for a CPU that, say, Serve replicas hold, and nothing is logged)

@@ -244,7 +244,7 @@ def check_finetune(cfg: FinetuneConfig) -> Path:
     return base
 
 
-def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> dict:
+def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial: bool = False) -> dict:
     import ray
     import transformers
 
@@ -297,4 +297,5 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> dict:
     extra = {"task": cfg.task, "base_model": str(base), "label2id": info.get("label2id"),
              "examples": {s: len(v) for s, v in rows.items()}, "rejected": len(bad), "data_files": info.get("files"),
              "config": to_dict(cfg)}
-    return train_and_export(run_dir, datasets, setup_finetune, config, cfg.scaling, run_cfg, None, extra, callbacks)
+    return train_and_export(run_dir, datasets, setup_finetune, config, cfg.scaling, run_cfg, None, extra, callbacks,
+                            sweep_trial)

@@ -81,7 +81,7 @@ def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict]:
     return data_dir, manifest
 
 
-def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
+def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None, sweep_trial: bool = False) -> dict:
     from pipeline.ray_utils import read_parquet
 
     data_dir, manifest = check_pretrain(cfg)
@@ -101,4 +101,5 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
               "scaling": to_dict(cfg.scaling), "run": to_dict(cfg.run), "tokenizer_dir": tok_dir, "seq_len": seq_len}
     extra = {"objective": cfg.model.objective, "arch": cfg.model.arch, "config": to_dict(cfg),
              "data_manifest": str(data_dir / "manifest.json")}
-    return train_and_export(run_dir, datasets, setup_lm, config, cfg.scaling, cfg.run, "input_ids", extra, callbacks)
+    return train_and_export(run_dir, datasets, setup_lm, config, cfg.scaling, cfg.run, "input_ids", extra, callbacks,
+                            sweep_trial)

@@ -214,7 +214,8 @@ def train_worker(config: dict) -> dict:
 
 
 def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config: dict, scaling: ScalingConfig,
-        run: RunConfigCfg, metrics_path: str, column: str | None = "input_ids", callbacks: list | None = None):
+        run: RunConfigCfg, metrics_path: str, column: str | None = "input_ids", callbacks: list | None = None,
+        sweep_trial: bool = False):
     """Build and run the TorchTrainer; rerunning with the same name and storage path resumes."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -232,7 +233,10 @@ def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config
 
     needed = {k: v * scaling.num_workers for k, v in resources.items()}
     needed["CPU"] += 1  # Ray Data's read tasks take one whole CPU beside the workers
-    check_resources(needed, f"training ({scaling.num_workers} workers x {resources}, plus one CPU for Ray Data's reads)")
+    # a sweep's trials share the cluster by design (the sweep sized their concurrency): a sibling
+    # trial holding CPUs is no news there
+    check_resources(needed, f"training ({scaling.num_workers} workers x {resources}, plus one CPU for Ray Data's reads)",
+                    warn_held=not sweep_trial)
     # every split is read in file order, so that a rerun gives each worker the same rows in the
     # same order (training batches are then shuffled by a seeded local buffer): same config, same
     # losses, where Ray Data's unordered delivery made runs differ

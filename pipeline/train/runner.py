@@ -14,14 +14,15 @@ from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, fit
 
 
 def train_and_export(run_dir: Path, datasets: dict, setup: Callable, config: dict, scaling: ScalingConfig,
-                     run: RunConfigCfg, column: str | None, extra: dict, callbacks: list | None = None) -> dict:
+                     run: RunConfigCfg, column: str | None, extra: dict, callbacks: list | None = None,
+                     sweep_trial: bool = False) -> dict:
     """Fit (resuming when ``run_dir`` holds an earlier attempt), copy the best checkpoint to
     ``run_dir/model`` (a plain Hugging Face model directory), plot losses, write summary.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     result = fit(name="ray", storage_path=str(run_dir), datasets=datasets, setup=setup, config=config,
                  scaling=scaling, run=run, metrics_path=str(run_dir / "metrics.jsonl"), column=column,
-                 callbacks=callbacks)
+                 callbacks=callbacks, sweep_trial=sweep_trial)
     if result.error is not None:
         raise result.error
     out = result.return_value or {}

@@ -230,11 +230,11 @@ def run_trial(config: dict) -> None:
     if is_finetune(data):
         from pipeline.finetune.finetune import FinetuneConfig, run_finetune
 
-        summary = run_finetune(from_dict(FinetuneConfig, data), callbacks=[TuneReportCallback()])
+        summary = run_finetune(from_dict(FinetuneConfig, data), callbacks=[TuneReportCallback()], sweep_trial=True)
     else:
         from pipeline.train.pretrain import PretrainConfig, run_pretrain
 
-        summary = run_pretrain(from_dict(PretrainConfig, data), callbacks=[TuneReportCallback()])
+        summary = run_pretrain(from_dict(PretrainConfig, data), callbacks=[TuneReportCallback()], sweep_trial=True)
     if summary.get("cached"):
         # the same trial finished in an earlier sweep: no training ran, so report its final evaluation
         from ray import tune

@@ -219,6 +219,11 @@ def test_resources_held_by_other_work_are_named_before_a_run_waits_for_them(capl
             ray_utils.check_resources({"CPU": 1.45}, "training (1 worker)")
         assert "training (1 worker) needs 1.45 CPU free to start; free now: 0.5 CPU" in caplog.text
         assert "Serve replicas" in caplog.text
+        caplog.clear()
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="pipeline.ray_utils"):
+            ray_utils.check_resources({"CPU": 1.45}, "a sweep's trial", warn_held=False)  # totals only, no wait
+        assert not caplog.records and time.monotonic() - t0 < 1.0
     finally:
         ray.kill(holder)
     caplog.clear()

@@ -142,3 +142,30 @@ def test_the_groups_of_a_stopped_trials_dead_controller_are_released(monkeypatch
                         if state(late.id.hex()) != "REMOVED" else real())
     callback.on_experiment_end([])
     assert state(late.id.hex()) == "REMOVED"
+
+
+def test_a_trial_checks_the_clusters_totals_but_not_what_its_sibling_trials_hold(tiny_prepared, tmp_path, monkeypatch):
+    """A sweep runs trials side by side on purpose (it sized their concurrency to the cluster), so
+    a trial does not warn that other work holds CPUs; a pretrain job outside a sweep does."""
+    from pipeline import ray_utils
+    from pipeline.train.pretrain import PretrainConfig, run_pretrain
+    from pipeline.tune.sweep import run_trial
+
+    class Checked(Exception):
+        pass
+
+    calls = []
+
+    def record(needed, what, settle_s=3.0, warn_held=True):
+        calls.append((needed, warn_held))
+        raise Checked  # stop before the TorchTrainer starts
+
+    monkeypatch.setattr(ray_utils, "check_resources", record)
+    monkeypatch.setattr("ray.tune.integration.ray_train.TuneReportCallback", lambda: None)  # no Tune session here
+    base = {"data": str(tiny_prepared[0]), "output_dir": str(tmp_path / "out"), "model": {"preset": "tiny", "max_seq_len": 32},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 0.45}}
+    with pytest.raises(Checked):
+        run_trial({"base": base, "sample": {"lr": 1e-3}})
+    with pytest.raises(Checked):
+        run_pretrain(from_dict(PretrainConfig, base))
+    assert calls == [({"CPU": 1.45}, False), ({"CPU": 1.45}, True)]
