@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -240,7 +241,9 @@ def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config
     # every split is read in file order, so that a rerun gives each worker the same rows in the
     # same order (training batches are then shuffled by a seeded local buffer): same config, same
     # losses, where Ray Data's unordered delivery made runs differ
-    ordered = ray.train.DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray's own defaults still set the option it deprecates; nothing for a user to do
+        warnings.filterwarnings("ignore", message=r"`ExecutionOptions.exclude_resources` is deprecated")
+        ordered = ray.train.DataConfig.default_ingest_options()
     ordered.preserve_order = True
     trainer = TorchTrainer(
         train_worker,
