@@ -105,21 +105,37 @@ def read_parquet(files: list[str]):
     (``RAY_DATA_USE_DATASOURCE_V2``) or sizes the footer pool gets what they set; V2 with no pool
     size set gets one actor per batch of files, up to Ray's 32. The choice is read when the
     dataset is created (in this process), so setting it around the call is enough."""
-    import ray
     from ray.data import DataContext
 
     with _ENV_LOCK:
         if _FOOTER_ACTORS in os.environ:
-            return ray.data.read_parquet(files)
+            return _read_settled(files)
         if _READER in os.environ:
             os.environ[_FOOTER_ACTORS] = str(max(1, min(32, -(-len(files) // _FOOTER_BATCH))))
             try:
-                return ray.data.read_parquet(files)
+                return _read_settled(files)
             finally:
                 os.environ.pop(_FOOTER_ACTORS, None)
         ctx = DataContext.get_current()
         chosen, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
         try:
-            return ray.data.read_parquet(files)
+            return _read_settled(files)
         finally:
             ctx.use_datasource_v2 = chosen
+
+
+def _read_settled(files: list[str], timeout_s: float = 0.5):
+    """``ray.data.read_parquet(files)``, returned once the CPUs its set-up tasks took (V1's
+    sampling tasks, V2's listing task: one CPU each) are free again, or after ``timeout_s``. The
+    tasks have returned when the read does, but the raylet takes up to about 0.1 s to get their
+    CPUs back; a Ray Data execution started in that moment warns that the cluster has no free CPU
+    and "will hang" (seen in the demo's prepare), and a training run's resource check would see
+    them held."""
+    import ray
+
+    free = ray.available_resources().get("CPU", 0)
+    ds = ray.data.read_parquet(files)
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < free - 1e-9 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return ds

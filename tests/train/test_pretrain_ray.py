@@ -286,3 +286,25 @@ def test_parquet_reads_use_rays_v1_reader_unless_the_user_chooses(tiny_prepared,
     assert source(read_parquet(files * (400 // len(files)))).file_indexer._num_actors == 32
     monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "5")
     assert source(read_parquet(files)).file_indexer._num_actors == 5
+
+
+def test_a_parquet_read_returns_once_its_set_up_tasks_gave_their_cpus_back(tiny_prepared):
+    """V1's sampling tasks (one CPU each) have returned when the read does, but the raylet gets
+    their CPUs back a moment later; an execution or a resource check started in that moment saw a
+    cluster without free CPUs (Ray Data then warns that the job "will hang")."""
+    import ray
+
+    from pipeline.ray_utils import read_parquet
+
+    run_dir, manifest = tiny_prepared
+    files = [str(run_dir / s["path"]) for s in manifest["shards"]]
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
+        time.sleep(0.2)  # a quiet cluster to start from
+    held = []
+    for _ in range(16):  # without the wait, one read in five to ten came back with CPUs still held
+        time.sleep(0.2)
+        read_parquet(files)
+        held.append(total - ray.available_resources().get("CPU", 0))
+    assert held == [0] * 16
