@@ -176,8 +176,10 @@ def measure(model_dir: Path, kind: str, e: CompressEvalConfig, lm_rows: list | N
     elif cls_rows:
         from pipeline.evaluate.classify import classification_metrics, predict_labels
 
-        labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-        preds = predict_labels(model, tok, [r["text"] for r in cls_rows], e.classify_max_len)
+        from pipeline.finetune.classify_data import label_name
+
+        labels = [label_name(model.config.id2label[i]) for i in range(len(model.config.id2label))]
+        preds = [label_name(p) for p in predict_labels(model, tok, [r["text"] for r in cls_rows], e.classify_max_len)]
         m = classification_metrics([r["label"] for r in cls_rows], preds, labels)
         row.update({"f1_macro": m["f1_macro"], "accuracy": m["accuracy"]})
     return row

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import check, config_hash, to_dict
+from pipeline.finetune.classify_data import label_name, read_labeled_rows
 from pipeline.train.checkpoint import write_json
 
 logger = logging.getLogger(__name__)
@@ -146,8 +147,6 @@ def _bias_pairs(b: BiasEvalConfig) -> list[dict]:
 
 
 def _read_split(path: str, text_field: str, label_field: str, extra: str | None, bad: list) -> list[dict]:
-    from pipeline.finetune.classify_data import read_labeled_rows
-
     return [{"idx": i, **r} for i, r in enumerate(read_labeled_rows(path, text_field, label_field, bad, extra))]
 
 
@@ -337,14 +336,18 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
     preds = predict_dataset([{"idx": r["idx"], "text": r["text"]} for r in rows], str(model_dir), c.max_len, actors)
     y_true = [r["label"] for r in rows]
     cfg = json.loads((model_dir / "config.json").read_text())
-    labels = [cfg["id2label"][str(i)] for i in range(len(cfg["id2label"]))]
+    # the data's labels are class names (label_name); so are a classifier's, even one trained on
+    # another spelling of the same classes (3.0 for 3)
+    labels = [label_name(cfg["id2label"][str(i)]) for i in range(len(cfg["id2label"]))]
+    preds = [label_name(p) for p in preds]
     unknown = sorted(set(y_true) - set(labels))  # never predicted: each such row is a miss, in every metric
     m = classification_metrics(y_true, preds, labels + unknown)
     plot_confusion(m["confusion_matrix"], m["labels"], out / "confusion_matrix.png", "fine-tuned classifier")
     res = {"model": str(model_dir), "split": split, "rejected_rows": len(bad), "labels_unknown_to_model": unknown, **m}
+    n_unknown = sum(y in unknown for y in y_true)
     lines = ["## Classification", "", f"- model `{model_dir}`, {len(rows)} {split} examples"
              + (f"; labels the classifier was not trained on: {', '.join(unknown)} "
-                f"({sum(y in unknown for y in y_true)} examples, all counted as errors)" if unknown else ""),
+                f"({n_unknown} example{'s' * (n_unknown != 1)}, all counted as errors)" if unknown else ""),
              "", "| | accuracy | macro-F1 | weighted-F1 |", "|---|---:|---:|---:|",
              f"| fine-tuned classifier | {m['accuracy']:.3f} | {m['f1_macro']:.3f} | {m['f1_weighted']:.3f} |"]
     if c.baseline:

@@ -4,10 +4,27 @@ topics in the demo)."""
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
-
 from pipeline.config import check
+
+_INTEGRAL = re.compile(r"[+-]?\d+\.0*")
+
+
+def label_name(value) -> str:
+    """A label value's class name, the same however a file spells the class: an integral number
+    is its integer (``3``, ``3.0`` and the CSV text ``"3.0"`` are class ``"3"``: a numeric column
+    with a missing value becomes float in pandas and Parquet, so a train file says 3.0 where a
+    test file says 3), a boolean is ``true`` / ``false`` as JSON writes it, and a string loses the
+    spaces around it (``"text, label"`` CSV headers and rows)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return str(int(text.split(".")[0])) if _INTEGRAL.fullmatch(text) else text
 
 
 def read_labeled(path: str, text_field: str, label_field: str, bad: list[dict]) -> list[tuple[str, str]]:
@@ -71,7 +88,7 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
                                                           f"(a string or a number)"})
         else:
             group = field_value(row, group_field) if group_field else None
-            out.append({"text": text, "label": str(label), "group": None if group is MISSING else group})
+            out.append({"text": text, "label": label_name(label), "group": None if group is MISSING else group})
     return out
 
 

@@ -184,9 +184,31 @@ def test_labeled_data_and_bad_rows(tmp_path, tok):
     jl.write_text('{"t": "One", "y": 1}\n{"t": "Two", "y": ["a", "b"]}\n{"t": "Three", "y": {"k": 1}}\n'
                   '{"t": "Four", "y": NaN}\n{"t": "Five", "y": true}\n')
     bad = []
-    assert read_labeled(str(jl), "t", "y", bad) == [("One", "1"), ("Five", "True")]
+    assert read_labeled(str(jl), "t", "y", bad) == [("One", "1"), ("Five", "true")]
     assert [b["reason"] for b in bad] == ["the label is a list, not one value (a string or a number)",
                                           "the label is a dict, not one value (a string or a number)", "missing label"]
+
+
+def test_a_class_is_the_same_however_a_file_spells_it(tmp_path):
+    """pandas writes an integer label column that has a missing value as floats (3.0), in CSV and
+    in Parquet: a train file then says 3.0 where a test file says 3. Both are class "3", as are
+    JSON's 3 and a CSV's " 3" after a comma; other values keep their text."""
+    import pandas as pd
+
+    from pipeline.finetune.classify_data import label_name
+
+    pd.DataFrame({"text": ["a", "b", "c"], "label": [3, None, 1]}).to_parquet(tmp_path / "train.parquet")
+    pd.DataFrame({"text": ["a", "b", "c"], "label": [3, None, 1]}).to_csv(tmp_path / "train.csv", index=False)
+    assert "3.0" in (tmp_path / "train.csv").read_text()
+    (tmp_path / "test.jsonl").write_text('{"text": "a", "label": 3}\n{"text": "c", "label": 1.0}\n')
+    (tmp_path / "spaced.csv").write_text("text, label\na, 3\nc, 1\n")
+    for name, label in [("train.parquet", "label"), ("train.csv", "label"), ("test.jsonl", "label"),
+                        ("spaced.csv", " label")]:
+        bad = []
+        assert [y for _, y in read_labeled(str(tmp_path / name), "text", label, bad)] == ["3", "1"], name
+        assert len(bad) == (name.startswith("train")), name  # the missing label is counted
+    assert [label_name(v) for v in ["sports ", "03", "2.5", 2.5, "v1.0", "-2.00", False, 12.0]] == \
+        ["sports", "03", "2.5", "2.5", "v1.0", "-2", "false", "12"]
 
 
 def test_labeled_data_from_a_saved_hf_dataset_dict(tmp_path, tok):
