@@ -196,7 +196,9 @@ def setup_finetune(config: dict):
 
         Windowing(*config["windowing"]).save_to(model.config)  # saved with every checkpoint
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True, **dropout)
+        from pipeline.model.build import name_default_loss
+
+        model = name_default_loss(transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True, **dropout))
     if len(tok) > model.get_input_embeddings().num_embeddings:  # padding or role tokens were added
         model.resize_token_embeddings(len(tok))
     if config["task"] == "classification":

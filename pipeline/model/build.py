@@ -96,7 +96,17 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int | None = None, eo
     config = hf_config(cfg, -(-vocab_size // m) * m, pad_id, eos_id)
     torch.manual_seed(seed)
     cls = transformers.AutoModelForMaskedLM if cfg.objective == "masked" else transformers.AutoModelForCausalLM
-    return cls.from_config(config, attn_implementation="sdpa")
+    return name_default_loss(cls.from_config(config, attn_implementation="sdpa"))
+
+
+def name_default_loss(model):
+    """Name the loss ``transformers`` falls back to for a model whose class name it does not map
+    to one (``GPT2LMHeadModel``, ``BertLMHeadModel``: next-token cross-entropy, ``ForCausalLM``).
+    The loss is the same; without the name every process that trains it logs "`loss_type=None`
+    was set in the config but it is unrecognized" once, which reads like a misconfiguration."""
+    if getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def num_params(model, trainable_only: bool = False) -> int:

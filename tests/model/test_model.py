@@ -63,6 +63,19 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, arch, objective)
         assert torch.equal(model(input_ids=x).logits, other(input_ids=x).logits)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_causal_loss_is_named_and_is_next_token_cross_entropy(arch):
+    """transformers maps GPT2LMHeadModel to no loss name and logs, in every training process, that
+    the loss type "is unrecognized" before falling back to next-token cross-entropy; the model
+    names that loss, and its value is that cross-entropy."""
+    model = build_model(tiny(arch=arch), VOCAB, seed=0)
+    assert model.loss_type == "ForCausalLM"
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_llama_and_presets():
     model = build_model(tiny(arch="llama", n_kv_head=1), VOCAB)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_key_value_heads == 1
