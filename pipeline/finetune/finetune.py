@@ -18,7 +18,7 @@ from pipeline.finetune.classify_data import encode_classification, end_with_eos,
 from pipeline.finetune.sft import OUR_TEMPLATES, load_chat_examples, prepare_chat_tokenizer, tokenize_chat
 from pipeline.train.checkpoint import write_json
 from pipeline.train.loop import LoopConfig, OptimConfig
-from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, check_val_share
+from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, check_val_share, equal_shares
 from pipeline.train.runner import train_and_export
 
 logger = logging.getLogger(__name__)
@@ -298,6 +298,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
               "windowing": list(dataclasses.astuple(cfg.data.windowing))}
     extra = {"task": cfg.task, "base_model": str(base), "label2id": info.get("label2id"),
              "examples": {s: len(v) for s, v in rows.items()}, "rejected": len(bad), "data_files": info.get("files"),
+             "equal_shares": equal_shares({s: len(rows[s]) for s in datasets}, cfg.scaling.num_workers),
              "config": to_dict(cfg)}
     return train_and_export(run_dir, datasets, setup_finetune, config, cfg.scaling, run_cfg, None, extra, callbacks,
                             sweep_trial)

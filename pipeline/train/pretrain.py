@@ -17,7 +17,7 @@ from pipeline.config import check, config_hash, to_dict
 from pipeline.model.build import ModelConfig, build_model, flops_per_token
 from pipeline.train.data import LMBatcher, load_manifest, prepared_tokenizer_dir, resolve_prepared, shard_paths
 from pipeline.train.loop import LoopConfig, OptimConfig
-from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, check_val_share
+from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, check_val_share, equal_shares
 from pipeline.train.runner import train_and_export
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None, sweep_trial
     tok_dir = str(prepared_tokenizer_dir(data_dir, manifest))
     config = {"model": to_dict(cfg.model), "optim": to_dict(cfg.optim), "loop": to_dict(cfg.train),
               "scaling": to_dict(cfg.scaling), "run": to_dict(cfg.run), "tokenizer_dir": tok_dir, "seq_len": seq_len}
+    rows = {split: sum(s.get("rows", 0) for s in manifest["shards"] if s["split"] == split) for split in datasets}
     extra = {"objective": cfg.model.objective, "arch": cfg.model.arch, "config": to_dict(cfg),
-             "data_manifest": str(data_dir / "manifest.json")}
+             "data_manifest": str(data_dir / "manifest.json"), "equal_shares": equal_shares(rows, cfg.scaling.num_workers)}
     return train_and_export(run_dir, datasets, setup_lm, config, cfg.scaling, cfg.run, "input_ids", extra, callbacks,
                             sweep_trial)

@@ -83,6 +83,19 @@ def check_val_share(val_rows: int, workers: int, what: str, remedy: str) -> None
           f"scored; {remedy}")
 
 
+def equal_shares(rows: dict[str, int], workers: int) -> dict[str, dict[str, int]]:
+    """What Ray Train's equal split makes of each split's rows: ``rows // workers`` per worker, and
+    the remainder left out (of every epoch, for training). Logged, and recorded in the run's
+    summary, so that the rows no worker sees are counted, not lost unseen."""
+    shares = {}
+    for split, n in rows.items():
+        shares[split] = {"rows": n, "per_worker": n // workers, "left_out": n % workers}
+        if n % workers:
+            logger.info("%s split: %d rows, %d per worker; %d left out by Ray Train's equal split%s", split, n,
+                        n // workers, n % workers, " in every epoch" if split == "train" else "")
+    return shares
+
+
 def shard_batches(shard, loop: LoopConfig, column: str | None, make: Callable, epoch: int | None = None):
     """A worker's batches of its dataset shard: an epoch of training batches (shuffled by a local
     buffer seeded by ``epoch``), or with ``epoch`` None the validation batches, in order.

@@ -74,6 +74,11 @@ def test_classifier_finetune_and_evaluate(pipeline_dirs):
     evals = [json.loads(l) for l in Path(summary["run_dir"], "metrics.jsonl").read_text().splitlines()
              if '"eval"' in l]
     assert summary["exported"]["val_accuracy"] == max(e["val_accuracy"] for e in evals)
+    # the summary counts what Ray Train's equal split leaves out; every other validation row is scored
+    shares, workers = summary["equal_shares"], d["scaling"]["num_workers"]
+    assert {s: v["rows"] for s, v in shares.items()} == {s: summary["examples"][s] for s in ("train", "val")}
+    assert all(e["val_tokens"] == shares["val"]["rows"] - shares["val"]["left_out"] for e in evals), evals
+    assert shares["val"]["per_worker"] * workers + shares["val"]["left_out"] == shares["val"]["rows"]
     tok = AutoTokenizer.from_pretrained(summary["model_dir"])
     assert tok("shares rose")["input_ids"][-1] == tok.eos_token_id
     ev = from_dict(EvaluateConfig, {
