@@ -36,6 +36,11 @@ def shard_paths(prepared_dir: str | Path, manifest: dict, split: str) -> list[st
     return [str(Path(prepared_dir) / s["path"]) for s in manifest["shards"] if s["split"] == split]
 
 
+def split_rows(manifest: dict, split: str) -> int:
+    """The rows (packed sequences) of a split's shards, from the manifest."""
+    return sum(s.get("rows", 0) for s in manifest["shards"] if s["split"] == split)
+
+
 def sample_rows(rows: list, n: int, seed: int = 0) -> list:
     """``n`` of ``rows`` drawn at random with ``seed`` (all of them when there are no more than
     ``n``; ``n <= 0`` means all), kept in their original order. Labeled files often come sorted by

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pipeline.config import check, config_hash, to_dict
 from pipeline.model.build import ModelConfig, build_model, flops_per_token
-from pipeline.train.data import LMBatcher, load_manifest, prepared_tokenizer_dir, resolve_prepared, shard_paths
+from pipeline.train.data import (LMBatcher, load_manifest, prepared_tokenizer_dir, resolve_prepared, shard_paths,
+                                 split_rows)
 from pipeline.train.loop import LoopConfig, OptimConfig
 from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, check_val_share, equal_shares
 from pipeline.train.runner import train_and_export
@@ -71,12 +72,12 @@ def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict]:
     check(seq_len <= cfg.model.max_seq_len,
           f"model.max_seq_len ({cfg.model.max_seq_len}) is shorter than the data's seq_len ({seq_len})")
     check(bool(shard_paths(data_dir, manifest, "train")), f"data: {data_dir} has no train shards")
-    rows = sum(s.get("rows", 0) for s in manifest["shards"] if s["split"] == "train")
+    rows = split_rows(manifest, "train")
     need = cfg.scaling.num_workers * cfg.train.batch_size
     check(rows >= need, f"data: the train split holds {rows} rows of {seq_len} tokens; {cfg.scaling.num_workers} "
                         f"workers x train.batch_size {cfg.train.batch_size} need at least {need} for one step "
                         f"(lower them, or prepare more data)")
-    check_val_share(sum(s.get("rows", 0) for s in manifest["shards"] if s["split"] == "val"), cfg.scaling.num_workers,
+    check_val_share(split_rows(manifest, "val"), cfg.scaling.num_workers,
                     "data: the val split holds", "prepare more validation data, or lower scaling.num_workers")
     return data_dir, manifest
 
@@ -99,7 +100,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None, sweep_trial
     tok_dir = str(prepared_tokenizer_dir(data_dir, manifest))
     config = {"model": to_dict(cfg.model), "optim": to_dict(cfg.optim), "loop": to_dict(cfg.train),
               "scaling": to_dict(cfg.scaling), "run": to_dict(cfg.run), "tokenizer_dir": tok_dir, "seq_len": seq_len}
-    rows = {split: sum(s.get("rows", 0) for s in manifest["shards"] if s["split"] == split) for split in datasets}
+    rows = {split: split_rows(manifest, split) for split in datasets}
     extra = {"objective": cfg.model.objective, "arch": cfg.model.arch, "config": to_dict(cfg),
              "data_manifest": str(data_dir / "manifest.json"), "equal_shares": equal_shares(rows, cfg.scaling.num_workers)}
     return train_and_export(run_dir, datasets, setup_lm, config, cfg.scaling, cfg.run, "input_ids", extra, callbacks,

@@ -108,9 +108,11 @@ def test_pretrain_recovers_from_a_worker_death_and_exports(tiny_prepared, tmp_pa
 
     # sharded (FSDP): the replacement worker group restores the full weights and optimizer state
     # gathered from both shards; the rerun-after-an-error test below covers DDP, the default
-    run_dir, _ = tiny_prepared
+    run_dir, manifest = tiny_prepared
     cfg = config(run_dir, tmp_path, run={"max_failures": 2, "fail_at_step": 6}, scaling={"strategy": "fsdp"})
     summary = run_pretrain(cfg)
+    rows = {s: sum(sh["rows"] for sh in manifest["shards"] if sh["split"] == s) for s in ("train", "val")}
+    assert summary["equal_shares"] == {s: {"rows": n, "per_worker": n // 2, "left_out": n % 2} for s, n in rows.items()}
     out = Path(summary["run_dir"])
     assert (out / ".fault_injected").read_text() == "6"  # the worker really died at step 6
     steps = steps_logged(out)
