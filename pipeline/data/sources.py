@@ -645,11 +645,14 @@ def csv_rows(path: str, encoding: str = "utf-8", max_field: int = 1 << 20) -> It
     """The rows of a CSV (or, by its name, TSV) file as dicts of strings, in a text ``encoding``
     (UTF-8 with or without a byte-order mark by default). Bytes the encoding cannot decode stay in
     the values as lone surrogates (surrogateescape), so that only the rows holding them are
-    rejected; ``csv.Error`` on a malformed file."""
+    rejected; ``csv.Error`` on a malformed file. In a CSV, spaces after a comma are skipped
+    (``text, label`` headers, ``a, "b, c"`` rows: without that the quotes would not be seen); a
+    TSV keeps them."""
     csv.field_size_limit(max(max_field, 1 << 20))
+    tsv = ".tsv" in path.lower()
     with _open(path) as f:
         stream = _text_stream(f, path, encoding, "surrogateescape", newline="")
-        yield from csv.DictReader(stream, delimiter="\t" if ".tsv" in path.lower() else ",")
+        yield from csv.DictReader(stream, delimiter="\t" if tsv else ",", skipinitialspace=not tsv)
 
 
 def _read_csv(task: dict, max_bytes: int) -> Iterator[dict]:

@@ -4,6 +4,7 @@ there is one training loop and one export path."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -11,6 +12,9 @@ from typing import Callable
 
 from pipeline.train.checkpoint import write_json
 from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, fit
+from pipeline.train.schedule import schedule_warning
+
+logger = logging.getLogger(__name__)
 
 
 def train_and_export(run_dir: Path, datasets: dict, setup: Callable, config: dict, scaling: ScalingConfig,
@@ -19,6 +23,10 @@ def train_and_export(run_dir: Path, datasets: dict, setup: Callable, config: dic
     """Fit (resuming when ``run_dir`` holds an earlier attempt), copy the best checkpoint to
     ``run_dir/model`` (a plain Hugging Face model directory), plot losses, write summary.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    warning = schedule_warning(lr=config["optim"]["lr"], warmup_steps=config["optim"]["warmup_steps"],
+                               max_steps=config["loop"]["max_steps"])
+    if warning:
+        logger.warning(warning)
     t0 = time.time()
     result = fit(name="ray", storage_path=str(run_dir), datasets=datasets, setup=setup, config=config,
                  scaling=scaling, run=run, metrics_path=str(run_dir / "metrics.jsonl"), column=column,

@@ -201,9 +201,9 @@ def test_a_class_is_the_same_however_a_file_spells_it(tmp_path):
     pd.DataFrame({"text": ["a", "b", "c"], "label": [3, None, 1]}).to_csv(tmp_path / "train.csv", index=False)
     assert "3.0" in (tmp_path / "train.csv").read_text()
     (tmp_path / "test.jsonl").write_text('{"text": "a", "label": 3}\n{"text": "c", "label": 1.0}\n')
-    (tmp_path / "spaced.csv").write_text("text, label\na, 3\nc, 1\n")
+    (tmp_path / "spaced.csv").write_text('text, label\na, 3\nc, " 1"\n')  # a header and values after ", "
     for name, label in [("train.parquet", "label"), ("train.csv", "label"), ("test.jsonl", "label"),
-                        ("spaced.csv", " label")]:
+                        ("spaced.csv", "label")]:
         bad = []
         assert [y for _, y in read_labeled(str(tmp_path / name), "text", label, bad)] == ["3", "1"], name
         assert len(bad) == (name.startswith("train")), name  # the missing label is counted

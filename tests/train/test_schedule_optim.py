@@ -7,7 +7,7 @@ from pipeline.model.build import ModelConfig, build_model
 from pipeline.train.loop import LoopConfig, OptimConfig, Trainer
 from pipeline.train.optim import param_groups
 from pipeline.train.ray_train import RunConfigCfg, ScalingConfig
-from pipeline.train.schedule import get_lr
+from pipeline.train.schedule import get_lr, schedule_warning
 
 
 def test_lr_schedule():
@@ -20,6 +20,12 @@ def test_lr_schedule():
     lrs = [get_lr(s, **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert get_lr(0, lr=1.0, warmup_steps=0, max_steps=10, min_lr=0.0) == pytest.approx(1.0)
+
+
+def test_a_warmup_longer_than_the_run_is_named():
+    assert schedule_warning(lr=1e-3, warmup_steps=10, max_steps=10) is None  # the last step reaches lr
+    warning = schedule_warning(lr=1e-3, warmup_steps=1000, max_steps=3)
+    assert "optim.warmup_steps (1000) > train.max_steps (3)" in warning and "peaks at 3e-06" in warning
 
 
 def test_no_weight_decay_on_biases_norms_embeddings():
