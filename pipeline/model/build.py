@@ -44,7 +44,7 @@ class ModelConfig:
         check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         check(self.pad_vocab_multiple >= 1, f"model.pad_vocab_multiple must be >= 1, got {self.pad_vocab_multiple}")
         if self.n_kv_head is not None:
-            check(head % self.n_kv_head == 0, f"model.n_head ({head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+            check(self.n_kv_head >= 1 and head % self.n_kv_head == 0, f"model.n_head ({head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -54,7 +54,8 @@ class ModelConfig:
             base = (0, 0, 0)
         else:
             base = PRESETS[self.preset]
-        return (self.n_layer or base[0], self.n_head or base[1], self.n_embd or base[2])
+        # a given 0 is an error (checked above), not the preset's value
+        return tuple(b if v is None else v for v, b in zip((self.n_layer, self.n_head, self.n_embd), base))
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int | None, eos_id: int | None):

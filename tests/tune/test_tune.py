@@ -48,6 +48,8 @@ def test_a_given_space_sweeps_only_what_it_names_and_every_choice_is_checked_fir
         check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"n_layer": [1, 2], "n_embd": [64, 99]}}))
     with pytest.raises(ValueError, match=r"space: the trial \{'batch_size': 0\} would fail: train.batch_size"):
         check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"batch_size": [8, 0]}}))
+    with pytest.raises(ValueError, match=r"space: the trial \{'n_layer': 0\} would fail: model.n_layer"):
+        check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"n_layer": [0]}}))
     check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"n_layer": [1, 2], "n_embd": [64, 96]}}))
     manifest = json.loads((tiny_prepared[0] / "manifest.json").read_text())
     (tmp_path / "noval").mkdir()
