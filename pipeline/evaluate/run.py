@@ -374,6 +374,7 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
         lines.append(f"| TF-IDF + LogisticRegression on the classifier's reading ({what} per text) | {sr['accuracy']:.3f} | "
                      f"{sr['f1_macro']:.3f} | {sr['f1_weighted']:.3f} |")
     if c.group_field and all(r["group"] is None for r in rows):  # the default "source" in a file without it
+        res["not_sliced"] = f"no row of the {split} split has a field {c.group_field!r} (group_field)"
         lines += ["", f"- not sliced: no row of the {split} split has a field `{c.group_field}` (group_field)"]
     elif c.group_field:  # rows without the field form their own group
         groups = [str(r["group"]) if r["group"] is not None else "(missing)" for r in rows]

@@ -115,12 +115,13 @@ def test_classifier_finetune_and_evaluate(pipeline_dirs):
         "output_dir": str(d["out"] / "eval2"), "bias": None,
         "lm": {"model": d["pre"]["model_dir"], "data": str(d["prep"].run_dir), "max_rows": 3},
         "classification": {"model": summary["model_dir"], "data": labeled, "text_field": "body", "label_field": "y",
-                           "train_data": labeled, "group_field": None},
+                           "train_data": labeled, "group_field": "region"},
         "fewshot": {"model": d["pre"]["model_dir"], "data": labeled, "train_data": labeled, "text_field": "body",
                     "label_field": "y", "k": 3, "max_queries": 8, "max_len": 64},
     }))
     c = res["classification"]
     assert c["support"] == 26 and c["labels_unknown_to_model"] == ["weather"]
+    assert "sliced" not in c and "no row of the test split has a field 'region'" in c["not_sliced"]
     assert c["per_label"]["weather"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
     assert c["accuracy"] <= 24 / 26 and len(c["confusion_matrix"]) == 3
     supports = {y: v["support"] for y, v in res["fewshot"]["per_label"].items()}
