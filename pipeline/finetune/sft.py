@@ -57,17 +57,50 @@ def prepare_chat_tokenizer(tok, template: str = "auto") -> list[str]:
     return missing
 
 
+def _content(content, where: str):
+    """A message's text: a string, or OpenAI's list of content parts (text parts only), joined with
+    newlines as the Serve endpoint joins them; None when it is neither."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        return None
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}: content part {j} is not a text part ({{'type': 'text', 'text': str}}), got "
+                             f"{part!r}"[:300])
+    return "\n".join(part["text"] for part in content)
+
+
 def validate_messages(messages, where: str) -> list[dict]:
+    """``{"role", "content"}`` dicts: OpenAI's "developer" role is "system" (as at the Serve endpoint), and
+    an assistant message with OpenAI's ``"weight": 0`` stays in the context but carries no labels
+    (``"learn": False``)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: 'messages' must be a non-empty list")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: messages[{i}] must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}"[:300])
-        out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in out):
+        role = "system" if isinstance(m, dict) and m.get("role") == "developer" else m.get("role") if isinstance(m, dict) else None
+        content = _content(m.get("content"), f"{where}: messages[{i}]") if isinstance(m, dict) else None
+        if role not in ROLES or content is None:
+            raise ValueError(f"{where}: messages[{i}] must be {{'role': one of {ROLES}, 'content': str or a list of "
+                             f"text parts}}, got {m!r}"[:300])
+        msg = {"role": role, "content": content}
+        if "weight" in m:
+            w = m["weight"]
+            if role != "assistant" or isinstance(w, bool) or w not in (0, 1):
+                raise ValueError(f"{where}: messages[{i}]: 'weight' must be 0 or 1, on an assistant message, got "
+                                 f"{w!r} on a {role} message")
+            if w == 0:
+                msg["learn"] = False
+        out.append(msg)
+    if not any(learns(m) for m in out):
         raise ValueError(f"{where}: no assistant message to learn from")
     return out
+
+
+def learns(message: dict) -> bool:
+    """Whether a message's tokens carry labels: an assistant message not weighted 0."""
+    return message["role"] == "assistant" and message.get("learn", True)
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -153,7 +186,7 @@ def tokenize_chat(messages: list[dict], tok, max_len: int) -> dict:
         ids += [header] + newline
         labels += [-100] * (1 + len(newline))
         ids += content + [eos]
-        labels += (content + [eos]) if m["role"] == "assistant" else [-100] * (len(content) + 1)
+        labels += (content + [eos]) if learns(m) else [-100] * (len(content) + 1)
         ids += newline
         labels += [-100] * len(newline)
     if getattr(tok, "is_fast", False) and \
@@ -174,7 +207,7 @@ def _tokenize_rendered(messages: list[dict], tok, max_len: int, tail: int = 0) -
     text = render(messages)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if not learns(m):
             continue
         before, upto = _generation_prompt_alone(render) if i == 0 else render(messages[:i], True), \
             render(messages[: i + 1])

@@ -33,6 +33,32 @@ def test_sft_loss_mask_covers_exactly_the_assistant_tokens(tok):
     assert ex["labels"][n:] == [-100] * (128 - n) and ex["input_ids"][n:] == [tok.pad_token_id] * (128 - n)
 
 
+def test_openai_chat_records_parts_developer_and_weight(tok):
+    """OpenAI's chat fine-tuning records: content as a list of text parts (joined with newlines, as
+    the Serve endpoint joins them), the "developer" role (system), and assistant messages with
+    "weight": 0, which stay in the context but are not learned."""
+    conv = record_to_messages({"messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief."}]},
+        {"role": "user", "content": "How do I reset my password?"},
+        {"role": "assistant", "content": "Hello there", "weight": 0},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "Click on forgot password.", "weight": 1}]}, "here")
+    assert conv[0] == {"role": "system", "content": "Be\nbrief."} and conv[2]["learn"] is False
+    ex = tokenize_chat(conv, tok, 128)
+    assert tok.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if l != -100]) == \
+        "Click on forgot password.<|endoftext|>"
+    assert "Hello there" in tok.decode(ex["input_ids"])
+    for bad, reason in [({"role": "user", "content": "a", "weight": 0}, "on a user message"),
+                        ({"role": "assistant", "content": "a", "weight": 0.5}, "'weight' must be 0 or 1"),
+                        ({"role": "assistant", "content": [{"type": "image_url", "image_url": {}}]}, "not a text part"),
+                        ({"role": "assistant", "content": []}, "a list of text parts")]:
+        with pytest.raises(ValueError, match=reason):
+            record_to_messages({"messages": [{"role": "user", "content": "q"}, bad]}, "here")
+    with pytest.raises(ValueError, match="no assistant message to learn from"):
+        record_to_messages({"messages": [{"role": "user", "content": "q"},
+                                         {"role": "assistant", "content": "a", "weight": 0}]}, "here")
+
+
 def test_sft_truncates_to_max_len(tok):
     ex = tokenize_chat([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there " * 50}], tok, 16)
     assert len(ex["input_ids"]) == len(ex["labels"]) == len(ex["attention_mask"]) == 16
