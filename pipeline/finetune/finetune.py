@@ -125,6 +125,20 @@ def _in_val(key: str, fraction: float) -> bool:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64 < fraction
 
 
+def split_off_val(pairs: list[tuple[str, str]], fraction: float) -> tuple[list, list]:
+    """(train, val) of labeled (text, label) pairs, each row drawn by a hash of its position and text.
+    A label whose every row drew val stays in train (a class seen only in validation could not be
+    learned; a file with rare classes would fail on its own valid rows); logged."""
+    drawn = [_in_val(f"{i}:{text[:64]}", fraction) for i, (text, _) in enumerate(pairs)]
+    in_train = {y for (_, y), v in zip(pairs, drawn) if not v}
+    kept = sorted({y for (_, y), v in zip(pairs, drawn) if v} - in_train)
+    if kept:
+        logger.info("data.val_fraction: %d label(s) drew no training row and stay in train, out of validation: %s",
+                    len(kept), ", ".join(kept[:10]) + (" ..." if len(kept) > 10 else ""))
+    val = [v and y not in kept for (_, y), v in zip(pairs, drawn)]
+    return [p for p, v in zip(pairs, val) if not v], [p for p, v in zip(pairs, val) if v]
+
+
 def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dict, list[dict]]:
     """Tokenized train/val(/test) rows, task info (labels), and the records rejected with reasons."""
     d = cfg.data
@@ -161,9 +175,7 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
     check("train" in files, f"data.train {d.train}: no train split (it has {sorted(files) or 'none'})")
     data = {split: read_labeled(path, d.text_field, d.label_field, bad) for split, path in files.items()}
     if "val" not in data:
-        pairs = data["train"]
-        data["val"] = [p for i, p in enumerate(pairs) if _in_val(f"{i}:{p[0][:64]}", d.val_fraction)]
-        data["train"] = [p for i, p in enumerate(pairs) if not _in_val(f"{i}:{p[0][:64]}", d.val_fraction)]
+        data["train"], data["val"] = split_off_val(data["train"], d.val_fraction)
     labels = sorted({y for _, y in data["train"]})
     check(len(labels) >= 2, f"data.train: classification needs at least two labels, got {labels}")
     label2id = {y: i for i, y in enumerate(labels)}

@@ -602,3 +602,16 @@ def test_sft_rejects_conversations_a_template_does_not_render_turn_by_turn(tok):
     with pytest.raises(ValueError, match="turn by turn.*chat_template: builtin"):
         tokenize_chat([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
                        {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Hello there"}], odd, 64)
+
+
+def test_the_carved_validation_split_leaves_every_label_in_train():
+    """Without a val file, about data.val_fraction of the rows go to validation; a rare label whose
+    rows all drew validation stays in train (it could not be learned otherwise), and no row is lost."""
+    from pipeline.finetune.finetune import _in_val, split_off_val
+
+    pairs = [(f"common text {i}", "ab"[i % 2]) for i in range(200)]
+    rare = next(f"rare text {j}" for j in range(1000) if _in_val(f"200:{f'rare text {j}'}", 0.5))
+    pairs.append((rare, "rare"))  # its one row draws validation
+    train, val = split_off_val(pairs, 0.5)
+    assert {y for _, y in train} == {"a", "b", "rare"} and (rare, "rare") in train
+    assert 60 < len(val) < 140 and sorted(train + val) == sorted(pairs)
