@@ -180,7 +180,15 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
     check(len(labels) >= 2, f"data.train: classification needs at least two labels, got {labels}")
     label2id = {y: i for i, y in enumerate(labels)}
     unknown = sorted({y for split in data.values() for _, y in split} - set(labels))
-    check(not unknown, f"labels {unknown} appear outside the train split; they cannot be learned")
+    if unknown:  # a class without training rows cannot be learned: its rows are counted, not scored
+        logger.warning("labels %s have rows only outside the train split: those rows are left out (rejected.json)",
+                       unknown)
+        for split in [s for s in ("val", "test") if s in data]:
+            bad += [{"where": f"{files.get(split, d.train)} ({split}): row {i}",
+                     "reason": f"label {y!r} has no row in the train split, so the classifier cannot learn it"}
+                    for i, (_, y) in enumerate(data[split]) if y not in label2id]
+            data[split] = [p for p in data[split] if p[1] in label2id]
+    check(bool(data["val"]), "data.val: no row to validate on (none with a label of the train split)")
     rows = {s: encode_classification([t for t, _ in v], [y for _, y in v], label2id, tok, d.windowing)
             for s, v in data.items() if v}
     return rows, {"label2id": label2id, "files": files}, bad

@@ -615,3 +615,27 @@ def test_the_carved_validation_split_leaves_every_label_in_train():
     train, val = split_off_val(pairs, 0.5)
     assert {y for _, y in train} == {"a", "b", "rare"} and (rare, "rare") in train
     assert 60 < len(val) < 140 and sorted(train + val) == sorted(pairs)
+
+
+def test_rows_whose_label_has_no_training_row_are_counted_not_fatal(tmp_path, tok):
+    """A val or test file with a class the train file lacks (a rare class that a hash split put
+    outside train): those rows are rejected with the reason, the rest trains."""
+    from pipeline.finetune.finetune import FinetuneConfig, FinetuneDataConfig, build_examples
+
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+        return str(tmp_path / name)
+
+    train = write("train.jsonl", [("Goal in the last minute.", "sport"), ("New chip released.", "tech")] * 3)
+    val = write("val.jsonl", [("Match report.", "sport"), ("Rain tomorrow.", "weather")])
+    test = write("test.jsonl", [("GPU news.", "tech"), ("Sunny.", "weather"), ("Snow.", "weather")])
+    cfg = FinetuneConfig(task="classification", base_model="unused",
+                         data=FinetuneDataConfig(train=train, val=val, test=test, max_seq_len=16))
+    rows, info, bad = build_examples(cfg, tok)
+    assert sorted(info["label2id"]) == ["sport", "tech"] and [len(rows[s]) for s in ("train", "val", "test")] == [6, 1, 1]
+    assert [b["where"] for b in bad] == [f"{val} (val): row 1", f"{test} (test): row 1", f"{test} (test): row 2"]
+    assert all("label 'weather' has no row in the train split" in b["reason"] for b in bad)
+    only_weather = write("v2.jsonl", [("Rain tomorrow.", "weather")])
+    with pytest.raises(ValueError, match="data.val: no row to validate on"):
+        build_examples(FinetuneConfig(task="classification", base_model="unused",
+                                      data=FinetuneDataConfig(train=train, val=only_weather, max_seq_len=16)), tok)
