@@ -154,20 +154,20 @@ def _lm_texts(c: LMEvalConfig) -> tuple[list[str], str, list[str]]:
     """The documents of ``lm.text_file``, what they are ("lines" or "records"), and the reasons
     of records that hold no usable text. A plain text file is one document per non-empty line;
     JSONL / JSON / CSV / Parquet files and saved HF datasets are read as the prepare stage reads
-    them, ``lm.text_field`` holding the text."""
+    them, ``lm.text_field`` holding the text; so is a directory, every file in it as the prepare stage
+    reads a directory source (a text file there is one document)."""
     from pipeline import schema as S
     from pipeline.data.sources import SourceConfig, detect_format, expand_source, path_kind, read_file, text_lines
 
     path, kind = c.text_file, path_kind(c.text_file)  # a local path or a URI
     check(kind != "missing", f"lm.text_file not found: {path}")
-    if kind == "hf" or kind == "file" and detect_format(path) in ("jsonl", "json", "csv", "parquet"):
+    if kind in ("hf", "dir") or kind == "file" and detect_format(path) in ("jsonl", "json", "csv", "parquet"):
         records = [r for t in expand_source(SourceConfig(path=path, text_field=c.text_field)) for r in read_file(t, 1 << 30)]
         texts = [r[S.TEXT] for r in records if r.get(S.STATUS) is None]
         rejected = [r[S.REASON] for r in records if r.get(S.STATUS) is not None]
         check(bool(texts), f"lm.text_file {path}: no record with text in {c.text_field!r} (lm.text_field)"
                            + (f"; rejected: {sorted(set(rejected))}" if rejected else ""))
         return texts, "records", rejected
-    check(kind == "file", f"lm.text_file {path}: a directory; give a file (or a saved Hugging Face dataset)")
     lines = list(text_lines(path))
     texts = [t for _, t in lines if t is not None]
     rejected = ["invalid_utf8"] * (len(lines) - len(texts))
@@ -243,7 +243,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             texts = sample_rows(texts, cfg.lm.max_rows, cfg.lm.seed)
             scored = f"{len(texts)} of the {n_texts} {unit} of {cfg.lm.text_file}, up to {cfg.lm.max_len} tokens each" + \
                 (" (a seeded sample)" if len(texts) < n_texts else "") + \
-                (f"; {len(rejected)} records rejected ({', '.join(sorted(set(rejected)))})" if rejected else "")
+                (f"; {len(rejected)} {unit if len(rejected) > 1 else unit[:-1]} rejected ({', '.join(sorted(set(rejected)))})" if rejected else "")
             from pipeline.evaluate.ray_eval import score_texts
 
             res = score_texts(texts, str(model_dir), cfg.lm.max_len, cfg.actors)

@@ -142,6 +142,13 @@ def test_lm_text_file_reads_plain_lines_or_records_of_a_field(toy, tmp_path, ray
 
     assert read("docs.json", text_field="body") == (texts[:6], "records", [])
     assert read("plain.txt.gz") == (texts[:6], "lines", ["invalid_utf8"])
+    # a directory: every file as the prepare stage reads a directory source (a text file is one document)
+    (tmp_path / "dir").mkdir()
+    for i, t in enumerate(texts[:3]):
+        (tmp_path / "dir" / f"{i}.txt").write_text(t)
+    (tmp_path / "dir" / "more.jsonl").write_text(json.dumps({"text": texts[3]}) + "\n" + json.dumps({"x": 1}) + "\n")
+    docs, unit, rejected = read("dir")
+    assert (sorted(docs), unit, rejected) == (sorted(texts[:4]), "records", ["missing_text_field"])
     # scored over Ray Data's actor pool: the same figures as scoring the texts in this process
     local = lm_metrics_from_texts(model.eval(), tok, texts[:6], 32)
     assert res["plain.txt"]["tokens"] == local["tokens"] and res["plain.txt"]["loss"] == pytest.approx(local["loss"], rel=1e-5)
