@@ -81,9 +81,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"{key}: expected true/false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        # 1000.0, or "1e3" (YAML 1.1 reads an exponent without a dot as a string): an integer's value
+        number = float(value) if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) else value
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+        if isinstance(number, bool) or not isinstance(number, int):
             raise ValueError(f"{key}: expected an integer, got {value!r}")
-        return value
+        return number
     if tp is float:
         # YAML 1.1 (PyYAML) reads exponents without a dot ("2e-3", "1E5") as strings
         if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
@@ -108,6 +112,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if unknown:
         names = ", ".join(f"{prefix}.{k}" if prefix else str(k) for k in unknown)
         raise ValueError(f"unknown config key(s): {names} (valid: {', '.join(sorted(fields))})")
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError("missing required config key(s): " + ", ".join(f"{prefix}.{n}" if prefix else n for n in missing))
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name

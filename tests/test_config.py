@@ -46,7 +46,8 @@ def test_nested_and_overrides(tmp_path):
         ({"limit": 1.5}, "limit"),
         ({"inner": {"rate": "fast"}}, "inner.rate"),
         ({"inner": {"rate": "1e"}}, "inner.rate"),
-        ({"inner": {"size": "1e3"}}, "inner.size"),  # integers stay strict
+        ({"inner": {"size": "2.5e0"}}, "inner.size"),  # an integer key takes integral values only
+        ({"inner": {"size": float("nan")}}, "inner.size"),
     ],
 )
 def test_bad_keys_and_types_name_the_key(data, message):
@@ -61,6 +62,21 @@ def test_exponent_numbers_are_numbers(tmp_path):
     assert load_config(Outer, path).inner.rate == 0.002
     assert load_config(Outer, path, ["inner.rate=-1.5E2"]).inner.rate == -150.0
     assert load_config(Outer, path, ["inner.rate=.5e1"]).inner.rate == 5.0
+    # an integer key takes an integral value however it is written: 1e3 (a string to PyYAML), 1000.0
+    assert load_config(Outer, path, ["inner.size=1e3"]).inner.size == 1000
+    assert from_dict(Outer, {"inner": {"size": 1000.0}}).inner == Inner(size=1000)
+
+
+def test_a_missing_required_key_is_named():
+    @dataclass(frozen=True, kw_only=True)
+    class Needs:
+        data: str
+        inner: Inner = field(default_factory=Inner)
+
+    with pytest.raises(ValueError, match=r"^missing required config key\(s\): data$"):
+        from_dict(Needs, {"inner": {}})
+    with pytest.raises(ValueError, match=r"missing required config key\(s\): outer.data"):
+        from_dict(Needs, {}, prefix="outer")
 
 
 def test_override_syntax():
