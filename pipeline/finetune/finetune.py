@@ -294,7 +294,8 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
     rows, info, bad = build_examples(cfg, tok)
     write_json(run_dir / "rejected.json", {"count": len(bad), "records": bad[:1000]})
     check(len(rows.get("train", [])) >= cfg.train.batch_size * cfg.scaling.num_workers,
-          f"data.train: {len(rows.get('train', []))} examples is fewer than one global batch")
+          f"data.train: {len(rows.get('train', []))} training examples, fewer than one global batch (train.batch_size "
+          f"{cfg.train.batch_size} x scaling.num_workers {cfg.scaling.num_workers}): lower train.batch_size or give more data")
     check_val_share(len(rows.get("val", [])), cfg.scaling.num_workers, "data.val:",
                     "give more validation data (data.val, data.val_fraction) or fewer scaling.num_workers")
     if "test" in rows:
