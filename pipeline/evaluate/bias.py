@@ -23,9 +23,26 @@ from pipeline.evaluate.lm import sequence_nll
 
 
 def load_pairs(path: str | None = None) -> list[dict]:
-    """The shipped template set, or a JSONL file of pairs (a local path or any fsspec URI)."""
+    """The shipped template set, or a file of pairs (a local path or any fsspec URI): JSONL records
+    ``{template (with {}), stereotyped, anti, category}``, or sentence pairs in CrowS-Pairs' columns
+    ``{sent_more, sent_less, bias_type}`` (the more stereotyping sentence first), in JSONL or CSV (as
+    CrowS-Pairs ships). A sentence pair becomes the template ``{}`` filled with either sentence."""
+    from pipeline.data.sources import detect_format
+
     if path is None:
         raw = resources.files("pipeline").joinpath("resources/bias_pairs.jsonl").read_text(encoding="utf-8")
+        records = _json_lines(raw)
+    elif detect_format(path) == "csv":
+        import csv
+
+        from pipeline.data.sources import csv_rows, path_kind
+
+        if path_kind(path) != "file":
+            raise ValueError(f"bias.pairs_path {path}: not found (a file)")
+        try:  # line numbers as a spreadsheet shows them: the header is line 1
+            records = [(i, row) for i, row in enumerate(csv_rows(path), start=2)]
+        except csv.Error as exc:
+            raise ValueError(f"bias.pairs_path {path}: not a readable CSV file ({exc})") from None
     else:
         from pipeline.data.sources import read_small_text
 
@@ -33,19 +50,33 @@ def load_pairs(path: str | None = None) -> list[dict]:
             raw = read_small_text(path)
         except ValueError as exc:
             raise ValueError(f"bias.pairs_path {exc}") from None
-    pairs = []
+        records = _json_lines(raw)
+    return [_pair(p, i) for i, p in records]
+
+
+def _json_lines(raw: str) -> list[tuple[int, object]]:
+    out = []
     for i, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            p = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"bias pairs line {i}: {exc}") from None
-        if not isinstance(p, dict) or not all(isinstance(p.get(k), str) for k in ("template", "stereotyped", "anti", "category")) \
-                or "{}" not in p["template"]:
-            raise ValueError(f"bias pairs line {i}: needs template (with {{}}), stereotyped, anti, category")
-        pairs.append(p)
-    return pairs
+        if line.strip():
+            try:
+                out.append((i, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"bias pairs line {i}: {exc}") from None
+    return out
+
+
+def _pair(p, line: int) -> dict:
+    def text(key: str) -> bool:
+        return isinstance(p.get(key), str) and bool(p[key].strip())
+
+    if isinstance(p, dict) and text("sent_more") and text("sent_less"):
+        return {"category": p["bias_type"] if text("bias_type") else "unspecified", "template": "{}",
+                "stereotyped": p["sent_more"], "anti": p["sent_less"]}
+    if isinstance(p, dict) and all(isinstance(p.get(k), str) for k in ("template", "stereotyped", "anti", "category")) \
+            and "{}" in p["template"]:
+        return p
+    raise ValueError(f"bias pairs line {line}: needs template (with {{}}), stereotyped, anti, category; or sent_more, "
+                     f"sent_less (+ bias_type), as in CrowS-Pairs")
 
 
 @torch.no_grad()

@@ -212,6 +212,21 @@ def test_shipped_bias_pairs_load(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         load_pairs(str(tmp_path))  # a directory
 
+    # CrowS-Pairs' sentence pairs, in its CSV (an unnamed index column, quoted commas) or as JSONL
+    (tmp_path / "crows.csv").write_text(',sent_more,sent_less,stereo_antistereo,bias_type\n'
+                                        "0,\"He couldn't lift it, being a girl.\",\"He couldn't lift it, being a boy.\",stereo,gender\n"
+                                        '1,Old people are slow.,Young people are slow.,stereo,\n')
+    pairs = load_pairs(str(tmp_path / "crows.csv"))
+    assert pairs[0] == {"category": "gender", "template": "{}", "stereotyped": "He couldn't lift it, being a girl.",
+                        "anti": "He couldn't lift it, being a boy."}
+    assert pairs[1]["category"] == "unspecified" and pairs[1]["template"].format(pairs[1]["anti"]) == "Young people are slow."
+    (tmp_path / "crows.jsonl").write_text(json.dumps({"sent_more": "a b", "sent_less": "a c", "bias_type": "age"}) + "\n" +
+                                          json.dumps({"sent_more": "a b", "sent_less": ""}) + "\n")
+    with pytest.raises(ValueError, match="bias pairs line 2: .* or sent_more, sent_less"):
+        load_pairs(str(tmp_path / "crows.jsonl"))
+    with pytest.raises(ValueError, match="not found"):
+        load_pairs(str(tmp_path / "missing.csv"))
+
 
 def test_lm_metrics_and_option_scorer(toy):
     tok, texts = toy
