@@ -79,11 +79,12 @@ def validate_messages(messages, where: str) -> list[dict]:
         raise ValueError(f"{where}: 'messages' must be a non-empty list")
     out = []
     for i, m in enumerate(messages):
-        role = "system" if isinstance(m, dict) and m.get("role") == "developer" else m.get("role") if isinstance(m, dict) else None
-        content = _content(m.get("content"), f"{where}: messages[{i}]") if isinstance(m, dict) else None
+        m = m if isinstance(m, dict) else {"not a message": m}
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        content = _content(m.get("content"), f"{where}: messages[{i}]")
         if role not in ROLES or content is None:
             raise ValueError(f"{where}: messages[{i}] must be {{'role': one of {ROLES}, 'content': str or a list of "
-                             f"text parts}}, got {m!r}"[:300])
+                             f"text parts}}, got {messages[i]!r}"[:300])
         msg = {"role": role, "content": content}
         if "weight" in m:
             w = m["weight"]
