@@ -293,9 +293,12 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
     tok.save_pretrained(str(tok_dir))
     rows, info, bad = build_examples(cfg, tok)
     write_json(run_dir / "rejected.json", {"count": len(bad), "records": bad[:1000]})
-    check(len(rows.get("train", [])) >= cfg.train.batch_size * cfg.scaling.num_workers,
-          f"data.train: {len(rows.get('train', []))} training examples, fewer than one global batch (train.batch_size "
-          f"{cfg.train.batch_size} x scaling.num_workers {cfg.scaling.num_workers}): lower train.batch_size or give more data")
+    n_train, workers = len(rows.get("train", [])), cfg.scaling.num_workers
+    check(n_train >= workers, f"data.train: {n_train} training example(s) for {workers} workers, who each train on an "
+                              f"equal share: give more data or fewer scaling.num_workers")
+    if n_train // workers < cfg.train.batch_size:  # every epoch keeps its last, partial batch: each step is a whole share
+        logger.info("data.train: %d examples, %d per worker, fewer than train.batch_size (%d): every step trains on a "
+                    "worker's whole share", n_train, n_train // workers, cfg.train.batch_size)
     check_val_share(len(rows.get("val", [])), cfg.scaling.num_workers, "data.val:",
                     "give more validation data (data.val, data.val_fraction) or fewer scaling.num_workers")
     if "test" in rows:

@@ -175,10 +175,10 @@ def test_finetune_bad_inputs(pipeline_dirs, tmp_path):
     chat.write_text("".join(json.dumps({"prompt": f"Who won {w}?", "completion": "The home team."}) + "\n"
                             for w in TOPICS["sport"]))
     one.write_text(json.dumps({"prompt": "Who won?", "completion": "Nobody."}) + "\n")
-    with pytest.raises(ValueError, match=r"data\.train: \d+ training examples, fewer than one global batch "
-                                         r"\(train\.batch_size 64 x scaling\.num_workers 2\): lower train\.batch_size"):
-        run_finetune(from_dict(FinetuneConfig, {**base, "task": "sft", "train": {"batch_size": 64},
-                                                "data": {"train": str(chat), "val": str(one), "max_seq_len": 32}}))
+    with pytest.raises(ValueError, match=r"data\.train: 1 training example\(s\) for 2 workers, who each train on an "
+                                         r"equal share: give more data or fewer scaling\.num_workers"):
+        run_finetune(from_dict(FinetuneConfig, {**base, "task": "sft",
+                                                "data": {"train": str(one), "val": str(chat), "max_seq_len": 32}}))
     with pytest.raises(ValueError, match=r"data\.val: 1 validation row\(s\) for 2 workers"):
         run_finetune(from_dict(FinetuneConfig, {**base, "task": "sft", "train": {"batch_size": 2},
                                                 "data": {"train": str(chat), "val": str(one), "max_seq_len": 32}}))
