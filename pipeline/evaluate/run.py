@@ -268,9 +268,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         model_dir = _causal_dir(f.model)
         split, split_path, train_path = _eval_files("fewshot", f.data, f.split, f.train_data, True)
         single = split_path == f.data  # a labeled file, not a prepare output: all its rows are queries
-        bad: list = []
-        train = [(r["text"], r["label"]) for r in _read_split(train_path, f.text_field, f.label_field, None, bad)]
+        bad: list = []  # each file's rejected rows once: the examples' file may be the queries' own
         test = _read_split(split_path, f.text_field, f.label_field, None, bad)
+        train = [(r["text"], r["label"]) for r in
+                 (test if train_path == split_path else _read_split(train_path, f.text_field, f.label_field, None, bad))]
         n_queries = len(test)
         test = sample_rows(test, f.max_queries, f.seed)
         check(bool(train) and bool(test), f"fewshot: no usable rows (train {len(train)}, queries {len(test)})")
@@ -351,10 +352,11 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
              "", "| | accuracy | macro-F1 | weighted-F1 |", "|---|---:|---:|---:|",
              f"| fine-tuned classifier | {m['accuracy']:.3f} | {m['f1_macro']:.3f} | {m['f1_weighted']:.3f} |"]
     if c.baseline:
-        train = _read_split(train_path, c.text_field, c.label_field, None, bad)
+        train_bad: list = []  # the baseline's train file's rejected rows, counted apart from the split's
+        train = rows if train_path == split_path else _read_split(train_path, c.text_field, c.label_field, None, train_bad)
         base_preds = tfidf_baseline([r["text"] for r in train], [r["label"] for r in train], [r["text"] for r in rows])
         b = classification_metrics(y_true, base_preds, m["labels"])
-        res["baseline_tfidf_logreg"] = b
+        res["baseline_tfidf_logreg"] = {**b, "train_rows": len(train), "train_rejected_rows": len(train_bad)}
         lines.append(f"| TF-IDF + LogisticRegression | {b['accuracy']:.3f} | {b['f1_macro']:.3f} | {b['f1_weighted']:.3f} |")
         # the same baseline on only the text the classifier reads (its window(s) of tokens)
         from types import SimpleNamespace

@@ -107,7 +107,7 @@ def test_classifier_finetune_and_evaluate(pipeline_dirs):
     # label), and the unseen label's rows count as errors, reported by name
     rng = random.Random(5)
     rows = [{"body": labeled_doc(rng, t), "y": t} for t in ["money"] * 12 + ["sport"] * 12]
-    rows += [{"body": "Rain and strong wind are expected tomorrow.", "y": "weather"}] * 2
+    rows += [{"body": "Rain and strong wind are expected tomorrow.", "y": "weather"}] * 2 + [{"body": "No label."}]
     Path(d["out"], "sorted.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     labeled = str(Path(d["out"], "sorted.jsonl"))
     full_lm = res["lm"]
@@ -124,6 +124,17 @@ def test_classifier_finetune_and_evaluate(pipeline_dirs):
     assert "sliced" not in c and "no row of the test split has a field 'region'" in c["not_sliced"]
     assert c["per_label"]["weather"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
     assert c["accuracy"] <= 24 / 26 and len(c["confusion_matrix"]) == 3
+    # the unlabeled row is counted once per section, though the file is both the split and the train data
+    assert c["rejected_rows"] == res["fewshot"]["rejected_rows"] == 1
+    assert c["baseline_tfidf_logreg"]["train_rows"] == 26 and c["baseline_tfidf_logreg"]["train_rejected_rows"] == 0
+    # a separate train file for the baseline: its own rejected rows are counted apart
+    Path(d["out"], "train2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:24] + [{"y": "money"}] * 2))
+    c2 = run_evaluate(from_dict(EvaluateConfig, {
+        "output_dir": str(d["out"] / "eval3"), "bias": None, "lm": None, "fewshot": None,
+        "classification": {"model": summary["model_dir"], "data": labeled, "text_field": "body", "label_field": "y",
+                           "train_data": str(Path(d["out"], "train2.jsonl")), "group_field": None}}))["classification"]
+    assert (c2["rejected_rows"], c2["baseline_tfidf_logreg"]["train_rows"], c2["baseline_tfidf_logreg"]["train_rejected_rows"]) \
+        == (1, 24, 2)
     supports = {y: v["support"] for y, v in res["fewshot"]["per_label"].items()}
     assert res["fewshot"]["queries"] == sum(supports.values()) == 8
     assert supports["money"] > 0 and supports["sport"] > 0, supports
