@@ -17,6 +17,9 @@ def setup_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("ray.data", "trafilatura", "htmldate", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipeline.model.build import quiet_loading
+
+    quiet_loading()
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -8,12 +8,22 @@ import numpy as np
 from pipeline.evaluate.lm import sequence_nll
 
 
+def actor_process() -> None:
+    """An evaluation actor's process: one torch thread (the pool's actors share the CPUs with the
+    read tasks) and no model-loading progress bars in the job's logs."""
+    import torch
+
+    from pipeline.model.build import quiet_loading
+
+    torch.set_num_threads(1)
+    quiet_loading()
+
+
 class ClassifierPredictor:
     def __init__(self, model_dir: str, max_len: int | None):
-        import torch
         import transformers
 
-        torch.set_num_threads(1)
+        actor_process()
         self.tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
         self.max_len = max_len
@@ -27,11 +37,9 @@ class ClassifierPredictor:
 
 class LMScorer:
     def __init__(self, model_dir: str):
-        import torch
-
         from pipeline.evaluate.lm import load_lm
 
-        torch.set_num_threads(1)
+        actor_process()
         self.model, self.tok, self.masked = load_lm(model_dir)
 
     def __call__(self, batch: dict) -> dict:
@@ -50,11 +58,9 @@ class TextScorer:
     """Summed NLL / tokens / bytes of each batch of texts (one output row per batch)."""
 
     def __init__(self, model_dir: str, max_len: int):
-        import torch
-
         from pipeline.evaluate.lm import load_lm
 
-        torch.set_num_threads(1)
+        actor_process()
         self.model, self.tok, self.masked = load_lm(model_dir)
         self.max_len = max_len
 
@@ -70,10 +76,9 @@ class FewshotScorer:
     """Each query's label log-likelihoods after the same few-shot examples."""
 
     def __init__(self, model_dir: str, shots: list, labels: list[str], max_len: int, max_words: int):
-        import torch
         import transformers
 
-        torch.set_num_threads(1)
+        actor_process()
         self.tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
         self.shots, self.labels, self.max_len, self.max_words = [tuple(s) for s in shots], labels, max_len, max_words
@@ -99,11 +104,9 @@ class PairScorer:
     """Counterfactual bias pairs -> their log-likelihood gaps."""
 
     def __init__(self, model_dir: str):
-        import torch
-
         from pipeline.evaluate.lm import load_lm
 
-        torch.set_num_threads(1)
+        actor_process()
         self.model, self.tok, self.masked = load_lm(model_dir)
 
     def __call__(self, batch: dict) -> dict:

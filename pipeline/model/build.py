@@ -110,6 +110,16 @@ def name_default_loss(model):
     return model
 
 
+def quiet_loading() -> None:
+    """Turns off ``transformers``' per-call progress bars ("Loading weights", "Writing model shards")
+    in this process. Every Ray Train worker, evaluation actor and Serve replica loads or saves
+    models, each printing its own bars to the job's logs, for loads that take well under a
+    second; warnings and errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def num_params(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

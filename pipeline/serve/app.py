@@ -175,11 +175,13 @@ class ModelServer:
         import transformers
 
         from pipeline.compress.quantize import load_model
+        from pipeline.model.build import quiet_loading
         from pipeline.serve.batcher import DynamicBatcher
         from pipeline.serve.engine import Engine
 
         self.spec = ServedModel(**{**spec, "autoscaling": AutoscalingCfg(**spec.get("autoscaling", {}))})
         torch.set_num_threads(self.spec.threads)
+        quiet_loading()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.spec.path, local_files_only=True,
                                                                     trust_remote_code=False)
         kind = "classifier" if self.spec.kind == "classifier" else "causal"

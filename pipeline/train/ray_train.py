@@ -16,6 +16,7 @@ from typing import Callable, Literal
 import torch
 
 from pipeline.config import check
+from pipeline.model.build import quiet_loading
 from pipeline.train.checkpoint import (latest_checkpoint, load_model_weights, load_training_state, rng_state,
                                        save_checkpoint)
 from pipeline.train.data import ValidationCache, stream_seed
@@ -120,6 +121,7 @@ def train_worker(config: dict) -> dict:
     from pipeline.config import from_dict
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_loading()
     setup = config["setup"]  # a picklable callable building (model, batcher, tokenizer) from config
     optim = from_dict(OptimConfig, config["optim"])
     loop = from_dict(LoopConfig, config["loop"])

@@ -305,3 +305,24 @@ def test_checkpoint_kinds_of_lms_and_classifiers_from_either_objective(tmp_path)
     for name in ("causal", "masked"):
         with pytest.raises(ValueError, match=f"is a {name} language model, not a sequence classifier"):
             require_classifier(tmp_path / name, "m")
+
+
+def test_quiet_loading_silences_transformers_progress_bars(tmp_path, capfd):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.model.build import quiet_loading
+
+    save_checkpoint(tmp_path, build_model(tiny(), VOCAB, seed=0))
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        capfd.readouterr()
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+        assert "Loading weights" in capfd.readouterr().err  # what every worker, actor and replica printed
+        quiet_loading()
+        AutoModelForCausalLM.from_pretrained(tmp_path).save_pretrained(tmp_path / "again")
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err and "Writing model shards" not in err
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
