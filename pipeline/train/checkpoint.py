@@ -88,16 +88,71 @@ def _plain_architecture(path: Path, model) -> None:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint directory under ``root`` with the highest training step, if any."""
-    best, best_step = None, -1
+    """The complete checkpoint directory under ``root`` with the highest training step, if any.
+    An incomplete one (see ``incomplete``) is skipped with a warning: the one before it is taken."""
+    found = []
     for marker in Path(root).glob("checkpoint_*/trainer_state.json"):
         try:
-            step = json.loads(marker.read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            continue  # a checkpoint being written or damaged: skip it
-        if step > best_step and (marker.parent / STATE_FILE).exists():
-            best, best_step = marker.parent, step
-    return best
+            found.append((json.loads(marker.read_text())["step"], marker.parent))
+        except (OSError, ValueError, KeyError, TypeError):
+            logger.warning("%s: not resumable (trainer_state.json unreadable); skipped", marker.parent)
+    for step, path in sorted(found, key=lambda sp: sp[0], reverse=True):
+        reason = incomplete(path)
+        if reason is None:
+            return path
+        logger.warning("%s (step %s): not resumable (%s); skipped", path, step, reason)
+    return None
+
+
+def incomplete(path: str | Path) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be resumed from, or None when it is complete.
+    Ray copies a reported checkpoint into storage file by file, several at a time and with no final
+    rename, so a job killed during the copy leaves a directory whose files are missing or cut
+    short. Checked without loading anything: the JSON files parse, every safetensors file (and
+    every shard its index names) is as long as its header says, the training state's zip archive
+    has its closing directory."""
+    import zipfile
+
+    path = Path(path)
+    for name in ("config.json", "trainer_state.json"):
+        try:
+            json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            return f"{name} missing or cut short"
+    index = path / "model.safetensors.index.json"
+    try:
+        weights = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()}) \
+            if index.exists() else [path / "model.safetensors"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        return f"{index.name} unreadable"
+    for file in weights:
+        reason = _safetensors_incomplete(file)
+        if reason:
+            return f"{file.name}: {reason}"
+    if not zipfile.is_zipfile(path / STATE_FILE):
+        return f"{STATE_FILE} missing or cut short"
+    return None
+
+
+def _safetensors_incomplete(file: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header of tensor byte ranges, then the
+    data: complete when its size is the header's end plus the last range's end."""
+    try:
+        with file.open("rb") as f:
+            size = file.stat().st_size
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 + n:
+                return "cut short"
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError):
+        return "unreadable header"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and "data_offsets" in t]
+    if size < 8 + n + max(ends, default=0):
+        return f"cut short ({size} of {8 + n + max(ends, default=0)} bytes)"
+    return None
 
 
 def load_training_state(path: str | Path, optimizer=None, model=None, rank: int = 0,

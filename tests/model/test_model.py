@@ -1,6 +1,7 @@
 """Model construction, the masked-LM corruption, checkpoint round trips and the golden losses."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,3 +327,45 @@ def test_quiet_loading_silences_transformers_progress_bars(tmp_path, capfd):
         assert "Loading weights" not in err and "Writing model shards" not in err
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def test_a_rerun_resumes_from_the_latest_complete_checkpoint(tmp_path, caplog):
+    """Ray copies a checkpoint into storage file by file with no final rename: a job killed during
+    the copy leaves a directory with files missing or cut short. The rerun takes the one before."""
+    import shutil
+
+    from pipeline.train.checkpoint import incomplete, latest_checkpoint
+
+    model = build_model(tiny(), VOCAB, seed=0)
+    trainer = Trainer(model, OptimConfig(), LoopConfig(max_steps=10), torch.device("cpu"))
+    for step, name in ((2, "checkpoint_a"), (4, "checkpoint_b")):
+        save_checkpoint(tmp_path / name, model, optimizer=trainer.optimizer, state=TrainState(step=step))
+    newest, older = tmp_path / "checkpoint_b", tmp_path / "checkpoint_a"
+    assert latest_checkpoint(tmp_path) == newest and incomplete(newest) is None
+    pristine = tmp_path / "pristine"
+    shutil.copytree(newest, pristine)
+
+    def damaged(name: str, keep: float) -> Path:
+        shutil.rmtree(newest)
+        shutil.copytree(pristine, newest)
+        data = (newest / name).read_bytes()
+        if keep:
+            (newest / name).write_bytes(data[:int(len(data) * keep)])
+        else:
+            (newest / name).unlink()
+        return latest_checkpoint(tmp_path)
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"):
+        assert damaged("model.safetensors", 0.9) == older
+        assert "model.safetensors: cut short" in caplog.text and "step 4" in caplog.text
+        assert damaged("model.safetensors", 0.0001) == older  # not even the whole header
+        assert damaged("model.safetensors", 0) == older
+        assert damaged("training_state.pt", 0.9) == older
+        assert "training_state.pt missing or cut short" in caplog.text
+        assert damaged("config.json", 0.5) == older
+        assert damaged("trainer_state.json", 0.5) == older  # not even its step is known
+    shutil.rmtree(newest)
+    shutil.copytree(pristine, newest)
+    assert latest_checkpoint(tmp_path) == newest
+    shutil.rmtree(older)
+    assert damaged("training_state.pt", 0) is None  # nothing complete: the run starts afresh
