@@ -39,14 +39,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:  # Optional[X]: X's own, more precise error
             return _coerce(value, non_none[0], key)
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in non_none:
             try:
                 return _coerce(value, arg, key)
-            except ValueError as exc:
-                errors.append(str(exc))
+            except ValueError:
+                pass
         raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in get_args(tp):

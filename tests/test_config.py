@@ -183,3 +183,23 @@ def test_a_finetune_yaml_names_its_exported_model_wherever_a_model_is_taken(tmp_
     ft.write_text(f"task: sft\nbase_model: {tmp_path / 'base'}\noutput_dir: {tmp_path / 'out'}\ndata: {{train: chatterbot}}\n")
     assert resolve_model_dir(str(ft)) == resolve_finetuned(str(ft)).resolve()
     assert resolve_model_dir(str(ft)).parent.parent == tmp_path / "out"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Either:
+    value: int | str | None = None
+    pairs: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+
+def test_unions_mappings_and_fixed_tuples_are_checked_by_key():
+    assert from_dict(Either, {"value": 3}).value == 3 and from_dict(Either, {"value": "3a"}).value == "3a"
+    assert from_dict(Either, {"value": None}).value is None
+    with pytest.raises(ValueError, match=r"^value: expected int \| str \| None, got \[1\]"):
+        from_dict(Either, {"value": [1]})
+    assert from_dict(Either, {"pairs": {"a": [1, 2]}}).pairs == {"a": (1, 2.0)}
+    with pytest.raises(ValueError, match=r"pairs\.a: expected 2 items, got 3"):
+        from_dict(Either, {"pairs": {"a": [1, 2, 3]}})
+    with pytest.raises(ValueError, match=r"pairs\.a\[1\]: expected a number, got 'x'"):
+        from_dict(Either, {"pairs": {"a": [1, "x"]}})
+    with pytest.raises(ValueError, match=r"pairs: expected a mapping, got \[1\]"):
+        from_dict(Either, {"pairs": [1]})
