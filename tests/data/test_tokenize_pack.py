@@ -1,6 +1,7 @@
 """Tokenizer round trip and packing accounting."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -59,3 +60,34 @@ def test_shard_writer_accounts_for_every_token(tok_dir, tmp_path):
     assert sum(meta["source_tokens"].values()) == meta["doc_tokens"]
     again = write_packed_shard([f"d{i}" for i in range(30)], texts, ["s1"] * 30, tok_dir, 16, str(tmp_path))
     assert again["path"] == meta["path"] and len(list(tmp_path.glob("*.parquet"))) == 1  # retry-safe name
+
+
+def test_a_given_tokenizer_is_copied_next_to_the_data(tok_dir, tmp_path):
+    """``tokenizer.path``: a user's own tokenizer (here GPT-2's file layout, vocab.json and
+    merges.txt with no tokenizer.json) is copied into the run and packs with its own ids; one
+    without an end-of-text token is refused by name."""
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from pipeline.data.tokenizer import copy_tokenizer
+
+    bpe = json.loads(Path(tok_dir, "tokenizer.json").read_text())["model"]
+    given = tmp_path / "gpt2-layout"
+    given.mkdir()
+    (given / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+    (given / "merges.txt").write_text("#version: 0.2\n" + "\n".join(m if isinstance(m, str) else " ".join(m)
+                                                                    for m in bpe["merges"]) + "\n")
+    (given / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
+                                                             "eos_token": "<|endoftext|>"}))
+    src = AutoTokenizer.from_pretrained(str(given), local_files_only=True)
+    copy_tokenizer(given, tmp_path / "copy", TokenizerConfig(path=str(given)))
+    tok, eos = load_backend(str(tmp_path / "copy"))
+    text = "Profits rose 76% to $1.13bn (£600m)."
+    assert tok.encode(text, add_special_tokens=False).ids == src(text, add_special_tokens=False)["input_ids"]
+    assert eos == src.eos_token_id
+
+    no_eos = tmp_path / "no-eos"
+    PreTrainedTokenizerFast(tokenizer_file=f"{tok_dir}/tokenizer.json").save_pretrained(str(no_eos))
+    with pytest.raises(ValueError, match=r"tokenizer.path .*no eos_token"):
+        copy_tokenizer(no_eos, tmp_path / "copy2", TokenizerConfig(path=str(no_eos)))
