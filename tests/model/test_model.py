@@ -369,3 +369,24 @@ def test_a_rerun_resumes_from_the_latest_complete_checkpoint(tmp_path, caplog):
     assert latest_checkpoint(tmp_path) == newest
     shutil.rmtree(older)
     assert damaged("training_state.pt", 0) is None  # nothing complete: the run starts afresh
+
+
+def test_a_compiled_model_trains_and_saves_a_plain_checkpoint(tmp_path):
+    """``train.compile``: the worker trains ``torch.compile(model)``; its losses are the eager
+    model's, and its checkpoint has the plain parameter names (no ``_orig_mod.``), loading into an
+    uncompiled model with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    x = fixed_batch()
+    losses = {}
+    for compiled in (False, True):
+        model = build_model(tiny(), VOCAB, seed=0)
+        run = torch.compile(model) if compiled else model
+        trainer = Trainer(run, OptimConfig(lr=3e-3, warmup_steps=0), LoopConfig(max_steps=10), torch.device("cpu"))
+        losses[compiled] = [trainer.train_step([{"input_ids": x, "labels": x}], step)[0] for step in range(3)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    save_checkpoint(tmp_path, run, optimizer=trainer.optimizer, state=TrainState(step=3))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=x).logits, loaded(input_ids=x).logits, atol=1e-6)
