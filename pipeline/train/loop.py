@@ -179,12 +179,31 @@ class Trainer:
         return get_lr(step, lr=o.lr, warmup_steps=o.warmup_steps, max_steps=self.cfg.max_steps,
                       min_lr=o.lr * o.min_lr_ratio)
 
-    def train_step(self, micro_batches: list[dict], step: int) -> tuple[float, int]:
+    def train_step(self, micro_batches: list[dict], step: int,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, world_size: int = 1
+                   ) -> tuple[float, int]:
+        """One optimizer step over ``micro_batches`` (gradient accumulation); returns this worker's
+        loss (the mean over its loss-carrying tokens) and its tokens.
+
+        The gradient is that of the mean loss over every loss-carrying token of the step (labels
+        other than -100; one per row for classification), on every worker together: each
+        micro-batch's mean loss is weighted by its share of those tokens, their count summed
+        across workers with ``reduce`` (DDP and FSDP then average the workers' gradients, hence
+        the ``world_size`` factor). Averaging micro-batch means instead would give a token of a
+        micro-batch, or a worker, with few such tokens (an SFT batch of short answers) more weight
+        than one with many, so that accumulation and more workers would not train as one large
+        batch does. With equal counts (packed pretraining rows) the weights are exactly 1."""
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        counts = [label_tokens(b) for b in micro_batches]
+        total = torch.tensor([float(sum(counts))], dtype=torch.float64)
+        if reduce is not None and world_size > 1:
+            total = reduce(total.to(self.device)).cpu()
+        total = float(total)
+        local = max(sum(counts), 1)
         total_loss, tokens = 0.0, 0
-        for i, batch in enumerate(micro_batches):
+        for i, (batch, n) in enumerate(zip(micro_batches, counts)):
             batch = to_device(batch, self.device)
             last = i == len(micro_batches) - 1
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter on the last only
@@ -194,9 +213,12 @@ class Trainer:
                 sync = getattr(self.model, "no_sync", None)
                 ctx = sync() if sync is not None and not last else nullcontext()
             with ctx, autocast_context(self.device, self.cfg.precision):
-                loss = self.model(**batch).loss / len(micro_batches)
-            loss.backward()
-            total_loss += float(loss.detach())
+                out = self.model(**batch)
+            if n:
+                (out.loss * (n * world_size / total)).backward()  # exactly 1 for equal counts
+                total_loss += float(out.loss.detach()) * n / local
+            else:  # nothing to learn here (its mean loss is NaN): zero gradients, but DDP still syncs
+                (out.logits.float().sum() * 0.0).backward()
             tokens += count_tokens(batch)
         if self.optim_cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
@@ -244,7 +266,7 @@ class Trainer:
                 micro.append(batch)
                 state.batches_in_epoch += 1
             wait += time.perf_counter() - t_wait
-            loss, tokens = self.train_step(micro, state.step)
+            loss, tokens = self.train_step(micro, state.step, reduce, world_size)
             state.step += 1
             state.tokens += tokens * world_size
             tokens_last += tokens * world_size

@@ -131,3 +131,44 @@ def test_bf16_native_autocasts_only_where_the_device_multiplies_bf16(monkeypatch
     for native in (True, False):  # a GPU: its own report (an Ampere or later one multiplies bf16)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
         assert native_bf16(torch.device("cuda")) is native
+
+
+def _step_gradients(batches: list[dict], reduce=None, world_size: int = 1, seed: int = 0) -> dict:
+    """The gradients one ``train_step`` over ``batches`` (micro-batches) hands to the optimizer."""
+    model = build_model(ModelConfig(preset="tiny", max_seq_len=16), 64, seed=seed)
+    trainer = Trainer(model, OptimConfig(lr=1e-3, warmup_steps=0, grad_clip=None), LoopConfig(max_steps=2),
+                      torch.device("cpu"))
+    grads, step = {}, trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+    loss, _ = trainer.train_step(batches, 0, reduce, world_size)
+    return {"loss": loss, **grads}
+
+
+def test_accumulated_and_distributed_steps_weigh_every_loss_token_equally():
+    """An SFT-like step: one micro-batch learns from 4 tokens, the other from 26. Accumulating
+    them (grad_accum 2), or giving one to each of two workers (their token counts summed by
+    ``reduce``; DDP averages the gradients), gives the gradient of the mean over all 30 tokens,
+    as one batch of all four rows does, not the mean of the two micro-batch means."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 64, (4, 16), generator=g)
+    labels = x.clone()
+    labels[:2, :-2] = -100  # rows 0-1: their last 2 tokens are targets (answers)
+    labels[2:, :3] = -100  # rows 2-3: all but their first 3
+    few, many = {"input_ids": x[:2], "labels": labels[:2]}, {"input_ids": x[2:], "labels": labels[2:]}
+    whole = _step_gradients([{"input_ids": x, "labels": labels}])
+    accumulated = _step_gradients([few, many])
+    ranks = [_step_gradients([few], reduce=lambda t: t + 26, world_size=2),
+             _step_gradients([many], reduce=lambda t: t + 4, world_size=2)]
+    means = [_step_gradients([few]), _step_gradients([many])]
+    params = [name for name in whole if name != "loss"]
+    for name in params:
+        assert torch.allclose(accumulated[name], whole[name], rtol=1e-4, atol=1e-7), name
+        assert torch.allclose((ranks[0][name] + ranks[1][name]) / 2, whole[name], rtol=1e-4, atol=1e-7), name
+    assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    # what averaging the two micro-batch means would have given: another gradient
+    assert not all(torch.allclose((means[0][n] + means[1][n]) / 2, whole[n], rtol=1e-2, atol=1e-6) for n in params)
