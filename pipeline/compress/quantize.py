@@ -230,18 +230,19 @@ def load_model(model_dir: str | Path, kind: str = "causal"):
     Hugging Face safetensors, or our int8 format. Never remote code, never pickles."""
     import transformers
 
+    from pipeline.model.build import load_pretrained
+
     auto = {"causal": transformers.AutoModelForCausalLM,
             "classifier": transformers.AutoModelForSequenceClassification}[kind]
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
     if not is_int8(model_dir):
-        return auto.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True,
-                                    trust_remote_code=False).eval()
+        return load_pretrained(auto, model_dir, use_safetensors=True, trust_remote_code=False).eval()
     from safetensors.torch import load_file
 
     config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
-    model = quantize_int8(auto.from_config(config))
+    model = quantize_int8(auto.from_config(config, dtype=torch.float32))  # as saved, whatever config.dtype says
     tensors = load_file(str(model_dir / WEIGHTS))
     _wrap(model, {n: float(tensors.pop(f"{n}.input_scale")) for n in _quantized_layers(model)
                   if f"{n}.input_scale" in tensors})

@@ -63,12 +63,12 @@ def load_lm(model_dir: str):
     """A causal LM, or a masked LM (``is_masked_lm``) with its ``MaskedScorer`` (else None)."""
     import transformers
 
-    from pipeline.model.build import is_masked_lm
+    from pipeline.model.build import is_masked_lm, load_pretrained
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     masked = is_masked_lm(transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True))
     auto = transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM
-    model = auto.from_pretrained(model_dir, local_files_only=True).eval()
+    model = load_pretrained(auto, model_dir).eval()
     return model, tok, (MaskedScorer(tok) if masked else None)
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.evaluate.lm import sequence_nll
+from pipeline.model.build import load_pretrained, quiet_loading
 
 
 def actor_process() -> None:
     """An evaluation actor's process: one torch thread (the pool's actors share the CPUs with the
     read tasks) and no model-loading progress bars in the job's logs."""
     import torch
-
-    from pipeline.model.build import quiet_loading
 
     torch.set_num_threads(1)
     quiet_loading()
@@ -25,7 +24,7 @@ class ClassifierPredictor:
 
         actor_process()
         self.tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
+        self.model = load_pretrained(transformers.AutoModelForSequenceClassification, model_dir).eval()
         self.max_len = max_len
 
     def __call__(self, batch: dict) -> dict:
@@ -80,7 +79,7 @@ class FewshotScorer:
 
         actor_process()
         self.tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+        self.model = load_pretrained(transformers.AutoModelForCausalLM, model_dir).eval()
         self.shots, self.labels, self.max_len, self.max_words = [tuple(s) for s in shots], labels, max_len, max_words
 
     def __call__(self, batch: dict) -> dict:

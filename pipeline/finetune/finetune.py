@@ -197,6 +197,8 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
 def setup_finetune(config: dict):
     import transformers
 
+    from pipeline.model.build import load_pretrained
+
     base = config["base_model"]
     tok = transformers.AutoTokenizer.from_pretrained(config["tokenizer_dir"], local_files_only=True)
     import torch
@@ -209,16 +211,16 @@ def setup_finetune(config: dict):
         # build their embedding with padding_idx = pad_token_id, which must lie inside it
         n_base = transformers.AutoConfig.from_pretrained(base, local_files_only=True).vocab_size
         pad = {"pad_token_id": tok.pad_token_id} if tok.pad_token_id < n_base else {}
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            base, num_labels=len(label2id), label2id=label2id, id2label={i: y for y, i in label2id.items()},
-            local_files_only=True, **pad, **dropout)
+        model = load_pretrained(
+            transformers.AutoModelForSequenceClassification, base, num_labels=len(label2id), label2id=label2id,
+            id2label={i: y for y, i in label2id.items()}, **pad, **dropout)
         from pipeline.finetune.classify_data import Windowing
 
         Windowing(*config["windowing"]).save_to(model.config)  # saved with every checkpoint
     else:
         from pipeline.model.build import name_default_loss
 
-        model = name_default_loss(transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True, **dropout))
+        model = name_default_loss(load_pretrained(transformers.AutoModelForCausalLM, base, **dropout))
     if len(tok) > model.get_input_embeddings().num_embeddings:  # padding or role tokens were added
         model.resize_token_embeddings(len(tok))
     if config["task"] == "classification":

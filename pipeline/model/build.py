@@ -110,6 +110,18 @@ def name_default_loss(model):
     return model
 
 
+def load_pretrained(auto, model_dir, **kwargs):
+    """``auto.from_pretrained(model_dir)`` from local files, in float32 whatever dtype the directory
+    was saved in. ``transformers`` 5 loads a model in its saved dtype, and most published
+    checkpoints are bf16: fine-tuned in bf16, AdamW's updates below bf16's resolution (about 0.4%
+    of a weight) would be rounded away, where this pipeline keeps fp32 weights and autocasts the
+    matmuls (``train.precision``); evaluation, compression and serving run on CPUs, where bf16 is
+    slow or emulated and int8 quantization expects fp32 layers."""
+    import torch
+
+    return auto.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32, **kwargs)
+
+
 def quiet_loading() -> None:
     """Turns off ``transformers``' per-call progress bars ("Loading weights", "Writing model shards")
     in this process. Every Ray Train worker, evaluation actor and Serve replica loads or saves
