@@ -458,6 +458,52 @@ def test_a_base_saved_in_bf16_is_trained_evaluated_and_served_in_fp32(tmp_path):
     assert {p.dtype for p in load_model(tmp_path / "classifier", "classifier").parameters()} == {torch.float32}
 
 
+def test_a_sentencepiece_llama_base_fine_tunes_and_packs(tmp_path):
+    """A Llama-2-style base whose tokenizer is only ``tokenizer.model`` (SentencePiece, no
+    tokenizer.json): it loads (``sentencepiece`` is a dependency; without it transformers asks
+    for tiktoken), fine-tunes a chat model with role tokens added, and as ``tokenizer.path`` of the
+    prepare stage packs with its own ids."""
+    import json
+
+    import sentencepiece as spm
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pipeline.data.tokenizer import TokenizerConfig, copy_tokenizer, load_backend
+    from pipeline.finetune.finetune import setup_finetune
+    from pipeline.finetune.sft import prepare_chat_tokenizer
+
+    base = tmp_path / "base"
+    base.mkdir()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["How do I reset my password? Click on forgot password.", "Shares rose as the market "
+                                  "fell.", "The match was won by a late goal."] * 50))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(base / "tokenizer"), vocab_size=330,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True,
+                                   minloglevel=2)
+    (base / "tokenizer.vocab").unlink()
+    (base / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                            "eos_token": "</s>", "unk_token": "<unk>"}))
+    tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    assert tok.is_fast and tok.eos_token_id == 2 and tok.decode(tok("Shares rose.", add_special_tokens=False)
+                                                                  ["input_ids"]) == "Shares rose."
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=64, bos_token_id=1,
+                                 eos_token_id=2)).save_pretrained(str(base))
+    prepare_chat_tokenizer(tok)
+    tok.save_pretrained(str(tmp_path / "tok"))
+    model, _, _, _ = setup_finetune({"base_model": str(base), "tokenizer_dir": str(tmp_path / "tok"),
+                                     "loop": {"seed": 0}, "task": "sft"})
+    ex = tokenize_chat([{"role": "user", "content": "How do I reset my password?"},
+                        {"role": "assistant", "content": "Click on forgot password."}], tok, 64)
+    assert model.get_input_embeddings().num_embeddings == len(tok)
+    assert torch.isfinite(model(**{k: torch.tensor([ex[k]]) for k in ("input_ids", "attention_mask", "labels")}).loss)
+    copy_tokenizer(base, tmp_path / "copy", TokenizerConfig(path=str(base)))
+    backend, eos = load_backend(str(tmp_path / "copy"))
+    assert eos == 2 and backend.encode("Shares rose.", add_special_tokens=False).ids == \
+        AutoTokenizer.from_pretrained(str(base))("Shares rose.", add_special_tokens=False)["input_ids"]
+
+
 def test_perplexity_of_texts_with_a_tokenizer_without_padding(tmp_path):
     """lm.text_file evaluation of a hub-style causal LM (no padding token, left padding set):
     batched scores equal each text scored alone."""
