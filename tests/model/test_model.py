@@ -85,6 +85,30 @@ def test_llama_and_presets():
     assert flops_per_token(model, 32) > 6 * (num_params(model) - model.get_input_embeddings().weight.numel())
 
 
+@pytest.mark.parametrize("arch, objective", [("gpt2", "causal"), ("llama", "causal"), ("gpt2", "masked")])
+def test_untied_embeddings_train_apart_and_round_trip(tmp_path, arch, objective):
+    """``model.tie_embeddings: false``: the output layer is a matrix of its own (weight decay on it,
+    not on the input embedding), and a checkpoint keeps both."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from pipeline.train.optim import param_groups
+
+    tied = build_model(tiny(arch=arch, objective=objective), VOCAB, seed=0)
+    model = build_model(tiny(arch=arch, objective=objective, tie_embeddings=False), VOCAB, seed=0)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert head is not emb and tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    assert num_params(model) >= num_params(tied) + head.numel()  # BERT's decoder also gets a bias of its own
+    decay, no_decay = (set(map(id, g["params"])) for g in param_groups(model, 0.1))
+    assert id(head) in decay and id(emb) in no_decay
+    save_checkpoint(tmp_path, model)
+    cls = AutoModelForMaskedLM if objective == "masked" else AutoModelForCausalLM
+    loaded = cls.from_pretrained(tmp_path).eval()
+    assert loaded.get_output_embeddings().weight is not loaded.get_input_embeddings().weight
+    x = fixed_batch(2)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=x).logits, loaded(input_ids=x).logits)
+
+
 def test_vocabulary_is_padded_to_the_multiple():
     assert build_model(tiny(), VOCAB).get_input_embeddings().weight.shape[0] == 320  # 300 up to 5 x 64
     exact = build_model(tiny(pad_vocab_multiple=1), VOCAB)
