@@ -133,10 +133,10 @@ def test_bf16_native_autocasts_only_where_the_device_multiplies_bf16(monkeypatch
         assert native_bf16(torch.device("cuda")) is native
 
 
-def _step_gradients(batches: list[dict], reduce=None, world_size: int = 1, seed: int = 0) -> dict:
+def _step_gradients(batches: list[dict], reduce=None, world_size: int = 1, seed: int = 0, grad_clip=None) -> dict:
     """The gradients one ``train_step`` over ``batches`` (micro-batches) hands to the optimizer."""
     model = build_model(ModelConfig(preset="tiny", max_seq_len=16), 64, seed=seed)
-    trainer = Trainer(model, OptimConfig(lr=1e-3, warmup_steps=0, grad_clip=None), LoopConfig(max_steps=2),
+    trainer = Trainer(model, OptimConfig(lr=1e-3, warmup_steps=0, grad_clip=grad_clip), LoopConfig(max_steps=2),
                       torch.device("cpu"))
     grads, step = {}, trainer.optimizer.step
 
@@ -172,3 +172,20 @@ def test_accumulated_and_distributed_steps_weigh_every_loss_token_equally():
     assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-5)
     # what averaging the two micro-batch means would have given: another gradient
     assert not all(torch.allclose((means[0][n] + means[1][n]) / 2, whole[n], rtol=1e-2, atol=1e-6) for n in params)
+
+
+def test_gradient_clipping_and_the_final_learning_rate():
+    """``optim.grad_clip``: the optimizer gets gradients of global norm at most that; ``optim.min_lr_ratio``:
+    the cosine ends at that fraction of ``optim.lr``."""
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def norm(grads: dict) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for n, g in grads.items()
+                                                           if n != "loss"])))
+
+    assert norm(_step_gradients([{"input_ids": x, "labels": x}])) > 0.5
+    assert norm(_step_gradients([{"input_ids": x, "labels": x}], grad_clip=0.5)) == pytest.approx(0.5, rel=1e-4)
+    model = build_model(ModelConfig(preset="tiny", max_seq_len=16), 64, seed=0)
+    trainer = Trainer(model, OptimConfig(lr=2e-3, warmup_steps=2, min_lr_ratio=0.25), LoopConfig(max_steps=10),
+                      torch.device("cpu"))
+    assert trainer.lr_at(1) == pytest.approx(2e-3) and trainer.lr_at(10) == pytest.approx(5e-4)
