@@ -44,6 +44,8 @@ def corpus(tmp_path_factory) -> dict:
     (root / "news.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "\xff\xfe"}\n')
     rows = ["text,topic"] + [f'"{document(rng, 2)}",{rng.choice(["a", "b"])}' for _ in range(30)]
     (root / "labeled.csv").write_text("\n".join(rows) + "\n")
+    # an evaluation set holding 20 words of line 11 (decontamination: it shares 13-grams with it)
+    (root / "eval.jsonl").write_text(json.dumps({"question": " ".join(docs[10].split()[5:25])}) + "\n")
     return {"root": root, "docs": docs}
 
 
@@ -56,6 +58,7 @@ def config(corpus: dict, out: Path, **extra) -> PrepareConfig:
         "tokenizer": {"vocab_size": 500},
         "pack": {"seq_len": 64, "docs_per_shard": 25},
         "split": {"val_fraction": 0.1, "test_fraction": 0.2},
+        "decontam": {"enabled": True, "eval_paths": [str(corpus["root"] / "eval.jsonl")], "text_field": "question"},
     }
     data.update(extra)
     return from_dict(PrepareConfig, data)
@@ -78,6 +81,7 @@ def test_manifest_counts_and_invariant(prepared):
     assert c["dropped"]["gopher_quality:min_words"] == 1
     assert c["dropped"]["gopher_repetition:top_2gram_frac"] == 1  # the French line repeated 12 times
     assert c["dropped"]["harmful:blocklist"] == 1
+    assert c["dropped"]["decontaminated"] == 1
     assert m["duplicates"] == {"exact": 1, "fuzzy": 1}
     assert set(c["kept_by_split"]) <= {"train", "val", "test"} and c["kept_by_split"]["train"] > 40
     assert Path(m["output_dir"]) == cfg.run_dir and (cfg.run_dir / "manifest.json").exists()
@@ -97,6 +101,7 @@ def test_audit_tables(prepared):
     fuzzy = [r for r in removed if r[S.REASON] == "fuzzy_duplicate"]
     assert fuzzy[0][S.DOC_ID] == "news:news.jsonl:62" and fuzzy[0][S.REPRESENTATIVE] == "news:news.jsonl:2"
     assert fuzzy[0][S.CLUSTER_ID] and fuzzy[0][S.SIMILARITY] >= 0.8
+    assert [r[S.DOC_ID] for r in removed if r[S.REASON] == "decontaminated"] == ["news:news.jsonl:11"]
     quarantine = pq.read_table(cfg.run_dir / m["quarantine"]).to_pylist()
     assert sorted(q[S.REASON] for q in quarantine) == ["empty_text", "invalid_utf8", "malformed_json"]
     final = pq.read_table(cfg.run_dir / "_work" / "final").to_pylist()
