@@ -197,7 +197,7 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
 def setup_finetune(config: dict):
     import transformers
 
-    from pipeline.model.build import load_pretrained
+    from pipeline.model.build import load_pretrained, name_default_loss
 
     base = config["base_model"]
     tok = transformers.AutoTokenizer.from_pretrained(config["tokenizer_dir"], local_files_only=True)
@@ -218,8 +218,6 @@ def setup_finetune(config: dict):
 
         Windowing(*config["windowing"]).save_to(model.config)  # saved with every checkpoint
     else:
-        from pipeline.model.build import name_default_loss
-
         model = name_default_loss(load_pretrained(transformers.AutoModelForCausalLM, base, **dropout))
     if len(tok) > model.get_input_embeddings().num_embeddings:  # padding or role tokens were added
         model.resize_token_embeddings(len(tok))

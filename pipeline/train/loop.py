@@ -197,11 +197,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         counts = [label_tokens(b) for b in micro_batches]
-        total = torch.tensor([float(sum(counts))], dtype=torch.float64)
-        if reduce is not None and world_size > 1:
-            total = reduce(total.to(self.device)).cpu()
-        total = float(total)
-        local = max(sum(counts), 1)
+        local = sum(counts)
+        total = float(reduce(torch.tensor([float(local)], dtype=torch.float64, device=self.device))) \
+            if reduce is not None and world_size > 1 else float(local)
         total_loss, tokens = 0.0, 0
         for i, (batch, n) in enumerate(zip(micro_batches, counts)):
             batch = to_device(batch, self.device)
