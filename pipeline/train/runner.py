@@ -17,6 +17,16 @@ from pipeline.train.schedule import schedule_warning
 logger = logging.getLogger(__name__)
 
 
+def validation_warning(datasets: dict, loop: dict) -> str | None:
+    """What a run without a validation split does not do, said before it starts (None with one)."""
+    if "val" in datasets:
+        return None
+    patience = loop.get("early_stopping_patience")
+    return ("no validation split: no validation loss or perplexity is reported, the checkpoints kept are the latest "
+            "ones and the last is exported" + (f"; train.early_stopping_patience ({patience}) has no effect"
+                                               if patience else ""))
+
+
 def train_and_export(run_dir: Path, datasets: dict, setup: Callable, config: dict, scaling: ScalingConfig,
                      run: RunConfigCfg, column: str | None, extra: dict, callbacks: list | None = None,
                      sweep_trial: bool = False) -> dict:
@@ -25,8 +35,9 @@ def train_and_export(run_dir: Path, datasets: dict, setup: Callable, config: dic
     run_dir.mkdir(parents=True, exist_ok=True)
     warning = schedule_warning(lr=config["optim"]["lr"], warmup_steps=config["optim"]["warmup_steps"],
                                max_steps=config["loop"]["max_steps"])
-    if warning:
-        logger.warning(warning)
+    for warning in (warning, validation_warning(datasets, config["loop"])):
+        if warning:
+            logger.warning(warning)
     t0 = time.time()
     result = fit(name="ray", storage_path=str(run_dir), datasets=datasets, setup=setup, config=config,
                  scaling=scaling, run=run, metrics_path=str(run_dir / "metrics.jsonl"), column=column,

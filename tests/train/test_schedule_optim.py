@@ -189,3 +189,15 @@ def test_gradient_clipping_and_the_final_learning_rate():
     trainer = Trainer(model, OptimConfig(lr=2e-3, warmup_steps=2, min_lr_ratio=0.25), LoopConfig(max_steps=10),
                       torch.device("cpu"))
     assert trainer.lr_at(1) == pytest.approx(2e-3) and trainer.lr_at(10) == pytest.approx(5e-4)
+
+
+def test_a_run_without_validation_says_what_it_does_not_do():
+    """Pretraining on a prepare output without val shards (split.val_fraction: 0) trains, and
+    says up front that nothing is validated and early stopping cannot act."""
+    from pipeline.train.runner import validation_warning
+
+    assert validation_warning({"train": 1, "val": 2}, {"early_stopping_patience": 3}) is None
+    warning = validation_warning({"train": 1}, {"early_stopping_patience": 3})
+    assert "no validation split" in warning and "last is exported" in warning
+    assert "train.early_stopping_patience (3) has no effect" in warning
+    assert "early_stopping" not in validation_warning({"train": 1}, {"early_stopping_patience": None})
