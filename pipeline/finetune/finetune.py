@@ -17,8 +17,9 @@ from pipeline.data.sources import hf_dict_splits
 from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled
 from pipeline.finetune.sft import OUR_TEMPLATES, load_chat_examples, prepare_chat_tokenizer, tokenize_chat
 from pipeline.train.checkpoint import write_json
+from pipeline.train.data import filler_row
 from pipeline.train.loop import LoopConfig, OptimConfig
-from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, check_val_share, equal_shares
+from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, equal_shares, filler_count
 from pipeline.train.runner import train_and_export
 
 logger = logging.getLogger(__name__)
@@ -294,13 +295,11 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
     rows, info, bad = build_examples(cfg, tok)
     write_json(run_dir / "rejected.json", {"count": len(bad), "records": bad[:1000]})
     n_train, workers = len(rows.get("train", [])), cfg.scaling.num_workers
-    check(n_train >= workers, f"data.train: {n_train} training example(s) for {workers} workers, who each train on an "
-                              f"equal share: give more data or fewer scaling.num_workers")
-    if n_train // workers < cfg.train.batch_size:  # every epoch keeps its last, partial batch: each step is a whole share
+    check(n_train >= 1, "data.train: no training example")
+    share = -(-n_train // workers)
+    if share < cfg.train.batch_size:  # every epoch keeps its last, partial batch: each step is a whole share
         logger.info("data.train: %d examples, %d per worker, fewer than train.batch_size (%d): every step trains on a "
-                    "worker's whole share", n_train, n_train // workers, cfg.train.batch_size)
-    check_val_share(len(rows.get("val", [])), cfg.scaling.num_workers, "data.val:",
-                    "give more validation data (data.val, data.val_fraction) or fewer scaling.num_workers")
+                    "worker's whole share", n_train, share, cfg.train.batch_size)
     if "test" in rows:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -312,7 +311,10 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
     # whose first `train.eval_batches` batches per worker are what an evaluation scores
     for split in ("train", "val"):
         random.Random(cfg.train.seed).shuffle(rows.get(split, []))
-    datasets = {s: ray.data.from_items(rows[s]) for s in ("train", "val") if rows.get(s)}
+    # filler rows (no loss) at the end make each split divide among the workers: Ray Train's equal
+    # split would leave the remainder out
+    datasets = {s: ray.data.from_items(rows[s] + [filler_row(rows[s][0])] * filler_count(len(rows[s]), workers))
+                for s in ("train", "val") if rows.get(s)}
     run_cfg = cfg.run
     if cfg.task == "classification" and run_cfg.checkpoint_metric is None:
         run_cfg = dataclasses.replace(run_cfg, checkpoint_metric="val_accuracy")
@@ -322,7 +324,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
               "windowing": list(dataclasses.astuple(cfg.data.windowing))}
     extra = {"task": cfg.task, "base_model": str(base), "label2id": info.get("label2id"),
              "examples": {s: len(v) for s, v in rows.items()}, "rejected": len(bad), "data_files": info.get("files"),
-             "equal_shares": equal_shares({s: len(rows[s]) for s in datasets}, cfg.scaling.num_workers),
+             "equal_shares": equal_shares({s: len(rows[s]) for s in datasets}, workers),
              "config": to_dict(cfg)}
     return train_and_export(run_dir, datasets, setup_finetune, config, cfg.scaling, run_cfg, None, extra, callbacks,
                             sweep_trial)

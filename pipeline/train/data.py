@@ -103,8 +103,25 @@ def stream_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
+# The token id of a filler row's every position: a packed row that only evens out the workers'
+# shares of a split (``pipeline.train.ray_train.filler_count``); it carries no loss.
+FILLER_ID = -100
+
+
+def filler_row(row: dict) -> dict:
+    """A row shaped like ``row`` that carries no loss: its labels are all -100 (the ignored label
+    of every ``transformers`` loss); a packed token row, which has no labels, is all ``FILLER_ID``.
+    Ray Train gives every worker an equal share of a split and leaves out the remainder of rows /
+    workers: fillers make the rows divide, so that every real row is read."""
+    if "labels" not in row:
+        return {**row, "input_ids": [FILLER_ID] * len(row["input_ids"])}
+    labels = row["labels"]
+    return {**row, "labels": [-100] * len(labels) if isinstance(labels, (list, tuple)) else -100}
+
+
 class LMBatcher:
-    """rows of token ids -> {"input_ids", "labels"} for the causal or masked objective."""
+    """rows of token ids -> {"input_ids", "labels"} for the causal or masked objective. Filler
+    rows (``FILLER_ID``) get labels of -100 only: they carry no loss."""
 
     def __init__(self, objective: str, mask_id: int | None = None, vocab_size: int = 0,
                  special_ids: list[int] | None = None, seed: int = 0):
@@ -133,11 +150,14 @@ class LMBatcher:
 
     def __call__(self, input_ids: torch.Tensor) -> dict:
         input_ids = input_ids.long()
+        filler = input_ids == FILLER_ID
+        if filler.any():
+            input_ids = input_ids.masked_fill(filler, self.special_ids[0] if self.special_ids else 0)
         if self.objective == "masked":
             inputs, labels = mask_tokens(input_ids, self.mask_id, self.vocab_size, self.special_ids,
                                          generator=self.generator)
-            return {"input_ids": inputs, "labels": labels}
-        return {"input_ids": input_ids, "labels": input_ids}
+            return {"input_ids": inputs, "labels": labels.masked_fill(filler, -100)}
+        return {"input_ids": input_ids, "labels": input_ids.masked_fill(filler, -100)}
 
 
 VAL_CACHE_BYTES = 256 * 2**20

@@ -120,14 +120,24 @@ def count_tokens(batch: dict) -> int:
     return int(batch["input_ids"].numel())
 
 
-def label_tokens(batch: dict) -> int:
-    """Tokens that carry loss: labels != -100 for token-level objectives, else one per sequence."""
+def label_tokens(batch: dict, shifted: bool = False) -> int:
+    """Tokens that carry loss: labels other than -100 (a filler row has none), one per sequence
+    for classification. ``shifted``: a causal LM predicts position i + 1 from position i, so the
+    first label of a row is never a target."""
     labels = batch.get("labels")
-    if labels is None or labels.dim() == 1:
+    if labels is None:
         return int(batch["input_ids"].shape[0])
-    if labels.shape == batch["input_ids"].shape and "attention_mask" not in batch and (labels == -100).sum() == 0:
-        return int(labels.numel() - labels.shape[0])  # causal LM: one prediction less per row
+    if shifted and labels.dim() == 2:
+        labels = labels[:, 1:]
     return int((labels != -100).sum())
+
+
+def shifts_labels(model) -> bool:
+    """Whether ``model``'s loss is next-token prediction (its labels shifted by one), seen through
+    DDP and ``torch.compile`` wrappers."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    return getattr(inner, "loss_type", None) == "ForCausalLM"
 
 
 @torch.no_grad()
@@ -138,17 +148,21 @@ def estimate_loss(model, batches: Iterator[dict], device: torch.device, precisio
     model.eval()
     # loss * n, n, and for sequence classification (one label per row): rows right, rows
     total = torch.zeros(4, dtype=torch.float64, device=device)
+    shifted = shifts_labels(model)
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         batch = to_device(batch, device)
         with autocast_context(device, precision):
             out = model(**batch)
-        n = label_tokens(batch)
+        n = label_tokens(batch, shifted)
+        if not n:  # filler rows only: their mean loss is NaN, their weight 0
+            continue
         labels = batch.get("labels")
         right, rows = 0, 0
         if labels is not None and labels.dim() == 1 and out.logits.dim() == 2:
-            right, rows = int((out.logits.argmax(-1) == labels).sum()), int(labels.numel())
+            real = labels != -100
+            right, rows = int(((out.logits.argmax(-1) == labels) & real).sum()), int(real.sum())
         total += torch.tensor([float(out.loss) * n, n, right, rows], dtype=torch.float64, device=device)
     if reduce is not None:
         total = reduce(total)
@@ -172,6 +186,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, optim.lr, optim.weight_decay, (optim.beta1, optim.beta2),
                                         fused=device.type == "cuda")
         self.flops_per_token = flops_per_token
+        self.last_loss_tokens = 0  # this worker's loss-carrying tokens in the last step
         self.peak_flops = peak_flops
 
     def lr_at(self, step: int) -> float:
@@ -196,10 +211,12 @@ class Trainer:
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        counts = [label_tokens(b) for b in micro_batches]
+        shifted = shifts_labels(self.model)
+        counts = [label_tokens(b, shifted) for b in micro_batches]
         local = sum(counts)
         total = float(reduce(torch.tensor([float(local)], dtype=torch.float64, device=self.device))) \
             if reduce is not None and world_size > 1 else float(local)
+        self.last_loss_tokens = local
         total_loss, tokens = 0.0, 0
         for i, (batch, n) in enumerate(zip(micro_batches, counts)):
             batch = to_device(batch, self.device)
@@ -266,6 +283,13 @@ class Trainer:
             wait += time.perf_counter() - t_wait
             loss, tokens = self.train_step(micro, state.step, reduce, world_size)
             state.step += 1
+            if reduce is not None and world_size > 1 and (
+                    state.step % cfg.log_every == 0 or state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
+                # logged and reported: the step's loss over every worker's tokens, not rank 0's alone
+                # (same steps on every rank)
+                t = reduce(torch.tensor([loss * self.last_loss_tokens, self.last_loss_tokens], dtype=torch.float64,
+                                        device=self.device))
+                loss = float(t[0] / t[1]) if t[1] > 0 else float("nan")
             state.tokens += tokens * world_size
             tokens_last += tokens * world_size
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:

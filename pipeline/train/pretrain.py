@@ -15,10 +15,10 @@ from pathlib import Path
 
 from pipeline.config import check, config_hash, to_dict
 from pipeline.model.build import ModelConfig, build_model, flops_per_token
-from pipeline.train.data import (LMBatcher, load_manifest, prepared_tokenizer_dir, resolve_prepared, shard_paths,
+from pipeline.train.data import (LMBatcher, filler_row, load_manifest, prepared_tokenizer_dir, resolve_prepared, shard_paths,
                                  split_rows)
 from pipeline.train.loop import LoopConfig, OptimConfig
-from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, check_val_share, equal_shares
+from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, equal_shares, filler_count
 from pipeline.train.runner import train_and_export
 
 logger = logging.getLogger(__name__)
@@ -77,9 +77,24 @@ def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict]:
     check(rows >= need, f"data: the train split holds {rows} rows of {seq_len} tokens; {cfg.scaling.num_workers} "
                         f"workers x train.batch_size {cfg.train.batch_size} need at least {need} for one step "
                         f"(lower them, or prepare more data)")
-    check_val_share(split_rows(manifest, "val"), cfg.scaling.num_workers,
-                    "data: the val split holds", "prepare more validation data, or lower scaling.num_workers")
     return data_dir, manifest
+
+
+def split_files(files: list[str], rows: int, workers: int, seq_len: int, filler_dir: Path, split: str) -> list[str]:
+    """A split's shard files and, when its rows do not divide among ``workers``, a file of filler
+    rows (no loss; ``filler_count``) written to ``filler_dir``. One read of all the files keeps
+    their order (a union of datasets does not), so every run gives each worker the same rows."""
+    fill = filler_count(rows, workers)
+    if not fill:
+        return files
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    filler_dir.mkdir(parents=True, exist_ok=True)
+    path = filler_dir / f"{split}.parquet"
+    schema = pa.schema([pq.read_schema(files[0]).field("input_ids")])
+    pq.write_table(pa.Table.from_pylist([filler_row({"input_ids": [0] * seq_len})] * fill, schema=schema), path)
+    return [*files, str(path)]
 
 
 def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None, sweep_trial: bool = False) -> dict:
@@ -92,16 +107,14 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None, sweep_trial
     if summary_path.exists():
         logger.info("pretrain: %s is already complete (same config); not recomputing", run_dir)
         return {**json.loads(summary_path.read_text()), "cached": True}
-    train_files = shard_paths(data_dir, manifest, "train")
-    val_files = shard_paths(data_dir, manifest, "val")
-    datasets = {"train": read_parquet(train_files)}
-    if val_files:
-        datasets["val"] = read_parquet(val_files)
+    workers = cfg.scaling.num_workers
+    rows = {split: split_rows(manifest, split) for split in ("train", "val") if shard_paths(data_dir, manifest, split)}
+    datasets = {split: read_parquet(split_files(shard_paths(data_dir, manifest, split), n, workers, seq_len,
+                                                run_dir / "fillers", split)) for split, n in rows.items()}
     tok_dir = str(prepared_tokenizer_dir(data_dir, manifest))
     config = {"model": to_dict(cfg.model), "optim": to_dict(cfg.optim), "loop": to_dict(cfg.train),
               "scaling": to_dict(cfg.scaling), "run": to_dict(cfg.run), "tokenizer_dir": tok_dir, "seq_len": seq_len}
-    rows = {split: split_rows(manifest, split) for split in datasets}
     extra = {"objective": cfg.model.objective, "arch": cfg.model.arch, "config": to_dict(cfg),
-             "data_manifest": str(data_dir / "manifest.json"), "equal_shares": equal_shares(rows, cfg.scaling.num_workers)}
+             "data_manifest": str(data_dir / "manifest.json"), "equal_shares": equal_shares(rows, workers)}
     return train_and_export(run_dir, datasets, setup_lm, config, cfg.scaling, cfg.run, "input_ids", extra, callbacks,
                             sweep_trial)

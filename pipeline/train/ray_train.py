@@ -76,24 +76,23 @@ def peak_flops(device: torch.device) -> float:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0)
 
 
-def check_val_share(val_rows: int, workers: int, what: str, remedy: str) -> None:
-    """Ray Train gives every worker an equal share of a split's rows (the remainder is left out):
-    a validation split with fewer rows than workers would be scored by none of them."""
-    check(val_rows == 0 or val_rows >= workers,
-          f"{what} {val_rows} validation row(s) for {workers} workers, who each score an equal share: none would be "
-          f"scored; {remedy}")
+def filler_count(rows: int, workers: int) -> int:
+    """Filler rows (``pipeline.train.data.filler_row``: no loss) that make ``rows`` divide among
+    ``workers``. Ray Train gives every worker an equal share of a split and leaves out the
+    remainder: with the fillers, that remainder is zero and every real row is read."""
+    return -rows % workers
 
 
 def equal_shares(rows: dict[str, int], workers: int) -> dict[str, dict[str, int]]:
-    """What Ray Train's equal split makes of each split's rows: ``rows // workers`` per worker, and
-    the remainder left out (of every epoch, for training). Logged, and recorded in the run's
-    summary, so that the rows no worker sees are counted, not lost unseen."""
+    """Each split's rows, the share of every worker (fillers included) and the fillers added.
+    Logged, and recorded in the run's summary."""
     shares = {}
     for split, n in rows.items():
-        shares[split] = {"rows": n, "per_worker": n // workers, "left_out": n % workers}
-        if n % workers:
-            logger.info("%s split: %d rows, %d per worker; %d left out by Ray Train's equal split%s", split, n,
-                        n // workers, n % workers, " in every epoch" if split == "train" else "")
+        fill = filler_count(n, workers)
+        shares[split] = {"rows": n, "per_worker": (n + fill) // workers, "filler_rows": fill}
+        if fill:
+            logger.info("%s split: %d rows for %d workers; %d filler row(s) without loss make the shares equal "
+                        "(%d each), so that every row is read", split, n, workers, fill, (n + fill) // workers)
     return shares
 
 
@@ -102,9 +101,9 @@ def shard_batches(shard, loop: LoopConfig, column: str | None, make: Callable, e
     buffer seeded by ``epoch``), or with ``epoch`` None the validation batches, in order.
 
     Every row of the shard is yielded, the last batch partial: no row is skipped in an epoch.
-    Ray's equal split gives every rank the same number of rows (it leaves out the remainder of
-    rows / workers), so every rank runs the same number of steps (DDP all-reduces, FSDP gathers
-    in each one) and the same number of evaluation forwards."""
+    Ray's equal split gives every rank the same number of rows (the splits hold filler rows that
+    make them divide: ``filler_count``), so every rank runs the same number of steps (DDP
+    all-reduces, FSDP gathers in each one) and the same number of evaluation forwards."""
     shuffle = {"local_shuffle_buffer_size": loop.shuffle_buffer, "local_shuffle_seed": loop.seed + epoch} \
         if epoch is not None and loop.shuffle_buffer else {}
     for b in shard.iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long, drop_last=False, **shuffle):
@@ -229,6 +228,19 @@ def train_worker(config: dict) -> dict:
             "history": state.history if rank == 0 else []}
 
 
+def ordered_data_config():
+    """Ray Train's data config with every split read in file order, so that a rerun gives each
+    worker the same rows in the same order (training batches are then shuffled by a seeded local
+    buffer): same config, same losses, where Ray Data's unordered delivery made runs differ."""
+    import ray.train
+
+    with warnings.catch_warnings():  # Ray's own defaults still set the option it deprecates; nothing for a user to do
+        warnings.filterwarnings("ignore", message=r"`ExecutionOptions.exclude_resources` is deprecated")
+        ordered = ray.train.DataConfig.default_ingest_options()
+    ordered.preserve_order = True
+    return ray.train.DataConfig(execution_options=ordered)
+
+
 def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config: dict, scaling: ScalingConfig,
         run: RunConfigCfg, metrics_path: str, column: str | None = "input_ids", callbacks: list | None = None,
         sweep_trial: bool = False):
@@ -253,20 +265,13 @@ def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config
     # trial holding CPUs is no news there
     check_resources(needed, f"training ({scaling.num_workers} workers x {resources}, plus one CPU for Ray Data's reads)",
                     warn_held=not sweep_trial)
-    # every split is read in file order, so that a rerun gives each worker the same rows in the
-    # same order (training batches are then shuffled by a seeded local buffer): same config, same
-    # losses, where Ray Data's unordered delivery made runs differ
-    with warnings.catch_warnings():  # Ray's own defaults still set the option it deprecates; nothing for a user to do
-        warnings.filterwarnings("ignore", message=r"`ExecutionOptions.exclude_resources` is deprecated")
-        ordered = ray.train.DataConfig.default_ingest_options()
-    ordered.preserve_order = True
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(execution_options=ordered),
+        dataset_config=ordered_data_config(),
         run_config=RunConfig(
             name=name, storage_path=storage_path,
             checkpoint_config=CheckpointConfig(

@@ -4,6 +4,7 @@ pretrain -> classifier and SFT fine-tunes -> the evaluate job's four sections.""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -74,11 +75,12 @@ def test_classifier_finetune_and_evaluate(pipeline_dirs):
     evals = [json.loads(l) for l in Path(summary["run_dir"], "metrics.jsonl").read_text().splitlines()
              if '"eval"' in l]
     assert summary["exported"]["val_accuracy"] == max(e["val_accuracy"] for e in evals)
-    # the summary counts what Ray Train's equal split leaves out; every other validation row is scored
+    # filler rows make the splits divide among the workers: every validation row is scored
     shares, workers = summary["equal_shares"], d["scaling"]["num_workers"]
     assert {s: v["rows"] for s, v in shares.items()} == {s: summary["examples"][s] for s in ("train", "val")}
-    assert all(e["val_tokens"] == shares["val"]["rows"] - shares["val"]["left_out"] for e in evals), evals
-    assert shares["val"]["per_worker"] * workers + shares["val"]["left_out"] == shares["val"]["rows"]
+    assert all(e["val_tokens"] == shares["val"]["rows"] for e in evals), evals
+    for share in shares.values():
+        assert share["per_worker"] * workers == share["rows"] + share["filler_rows"] and share["filler_rows"] < workers
     tok = AutoTokenizer.from_pretrained(summary["model_dir"])
     assert tok("shares rose")["input_ids"][-1] == tok.eos_token_id
     ev = from_dict(EvaluateConfig, {
@@ -186,13 +188,14 @@ def test_finetune_bad_inputs(pipeline_dirs, tmp_path):
     chat.write_text("".join(json.dumps({"prompt": f"Who won {w}?", "completion": "The home team."}) + "\n"
                             for w in TOPICS["sport"]))
     one.write_text(json.dumps({"prompt": "Who won?", "completion": "Nobody."}) + "\n")
-    with pytest.raises(ValueError, match=r"data\.train: 1 training example\(s\) for 2 workers, who each train on an "
-                                         r"equal share: give more data or fewer scaling\.num_workers"):
-        run_finetune(from_dict(FinetuneConfig, {**base, "task": "sft",
-                                                "data": {"train": str(one), "val": str(chat), "max_seq_len": 32}}))
-    with pytest.raises(ValueError, match=r"data\.val: 1 validation row\(s\) for 2 workers"):
-        run_finetune(from_dict(FinetuneConfig, {**base, "task": "sft", "train": {"batch_size": 2},
-                                                "data": {"train": str(chat), "val": str(one), "max_seq_len": 32}}))
+    # one example for two workers, in training and in validation: the other worker's share is a
+    # filler row without loss; the example is trained on and scored
+    tiny = run_finetune(from_dict(FinetuneConfig, {
+        **base, "task": "sft", "train": {"max_steps": 2, "eval_every": 2, "batch_size": 2},
+        "data": {"train": str(one), "val": str(one), "max_seq_len": 32}}))
+    assert tiny["equal_shares"] == {s: {"rows": 1, "per_worker": 1, "filler_rows": 1} for s in ("train", "val")}
+    assert tiny["steps"] == 2 and 0 < tiny["final"]["val_tokens"] < 32 and math.isfinite(tiny["final"]["val_loss"])
+    assert tiny["final"]["train_loss"] > 0
 
 
 def test_tune_sweeps_a_classification_finetune(pipeline_dirs, tmp_path):

@@ -29,36 +29,53 @@ def collect_rows(config: dict) -> dict:
 
     loop = LoopConfig(batch_size=config["batch_size"], shuffle_buffer=64)
     batcher = LMBatcher("causal")
-    rows, batch_sizes = [], []
+    rows, batch_sizes, fillers = [], [], 0
     for epoch in range(2):
         for batch in shard_batches(ray.train.get_dataset_shard("train"), loop, "input_ids", batcher, epoch):
-            rows.extend((epoch, tuple(r.tolist())) for r in batch["input_ids"])
+            real = (batch["labels"] != -100).any(-1)  # filler rows carry no label
+            rows.extend((epoch, tuple(r.tolist())) for r in batch["input_ids"][real])
+            fillers += int((~real).sum())
             batch_sizes.append(len(batch["input_ids"]))
     val = [tuple(r.tolist()) for b in shard_batches(ray.train.get_dataset_shard("val"), loop, "input_ids", batcher)
-           for r in b["input_ids"]]
+           for r in b["input_ids"][(b["labels"] != -100).any(-1)]]
     ray.train.report({"n": len(rows)})
-    return {"rank": ray.train.get_context().get_world_rank(), "rows": rows, "batch_sizes": batch_sizes, "val": val}
+    return {"rank": ray.train.get_context().get_world_rank(), "rows": rows, "batch_sizes": batch_sizes, "val": val,
+            "fillers": fillers}
 
 
 def test_two_workers_see_each_token_once_per_epoch(tiny_prepared, tmp_path):
-    """Through the training loop's own batching, with a batch size that does not divide a
-    worker's rows: each epoch the two workers together see every training row exactly once (the
-    last batch partial, no row skipped), in a different order per epoch, in the same number of
-    batches; validation rows likewise, once."""
-    import ray
+    """Through the pipeline's read of the splits and the training loop's own batching, with a
+    batch size that does not divide a worker's rows and splits whose rows do not divide between
+    the workers: each epoch the two workers together see every training row exactly once (the
+    last batch partial, no row skipped: a filler row without loss evens out the shares), in a
+    different order per epoch, in the same number of batches; validation rows likewise, once."""
+    import pyarrow as pa
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipeline.ray_utils import read_parquet
+    from pipeline.train.pretrain import split_files
+    from pipeline.train.ray_train import ordered_data_config
+
     run_dir, manifest = tiny_prepared
+    seq_len = manifest["tokens"]["seq_len"]
 
     def split_rows(split: str) -> tuple[list[str], list]:
         files = [str(run_dir / s["path"]) for s in manifest["shards"] if s["split"] == split]
-        return files, sorted(tuple(r) for f in files for r in pq.read_table(f).column("input_ids").to_pylist())
+        rows = [tuple(r) for f in files for r in pq.read_table(f).column("input_ids").to_pylist()]
+        if len(rows) % 2 == 0:  # an odd number of rows: one more, in a file of its own
+            extra = tmp_path / f"{split}-extra.parquet"
+            pq.write_table(pa.Table.from_pylist([{"input_ids": list(rows[0])}], schema=pq.read_schema(files[0])), extra)
+            files, rows = [*files, str(extra)], [*rows, rows[0]]
+        return files, sorted(rows)
 
-    files, expected = split_rows("train")
-    val_files, val_expected = split_rows("val")
-    assert len(expected) % 2 == 0  # Ray's equal split leaves out the remainder of rows / workers: none here
-    batch_size = next(b for b in range(24, 64) if (len(expected) // 2) % b)
+    datasets, expected = {}, {}
+    for split in ("train", "val"):
+        files, expected[split] = split_rows(split)
+        n = len(expected[split])
+        assert n % 2 == 1
+        datasets[split] = read_parquet(split_files(files, n, 2, seq_len, tmp_path / "fillers", split))
+    batch_size = next(b for b in range(24, 64) if (len(expected["train"]) // 2 + 1) % b)
 
     def worker(config):
         out = collect_rows(config)
@@ -66,23 +83,21 @@ def test_two_workers_see_each_token_once_per_epoch(tiny_prepared, tmp_path):
 
     trainer = TorchTrainer(worker, train_loop_config={"out": str(tmp_path), "batch_size": batch_size},
                            scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                           datasets={"train": ray.data.read_parquet(files), "val": ray.data.read_parquet(val_files)},
+                           datasets=datasets, dataset_config=ordered_data_config(),
                            run_config=ray.train.RunConfig(name="coverage", storage_path=str(tmp_path / "ray")))
     trainer.fit()
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(p["rows"] for p in per_rank), "each worker must get data"
     assert per_rank[0]["batch_sizes"] == per_rank[1]["batch_sizes"]  # the ranks step together
     assert per_rank[0]["batch_sizes"][-1] < batch_size  # a partial last batch, kept
+    assert sum(p["fillers"] for p in per_rank) == 2  # one per epoch
     for epoch in range(2):
         seen = [tuple(r) for p in per_rank for e, r in p["rows"] if e == epoch]
-        assert sorted(seen) == expected, f"epoch {epoch}: rows missing or seen twice"
+        assert sorted(seen) == expected["train"], f"epoch {epoch}: rows missing or seen twice"
     orders = [[tuple(r) for e, r in per_rank[0]["rows"] if e == epoch] for epoch in range(2)]
     assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])  # reshuffled, same rows per rank
-    ranks = [{tuple(r) for e, r in p["rows"] if e == 0} for p in per_rank]
-    assert not ranks[0] & ranks[1]
-    val_seen = [tuple(r) for p in per_rank for r in p["val"]]  # 221 rows: one is the split's remainder
-    assert len(per_rank[0]["val"]) == len(per_rank[1]["val"]) == len(val_expected) // 2
-    assert len(set(val_seen)) == len(val_seen) and set(val_seen) <= set(val_expected)
+    val_seen = [tuple(r) for p in per_rank for r in p["val"]]
+    assert sorted(val_seen) == expected["val"]  # every validation row once
 
 
 def config(data_dir, out, **overrides) -> PretrainConfig:
@@ -112,7 +127,8 @@ def test_pretrain_recovers_from_a_worker_death_and_exports(tiny_prepared, tmp_pa
     cfg = config(run_dir, tmp_path, run={"max_failures": 2, "fail_at_step": 6}, scaling={"strategy": "fsdp"})
     summary = run_pretrain(cfg)
     rows = {s: sum(sh["rows"] for sh in manifest["shards"] if sh["split"] == s) for s in ("train", "val")}
-    assert summary["equal_shares"] == {s: {"rows": n, "per_worker": n // 2, "left_out": n % 2} for s, n in rows.items()}
+    assert summary["equal_shares"] == {s: {"rows": n, "per_worker": (n + 1) // 2, "filler_rows": n % 2}
+                                       for s, n in rows.items()}
     out = Path(summary["run_dir"])
     assert (out / ".fault_injected").read_text() == "6"  # the worker really died at step 6
     steps = steps_logged(out)
@@ -185,13 +201,6 @@ def test_a_request_the_cluster_cannot_hold_is_refused_on_a_local_cluster(tiny_pr
     with pytest.raises(ValueError, match=r"data: the train split holds \d+ rows of 32 tokens; 2 workers x "
                                          r"train.batch_size 100000 need at least 200000 for one step"):
         check_pretrain(from_dict(PretrainConfig, {**to_dict(cfg), "train": {"batch_size": 100000}}))
-    # each worker scores an equal share of the val rows: fewer rows than workers would score none
-    manifest = json.loads((tiny_prepared[0] / "manifest.json").read_text())
-    val_rows = sum(s["rows"] for s in manifest["shards"] if s["split"] == "val")
-    assert val_rows > 0
-    with pytest.raises(ValueError, match=rf"data: the val split holds {val_rows} validation row\(s\) for {val_rows + 1} workers"):
-        check_pretrain(from_dict(PretrainConfig, {**to_dict(cfg), "train": {"batch_size": 1},
-                                                  "scaling": {"num_workers": val_rows + 1}}))
     monkeypatch.setattr(ray_utils, "_LOCAL", False)
     ray_utils.check_resources({"GPU": 2}, "a trial")
     assert "a trial needs 2 GPU (the cluster has 0): waiting for the cluster" in caplog.text

@@ -201,3 +201,53 @@ def test_a_run_without_validation_says_what_it_does_not_do():
     assert "no validation split" in warning and "last is exported" in warning
     assert "train.early_stopping_patience (3) has no effect" in warning
     assert "early_stopping" not in validation_warning({"train": 1}, {"early_stopping_patience": None})
+
+
+def test_filler_rows_carry_no_loss():
+    """Filler rows (added so that a split's rows divide among Ray Train's workers) change neither
+    the gradient, nor the validation loss, nor accuracy, whatever the objective; a batch of
+    fillers only is skipped by validation, not a NaN."""
+    from types import SimpleNamespace
+
+    from pipeline.train.data import FILLER_ID, LMBatcher, filler_row
+    from pipeline.train.loop import estimate_loss, label_tokens
+    from pipeline.train.ray_train import equal_shares, filler_count
+
+    assert [filler_count(n, 2) for n in (4, 5, 1)] == [0, 1, 1] and filler_count(10, 4) == 2
+    assert equal_shares({"train": 5, "val": 4}, 2) == {"train": {"rows": 5, "per_worker": 3, "filler_rows": 1},
+                                                       "val": {"rows": 4, "per_worker": 2, "filler_rows": 0}}
+    assert filler_row({"input_ids": [5, 6, 7]}) == {"input_ids": [FILLER_ID] * 3}
+    assert filler_row({"input_ids": [5, 6], "attention_mask": [1, 1], "labels": 2})["labels"] == -100
+    assert filler_row({"input_ids": [5, 6], "labels": [-100, 6]}) == {"input_ids": [5, 6], "labels": [-100, -100]}
+
+    x = torch.randint(3, 64, (3, 16), generator=torch.Generator().manual_seed(2))
+    packed = torch.cat([x, torch.full((1, 16), FILLER_ID)])  # as the shards' filler file reads
+    causal = LMBatcher("causal", special_ids=[0, 1, 2])(packed)
+    assert (causal["labels"][3] == -100).all() and (causal["input_ids"][3] == 0).all()
+    assert torch.equal(causal["labels"][:3], x) and label_tokens(causal, shifted=True) == 3 * 15
+    masked = LMBatcher("masked", mask_id=1, vocab_size=64, special_ids=[0, 1, 2], seed=0)(packed)
+    assert (masked["labels"][3] == -100).all() and (masked["input_ids"][3] == 0).all()
+
+    plain = _step_gradients([{"input_ids": x, "labels": x}])
+    padded = _step_gradients([causal])
+    assert padded.pop("loss") == pytest.approx(plain.pop("loss"), rel=1e-6)
+    for name in plain:
+        assert torch.allclose(padded[name], plain[name], rtol=1e-4, atol=1e-7), name
+    only_fillers = _step_gradients([{"input_ids": causal["input_ids"][3:], "labels": causal["labels"][3:]}],
+                                   reduce=lambda t: t + 45, world_size=2)  # the other worker has the real rows
+    assert all(not g.any() for n, g in only_fillers.items() if n != "loss")
+
+    class Classifier(torch.nn.Module):  # logits from the first token; HF's loss (-100 ignored)
+        def forward(self, input_ids, labels):
+            logits = torch.nn.functional.one_hot(input_ids[:, 0] % 3, 3).float()
+            return SimpleNamespace(logits=logits, loss=torch.nn.functional.cross_entropy(logits, labels))
+
+    ids = torch.tensor([[0, 5], [1, 5], [2, 5], [0, 5]])
+    real = {"input_ids": ids[:3], "labels": torch.tensor([0, 1, 0])}  # 2 of 3 right
+    with_filler = {"input_ids": ids, "labels": torch.tensor([0, 1, 0, -100])}
+    fillers = {"input_ids": ids[3:], "labels": torch.tensor([-100])}
+    cpu = torch.device("cpu")
+    expected = estimate_loss(Classifier(), iter([real]), cpu)
+    got = estimate_loss(Classifier(), iter([fillers, with_filler]), cpu)
+    assert expected["val_accuracy"] == pytest.approx(2 / 3) and got == pytest.approx(expected)
+    assert got["val_tokens"] == 3
