@@ -43,6 +43,10 @@ class FinetuneDataConfig:
     # probabilities) in evaluation and serving: the setting is saved in its config.json
     windows: int = 1
     window_overlap: int = 0
+    # classification, windows > 1: "window" trains on every window as an example of its own;
+    # "article" on every text as a whole, its loss on the mean of its windows' probabilities (the
+    # prediction evaluation and serving make; pipeline.finetune.article)
+    window_training: Literal["window", "article"] = "window"
     # sft: "auto" keeps a chat template the base's tokenizer already has (a chat model from
     # elsewhere keeps its format), else uses ours (sft.CHAT_TEMPLATE); "builtin": always ours
     chat_template: Literal["auto", "builtin"] = "auto"
@@ -76,6 +80,10 @@ class FinetuneConfig:
         check(self.dropout is None or 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1) or null, got {self.dropout}")
         check(not (self.task == "sft" and self.run.checkpoint_metric == "val_accuracy"),
               "run.checkpoint_metric val_accuracy applies to task classification only")
+        if self.data.window_training == "article":
+            check(self.task == "classification", "data.window_training article applies to task classification only")
+            check(self.scaling.strategy == "ddp", "data.window_training article trains with scaling.strategy ddp "
+                                                  "only (FSDP would shard the article wrapper, not the classifier)")
 
 
 # config attributes that hold dropout probabilities, per architecture family
@@ -190,8 +198,10 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
                     for i, (_, y) in enumerate(data[split]) if y not in label2id]
             data[split] = [p for p in data[split] if p[1] in label2id]
     check(bool(data["val"]), "data.val: no row to validate on (none with a label of the train split)")
-    rows = {s: encode_classification([t for t, _ in v], [y for _, y in v], label2id, tok, d.windowing)
-            for s, v in data.items() if v}
+    from pipeline.finetune.article import encode_articles
+
+    encode = encode_articles if d.window_training == "article" else encode_classification
+    rows = {s: encode([t for t, _ in v], [y for _, y in v], label2id, tok, d.windowing) for s, v in data.items() if v}
     return rows, {"label2id": label2id, "files": files}, bad
 
 
@@ -224,6 +234,10 @@ def setup_finetune(config: dict):
         model.resize_token_embeddings(len(tok))
     if config["task"] == "classification":
         model.config.pad_token_id = tok.pad_token_id  # the classifier reads each row's last non-padding token
+        if config.get("window_training") == "article":
+            from pipeline.finetune.article import ArticleClassifier
+
+            model = ArticleClassifier(model)
     return model, (lambda batch: batch), tok, 0.0
 
 
@@ -304,7 +318,8 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows["test"]), run_dir / "test_encoded.parquet")
+        pq.write_table(pa.Table.from_pylist([{k: v.tolist() if hasattr(v, "tolist") else v for k, v in r.items()}
+                                             for r in rows["test"]]), run_dir / "test_encoded.parquet")
     import random
 
     # files often come sorted by id or label: the training stream is shuffled, and so is validation,
@@ -321,7 +336,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
     config = {"optim": to_dict(cfg.optim), "loop": to_dict(cfg.train), "scaling": to_dict(cfg.scaling),
               "run": to_dict(run_cfg), "dropout_overrides": dropout_overrides(base, cfg.dropout), "task": cfg.task, "base_model": str(base), "tokenizer_dir": str(tok_dir),
               "label2id": info.get("label2id"),
-              "windowing": list(dataclasses.astuple(cfg.data.windowing))}
+              "windowing": list(dataclasses.astuple(cfg.data.windowing)), "window_training": cfg.data.window_training}
     extra = {"task": cfg.task, "base_model": str(base), "label2id": info.get("label2id"),
              "examples": {s: len(v) for s, v in rows.items()}, "rejected": len(bad), "data_files": info.get("files"),
              "equal_shares": equal_shares({s: len(rows[s]) for s in datasets}, workers),

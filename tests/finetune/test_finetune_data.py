@@ -359,9 +359,15 @@ def test_windowing_config_errors_name_the_key():
 
     base = {"task": "classification", "base_model": "m", "data": {"train": "x.jsonl", "max_seq_len": 32}}
     for data, key in [({"windows": 0}, "data.windows"), ({"window_overlap": 16}, "data.window_overlap"),
-                      ({"chat_template": "chatml"}, "data.chat_template")]:
+                      ({"chat_template": "chatml"}, "data.chat_template"),
+                      ({"window_training": "text"}, "data.window_training")]:
         with pytest.raises(ValueError, match=key):
             from_dict(FinetuneConfig, {**base, "data": {**base["data"], **data}})
+    article = {**base["data"], "windows": 4, "window_training": "article"}
+    with pytest.raises(ValueError, match="data.window_training article applies to task classification only"):
+        from_dict(FinetuneConfig, {**base, "task": "sft", "data": article})
+    with pytest.raises(ValueError, match="data.window_training article trains with scaling.strategy ddp only"):
+        from_dict(FinetuneConfig, {**base, "data": article, "scaling": {"strategy": "fsdp"}})
 
 
 def test_a_relative_base_model_path_is_made_absolute(tmp_path, monkeypatch):
@@ -715,3 +721,60 @@ def test_rows_whose_label_has_no_training_row_are_counted_not_fatal(tmp_path, to
     with pytest.raises(ValueError, match="data.val: no row to validate on"):
         build_examples(FinetuneConfig(task="classification", base_model="unused",
                                       data=FinetuneDataConfig(train=train, val=only_weather, max_seq_len=16)), tok)
+
+
+def test_article_rows_hold_every_window_of_a_text(tok):
+    """``data.window_training: article``: one row per text, its windows stacked (padding windows
+    masked out entirely), the same windows the window-by-window rows hold."""
+    import copy
+
+    import numpy as np
+
+    from pipeline.finetune.article import encode_articles
+    from pipeline.finetune.classify_data import Windowing, end_with_eos
+
+    t = copy.deepcopy(tok)
+    end_with_eos(t)
+    long = " ".join(f"Hello there number {i}." for i in range(12))
+    w = Windowing(16, windows=4, overlap=4)
+    per_window = encode_classification([long, "Hello there"], ["a", "b"], {"a": 0, "b": 1}, t, w)
+    rows = encode_articles([long, "Hello there"], ["a", "b"], {"a": 0, "b": 1}, t, w)
+    assert [r["labels"] for r in rows] == [0, 1] and all(r["input_ids"].shape == (4, 16) for r in rows)
+    assert [int(r["attention_mask"].any(-1).sum()) for r in rows] == [4, 1]
+    stacked = [x for r in rows for x, m in zip(r["input_ids"], r["attention_mask"]) if m.any()]
+    assert [list(x) for x in stacked] == [r["input_ids"] for r in per_window]
+    assert (rows[1]["input_ids"][1:] == t.pad_token_id).all() and not rows[1]["attention_mask"][1:].any()
+    assert np.array_equal(rows[0]["attention_mask"][0], per_window[0]["attention_mask"])
+
+
+def test_the_article_classifier_scores_the_mean_of_its_windows(tmp_path):
+    """Its logits are the log of each text's mean window probability, its loss their NLL (labels
+    of -100 skipped); gradients reach the classifier; a checkpoint of it is the plain classifier."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+
+    from pipeline.finetune.article import ArticleClassifier
+    from pipeline.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    inner = GPT2ForSequenceClassification(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                                     num_labels=3, pad_token_id=0)).eval()
+    ids = torch.randint(1, 50, (2, 3, 8))
+    mask = torch.ones_like(ids)
+    mask[0, 2] = 0  # text 0 has two windows, text 1 three
+    mask[1, 1, 6:] = 0  # a window shorter than the others
+    ids = ids.masked_fill(mask == 0, 0)
+    model = ArticleClassifier(inner)
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([2, -100]))
+    with torch.no_grad():
+        mean = [torch.stack([inner(input_ids=ids[t, w:w + 1], attention_mask=mask[t, w:w + 1]).logits.softmax(-1)[0]
+                             for w in range(n)]).mean(0) for t, n in [(0, 2), (1, 3)]]
+    assert torch.allclose(out.logits.exp(), torch.stack(mean), atol=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(-float(mean[0][2].log()), rel=1e-4)  # text 1's label is ignored
+    out.loss.backward()
+    assert inner.score.weight.grad is not None and inner.score.weight.grad.abs().sum() > 0
+    save_checkpoint(tmp_path, model)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(loaded).__name__ == "GPT2ForSequenceClassification"
+    assert torch.equal(loaded(input_ids=ids[1], attention_mask=mask[1]).logits,
+                       inner(input_ids=ids[1], attention_mask=mask[1]).logits)

@@ -55,10 +55,13 @@ def pipeline_dirs(tmp_path_factory):
 
 
 def test_classifier_finetune_and_evaluate(pipeline_dirs):
+    """Trained article by article (every text read as up to 4 windows of 32 tokens, the loss on the
+    mean of their probabilities) on two workers; evaluated reading the texts the same way."""
     d = pipeline_dirs
     cls = from_dict(FinetuneConfig, {
         "task": "classification", "base_model": d["pre"]["model_dir"], "output_dir": str(d["out"] / "ft"),
-        "data": {"train": str(d["prep"].run_dir), "max_seq_len": 64},
+        "data": {"train": str(d["prep"].run_dir), "max_seq_len": 32, "windows": 4, "window_overlap": 8,
+                 "window_training": "article"},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         "train": {"max_steps": 30, "batch_size": 8, "eval_every": 15, "eval_batches": 0}, "scaling": d["scaling"],
     })
@@ -95,7 +98,7 @@ def test_classifier_finetune_and_evaluate(pipeline_dirs):
     assert c["support"] == summary["examples"]["test"]
     assert c["accuracy"] > 0.8, c  # the topics are separable by vocabulary
     assert c["baseline_tfidf_logreg"]["accuracy"] > 0.9
-    assert c["baseline_tfidf_logreg_same_reading"]["reading"] == "64 tokens"
+    assert c["baseline_tfidf_logreg_same_reading"]["reading"] == "4 windows of 32 tokens"
     assert c["baseline_tfidf_logreg_same_reading"]["support"] == c["support"]
     assert c["sliced"]["per_group"].keys() == {"news"}
     assert res["lm"]["perplexity"] > 1 and res["lm"]["bits_per_byte"] > 0
