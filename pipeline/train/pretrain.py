@@ -73,10 +73,12 @@ def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict]:
           f"model.max_seq_len ({cfg.model.max_seq_len}) is shorter than the data's seq_len ({seq_len})")
     check(bool(shard_paths(data_dir, manifest, "train")), f"data: {data_dir} has no train shards")
     rows = split_rows(manifest, "train")
-    need = cfg.scaling.num_workers * cfg.train.batch_size
-    check(rows >= need, f"data: the train split holds {rows} rows of {seq_len} tokens; {cfg.scaling.num_workers} "
-                        f"workers x train.batch_size {cfg.train.batch_size} need at least {need} for one step "
-                        f"(lower them, or prepare more data)")
+    check(rows >= 1, f"data: the train split of {data_dir} holds no row")
+    share = -(-rows // cfg.scaling.num_workers)
+    if share < cfg.train.batch_size:  # every epoch keeps its last, partial batch: each step is a whole share
+        logger.info("data: the train split holds %d rows of %d tokens, %d per worker, fewer than train.batch_size "
+                    "(%d): every step trains on a worker's whole share (one epoch)", rows, seq_len, share,
+                    cfg.train.batch_size)
     return data_dir, manifest
 
 
