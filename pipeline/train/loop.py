@@ -186,6 +186,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, optim.lr, optim.weight_decay, (optim.beta1, optim.beta2),
                                         fused=device.type == "cuda")
         self.flops_per_token = flops_per_token
+        self.shifted = shifts_labels(model)  # next-token labels: a row's first label is never a target
         self.last_loss_tokens = 0  # this worker's loss-carrying tokens in the last step
         self.peak_flops = peak_flops
 
@@ -211,8 +212,7 @@ class Trainer:
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        shifted = shifts_labels(self.model)
-        counts = [label_tokens(b, shifted) for b in micro_batches]
+        counts = [label_tokens(b, self.shifted) for b in micro_batches]
         local = sum(counts)
         total = float(reduce(torch.tensor([float(local)], dtype=torch.float64, device=self.device))) \
             if reduce is not None and world_size > 1 else float(local)
@@ -283,8 +283,9 @@ class Trainer:
             wait += time.perf_counter() - t_wait
             loss, tokens = self.train_step(micro, state.step, reduce, world_size)
             state.step += 1
-            if reduce is not None and world_size > 1 and (
-                    state.step % cfg.log_every == 0 or state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
+            log_now = state.step % cfg.log_every == 0 or state.step == cfg.max_steps
+            eval_now = state.step % cfg.eval_every == 0 or state.step == cfg.max_steps
+            if reduce is not None and world_size > 1 and (log_now or eval_now):
                 # logged and reported: the step's loss over every worker's tokens, not rank 0's alone
                 # (same steps on every rank)
                 t = reduce(torch.tensor([loss * self.last_loss_tokens, self.last_loss_tokens], dtype=torch.float64,
@@ -292,7 +293,7 @@ class Trainer:
                 loss = float(t[0] / t[1]) if t[1] > 0 else float("nan")
             state.tokens += tokens * world_size
             tokens_last += tokens * world_size
-            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            if log_now:
                 dt = time.perf_counter() - t_last
                 tps = tokens_last / dt if dt > 0 else 0.0
                 record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": self.lr_at(state.step - 1),
@@ -304,7 +305,7 @@ class Trainer:
                 if on_log:
                     on_log(record)
                 t_last, tokens_last, wait = time.perf_counter(), 0, 0.0
-            if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+            if eval_now:
                 if self._evaluate(state, loss, val_batches, reduce, on_eval):
                     break
         return state
