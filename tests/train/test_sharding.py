@@ -5,7 +5,6 @@ the optimizer state saved from the shards resumes the run exactly."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -42,15 +41,15 @@ def steps(trainer, first: int, last: int, rank: int = 0, world: int = 1, grad_ac
     return losses
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, grad_accum: int, kind: str) -> None:
+def _worker(rank: int, world: int, store: str, out_dir: str, grad_accum: int, kind: str) -> None:
     import torch.distributed as dist
 
     from pipeline.train.checkpoint import load_training_state, save_checkpoint
     from pipeline.train.sharding import full_state, is_sharded, shard_model
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no port to pick, so nothing can take it between the pick and the bind
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         model = shard_model(build_model(model_config(kind), VOCAB, seed=0), torch.device("cpu"))
         assert is_sharded(model)
@@ -75,12 +74,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str, grad_accum: int, kin
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # gradient accumulation on GPT-2; Llama and the masked LM without (one step per batch)
 @pytest.mark.parametrize("kind, grad_accum", [("gpt2", 2), ("llama", 1), ("masked", 1)])
 def test_fsdp_trains_like_one_process_and_saves_a_plain_checkpoint(tmp_path, kind, grad_accum):
@@ -88,7 +81,7 @@ def test_fsdp_trains_like_one_process_and_saves_a_plain_checkpoint(tmp_path, kin
 
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), grad_accum, kind), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), grad_accum, kind), nprocs=2, join=True)
 
     reference = build_model(model_config(kind), VOCAB, seed=0)
     trainer = make_trainer(reference)
