@@ -321,7 +321,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
 def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple[dict, list[str]]:
     from pipeline.evaluate.bias import sliced_metrics
-    from pipeline.evaluate.classify import classification_metrics, plot_confusion, tfidf_baseline
+    from pipeline.evaluate.classify import classification_metrics, paired_comparison, plot_confusion, tfidf_baseline
     from pipeline.evaluate.ray_eval import predict_dataset
     from pipeline.finetune.finetune import resolve_finetuned
 
@@ -358,6 +358,8 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
         b = classification_metrics(y_true, base_preds, m["labels"])
         res["baseline_tfidf_logreg"] = {**b, "train_rows": len(train), "train_rejected_rows": len(train_bad)}
         lines.append(f"| TF-IDF + LogisticRegression | {b['accuracy']:.3f} | {b['f1_macro']:.3f} | {b['f1_weighted']:.3f} |")
+        # is the gap between the two more than the split's noise? (the same examples, paired)
+        res["classifier_vs_baseline"] = vs = paired_comparison(y_true, preds, base_preds, m["labels"])
         # the same baseline on only the text the classifier reads (its window(s) of tokens)
         from types import SimpleNamespace
 
@@ -375,6 +377,10 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
         res["baseline_tfidf_logreg_same_reading"] = {"reading": what, **sr}
         lines.append(f"| TF-IDF + LogisticRegression on the classifier's reading ({what} per text) | {sr['accuracy']:.3f} | "
                      f"{sr['f1_macro']:.3f} | {sr['f1_weighted']:.3f} |")
+        lo, hi = vs["f1_macro_diff_ci95"]
+        lines += ["", f"- classifier against TF-IDF on the same {len(rows)} examples: {vs['only_a_correct']} right only by the "
+                  f"classifier, {vs['only_b_correct']} only by TF-IDF (exact McNemar p = {vs['mcnemar_exact_p']:.2f}); "
+                  f"macro-F1 difference {vs['f1_macro_diff']:+.3f}, 95% paired bootstrap interval {lo:+.3f} to {hi:+.3f}"]
     if c.group_field and all(r["group"] is None for r in rows):  # the default "source" in a file without it
         res["not_sliced"] = f"no row of the {split} split has a field {c.group_field!r} (group_field)"
         lines += ["", f"- not sliced: no row of the {split} split has a field `{c.group_field}` (group_field)"]

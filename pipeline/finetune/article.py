@@ -1,14 +1,14 @@
 """Article-level training of a sequence classifier over the windows of each text
 (``data.window_training: article``).
 
-With ``data.windows`` > 1 a classifier reads a long text as up to that many windows and predicts
-the mean of their probabilities (evaluation and Serve do that). Trained window by window, every
+With ``data.windows`` > 1 a classifier reads a long text as up to that many windows and pools
+their predictions (``data.window_pooling``; evaluation and Serve do the same). Trained window by window, every
 window is its own example with the text's label, though many windows of a news article say
 nothing about its topic. Trained article by article, a step runs every window of each of its
-texts and the loss is the negative log of the mean of their probabilities: the prediction that
-is scored, so the model learns from the whole text, as a bag-of-words baseline reads it
-(BENCHMARKS.md: on the BBC demo, test macro-F1 0.964 over 3 seeds against 0.922 with the first
-window only). Pure torch and ``transformers``: nothing here knows about Ray.
+texts and the loss is the negative log-likelihood of their pooled prediction (``pool_windows``):
+the prediction that is scored, so the model learns from the whole text, as a bag-of-words
+baseline reads it (BENCHMARKS.md: on the BBC demo, test macro-F1 0.964 over 3 seeds against 0.922
+with the first window only). Pure torch and ``transformers``: nothing here knows about Ray.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from pipeline.finetune.classify_data import Windowing, encode_windows
+from pipeline.finetune.classify_data import Windowing, encode_windows, pool_windows
 
 
 def encode_articles(texts: list[str], labels: list[str], label2id: dict[str, int], tok, w: Windowing) -> list[dict]:
@@ -37,8 +37,9 @@ def encode_articles(texts: list[str], labels: list[str], label2id: dict[str, int
 class ArticleClassifier(torch.nn.Module):
     """A Hugging Face sequence classifier (``module``) applied to batches of texts read as windows:
     ``input_ids`` and ``attention_mask`` of shape (texts, windows, tokens), windows without any
-    token skipped. Its logits are the log of each text's mean window probability, its loss their
-    negative log-likelihood (labels of -100 ignored). Checkpoints save ``module`` alone (it is
+    token skipped. Its logits are each text's log-probabilities, its windows pooled as evaluation
+    and serving pool them (``pool_windows``, the reading saved in the classifier's config), its loss
+    their negative log-likelihood (labels of -100 ignored). Checkpoints save ``module`` alone (it is
     reached through ``module`` like a DDP wrapper's model), a plain classifier."""
 
     def __init__(self, module: torch.nn.Module):
@@ -51,10 +52,8 @@ class ArticleClassifier(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         present = attention_mask.bool().any(-1)  # (texts, windows)
-        owner = present.nonzero()[:, 0]
-        logits = self.module(input_ids=input_ids[present], attention_mask=attention_mask[present]).logits.float()
-        probs = torch.zeros(input_ids.shape[0], logits.shape[-1], dtype=logits.dtype, device=logits.device)
-        probs = probs.index_add(0, owner, logits.softmax(-1)) / present.sum(1, keepdim=True).clamp_min(1)
-        log_probs = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        logits = self.module(input_ids=input_ids[present], attention_mask=attention_mask[present]).logits
+        pooling = getattr(self.config, "window_pooling", None) or "probs"
+        log_probs = pool_windows(logits, present.nonzero()[:, 0], input_ids.shape[0], pooling)
         loss = None if labels is None else torch.nn.functional.nll_loss(log_probs, labels, ignore_index=-100)
         return SequenceClassifierOutput(loss=loss, logits=log_probs)

@@ -129,32 +129,60 @@ def ensure_pad_token(tok) -> bool:
     return True
 
 
+POOLINGS = ("logits", "probs")
+
+
 @dataclass(frozen=True)
 class Windowing:
     """How a classifier reads a text: up to ``windows`` windows of ``max_len`` tokens (special
     tokens included) from its start, consecutive windows sharing ``overlap`` tokens. One window
-    is the opening only; several let a classifier with a short context read a long document
-    (its prediction is the mean of the windows' probabilities)."""
+    is the opening only; several let a classifier with a short context read a long document.
+    ``pooling`` is how the windows' predictions combine into the text's (``pool_windows``):
+    ``logits``, the softmax of the mean of their logits, or ``probs``, the mean of their
+    probabilities (a model saved without the setting was read that way)."""
 
     max_len: int
     windows: int = 1
     overlap: int = 0
+    pooling: str = "probs"
 
     def __post_init__(self) -> None:
         check(self.max_len >= 8, f"data.max_seq_len must be >= 8, got {self.max_len}")
         check(self.windows >= 1, f"data.windows must be >= 1, got {self.windows}")
         check(0 <= self.overlap < self.max_len // 2,
               f"data.window_overlap must be in [0, max_seq_len / 2), got {self.overlap}")
+        check(self.pooling in POOLINGS, f"data.window_pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
 
     def save_to(self, config) -> None:
         """Recorded in the model's config.json, so evaluation and serving read texts the same way."""
         config.window_tokens, config.windows, config.window_overlap = self.max_len, self.windows, self.overlap
+        config.window_pooling = self.pooling
 
     @classmethod
     def of(cls, config, default_max_len: int) -> "Windowing":
         """The reading saved with a classifier; one window of ``default_max_len`` if none was."""
+        pooling = getattr(config, "window_pooling", None) or "probs"
+        check(pooling in POOLINGS, f"the classifier's config.json has window_pooling {pooling!r}, "
+                                   f"not one of {', '.join(POOLINGS)}")
         return cls(getattr(config, "window_tokens", None) or default_max_len, getattr(config, "windows", None) or 1,
-                   getattr(config, "window_overlap", None) or 0)
+                   getattr(config, "window_overlap", None) or 0, pooling)
+
+
+def pool_windows(logits: torch.Tensor, owner: torch.Tensor, texts: int, pooling: str) -> torch.Tensor:
+    """(texts, labels) log-probabilities of texts from the logits of their windows (``owner``:
+    each window's text). ``logits``: the log-softmax of the mean of a text's window logits, so the
+    evidence of its windows adds up, as a linear bag-of-words model sums its words' weights;
+    ``probs``: the log of the mean of the windows' probabilities. A text without a window gets
+    uniform probabilities (``logits``) or none (``probs``); differentiable either way."""
+    import torch
+
+    logits = logits.float()
+    count = torch.bincount(owner, minlength=texts).clamp_min(1).unsqueeze(1).to(logits.dtype)
+    zeros = torch.zeros(texts, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    if pooling == "logits":
+        return (zeros.index_add(0, owner, logits) / count).log_softmax(-1)
+    probs = zeros.index_add(0, owner, logits.softmax(-1)) / count
+    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
 def encode_windows(tok, texts: list[str], w: Windowing, padding: str | bool = True, **kwargs) -> tuple[dict, list[int]]:

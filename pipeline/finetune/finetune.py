@@ -39,12 +39,15 @@ class FinetuneDataConfig:
     max_seq_len: int = 256
     # classification: each text gives up to `windows` training rows of max_seq_len tokens (its
     # opening, then the following text, consecutive windows sharing window_overlap tokens), all
-    # with its label; the classifier then reads texts the same way (mean of the windows'
-    # probabilities) in evaluation and serving: the setting is saved in its config.json
+    # with its label; the classifier then reads texts the same way in evaluation and serving,
+    # its windows' predictions pooled by window_pooling: the settings are saved in its config.json
     windows: int = 1
     window_overlap: int = 0
+    # how a text's windows combine: "logits", the softmax of the mean of their logits (their
+    # evidence adds up); "probs", the mean of their probabilities (BENCHMARKS.md compares them)
+    window_pooling: Literal["logits", "probs"] = "logits"
     # classification, windows > 1: "window" trains on every window as an example of its own;
-    # "article" on every text as a whole, its loss on the mean of its windows' probabilities (the
+    # "article" on every text as a whole, its loss on its windows' pooled prediction (the
     # prediction evaluation and serving make; pipeline.finetune.article)
     window_training: Literal["window", "article"] = "window"
     # sft: "auto" keeps a chat template the base's tokenizer already has (a chat model from
@@ -59,7 +62,7 @@ class FinetuneDataConfig:
     def windowing(self):
         from pipeline.finetune.classify_data import Windowing
 
-        return Windowing(self.max_seq_len, self.windows, self.window_overlap)
+        return Windowing(self.max_seq_len, self.windows, self.window_overlap, self.window_pooling)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -61,8 +61,10 @@ class RunConfigCfg:
     fail_at_step: int | None = None  # fault injection for tests: rank 1 dies once at this step
     # the validation metric that ranks checkpoints (the best one is exported). null: val_loss, or
     # val_accuracy for classification, where the loss of a small validation split keeps rising on
-    # over-confident but still correct predictions long after accuracy stopped improving.
-    checkpoint_metric: Literal["val_loss", "val_accuracy"] | None = None
+    # over-confident but still correct predictions long after accuracy stopped improving. "last":
+    # the final checkpoint (the schedule's end, or where early stopping ended the run), for a
+    # validation split too small to rank checkpoints by (BENCHMARKS.md, the demo classifier).
+    checkpoint_metric: Literal["val_loss", "val_accuracy", "last"] | None = None
 
     def __post_init__(self) -> None:
         check(self.num_to_keep >= 1, f"run.num_to_keep must be >= 1, got {self.num_to_keep}")
@@ -276,7 +278,8 @@ def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config
             name=name, storage_path=storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=run.num_to_keep,
-                checkpoint_score_attribute=(run.checkpoint_metric or "val_loss") if "val" in datasets else None,
+                checkpoint_score_attribute=(run.checkpoint_metric or "val_loss")
+                if "val" in datasets and run.checkpoint_metric != "last" else None,  # None: keep the latest
                 checkpoint_score_order="max" if run.checkpoint_metric == "val_accuracy" else "min"),
             failure_config=FailureConfig(max_failures=run.max_failures),
             callbacks=callbacks or None,

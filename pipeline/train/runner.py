@@ -72,8 +72,10 @@ def train_and_export(run_dir: Path, datasets: dict, setup: Callable, config: dic
 
 def best_checkpoint(kept: list[tuple], metric: str | None) -> tuple:
     """The (checkpoint, metrics) pair with the best ``metric`` (val_loss, lowest, by default; val_accuracy,
-    highest) among those Ray kept. Ray's ``Result.best_checkpoints`` is ordered worst first, so its
-    first entry is not the best one; the latest wins a tie."""
+    highest; "last": the latest step) among those Ray kept. Ray's ``Result.best_checkpoints`` is
+    ordered worst first, so its first entry is not the best one; the latest wins a tie."""
+    if metric == "last":
+        return max(enumerate(kept), key=lambda t: ((t[1][1] or {}).get("step", 0), t[0]))[1]
     metric = metric or "val_loss"
     sign = 1.0 if metric == "val_accuracy" else -1.0
     scored = [(i, c, m) for i, (c, m) in enumerate(kept) if (m or {}).get(metric) is not None]

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.data.tokenizer import TokenizerConfig, train_tokenizer
 from pipeline.evaluate.bias import counterfactual_probe, load_pairs, sliced_metrics
-from pipeline.evaluate.classify import classification_metrics, tfidf_baseline
+from pipeline.evaluate.classify import classification_metrics, paired_comparison, tfidf_baseline
 from pipeline.evaluate.fewshot import build_prompt, draw_shots, fewshot_predict, option_logprobs
 from pipeline.evaluate.lm import lm_metrics_from_rows, lm_metrics_from_texts
 from pipeline.model.build import ModelConfig, build_model
@@ -35,6 +35,35 @@ def test_classification_metrics_equal_sklearn():
 
     assert m["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=labels).tolist()
     assert m["confusion_matrix"][0] == [1, 2, 0]  # true "a": once right, twice taken for "b"
+
+
+def test_paired_comparison_counts_disagreements_tests_them_and_bounds_the_f1_gap():
+    import random
+
+    from scipy.stats import binomtest
+    from sklearn.metrics import f1_score
+
+    rng = random.Random(0)
+    labels = ["a", "b", "c", "d"]
+    y = [rng.choice(labels) for _ in range(300)]
+    a = [t if rng.random() < 0.9 else rng.choice(labels + ["unknown"]) for t in y]  # "unknown": a miss
+    b = [t if rng.random() < 0.8 else rng.choice(labels) for t in y]
+    r = paired_comparison(y, a, b, labels)
+    only_a = sum(p == t != q for t, p, q in zip(y, a, b))
+    only_b = sum(q == t != p for t, p, q in zip(y, a, b))
+    assert (r["only_a_correct"], r["only_b_correct"]) == (only_a, only_b) and only_a > only_b > 0
+    assert r["mcnemar_exact_p"] == pytest.approx(binomtest(only_b, only_a + only_b, 0.5).pvalue)
+    gap = f1_score(y, a, labels=labels, average="macro", zero_division=0) - f1_score(y, b, labels=labels, average="macro")
+    assert r["f1_macro_diff"] == pytest.approx(gap)
+    lo, hi = r["f1_macro_diff_ci95"]
+    assert lo < gap < hi and 0 < lo  # 10 against 20% errors on 300 examples: a real gap
+    assert r == paired_comparison(y, a, b, labels)  # a fixed seed: the same interval every run
+    # two classifiers one example apart: no evidence either way
+    close = paired_comparison(y, b, b[:-1] + [("a" if b[-1] != "a" else "b")], labels)
+    assert close["mcnemar_exact_p"] == 1.0 and close["f1_macro_diff_ci95"][0] <= 0 <= close["f1_macro_diff_ci95"][1]
+    same = paired_comparison(y, a, a, labels)
+    assert (same["only_a_correct"], same["only_b_correct"], same["mcnemar_exact_p"], same["f1_macro_diff"],
+            same["f1_macro_diff_ci95"]) == (0, 0, 1.0, 0.0, [0.0, 0.0])
 
 
 def test_tfidf_baseline_learns_an_easy_split():
@@ -270,7 +299,8 @@ def test_fewshot_prompt_and_prediction(toy):
         assert c == labels[max(range(2), key=lambda i: scores[i] - bias[i])]
 
 
-def test_a_windowed_classifier_averages_its_windows_and_serving_reads_the_same(tmp_path):
+@pytest.mark.parametrize("pooling", ["logits", "probs", None])
+def test_a_windowed_classifier_pools_its_windows_as_saved_and_serving_reads_the_same(tmp_path, pooling):
     import transformers
 
     from pipeline.data.tokenizer import TokenizerConfig, train_tokenizer
@@ -280,22 +310,34 @@ def test_a_windowed_classifier_averages_its_windows_and_serving_reads_the_same(t
     texts = ["rain and wind over the hills today", "shares rose as the market opened"] * 20
     tok = train_tokenizer(iter(texts), TokenizerConfig(vocab_size=300, min_frequency=1), tmp_path / "t")
     assert end_with_eos(tok)
+    torch.manual_seed(0)
     model = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
         vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2, num_labels=2,
         pad_token_id=tok.pad_token_id, id2label={0: "weather", 1: "business"})).eval()
-    Windowing(12, windows=3, overlap=2).save_to(model.config)
+    docs = [" ".join(texts[:6]), "rain today", " ".join(texts[1:9])]
+    enc, source = encode_windows(tok, docs, Windowing(12, 3, 2), padding=False)
+    with torch.no_grad():  # a head along the difference of two windows: they disagree, the poolings differ
+        h = [model.transformer(input_ids=torch.tensor([x])).last_hidden_state[0, -1] for x in enc["input_ids"][:2]]
+        v = h[0] - h[1]
+        model.score.weight.copy_(torch.stack([v, -v]) * 3 / v.norm() ** 2)
+    Windowing(12, windows=3, overlap=2, pooling=pooling or "probs").save_to(model.config)
+    if pooling is None:  # a classifier saved before the setting existed: read with the mean probability
+        del model.config.window_pooling
     model.save_pretrained(str(tmp_path / "m"))
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "m")).eval()
-    docs = [" ".join(texts[:6]), "rain today", " ".join(texts[1:9])]
+    assert getattr(model.config, "window_pooling", None) == pooling
     probs, tokens = classify_probs(model, tok, docs, batch_size=2)
-    # by hand: the saved reading (3 windows of 12 tokens), each window scored alone, then averaged
-    enc, source = encode_windows(tok, docs, Windowing(12, 3, 2), padding=False)
+    # by hand: the saved reading (3 windows of 12 tokens), each window scored alone, then pooled
     assert source == [0, 0, 0, 1, 2, 2, 2] and tokens == sum(len(x) for x in enc["input_ids"])
     with torch.no_grad():
-        each = [torch.softmax(model(input_ids=torch.tensor([x])).logits[0], -1) for x in enc["input_ids"]]
+        each = [model(input_ids=torch.tensor([x])).logits[0] for x in enc["input_ids"]]
+    differ = []
     for d in range(3):
-        expected = torch.stack([p for p, s in zip(each, source) if s == d]).mean(0)
+        mine = torch.stack([x for x, s in zip(each, source) if s == d])
+        expected = mine.mean(0).softmax(-1) if pooling == "logits" else mine.softmax(-1).mean(0)
         assert torch.allclose(probs[d], expected, atol=1e-5)
+        differ.append(not torch.allclose(mine.mean(0).softmax(-1), mine.softmax(-1).mean(0), atol=1e-3))
+    assert differ[0]  # the test tells the poolings apart
     assert predict_labels(model, tok, docs) == [model.config.id2label[int(i)] for i in probs.argmax(-1)]
     # an explicit max_len replaces the window length and keeps the number of windows
     _, n16 = classify_probs(model, tok, docs[:1], max_len=16)

@@ -360,7 +360,8 @@ def test_windowing_config_errors_name_the_key():
     base = {"task": "classification", "base_model": "m", "data": {"train": "x.jsonl", "max_seq_len": 32}}
     for data, key in [({"windows": 0}, "data.windows"), ({"window_overlap": 16}, "data.window_overlap"),
                       ({"chat_template": "chatml"}, "data.chat_template"),
-                      ({"window_training": "text"}, "data.window_training")]:
+                      ({"window_training": "text"}, "data.window_training"),
+                      ({"window_pooling": "max"}, "data.window_pooling")]:
         with pytest.raises(ValueError, match=key):
             from_dict(FinetuneConfig, {**base, "data": {**base["data"], **data}})
     article = {**base["data"], "windows": 4, "window_training": "article"}
@@ -747,9 +748,12 @@ def test_article_rows_hold_every_window_of_a_text(tok):
     assert np.array_equal(rows[0]["attention_mask"][0], per_window[0]["attention_mask"])
 
 
-def test_the_article_classifier_scores_the_mean_of_its_windows(tmp_path):
-    """Its logits are the log of each text's mean window probability, its loss their NLL (labels
-    of -100 skipped); gradients reach the classifier; a checkpoint of it is the plain classifier."""
+@pytest.mark.parametrize("pooling", ["logits", "probs", None])
+def test_the_article_classifier_pools_its_windows_as_saved(tmp_path, pooling):
+    """Its logits are each text's log-probabilities, its windows pooled by the classifier's saved
+    window_pooling (softmax of the mean logit, or the mean probability; a model saved without
+    the setting: the mean probability), its loss their NLL (labels of -100 skipped); gradients
+    reach the classifier; a checkpoint of it is the plain classifier."""
     import torch
     from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
@@ -759,6 +763,9 @@ def test_the_article_classifier_scores_the_mean_of_its_windows(tmp_path):
     torch.manual_seed(0)
     inner = GPT2ForSequenceClassification(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                                      num_labels=3, pad_token_id=0)).eval()
+    torch.nn.init.normal_(inner.score.weight, std=1.0)  # logits far enough apart for the poolings to differ
+    if pooling:
+        inner.config.window_pooling = pooling
     ids = torch.randint(1, 50, (2, 3, 8))
     mask = torch.ones_like(ids)
     mask[0, 2] = 0  # text 0 has two windows, text 1 three
@@ -767,10 +774,14 @@ def test_the_article_classifier_scores_the_mean_of_its_windows(tmp_path):
     model = ArticleClassifier(inner)
     out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([2, -100]))
     with torch.no_grad():
-        mean = [torch.stack([inner(input_ids=ids[t, w:w + 1], attention_mask=mask[t, w:w + 1]).logits.softmax(-1)[0]
-                             for w in range(n)]).mean(0) for t, n in [(0, 2), (1, 3)]]
-    assert torch.allclose(out.logits.exp(), torch.stack(mean), atol=1e-5)
-    assert float(out.loss.detach()) == pytest.approx(-float(mean[0][2].log()), rel=1e-4)  # text 1's label is ignored
+        per_window = [torch.cat([inner(input_ids=ids[t, w:w + 1], attention_mask=mask[t, w:w + 1]).logits
+                                 for w in range(n)]) for t, n in [(0, 2), (1, 3)]]
+    mean_probs = torch.stack([x.softmax(-1).mean(0) for x in per_window])
+    softmax_of_mean = torch.stack([x.mean(0).softmax(-1) for x in per_window])
+    expected = softmax_of_mean if pooling == "logits" else mean_probs
+    assert torch.allclose(out.logits.exp(), expected, atol=1e-5)
+    assert not torch.allclose(mean_probs, softmax_of_mean, atol=1e-3)
+    assert float(out.loss.detach()) == pytest.approx(-float(expected[0][2].log()), rel=1e-4)  # text 1's label is ignored
     out.loss.backward()
     assert inner.score.weight.grad is not None and inner.score.weight.grad.abs().sum() > 0
     save_checkpoint(tmp_path, model)

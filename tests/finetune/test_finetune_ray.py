@@ -100,6 +100,9 @@ def test_classifier_finetune_and_evaluate(pipeline_dirs):
     assert c["baseline_tfidf_logreg"]["accuracy"] > 0.9
     assert c["baseline_tfidf_logreg_same_reading"]["reading"] == "4 windows of 32 tokens"
     assert c["baseline_tfidf_logreg_same_reading"]["support"] == c["support"]
+    vs = c["classifier_vs_baseline"]  # the paired comparison counts the same examples
+    assert 0 <= vs["only_a_correct"] + vs["only_b_correct"] <= c["support"] and 0 < vs["mcnemar_exact_p"] <= 1
+    assert vs["f1_macro_diff"] == pytest.approx(c["f1_macro"] - c["baseline_tfidf_logreg"]["f1_macro"])
     assert c["sliced"]["per_group"].keys() == {"news"}
     assert res["lm"]["perplexity"] > 1 and res["lm"]["bits_per_byte"] > 0
     assert res["fewshot"]["support"] == 10 and res["bias"]["n"] >= 12
@@ -157,9 +160,11 @@ def test_sft_finetune_masks_prompts_and_loads(pipeline_dirs, tmp_path):
     sft = from_dict(FinetuneConfig, {
         "task": "sft", "base_model": d["pre"]["model_dir"], "output_dir": str(d["out"] / "sft"),
         "data": {"train": str(chat), "max_seq_len": 32}, "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "train": {"max_steps": 10, "batch_size": 4, "eval_every": 10, "eval_batches": 0}, "scaling": d["scaling"],
+        "train": {"max_steps": 10, "batch_size": 4, "eval_every": 5, "eval_batches": 0}, "scaling": d["scaling"],
+        "run": {"checkpoint_metric": "last", "num_to_keep": 1},
     })
     summary = run_finetune(sft)
+    assert summary["exported"]["step"] == summary["steps"] == 10  # "last": the final checkpoint, whatever its val loss
     assert summary["rejected"] == 1 and summary["examples"]["train"] + summary["examples"]["val"] == 40
     # a validation split smaller than a batch per worker (here 2 per worker, batch 4) is scored whole
     from pathlib import Path

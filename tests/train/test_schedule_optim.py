@@ -101,6 +101,8 @@ def test_the_exported_checkpoint_is_the_best_by_its_metric():
     assert best_checkpoint(kept, "val_loss")[0] == "c200"
     assert best_checkpoint(kept, "val_accuracy")[0] == "c300"  # a tie goes to the later step
     assert best_checkpoint([("a", None), ("b", {})], "val_loss")[0] == "b"
+    assert best_checkpoint(kept, "last")[0] == best_checkpoint(kept[::-1], "last")[0] == "c300"
+    assert best_checkpoint([("a", None), ("b", {})], "last")[0] == "b"
 
 
 def test_bf16_native_autocasts_only_where_the_device_multiplies_bf16(monkeypatch):
