@@ -43,9 +43,9 @@ class FinetuneDataConfig:
     # its windows' predictions pooled by window_pooling: the settings are saved in its config.json
     windows: int = 1
     window_overlap: int = 0
-    # how a text's windows combine: "logits", the softmax of the mean of their logits (their
-    # evidence adds up); "probs", the mean of their probabilities (BENCHMARKS.md compares them)
-    window_pooling: Literal["logits", "probs"] = "logits"
+    # how a text's windows combine: "probs", the mean of their probabilities; "logits", the
+    # softmax of the mean of their logits (their evidence adds up; BENCHMARKS.md compares them)
+    window_pooling: Literal["probs", "logits"] = "probs"
     # classification, windows > 1: "window" trains on every window as an example of its own;
     # "article" on every text as a whole, its loss on its windows' pooled prediction (the
     # prediction evaluation and serving make; pipeline.finetune.article)
