@@ -6,7 +6,9 @@ trains article-level instead (multiple-instance learning): a step takes B articl
 window of each (up to ``--windows``), and the loss is the negative log-likelihood of the
 article's pooled prediction (``--pool probs``: the mean of its windows' probabilities; ``logits``:
 the softmax of the mean of their logits), the prediction the evaluate job and Serve make from
-windows. So the model learns from the whole article at once, as TF-IDF reads it. ``--windows 1``
+windows; ``tokens`` (study only) applies the head at every token and averages over all the
+article's tokens. ``--aux-lm W`` adds the pipeline's auxiliary next-token loss (``aux_lm_weight``,
+on ``--aux-lm-share`` of the positions). So the model learns from the whole article at once, as TF-IDF reads it. ``--windows 1``
 is the pipeline's former recipe (one window, plain cross-entropy) through the same code: the
 baseline of the same run.
 
@@ -51,7 +53,7 @@ def encode(tok, texts: list[str], w) -> tuple:
 
 
 def article_log_probs(model, ids, mask, rows: list[list[int]], articles: list[int], precision: str,
-                      pool: str = "probs"):
+                      pool: str = "probs", lm_loss: bool = False, lm_share: float = 1.0):
     """(len(articles), classes): each article's log-probabilities, its windows pooled as the
     pipeline pools them (``pool_windows``: ``probs``, the mean of the windows' probabilities, or
     ``logits``, the softmax of the mean of their logits)."""
@@ -63,8 +65,23 @@ def article_log_probs(model, ids, mask, rows: list[list[int]], articles: list[in
     flat = [j for a in articles for j in rows[a]]
     owner = torch.tensor([k for k, a in enumerate(articles) for _ in rows[a]])
     with autocast_context(torch.device("cpu"), precision):
-        logits = model(input_ids=ids[flat], attention_mask=mask[flat]).logits
-    return pool_windows(logits, owner, len(articles), pool)
+        if pool == "tokens":  # the head at every token, averaged over all the article's tokens
+            m = mask[flat]
+            hidden = model.base_model(input_ids=ids[flat], attention_mask=m).last_hidden_state
+            per_token = model.score(hidden).float() * m.unsqueeze(-1)
+            sums = torch.zeros(len(articles), per_token.shape[-1]).index_add(0, owner, per_token.sum(1))
+            counts = torch.zeros(len(articles)).index_add(0, owner, m.sum(1).float()).clamp_min(1)
+            return (sums / counts.unsqueeze(1)).log_softmax(-1)
+        out = model(input_ids=ids[flat], attention_mask=mask[flat], output_hidden_states=lm_loss)
+    log_probs = pool_windows(out.logits, owner, len(articles), pool)
+    if not lm_loss:
+        return log_probs
+    from pipeline.finetune.article import ArticleClassifier
+
+    # the pipeline's auxiliary next-token loss (``aux_lm_weight``) of the same windows
+    with autocast_context(torch.device("cpu"), precision):
+        lm = ArticleClassifier(model, 1.0, lm_share).next_token_loss(out.hidden_states[-1], ids[flat], mask[flat])
+    return log_probs, lm
 
 
 def macro_f1(model, split, precision: str, pool: str = "probs") -> tuple[float, float]:
@@ -172,9 +189,13 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
         lr = get_lr(step, lr=args.lr, warmup_steps=args.warmup, max_steps=args.steps, min_lr=args.lr * 0.1)
         for g in opt.param_groups:
             g["lr"] = lr
-        log_probs = article_log_probs(model, ids, mask, rows, batch, args.precision, pool)
+        if args.aux_lm:
+            log_probs, lm = article_log_probs(model, ids, mask, rows, batch, args.precision, pool, lm_loss=True,
+                                              lm_share=args.aux_lm_share)
+        else:
+            log_probs, lm = article_log_probs(model, ids, mask, rows, batch, args.precision, pool), 0.0
         windows_read += sum(len(rows[a]) for a in batch)
-        loss = torch.nn.functional.nll_loss(log_probs, y[batch])
+        loss = torch.nn.functional.nll_loss(log_probs, y[batch]) + args.aux_lm * lm
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -187,7 +208,7 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
             print(f"  windows {windows} pool {pool} seed {seed} fold {fold} step {step + 1}: loss {loss.item():.3f} "
                   f"val F1 {val_f1:.3f}", flush=True)
     seconds = time.perf_counter() - t0
-    out = {"windows": windows, "pool": pool, "seed": seed, "fold": fold, "last": scores()}
+    out = {"windows": windows, "pool": pool, "seed": seed, "fold": fold, "aux_lm": args.aux_lm, "aux_lm_share": args.aux_lm_share, "last": scores()}
     for name, state in (("ema", averages.ema), ("tail", averages.tail)):
         model.load_state_dict(state)
         out[name] = scores()
@@ -228,6 +249,8 @@ def main() -> None:
     p.add_argument("--pool", default="probs", help="how windows combine: probs (the pipeline's), logits, or both: probs,logits")
     p.add_argument("--ema", type=float, default=0.99, help="decay per step of the weights' moving average")
     p.add_argument("--tail", type=float, default=1 / 3, help="share of the last steps whose weights are averaged")
+    p.add_argument("--aux-lm", type=float, default=0.0, help="weight of an auxiliary next-token loss on the same windows")
+    p.add_argument("--aux-lm-share", type=float, default=1.0, help="share of the positions the auxiliary loss scores")
     p.add_argument("--cv", type=int, default=0, help="K > 1: K-fold cross-validation on the training split")
     p.add_argument("--folds", default="", help="with --cv, the folds to run (default: all)")
     p.add_argument("--json", help="write the results here")

@@ -42,9 +42,10 @@ class ArticleClassifier(torch.nn.Module):
     their negative log-likelihood (labels of -100 ignored). Checkpoints save ``module`` alone (it is
     reached through ``module`` like a DDP wrapper's model), a plain classifier."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, aux_lm_weight: float = 0.0, aux_lm_share: float = 1.0):
         super().__init__()
         self.module = module
+        self.aux_lm_weight, self.aux_lm_share = aux_lm_weight, aux_lm_share
 
     @property
     def config(self):
@@ -52,8 +53,30 @@ class ArticleClassifier(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         present = attention_mask.bool().any(-1)  # (texts, windows)
-        logits = self.module(input_ids=input_ids[present], attention_mask=attention_mask[present]).logits
+        ids, mask = input_ids[present], attention_mask[present]
+        aux = self.training and labels is not None and self.aux_lm_weight > 0
+        out = self.module(input_ids=ids, attention_mask=mask, output_hidden_states=aux)
         pooling = getattr(self.config, "window_pooling", None) or "probs"
-        log_probs = pool_windows(logits, present.nonzero()[:, 0], input_ids.shape[0], pooling)
+        log_probs = pool_windows(out.logits, present.nonzero()[:, 0], input_ids.shape[0], pooling)
         loss = None if labels is None else torch.nn.functional.nll_loss(log_probs, labels, ignore_index=-100)
+        if aux:
+            keep = (labels != -100)[present.nonzero()[:, 0]]  # filler rows carry no loss of either kind
+            loss = loss + self.aux_lm_weight * self.next_token_loss(out.hidden_states[-1][keep], ids[keep], mask[keep])
         return SequenceClassifierOutput(loss=loss, logits=log_probs)
+
+    def next_token_loss(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The auxiliary language-modeling loss of the windows (GPT-1's fine-tuning objective: it keeps
+        the representations general while the classification loss alone soon memorizes the training
+        texts): next-token cross-entropy from the final hidden states through the input embeddings
+        (tied, as the base LM's head is), on a random ``aux_lm_share`` of the positions, since the
+        vocabulary-wide projection costs more than the rest of the step."""
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).flatten()
+        picked = (targets != -100).nonzero()[:, 0]
+        if len(picked) == 0:
+            return hidden.sum() * 0.0
+        if self.aux_lm_share < 1:
+            keep = max(1, round(len(picked) * self.aux_lm_share))
+            picked = picked[torch.randperm(len(picked), device=picked.device)[:keep]]
+        states = hidden[:, :-1].flatten(0, 1)[picked]
+        logits = states @ self.module.get_input_embeddings().weight.T
+        return torch.nn.functional.cross_entropy(logits.float(), targets[picked])

@@ -78,9 +78,18 @@ class FinetuneConfig:
     run: RunConfigCfg = field(default_factory=RunConfigCfg)
     # dropout while fine-tuning (residual, embedding and attention); null keeps the base model's
     dropout: float | None = None
+    # classification with data.window_training article: the weight of an auxiliary next-token loss
+    # on the same windows (GPT-1's fine-tuning objective; 0 turns it off), scored on a random
+    # aux_lm_share of their positions (pipeline.finetune.article; BENCHMARKS.md measures both)
+    aux_lm_weight: float = 0.0
+    aux_lm_share: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.dropout is None or 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1) or null, got {self.dropout}")
+        check(self.aux_lm_weight >= 0, f"aux_lm_weight must be >= 0, got {self.aux_lm_weight}")
+        check(0 < self.aux_lm_share <= 1, f"aux_lm_share must be in (0, 1], got {self.aux_lm_share}")
+        check(self.aux_lm_weight == 0 or (self.task == "classification" and self.data.window_training == "article"),
+              "aux_lm_weight applies to task classification with data.window_training article only")
         check(not (self.task == "sft" and self.run.checkpoint_metric == "val_accuracy"),
               "run.checkpoint_metric val_accuracy applies to task classification only")
         if self.data.window_training == "article":
@@ -240,7 +249,7 @@ def setup_finetune(config: dict):
         if config.get("window_training") == "article":
             from pipeline.finetune.article import ArticleClassifier
 
-            model = ArticleClassifier(model)
+            model = ArticleClassifier(model, config.get("aux_lm_weight", 0.0), config.get("aux_lm_share", 1.0))
     return model, (lambda batch: batch), tok, 0.0
 
 
@@ -264,19 +273,23 @@ def check_finetune(cfg: FinetuneConfig) -> Path:
     causal LM, and ``data.max_seq_len`` fits its context."""
     import transformers
 
-    from pipeline.model.build import context_length, require_causal
+    from pipeline.model.build import ENCODER_TYPES, context_length, require_causal
 
     base = resolve_model_dir(cfg.base_model)
     check((base / "config.json").exists(), f"base_model: {base} is not a Hugging Face model directory (train it first)")
     if cfg.task == "sft":
         require_causal(base, "base_model", "SFT (generating answers)")
+    base_config = transformers.AutoConfig.from_pretrained(str(base), local_files_only=True)
     # a base with relative positions only (ALiBi) records no context length: max_seq_len is the limit
-    ctx = context_length(transformers.AutoConfig.from_pretrained(str(base), local_files_only=True),
-                         default=cfg.data.max_seq_len)
+    ctx = context_length(base_config, default=cfg.data.max_seq_len)
     check(cfg.data.max_seq_len <= ctx, f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the base model's context "
                                        f"length ({ctx})")
     from pipeline.model.build import checkpoint_kind
 
+    bidirectional = base_config.model_type in ENCODER_TYPES and not getattr(base_config, "is_decoder", False)
+    check(cfg.aux_lm_weight == 0 or not bidirectional,
+          "aux_lm_weight: a masked (bidirectional) base sees the next token, so a next-token loss teaches it nothing; "
+          "use aux_lm_weight: 0")
     if cfg.task == "classification" and checkpoint_kind(base) == "masked" and cfg.optim.lr > 5e-4:
         logger.warning("finetune: optim.lr %.1e on a masked (BERT-style, post-norm) base: from the demo's masked "
                        "model 1e-3 stayed at chance where 3e-4 reached 0.91 validation accuracy (BENCHMARKS.md); "
@@ -339,7 +352,8 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
     config = {"optim": to_dict(cfg.optim), "loop": to_dict(cfg.train), "scaling": to_dict(cfg.scaling),
               "run": to_dict(run_cfg), "dropout_overrides": dropout_overrides(base, cfg.dropout), "task": cfg.task, "base_model": str(base), "tokenizer_dir": str(tok_dir),
               "label2id": info.get("label2id"),
-              "windowing": list(dataclasses.astuple(cfg.data.windowing)), "window_training": cfg.data.window_training}
+              "windowing": list(dataclasses.astuple(cfg.data.windowing)), "window_training": cfg.data.window_training,
+              "aux_lm_weight": cfg.aux_lm_weight, "aux_lm_share": cfg.aux_lm_share}
     extra = {"task": cfg.task, "base_model": str(base), "label2id": info.get("label2id"),
              "examples": {s: len(v) for s, v in rows.items()}, "rejected": len(bad), "data_files": info.get("files"),
              "equal_shares": equal_shares({s: len(rows[s]) for s in datasets}, workers),

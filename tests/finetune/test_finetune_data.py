@@ -789,3 +789,63 @@ def test_the_article_classifier_pools_its_windows_as_saved(tmp_path, pooling):
     assert type(loaded).__name__ == "GPT2ForSequenceClassification"
     assert torch.equal(loaded(input_ids=ids[1], attention_mask=mask[1]).logits,
                        inner(input_ids=ids[1], attention_mask=mask[1]).logits)
+
+
+def test_the_auxiliary_next_token_loss_of_article_training(tmp_path, tok):
+    """``aux_lm_weight``: in training, the loss is the texts' NLL plus the weight times the
+    next-token cross-entropy of their windows through the tied input embeddings (padding and the
+    windows of filler rows left out); in evaluation, the NLL alone; ``aux_lm_share`` scores a
+    random share of the positions; a masked base and other tasks are refused, naming the key."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from pipeline.config import from_dict
+    from pipeline.finetune.article import ArticleClassifier
+    from pipeline.finetune.finetune import FinetuneConfig, check_finetune
+    from pipeline.model.build import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    inner = GPT2ForSequenceClassification(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                                     num_labels=3, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                     attn_pdrop=0.0))
+    ids = torch.randint(1, 50, (2, 3, 8))
+    mask = torch.ones_like(ids)
+    mask[0, 2] = 0
+    mask[1, 1, 5:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = torch.tensor([2, -100])  # text 1 is a filler row: no loss of either kind
+    model = ArticleClassifier(inner, aux_lm_weight=0.5).train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss.detach()
+    nll = model.eval()(input_ids=ids, attention_mask=mask, labels=labels).loss.detach()
+    with torch.no_grad():
+        hidden = inner.transformer(input_ids=ids[0, :2], attention_mask=mask[0, :2]).last_hidden_state
+        lm_logits = hidden[:, :-1] @ inner.transformer.wte.weight.T
+    next_token = torch.nn.functional.cross_entropy(lm_logits.flatten(0, 1), ids[0, :2, 1:].flatten())
+    assert float(loss) == pytest.approx(float(nll) + 0.5 * float(next_token), rel=1e-5)
+    assert float(loss) > float(nll)
+    # one position of a share: the cross-entropy of one of the window's real next tokens
+    model.aux_lm_share = 1e-6
+    with torch.no_grad():
+        hidden = inner.transformer(input_ids=ids[1, 1:2], attention_mask=mask[1, 1:2]).last_hidden_state
+        one = float(model.next_token_loss(hidden, ids[1, 1:2], mask[1, 1:2]))
+        each = torch.nn.functional.cross_entropy((hidden[0, :4] @ inner.transformer.wte.weight.T), ids[1, 1, 1:5],
+                                                 reduction="none")
+    assert any(one == pytest.approx(float(x), rel=1e-5) for x in each)
+    model.train().aux_lm_share = 1.0
+    inner.zero_grad()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert inner.transformer.wte.weight.grad.abs().sum() > 0
+
+    base = {"task": "classification", "base_model": "m", "data": {"train": "x.jsonl", "max_seq_len": 32}}
+    article = {**base["data"], "windows": 4, "window_training": "article"}
+    for extra, message in [({"aux_lm_weight": -1}, "aux_lm_weight must be >= 0"),
+                           ({"aux_lm_weight": 0.5, "aux_lm_share": 0}, "aux_lm_share must be in"),
+                           ({"aux_lm_weight": 0.5, "data": base["data"]},
+                            "aux_lm_weight applies to task classification with data.window_training article only")]:
+        with pytest.raises(ValueError, match=message):
+            from_dict(FinetuneConfig, {**base, "data": article, **extra})
+    build_model(ModelConfig(preset="tiny", objective="masked", max_seq_len=64), len(tok), tok.pad_token_id) \
+        .save_pretrained(str(tmp_path / "mlm"))
+    with pytest.raises(ValueError, match="aux_lm_weight: a masked"):
+        check_finetune(from_dict(FinetuneConfig, {**base, "base_model": str(tmp_path / "mlm"), "data": article,
+                                                  "aux_lm_weight": 0.5, "optim": {"lr": 3e-4}}))

@@ -56,12 +56,14 @@ def pipeline_dirs(tmp_path_factory):
 
 def test_classifier_finetune_and_evaluate(pipeline_dirs):
     """Trained article by article (every text read as up to 4 windows of 32 tokens, the loss on the
-    mean of their probabilities) on two workers; evaluated reading the texts the same way."""
+    mean of their probabilities, plus an auxiliary next-token loss) on two workers; evaluated
+    reading the texts the same way."""
     d = pipeline_dirs
     cls = from_dict(FinetuneConfig, {
         "task": "classification", "base_model": d["pre"]["model_dir"], "output_dir": str(d["out"] / "ft"),
         "data": {"train": str(d["prep"].run_dir), "max_seq_len": 32, "windows": 4, "window_overlap": 8,
                  "window_training": "article"},
+        "aux_lm_weight": 0.5, "aux_lm_share": 0.5,  # the auxiliary next-token loss, through DDP
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         "train": {"max_steps": 30, "batch_size": 8, "eval_every": 15, "eval_batches": 0}, "scaling": d["scaling"],
     })
