@@ -256,6 +256,9 @@ def setup_finetune(config: dict):
 def finetune_run_dir(cfg: FinetuneConfig) -> Path:
     base = resolve_model_dir(cfg.base_model)
     key = {**to_dict(cfg), "base_model": str(base.resolve()), "output_dir": None, "scaling": None, "run": None}
+    for name, off in (("aux_lm_weight", 0.0), ("aux_lm_share", 1.0)):  # keys added later: off, a run keeps its directory
+        if key[name] == off:
+            del key[name]
     return Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash(key)}"
 
 

@@ -801,7 +801,7 @@ def test_the_auxiliary_next_token_loss_of_article_training(tmp_path, tok):
 
     from pipeline.config import from_dict
     from pipeline.finetune.article import ArticleClassifier
-    from pipeline.finetune.finetune import FinetuneConfig, check_finetune
+    from pipeline.finetune.finetune import FinetuneConfig, check_finetune, finetune_run_dir
     from pipeline.model.build import ModelConfig, build_model
 
     torch.manual_seed(0)
@@ -844,6 +844,11 @@ def test_the_auxiliary_next_token_loss_of_article_training(tmp_path, tok):
                             "aux_lm_weight applies to task classification with data.window_training article only")]:
         with pytest.raises(ValueError, match=message):
             from_dict(FinetuneConfig, {**base, "data": article, **extra})
+    # a run with the loss on is another run (its own directory); off, a run keeps the directory it had
+    # before the keys existed
+    dirs = {w: finetune_run_dir(from_dict(FinetuneConfig, {**base, "data": article, "aux_lm_weight": w}))
+            for w in (0.0, 0.5)}
+    assert dirs[0.0] != dirs[0.5]
     build_model(ModelConfig(preset="tiny", objective="masked", max_seq_len=64), len(tok), tok.pad_token_id) \
         .save_pretrained(str(tmp_path / "mlm"))
     with pytest.raises(ValueError, match="aux_lm_weight: a masked"):
