@@ -53,14 +53,14 @@ class ArticleClassifier(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         present = attention_mask.bool().any(-1)  # (texts, windows)
-        ids, mask = input_ids[present], attention_mask[present]
+        ids, mask, owner = input_ids[present], attention_mask[present], present.nonzero()[:, 0]
         aux = self.training and labels is not None and self.aux_lm_weight > 0
         out = self.module(input_ids=ids, attention_mask=mask, output_hidden_states=aux)
         pooling = getattr(self.config, "window_pooling", None) or "probs"
-        log_probs = pool_windows(out.logits, present.nonzero()[:, 0], input_ids.shape[0], pooling)
+        log_probs = pool_windows(out.logits, owner, input_ids.shape[0], pooling)
         loss = None if labels is None else torch.nn.functional.nll_loss(log_probs, labels, ignore_index=-100)
         if aux:
-            keep = (labels != -100)[present.nonzero()[:, 0]]  # filler rows carry no loss of either kind
+            keep = (labels != -100)[owner]  # filler rows carry no loss of either kind
             loss = loss + self.aux_lm_weight * self.next_token_loss(out.hidden_states[-1][keep], ids[keep], mask[keep])
         return SequenceClassifierOutput(loss=loss, logits=log_probs)
 
