@@ -197,6 +197,20 @@ def config_hash(data: Any, length: int = 12) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
+def without_defaults(data: dict, later: dict) -> dict:
+    """``data`` (plain config data, as hashed for an output path) without the keys of ``later``
+    that hold their default value there (nested dicts apply to sections). ``later`` names keys added
+    after runs were made: left at their defaults, those runs keep their output directories (and
+    the caches keyed by them still resolve)."""
+    out = dict(data)
+    for key, default in later.items():
+        if isinstance(default, dict) and isinstance(out.get(key), dict):
+            out[key] = without_defaults(out[key], default)
+        elif key in out and out[key] == default:
+            del out[key]
+    return out
+
+
 def check(condition: bool, message: str) -> None:
     """Raise ``ValueError(message)`` for bad user input (configs validate with this in ``__post_init__``)."""
     if not condition:
@@ -205,5 +219,5 @@ def check(condition: bool, message: str) -> None:
 
 __all__ = [
     "apply_overrides", "check", "config_hash", "from_dict", "load_config", "load_yaml",
-    "parse_override", "to_dict", "typing",
+    "parse_override", "to_dict", "typing", "without_defaults",
 ]

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import check, config_hash, to_dict
+from pipeline.config import check, config_hash, to_dict, without_defaults
 from pipeline.data.sources import hf_dict_splits
 from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled
 from pipeline.finetune.sft import OUR_TEMPLATES, load_chat_examples, prepare_chat_tokenizer, tokenize_chat
 from pipeline.train.checkpoint import write_json
 from pipeline.train.data import filler_row
-from pipeline.train.loop import LoopConfig, OptimConfig
+from pipeline.train.loop import LATER_LOOP_KEYS, LoopConfig, OptimConfig
 from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, equal_shares, filler_count
 from pipeline.train.runner import train_and_export
 
@@ -256,9 +256,8 @@ def setup_finetune(config: dict):
 def finetune_run_dir(cfg: FinetuneConfig) -> Path:
     base = resolve_model_dir(cfg.base_model)
     key = {**to_dict(cfg), "base_model": str(base.resolve()), "output_dir": None, "scaling": None, "run": None}
-    for name, off in (("aux_lm_weight", 0.0), ("aux_lm_share", 1.0)):  # keys added later: off, a run keeps its directory
-        if key[name] == off:
-            del key[name]
+    # keys added later: at their defaults a run keeps its directory
+    key = without_defaults(key, {"aux_lm_weight": 0.0, "aux_lm_share": 1.0, "train": LATER_LOOP_KEYS})
     return Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash(key)}"
 
 

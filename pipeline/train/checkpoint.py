@@ -13,20 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.train.loop import TrainState
+from pipeline.train.loop import TrainState, unwrap
 
 STATE_FILE = "training_state.pt"
 
 logger = logging.getLogger(__name__)
-
-
-def unwrap(model):
-    """The bare model behind DDP / FSDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
 
 
 def rng_state() -> dict:

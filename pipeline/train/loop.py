@@ -62,6 +62,10 @@ class LoopConfig:
     precision: Literal["auto", "fp32", "bf16", "bf16-native"] = "auto"
     compile: bool = False
     seed: int = 0
+    # stochastic weight averaging over the schedule's tail: the run ends on the mean of the weights
+    # after each of its last ``average_last`` share of steps (``TailAverage``), not on the last
+    # step's. 0: off. Evaluations before the end score the training weights, the last one the mean
+    average_last: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every"):
@@ -70,6 +74,20 @@ class LoopConfig:
         check(self.shuffle_buffer >= 0, f"train.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
               f"train.early_stopping_patience must be >= 1 or null, got {self.early_stopping_patience}")
+        check(0 <= self.average_last <= 1, f"train.average_last must be in [0, 1], got {self.average_last}")
+        check(not (self.average_last and self.early_stopping_patience is not None),
+              "train.average_last averages the weights of the schedule's last steps, which a run stopped early "
+              "never reaches: set train.early_stopping_patience null or train.average_last 0")
+
+    @property
+    def averaged_steps(self) -> int:
+        """The number of final steps whose weights ``average_last`` averages."""
+        return math.ceil(self.average_last * self.max_steps)
+
+
+# keys added to LoopConfig after runs were made: at these defaults they stay out of the run
+# directories' hashes (pipeline.config.without_defaults)
+LATER_LOOP_KEYS = {"average_last": 0.0}
 
 
 @dataclass
@@ -86,6 +104,63 @@ class TrainState:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def unwrap(model):
+    """The bare model behind DDP / FSDP / torch.compile wrappers (and ``module``-holding ones such
+    as ``pipeline.finetune.article.ArticleClassifier``)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+class TailAverage:
+    """The running mean, in fp32, of a model's parameters after each of a run's last steps
+    (stochastic weight averaging over the end of the cosine schedule, ``train.average_last``):
+    ``update`` after a step, ``apply`` writes the mean into the model. Weights late in a run
+    jitter around a minimum along the directions of the last batches; their mean lies nearer its
+    centre (BENCHMARKS.md: the demo classifier). A DDP run's ranks hold the same weights and so
+    the same mean; under FSDP each rank averages its own shards and ``state_dict`` gathers them
+    (a collective call: every rank makes it). Kept in the training state, so a resumed run
+    continues the mean it had."""
+
+    def __init__(self, model):
+        self.model = model
+        self.count = 0
+        self.mean: dict[str, torch.Tensor] = {}
+
+    def _params(self):
+        return unwrap(self.model).named_parameters()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.count += 1
+        for name, p in self._params():
+            if self.count == 1:
+                self.mean[name] = p.detach().float().clone()
+            else:
+                self.mean[name].lerp_(p.detach().float(), 1.0 / self.count)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for name, p in self._params():
+            p.copy_(self.mean[name].to(p.dtype))
+
+    def state_dict(self) -> dict:
+        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # an FSDP shard: gathered
+        return {"count": self.count, "mean": {k: full(v).cpu() for k, v in self.mean.items()}}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.count, self.mean = saved["count"], {}
+        for name, p in self._params():
+            t = saved["mean"][name].to(p.device)
+            if hasattr(p, "device_mesh"):  # sharded: this rank keeps its own shard of the mean
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t, p.device_mesh, p.placements)
+            self.mean[name] = t.clone()
 
 
 CPU_BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
@@ -189,6 +264,7 @@ class Trainer:
         self.shifted = shifts_labels(model)  # next-token labels: a row's first label is never a target
         self.last_loss_tokens = 0  # this worker's loss-carrying tokens in the last step
         self.peak_flops = peak_flops
+        self.average = TailAverage(model) if loop.average_last else None
 
     def lr_at(self, step: int) -> float:
         o = self.optim_cfg
@@ -283,6 +359,12 @@ class Trainer:
             wait += time.perf_counter() - t_wait
             loss, tokens = self.train_step(micro, state.step, reduce, world_size)
             state.step += 1
+            if self.average is not None and state.step > cfg.max_steps - cfg.averaged_steps:
+                self.average.update()
+                if state.step == cfg.max_steps:  # the run ends on the mean: evaluated, checkpointed, exported
+                    self.average.apply()
+                    logger.info("the final weights are the mean of the last %d steps' (train.average_last %g)",
+                                self.average.count, cfg.average_last)
             log_now = state.step % cfg.log_every == 0 or state.step == cfg.max_steps
             eval_now = state.step % cfg.eval_every == 0 or state.step == cfg.max_steps
             if reduce is not None and world_size > 1 and (log_now or eval_now):
@@ -316,6 +398,9 @@ class Trainer:
         cfg = self.cfg
         is_last = force_last or state.step >= cfg.max_steps
         metrics = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens, "train_loss": train_loss}
+        if self.average is not None and self.average.count:
+            # steps in the tail's mean so far; the last evaluation scores that mean
+            metrics["tail_average_steps"] = self.average.count
         if val_batches is not None:
             metrics.update(estimate_loss(self.model, val_batches(), self.device, cfg.precision, cfg.eval_batches, reduce))
             if metrics["val_loss"] < state.best_val_loss:

@@ -13,11 +13,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import check, config_hash, to_dict
+from pipeline.config import check, config_hash, to_dict, without_defaults
 from pipeline.model.build import ModelConfig, build_model, flops_per_token
 from pipeline.train.data import (LMBatcher, filler_row, load_manifest, prepared_tokenizer_dir, resolve_prepared, shard_paths,
                                  split_rows)
-from pipeline.train.loop import LoopConfig, OptimConfig
+from pipeline.train.loop import LATER_LOOP_KEYS, LoopConfig, OptimConfig
 from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, equal_shares, filler_count
 from pipeline.train.runner import train_and_export
 
@@ -43,6 +43,7 @@ class PretrainConfig:
         for key in ("output_dir", "name", "scaling", "run"):
             data.pop(key)
         data["data"] = manifest["config_hash"]
+        data = without_defaults(data, {"train": LATER_LOOP_KEYS})
         return Path(self.output_dir).resolve() / f"{self.name}-{config_hash(data)}"
 
 

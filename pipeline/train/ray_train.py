@@ -112,6 +112,27 @@ def shard_batches(shard, loop: LoopConfig, column: str | None, make: Callable, e
         yield make(b[column]) if column else make(b)
 
 
+def resume_from(registered, root: str) -> str | None:
+    """The checkpoint directory a (re)started worker group continues from: the newer of the one
+    Ray hands back (``registered``, the latest its controller registered) and the newest complete
+    one under ``root`` (the run's storage). Ray registers a reported checkpoint when its
+    controller next polls the workers, so one reported just before a worker died can be on
+    storage yet not handed back (the replacement group then started over from step 0); and a
+    rerun of a run that ended in an error gets none from Ray at all."""
+    import json
+
+    on_disk = latest_checkpoint(root)
+    if registered is None:
+        return str(on_disk) if on_disk else None
+    if on_disk is None:
+        return registered.path
+    try:
+        step = json.loads((Path(registered.path) / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        step = -1
+    return str(on_disk) if json.loads((on_disk / "trainer_state.json").read_text())["step"] > step else registered.path
+
+
 def train_worker(config: dict) -> dict:
     """Runs on every Ray Train worker. ``config`` holds plain data only (see ``fit``)."""
     import ray.train
@@ -136,10 +157,12 @@ def train_worker(config: dict) -> dict:
     model, batcher, tokenizer, flops_per_token = setup(config)
     torch.manual_seed(stream_seed(loop.seed, rank))
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_dir"):
-        # a rerun of a run that ended in an error: Ray does not hand back its checkpoint, we do
-        checkpoint = Checkpoint.from_directory(config["resume_dir"])
+    resume = resume_from(ray.train.get_checkpoint(), config["checkpoint_root"])
+    if world > 1:  # every rank continues from the same one: rank 0's choice
+        chosen = [resume]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        resume = chosen[0]
+    checkpoint = Checkpoint.from_directory(resume) if resume else None
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             load_model_weights(model, ckpt_dir)
@@ -164,7 +187,9 @@ def train_worker(config: dict) -> dict:
                     "bf16 autocast" if amp else "fp32")
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state, _ = load_training_state(ckpt_dir, trainer.optimizer, model, rank, world)
+            state, extra = load_training_state(ckpt_dir, trainer.optimizer, model, rank, world)
+        if trainer.average is not None and extra.get("weight_average"):
+            trainer.average.load_state_dict(extra["weight_average"])  # the tail's mean so far
         logger.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch, state.batches_in_epoch)
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -206,6 +231,10 @@ def train_worker(config: dict) -> dict:
     def on_eval(metrics: dict, st: TrainState, is_last: bool) -> None:
         # sharded: every rank takes part in gathering the full weights and optimizer state
         model_state, optim_state = full_state(model, trainer.optimizer) if sharded else (None, None)
+        # the tail's running mean, for a resume inside it (gathered from the shards: every rank calls);
+        # at the last step the weights are the mean already
+        average = trainer.average.state_dict() if trainer.average is not None and trainer.average.count \
+            and st.step < loop.max_steps else None
         rngs = [None] * world  # every worker's random streams, to resume each as it was
         if world > 1:
             torch.distributed.all_gather_object(rngs, rng_state())
@@ -215,7 +244,8 @@ def train_worker(config: dict) -> dict:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"kind": "eval", **metrics}) + "\n")
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, model, tokenizer, trainer.optimizer, st, extra={"metrics": metrics},
+                save_checkpoint(tmp, model, tokenizer, trainer.optimizer, st,
+                                extra={"metrics": metrics, **({"weight_average": average} if average else {})},
                                 model_state=model_state, optimizer_state=optim_state, rng_by_rank=rngs)
                 ray.train.report({**metrics, **pg_id}, checkpoint=Checkpoint.from_directory(tmp))
         else:
@@ -255,7 +285,7 @@ def fit(*, name: str, storage_path: str, datasets: dict, setup: Callable, config
     if resume is not None:
         logger.info("resuming from %s", resume)
     loop_config = dict(config, setup=setup, datasets=sorted(datasets), metrics_path=metrics_path, column=column,
-                       resume_dir=str(resume) if resume else None)
+                       checkpoint_root=str(Path(storage_path) / name))
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1

@@ -124,7 +124,10 @@ def test_pretrain_recovers_from_a_worker_death_and_exports(tiny_prepared, tmp_pa
     # sharded (FSDP): the replacement worker group restores the full weights and optimizer state
     # gathered from both shards; the rerun-after-an-error test below covers DDP, the default
     run_dir, manifest = tiny_prepared
-    cfg = config(run_dir, tmp_path, run={"max_failures": 2, "fail_at_step": 6}, scaling={"strategy": "fsdp"})
+    # the weights of the last 9 steps averaged (train.average_last): the mean, gathered from the
+    # shards into the step-4 checkpoint, is sharded again by the replacement workers and continued
+    cfg = config(run_dir, tmp_path, run={"max_failures": 2, "fail_at_step": 6}, scaling={"strategy": "fsdp"},
+                 train={"average_last": 0.75})
     summary = run_pretrain(cfg)
     rows = {s: sum(sh["rows"] for sh in manifest["shards"] if sh["split"] == s) for s in ("train", "val")}
     assert summary["equal_shares"] == {s: {"rows": n, "per_worker": (n + 1) // 2, "filler_rows": n % 2}
@@ -133,9 +136,12 @@ def test_pretrain_recovers_from_a_worker_death_and_exports(tiny_prepared, tmp_pa
     assert (out / ".fault_injected").read_text() == "6"  # the worker really died at step 6
     steps = steps_logged(out)
     assert steps[-1] == 12 and summary["steps"] == 12
-    assert steps.count(5) == 2 and steps.count(9) == 1  # steps after the step-4 checkpoint were redone once
+    # the replacement workers continued from the step-4 checkpoint: steps 5 and 6 were redone, not 1-4
+    assert steps == list(range(1, 7)) + list(range(5, 13)), steps
     evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] + 0.5
+    # steps 4..12 in the mean: 1 at step 4, then (the mean resumed, not restarted) 5 at 8, 9 at 12
+    print("EVALS", [(e["step"], e.get("tail_average_steps")) for e in evals], steps_logged(out));     assert [(e["step"], e["tail_average_steps"]) for e in evals][-3:] == [(4, 1), (8, 5), (12, 9)]
     assert summary["exported"]["val_loss"] == summary["best_val_loss"]  # model/ is the best checkpoint
     model = AutoModelForCausalLM.from_pretrained(summary["model_dir"]).eval()
     tok = AutoTokenizer.from_pretrained(summary["model_dir"])

@@ -46,6 +46,8 @@ def test_no_weight_decay_on_biases_norms_embeddings():
     (OptimConfig, dict(beta2=1.0), "optim.beta1/beta2"),
     (LoopConfig, dict(batch_size=0), "train.batch_size"),
     (LoopConfig, dict(early_stopping_patience=0), "train.early_stopping_patience"),
+    (LoopConfig, dict(average_last=1.5), "train.average_last"),
+    (LoopConfig, dict(average_last=0.3, early_stopping_patience=2), "train.average_last"),
     (ScalingConfig, dict(ddp_bucket_cap_mb=0), "scaling.ddp_bucket_cap_mb"),
     (RunConfigCfg, dict(num_to_keep=0), "run.num_to_keep"),
 ])
@@ -253,3 +255,86 @@ def test_filler_rows_carry_no_loss():
     got = estimate_loss(Classifier(), iter([fillers, with_filler]), cpu)
     assert expected["val_accuracy"] == pytest.approx(2 / 3) and got == pytest.approx(expected)
     assert got["val_tokens"] == 3
+
+
+def test_the_tail_average_ends_the_run_on_the_mean_of_its_last_steps_and_resumes(tmp_path):
+    """``train.average_last``: 0.4 of 5 steps ends the run on the mean of the weights after steps 4
+    and 5, evaluated and reported as the last evaluation; a run interrupted at step 4 (inside the
+    tail) and resumed from its checkpoint ends on the same mean."""
+    from pipeline.train.checkpoint import load_model_weights, load_training_state, save_checkpoint
+    from pipeline.train.loop import TailAverage, TrainState
+
+    data = [torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    train = lambda epoch: iter([{"input_ids": x, "labels": x} for x in data])
+    val = lambda: iter([{"input_ids": data[0], "labels": data[0]}])
+
+    def trainer(average_last: float, seed: int = 0) -> Trainer:
+        return Trainer(build_model(ModelConfig(preset="tiny", max_seq_len=16), 50, seed=seed),
+                       OptimConfig(lr=1e-2, warmup_steps=0),
+                       LoopConfig(max_steps=5, eval_every=2, batch_size=2, log_every=1, average_last=average_last),
+                       torch.device("cpu"))
+
+    plain = trainer(0.0)
+    after = {}
+    plain.fit(TrainState(), train, val, on_log=lambda r: after.update(
+        {r["step"]: {k: v.detach().clone() for k, v in plain.model.named_parameters()}}))
+    averaged = trainer(0.4)
+    assert averaged.cfg.averaged_steps == 2
+    reports = []
+    averaged.fit(TrainState(), train, val, on_eval=lambda m, st, last: reports.append((m, last)))
+    for name, p in averaged.model.named_parameters():
+        assert torch.allclose(p, (after[4][name] + after[5][name]) / 2, atol=1e-6), name
+    assert not torch.allclose(after[4]["transformer.h.0.attn.c_attn.weight"],
+                              after[5]["transformer.h.0.attn.c_attn.weight"])  # the mean is not a step's weights
+    metrics, last = reports[-1]
+    assert last and metrics["step"] == 5
+    assert metrics["val_loss"] == pytest.approx(averaged_val_loss(averaged.model, data[0]), rel=1e-5)
+
+    # interrupted after step 4's evaluation, resumed from its checkpoint by a fresh process
+    first = trainer(0.4)
+
+    def stop_at_4(metrics, state, is_last):
+        if state.step == 4:
+            save_checkpoint(tmp_path, first.model, optimizer=first.optimizer, state=state,
+                            extra={"weight_average": first.average.state_dict()})
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(TrainState(), train, val, on_eval=stop_at_4)
+    resumed = trainer(0.4, seed=1)
+    load_model_weights(resumed.model, tmp_path)
+    state, extra = load_training_state(tmp_path, resumed.optimizer)
+    assert state.step == 4 and extra["weight_average"]["count"] == 1
+    resumed.average.load_state_dict(extra["weight_average"])
+    resumed.fit(state, train, val)
+    for (name, p), q in zip(resumed.model.named_parameters(), averaged.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    assert isinstance(resumed.average, TailAverage) and resumed.average.count == 2
+
+
+def averaged_val_loss(model, x) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(model(input_ids=x, labels=x).loss)
+
+
+def test_a_restarted_worker_group_continues_from_the_newest_checkpoint_on_storage(tmp_path):
+    """Ray hands a replacement worker group the latest checkpoint its controller registered; one
+    reported just before a worker died may be on storage only. The newer of the two is taken."""
+    from types import SimpleNamespace
+
+    from pipeline.train.checkpoint import save_checkpoint
+    from pipeline.train.loop import TrainState
+    from pipeline.train.ray_train import resume_from
+
+    model = build_model(ModelConfig(preset="tiny", max_seq_len=16), 50)
+    root = tmp_path / "ray"
+    assert resume_from(None, str(root)) is None  # a first start
+    four = save_checkpoint(root / "checkpoint_a", model, state=TrainState(step=4))
+    eight = save_checkpoint(root / "checkpoint_b", model, state=TrainState(step=8))
+    registered = lambda path: SimpleNamespace(path=str(path))
+    assert resume_from(None, str(root)) == str(eight)  # a rerun after an error
+    assert resume_from(registered(four), str(root)) == str(eight)  # step 8 reported, not registered yet
+    assert resume_from(registered(eight), str(root)) == str(eight)
+    (eight / "model.safetensors").write_bytes(b"cut")  # a copy cut short: not resumable, skipped
+    assert resume_from(registered(four), str(root)) == str(four)

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.model.build import ModelConfig, build_model
-from pipeline.train.loop import LoopConfig, OptimConfig, TrainState, Trainer
+from pipeline.train.loop import LoopConfig, OptimConfig, TailAverage, TrainState, Trainer
 
 VOCAB, SEQ = 300, 32
 
@@ -60,7 +60,12 @@ def _worker(rank: int, world: int, store: str, out_dir: str, grad_accum: int, ki
             save_checkpoint(out_dir, model, optimizer=trainer.optimizer, state=TrainState(step=3),
                             model_state=model_state, optimizer_state=optim_state)
         dist.barrier()
-        continued = steps(trainer, 3, 5, rank, world, grad_accum)
+        average = TailAverage(model)  # train.average_last over steps 3 and 4: each rank its own shards
+        continued = []
+        for step in (3, 4):
+            continued += steps(trainer, step, step + 1, rank, world, grad_accum)
+            average.update()
+        gathered = average.state_dict()  # every rank takes part
         # a fresh sharded model resumed from the checkpoint continues the same way
         fresh = build_model(model_config(kind), VOCAB, seed=1)
         from pipeline.train.checkpoint import load_model_weights
@@ -69,7 +74,13 @@ def _worker(rank: int, world: int, store: str, out_dir: str, grad_accum: int, ki
         resumed_trainer = make_trainer(fresh, grad_accum=grad_accum)
         state, _ = load_training_state(out_dir, resumed_trainer.optimizer, fresh)
         resumed = steps(resumed_trainer, state.step, 5, rank, world, grad_accum)
-        torch.save({"continued": continued, "resumed": resumed}, os.path.join(out_dir, f"rank{rank}.pt"))
+        reloaded = TailAverage(fresh)  # a resumed run shards the saved mean again
+        reloaded.load_state_dict(gathered)
+        assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict()["mean"].values(), gathered["mean"].values()))
+        reloaded.apply()
+        applied, _ = full_state(fresh, None)
+        torch.save({"continued": continued, "resumed": resumed, "average": gathered, "applied": applied},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -99,7 +110,14 @@ def test_fsdp_trains_like_one_process_and_saves_a_plain_checkpoint(tmp_path, kin
     for r in ranks:  # resuming from the gathered optimizer state continues the run exactly
         assert r["resumed"] == pytest.approx(r["continued"], abs=1e-5)
     reference.train()
-    ref_next = steps(trainer, 3, 5)
+    average, ref_next = TailAverage(reference), []
+    for step in (3, 4):
+        ref_next += steps(trainer, step, step + 1)
+        average.update()
+    for name, mean in average.mean.items():  # the shards' mean, gathered, is the whole model's
+        assert torch.allclose(ranks[0]["average"]["mean"][name], mean, atol=1e-4), name
+        assert torch.equal(ranks[0]["applied"][name], ranks[0]["average"]["mean"][name]), name
+    assert ranks[0]["average"]["count"] == 2
     # the mean of the two ranks' half-batch losses is the whole batch's loss
     for i in range(2):
         assert (ranks[0]["continued"][i] + ranks[1]["continued"][i]) / 2 == pytest.approx(ref_next[i], abs=1e-4)
