@@ -83,16 +83,26 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     An incomplete one (see ``incomplete``) is skipped with a warning: the one before it is taken."""
     found = []
     for marker in Path(root).glob("checkpoint_*/trainer_state.json"):
-        try:
-            found.append((json.loads(marker.read_text())["step"], marker.parent))
-        except (OSError, ValueError, KeyError, TypeError):
+        step = checkpoint_step(marker.parent)
+        if step is None:
             logger.warning("%s: not resumable (trainer_state.json unreadable); skipped", marker.parent)
+        else:
+            found.append((step, marker.parent))
     for step, path in sorted(found, key=lambda sp: sp[0], reverse=True):
         reason = incomplete(path)
         if reason is None:
             return path
         logger.warning("%s (step %s): not resumable (%s); skipped", path, step, reason)
     return None
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The training step of the checkpoint directory ``path`` (None when its trainer_state.json
+    is missing or unreadable)."""
+    try:
+        return int(json.loads((Path(path) / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def incomplete(path: str | Path) -> str | None:

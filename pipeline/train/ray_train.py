@@ -17,8 +17,8 @@ import torch
 
 from pipeline.config import check
 from pipeline.model.build import quiet_loading
-from pipeline.train.checkpoint import (latest_checkpoint, load_model_weights, load_training_state, rng_state,
-                                       save_checkpoint)
+from pipeline.train.checkpoint import (checkpoint_step, latest_checkpoint, load_model_weights, load_training_state,
+                                       rng_state, save_checkpoint)
 from pipeline.train.data import ValidationCache, stream_seed
 from pipeline.train.loop import LoopConfig, OptimConfig, TrainState, Trainer, autocast_context
 from pipeline.train.sharding import full_state, shard_model
@@ -119,18 +119,12 @@ def resume_from(registered, root: str) -> str | None:
     controller next polls the workers, so one reported just before a worker died can be on
     storage yet not handed back (the replacement group then started over from step 0); and a
     rerun of a run that ended in an error gets none from Ray at all."""
-    import json
-
     on_disk = latest_checkpoint(root)
     if registered is None:
         return str(on_disk) if on_disk else None
-    if on_disk is None:
-        return registered.path
-    try:
-        step = json.loads((Path(registered.path) / "trainer_state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        step = -1
-    return str(on_disk) if json.loads((on_disk / "trainer_state.json").read_text())["step"] > step else registered.path
+    if on_disk is not None and checkpoint_step(on_disk) > (checkpoint_step(registered.path) or -1):
+        return str(on_disk)
+    return registered.path
 
 
 def train_worker(config: dict) -> dict:
