@@ -203,3 +203,14 @@ def test_unions_mappings_and_fixed_tuples_are_checked_by_key():
         from_dict(Either, {"pairs": {"a": [1, "x"]}})
     with pytest.raises(ValueError, match=r"pairs: expected a mapping, got \[1\]"):
         from_dict(Either, {"pairs": [1]})
+
+
+def test_keys_added_later_stay_out_of_run_hashes_at_their_defaults():
+    from pipeline.config import without_defaults
+
+    data = {"aux": 0.0, "lr": 1e-3, "train": {"average_last": 0.0, "max_steps": 10}, "run": None}
+    later = {"aux": 0.0, "train": {"average_last": 0.0}, "missing": 1}
+    assert without_defaults(data, later) == {"lr": 1e-3, "train": {"max_steps": 10}, "run": None}
+    changed = {**data, "aux": 0.5, "train": {"average_last": 0.3, "max_steps": 10}}
+    assert without_defaults(changed, later) == changed  # set: part of the run's identity
+    assert data["train"] == {"average_last": 0.0, "max_steps": 10}  # the input is not modified
