@@ -53,15 +53,21 @@ def encode(tok, texts: list[str], w) -> tuple:
 
 
 def article_log_probs(model, ids, mask, rows: list[list[int]], articles: list[int], precision: str,
-                      pool: str = "probs", lm_loss: bool = False, lm_share: float = 1.0):
+                      pool: str = "probs", lm_loss: bool = False, lm_share: float = 1.0, sample: int = 0):
     """(len(articles), classes): each article's log-probabilities, its windows pooled as the
     pipeline pools them (``pool_windows``: ``probs``, the mean of the windows' probabilities, or
-    ``logits``, the softmax of the mean of their logits)."""
+    ``logits``, the softmax of the mean of their logits). ``sample`` > 0 reads a random ``sample``
+    of each article's windows (``sample_windows``, the pipeline's ``data.train_windows``)."""
     import torch
 
+    from pipeline.finetune.article import sample_windows
     from pipeline.finetune.classify_data import pool_windows
     from pipeline.train.loop import autocast_context
 
+    if sample:
+        counts = torch.tensor([len(rows[a]) for a in articles])
+        keep = sample_windows(torch.arange(int(counts.max()))[None, :] < counts[:, None], sample)
+        rows = {a: [rows[a][i] for i in keep[k].nonzero()[:, 0].tolist()] for k, a in enumerate(articles)}
     flat = [j for a in articles for j in rows[a]]
     owner = torch.tensor([k for k, a in enumerate(articles) for _ in rows[a]])
     with autocast_context(torch.device("cpu"), precision):
@@ -191,10 +197,11 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
             g["lr"] = lr
         if args.aux_lm:
             log_probs, lm = article_log_probs(model, ids, mask, rows, batch, args.precision, pool, lm_loss=True,
-                                              lm_share=args.aux_lm_share)
+                                              lm_share=args.aux_lm_share, sample=args.train_windows)
         else:
-            log_probs, lm = article_log_probs(model, ids, mask, rows, batch, args.precision, pool), 0.0
-        windows_read += sum(len(rows[a]) for a in batch)
+            log_probs, lm = article_log_probs(model, ids, mask, rows, batch, args.precision, pool,
+                                              sample=args.train_windows), 0.0
+        windows_read += sum(min(len(rows[a]), args.train_windows or len(rows[a])) for a in batch)
         loss = torch.nn.functional.nll_loss(log_probs, y[batch]) + args.aux_lm * lm
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -208,7 +215,8 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
             print(f"  windows {windows} pool {pool} seed {seed} fold {fold} step {step + 1}: loss {loss.item():.3f} "
                   f"val F1 {val_f1:.3f}", flush=True)
     seconds = time.perf_counter() - t0
-    out = {"windows": windows, "pool": pool, "seed": seed, "fold": fold, "aux_lm": args.aux_lm, "aux_lm_share": args.aux_lm_share, "last": scores()}
+    out = {"windows": windows, "pool": pool, "seed": seed, "fold": fold, "aux_lm": args.aux_lm, "aux_lm_share": args.aux_lm_share,
+           "train_windows": args.train_windows, "last": scores()}
     for name, state in (("ema", averages.ema), ("tail", averages.tail)):
         model.load_state_dict(state)
         out[name] = scores()
@@ -251,6 +259,8 @@ def main() -> None:
     p.add_argument("--tail", type=float, default=1 / 3, help="share of the last steps whose weights are averaged")
     p.add_argument("--aux-lm", type=float, default=0.0, help="weight of an auxiliary next-token loss on the same windows")
     p.add_argument("--aux-lm-share", type=float, default=1.0, help="share of the positions the auxiliary loss scores")
+    p.add_argument("--train-windows", type=int, default=0,
+                   help="K > 0: each training step reads a random K of an article's windows (prediction reads all)")
     p.add_argument("--cv", type=int, default=0, help="K > 1: K-fold cross-validation on the training split")
     p.add_argument("--folds", default="", help="with --cv, the folds to run (default: all)")
     p.add_argument("--json", help="write the results here")

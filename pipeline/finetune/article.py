@@ -34,18 +34,29 @@ def encode_articles(texts: list[str], labels: list[str], label2id: dict[str, int
     return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": label2id[y]} for i, y in enumerate(labels)]
 
 
+def sample_windows(present: torch.Tensor, k: int) -> torch.Tensor:
+    """A random ``k`` of each text's windows: ``present`` (texts, windows), True where a window holds
+    tokens; the result keeps ``k`` of each row's True entries, uniformly at random (all of them
+    where a text has ``k`` or fewer). Draws from torch's global generator."""
+    scores = torch.rand(present.shape, device=present.device).masked_fill(~present, 2.0)
+    rank = scores.argsort(-1).argsort(-1)  # a text's present windows rank first, in random order
+    return present & (rank < k)
+
+
 class ArticleClassifier(torch.nn.Module):
     """A Hugging Face sequence classifier (``module``) applied to batches of texts read as windows:
     ``input_ids`` and ``attention_mask`` of shape (texts, windows, tokens), windows without any
     token skipped. Its logits are each text's log-probabilities, its windows pooled as evaluation
     and serving pool them (``pool_windows``, the reading saved in the classifier's config), its loss
-    their negative log-likelihood (labels of -100 ignored). Checkpoints save ``module`` alone (it is
+    their negative log-likelihood (labels of -100 ignored). In training, ``train_windows`` > 0 reads
+    a random ``train_windows`` of each text's windows (``sample_windows``). Checkpoints save ``module`` alone (it is
     reached through ``module`` like a DDP wrapper's model), a plain classifier."""
 
-    def __init__(self, module: torch.nn.Module, aux_lm_weight: float = 0.0, aux_lm_share: float = 1.0):
+    def __init__(self, module: torch.nn.Module, aux_lm_weight: float = 0.0, aux_lm_share: float = 1.0,
+                 train_windows: int = 0):
         super().__init__()
         self.module = module
-        self.aux_lm_weight, self.aux_lm_share = aux_lm_weight, aux_lm_share
+        self.aux_lm_weight, self.aux_lm_share, self.train_windows = aux_lm_weight, aux_lm_share, train_windows
 
     @property
     def config(self):
@@ -53,6 +64,8 @@ class ArticleClassifier(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         present = attention_mask.bool().any(-1)  # (texts, windows)
+        if self.training and labels is not None and self.train_windows:
+            present = sample_windows(present, self.train_windows)
         ids, mask, owner = input_ids[present], attention_mask[present], present.nonzero()[:, 0]
         aux = self.training and labels is not None and self.aux_lm_weight > 0
         out = self.module(input_ids=ids, attention_mask=mask, output_hidden_states=aux)

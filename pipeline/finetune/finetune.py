@@ -50,6 +50,10 @@ class FinetuneDataConfig:
     # "article" on every text as a whole, its loss on its windows' pooled prediction (the
     # prediction evaluation and serving make; pipeline.finetune.article)
     window_training: Literal["window", "article"] = "window"
+    # window_training article: each training step reads a random train_windows of a text's windows
+    # (0: all of them), a cheaper step and a different subset every epoch; evaluation and serving
+    # still read up to `windows` (pipeline.finetune.article.sample_windows; BENCHMARKS.md)
+    train_windows: int = 0
     # sft: "auto" keeps a chat template the base's tokenizer already has (a chat model from
     # elsewhere keeps its format), else uses ours (sft.CHAT_TEMPLATE); "builtin": always ours
     chat_template: Literal["auto", "builtin"] = "auto"
@@ -57,6 +61,10 @@ class FinetuneDataConfig:
     def __post_init__(self) -> None:
         check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         self.windowing  # checks max_seq_len, windows, window_overlap
+        check(0 <= self.train_windows <= self.windows,
+              f"data.train_windows must be in [0, data.windows = {self.windows}], got {self.train_windows}")
+        check(self.train_windows == 0 or self.window_training == "article",
+              "data.train_windows applies to data.window_training article only")
 
     @property
     def windowing(self):
@@ -249,7 +257,8 @@ def setup_finetune(config: dict):
         if config.get("window_training") == "article":
             from pipeline.finetune.article import ArticleClassifier
 
-            model = ArticleClassifier(model, config.get("aux_lm_weight", 0.0), config.get("aux_lm_share", 1.0))
+            model = ArticleClassifier(model, config.get("aux_lm_weight", 0.0), config.get("aux_lm_share", 1.0),
+                                      config.get("train_windows", 0))
     return model, (lambda batch: batch), tok, 0.0
 
 
@@ -257,7 +266,8 @@ def finetune_run_dir(cfg: FinetuneConfig) -> Path:
     base = resolve_model_dir(cfg.base_model)
     key = {**to_dict(cfg), "base_model": str(base.resolve()), "output_dir": None, "scaling": None, "run": None}
     # keys added later: at their defaults a run keeps its directory
-    key = without_defaults(key, {"aux_lm_weight": 0.0, "aux_lm_share": 1.0, "train": LATER_LOOP_KEYS})
+    key = without_defaults(key, {"aux_lm_weight": 0.0, "aux_lm_share": 1.0, "train": LATER_LOOP_KEYS,
+                                 "data": {"train_windows": 0}})
     return Path(cfg.output_dir).resolve() / f"{cfg.name}-{config_hash(key)}"
 
 
@@ -355,7 +365,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
               "run": to_dict(run_cfg), "dropout_overrides": dropout_overrides(base, cfg.dropout), "task": cfg.task, "base_model": str(base), "tokenizer_dir": str(tok_dir),
               "label2id": info.get("label2id"),
               "windowing": list(dataclasses.astuple(cfg.data.windowing)), "window_training": cfg.data.window_training,
-              "aux_lm_weight": cfg.aux_lm_weight, "aux_lm_share": cfg.aux_lm_share}
+              "train_windows": cfg.data.train_windows, "aux_lm_weight": cfg.aux_lm_weight, "aux_lm_share": cfg.aux_lm_share}
     extra = {"task": cfg.task, "base_model": str(base), "label2id": info.get("label2id"),
              "examples": {s: len(v) for s, v in rows.items()}, "rejected": len(bad), "data_files": info.get("files"),
              "equal_shares": equal_shares({s: len(rows[s]) for s in datasets}, workers),

@@ -854,3 +854,57 @@ def test_the_auxiliary_next_token_loss_of_article_training(tmp_path, tok):
     with pytest.raises(ValueError, match="aux_lm_weight: a masked"):
         check_finetune(from_dict(FinetuneConfig, {**base, "base_model": str(tmp_path / "mlm"), "data": article,
                                                   "aux_lm_weight": 0.5, "optim": {"lr": 3e-4}}))
+
+
+def test_article_training_can_read_a_random_subset_of_windows():
+    """``data.train_windows``: each training step reads a random ``k`` of a text's windows (all of
+    them where it has ``k`` or fewer), a different subset from draw to draw; evaluation reads every
+    window; bad values are refused, naming the key; at 0 a run keeps its directory."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from pipeline.config import from_dict
+    from pipeline.finetune.article import ArticleClassifier, sample_windows
+    from pipeline.finetune.finetune import FinetuneConfig, finetune_run_dir
+
+    torch.manual_seed(0)
+    present = torch.tensor([[True, True, True, True, False], [True, False, False, False, False],
+                            [True, True, False, False, False]])
+    counts = torch.zeros(present.shape)
+    for _ in range(400):
+        kept = sample_windows(present, 2)
+        assert not (kept & ~present).any() and kept.sum(-1).tolist() == [2, 1, 2]
+        counts += kept
+    assert counts[1, 0] == 400 and (counts[2, :2] == 400).all()
+    assert ((counts[0, :4] / 400 - 0.5).abs() < 0.1).all()  # each of four windows kept about half the time
+
+    inner = GPT2ForSequenceClassification(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                                     num_labels=3, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                     attn_pdrop=0.0))
+    torch.nn.init.normal_(inner.score.weight, std=1.0)
+    ids = torch.randint(1, 50, (2, 3, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 2] = 0  # text 0 has three windows, text 1 two
+    ids = ids.masked_fill(mask == 0, 0)
+    rows_read = []
+    inner.register_forward_hook(lambda m, args, kwargs, out: rows_read.append(kwargs["input_ids"].shape[0]),
+                                with_kwargs=True)
+    model = ArticleClassifier(inner, train_windows=1).train()
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1]))
+    with torch.no_grad():
+        per_window = inner(input_ids=ids[0], attention_mask=mask[0]).logits.log_softmax(-1)
+    assert rows_read[0] == 2 and any(torch.allclose(out.logits[0], w, atol=1e-5) for w in per_window)
+    model.eval()(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1]))
+    assert rows_read[-1] == 5  # evaluation reads every window
+
+    base = {"task": "classification", "base_model": "m", "data": {"train": "x.jsonl", "max_seq_len": 32}}
+    article = {**base["data"], "windows": 4, "window_training": "article"}
+    for data, message in [({**article, "train_windows": 5}, r"data.train_windows must be in \[0, data.windows = 4\]"),
+                          ({**article, "train_windows": -1}, "data.train_windows must be in"),
+                          ({**base["data"], "windows": 4, "train_windows": 2},
+                           "data.train_windows applies to data.window_training article only")]:
+        with pytest.raises(ValueError, match=message):
+            from_dict(FinetuneConfig, {**base, "data": data})
+    dirs = {k: finetune_run_dir(from_dict(FinetuneConfig, {**base, "data": {**article, "train_windows": k}}))
+            for k in (0, 2)}
+    assert dirs[0] == finetune_run_dir(from_dict(FinetuneConfig, {**base, "data": article})) and dirs[0] != dirs[2]
