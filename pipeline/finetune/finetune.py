@@ -51,7 +51,7 @@ class FinetuneDataConfig:
     # prediction evaluation and serving make; pipeline.finetune.article)
     window_training: Literal["window", "article"] = "window"
     # window_training article: each training step reads a random train_windows of a text's windows
-    # (0: all of them), a cheaper step and a different subset every epoch; evaluation and serving
+    # (0: all of them), a cheaper step and a new subset each time a text is read; evaluation and serving
     # still read up to `windows` (pipeline.finetune.article.sample_windows; BENCHMARKS.md)
     train_windows: int = 0
     # sft: "auto" keeps a chat template the base's tokenizer already has (a chat model from

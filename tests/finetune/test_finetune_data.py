@@ -856,10 +856,11 @@ def test_the_auxiliary_next_token_loss_of_article_training(tmp_path, tok):
                                                   "aux_lm_weight": 0.5, "optim": {"lr": 3e-4}}))
 
 
-def test_article_training_can_read_a_random_subset_of_windows():
+def test_article_training_can_read_a_random_subset_of_windows(tmp_path):
     """``data.train_windows``: each training step reads a random ``k`` of a text's windows (all of
     them where it has ``k`` or fewer), a different subset from draw to draw; evaluation reads every
-    window; bad values are refused, naming the key; at 0 a run keeps its directory."""
+    window; the workers' model gets the setting; bad values are refused, naming the key; at 0 a
+    run keeps its directory."""
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
@@ -905,6 +906,17 @@ def test_article_training_can_read_a_random_subset_of_windows():
                            "data.train_windows applies to data.window_training article only")]:
         with pytest.raises(ValueError, match=message):
             from_dict(FinetuneConfig, {**base, "data": data})
+    from pipeline.finetune.classify_data import ensure_pad_token
+    from pipeline.finetune.finetune import setup_finetune
+
+    tok = _no_pad_model(tmp_path)
+    ensure_pad_token(tok)
+    tok.save_pretrained(str(tmp_path / "tok"))
+    worker_model, _, _, _ = setup_finetune({
+        "base_model": str(tmp_path / "base"), "tokenizer_dir": str(tmp_path / "tok"), "loop": {"seed": 0},
+        "task": "classification", "label2id": {"money": 0, "sport": 1}, "windowing": [12, 4, 2],
+        "window_training": "article", "train_windows": 2})
+    assert isinstance(worker_model, ArticleClassifier) and worker_model.train_windows == 2
     dirs = {k: finetune_run_dir(from_dict(FinetuneConfig, {**base, "data": {**article, "train_windows": k}}))
             for k in (0, 2)}
     assert dirs[0] == finetune_run_dir(from_dict(FinetuneConfig, {**base, "data": article})) and dirs[0] != dirs[2]
