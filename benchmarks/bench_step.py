@@ -9,8 +9,12 @@ approximation as a chain of elementwise ops in Python, what OpenAI's GPT-2 confi
 device multiplies bf16 in hardware: a GPU, or a CPU with AMX or AVX512-BF16; on any other CPU both
 run fp32).
 
+``--compare attention``: ``train.attention`` sdpa (torch's scaled_dot_product_attention) against
+eager (transformers' matmul, softmax, matmul), the same function.
+
     python benchmarks/bench_step.py --compare activation      # the demo's small preset, 1 CPU thread
     python benchmarks/bench_step.py --compare precision
+    python benchmarks/bench_step.py --compare attention --precision bf16-native --batch 43 --seq-len 128
     python benchmarks/bench_step.py --compare activation --device cuda --preset gpt2-124m --vocab 50304 \
         --seq-len 1024 --batch 16
 
@@ -31,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine  # noqa: E402
 
 SETTINGS = {"activation": (("activation", "gelu_new"), ("activation", "gelu_pytorch_tanh")),
-            "precision": (("precision", "fp32"), ("precision", "bf16-native"))}
+            "precision": (("precision", "fp32"), ("precision", "bf16-native")),
+            "attention": (("attention", "sdpa"), ("attention", "eager"))}
 
 
 def step_time(torch, device, preset: str, act: str, vocab: int, batch: int, seq_len: int, steps: int, warmup: int,
-              precision: str) -> tuple[float, float]:
+              precision: str, attention: str = "sdpa") -> tuple[float, float]:
     """Median seconds per step after ``warmup`` steps, and the first loss."""
     from transformers.activations import ACT2FN
 
@@ -47,7 +52,7 @@ def step_time(torch, device, preset: str, act: str, vocab: int, batch: int, seq_
     for block in model.transformer.h:
         block.mlp.act = ACT2FN[act]
     model.to(device)
-    trainer = Trainer(model, OptimConfig(), LoopConfig(max_steps=10_000, precision=precision), device)
+    trainer = Trainer(model, OptimConfig(), LoopConfig(max_steps=10_000, precision=precision, attention=attention), device)
     x = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     times, first_loss = [], None
     for step in range(steps):
@@ -74,8 +79,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--precision", default="auto", help="with --compare activation: auto is bf16 autocast "
-                                                             "on a GPU, fp32 on CPU")
+    parser.add_argument("--precision", default="auto", help="with --compare activation or attention: auto is bf16 "
+                                                             "autocast on a GPU, fp32 on CPU")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -89,10 +94,11 @@ def main() -> None:
     losses = {}
     for r in range(args.rounds):
         for key, value in (pair if r % 2 == 0 else pair[::-1]):
-            setting = {"act": "gelu_pytorch_tanh", "precision": args.precision,
-                       **({"act": value} if key == "activation" else {"precision": value})}
+            setting = {"act": "gelu_pytorch_tanh", "precision": args.precision, "attention": "sdpa",
+                       {"activation": "act"}.get(key, key): value}
             t, losses[value] = step_time(torch, device, args.preset, setting["act"], args.vocab, args.batch,
-                                         args.seq_len, args.steps, args.warmup, setting["precision"])
+                                         args.seq_len, args.steps, args.warmup, setting["precision"],
+                                         setting["attention"])
             rounds[value].append(t)
             print(f"round {r}: {value}: {t * 1000:.1f} ms per step (first loss {losses[value]:.5f})", flush=True)
     med = {n: statistics.median(v) for n, v in rounds.items()}

@@ -61,6 +61,12 @@ class LoopConfig:
     # step on this project's two CPU machine kinds), else fp32
     precision: Literal["auto", "fp32", "bf16", "bf16-native"] = "auto"
     compile: bool = False
+    # the attention kernel while training: sdpa (torch's scaled_dot_product_attention; flash and
+    # memory-efficient kernels on GPUs) or eager (transformers' matmul, softmax, matmul). Both
+    # compute the same function; on CPU threads in bf16, eager fine-tunes the demo classifier's
+    # 128-token windows 1.36-1.41x faster (the whole job), and pretraining's 256-token rows at
+    # about the same speed (BENCHMARKS.md). Exported models load with the default, whatever trained them
+    attention: Literal["sdpa", "eager"] = "sdpa"
     seed: int = 0
     # stochastic weight averaging over the schedule's tail: the run ends on the mean of the weights
     # after each of its last ``average_last`` share of steps (``TailAverage``), not on the last
@@ -87,7 +93,7 @@ class LoopConfig:
 
 # keys added to LoopConfig after runs were made: at these defaults they stay out of the run
 # directories' hashes (pipeline.config.without_defaults)
-LATER_LOOP_KEYS = {"average_last": 0.0}
+LATER_LOOP_KEYS = {"average_last": 0.0, "attention": "sdpa"}
 
 
 @dataclass
@@ -114,6 +120,14 @@ def unwrap(model):
         if inner is None:
             return model
         model = inner
+
+
+def set_attention(model, implementation: str) -> None:
+    """Has the (possibly wrapped) Hugging Face model compute attention with ``implementation``
+    (``train.attention``); a run-time setting that ``save_pretrained`` does not write."""
+    bare = unwrap(model)
+    if getattr(bare.config, "_attn_implementation", implementation) != implementation:
+        bare.set_attn_implementation(implementation)
 
 
 class TailAverage:
@@ -265,6 +279,7 @@ class Trainer:
         self.last_loss_tokens = 0  # this worker's loss-carrying tokens in the last step
         self.peak_flops = peak_flops
         self.average = TailAverage(model) if loop.average_last else None
+        set_attention(model, loop.attention)
 
     def lr_at(self, step: int) -> float:
         o = self.optim_cfg
