@@ -153,6 +153,7 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
 
     from pipeline.finetune.classify_data import Windowing, end_with_eos, ensure_pad_token
     from pipeline.model.build import load_pretrained
+    from pipeline.train.loop import set_attention
     from pipeline.train.optim import make_optimizer
     from pipeline.train.schedule import get_lr
 
@@ -174,6 +175,7 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
+    set_attention(model, args.attention)
     model.train()
     opt = make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95))
     averages = WeightAverages(model, args.ema, int(args.steps * (1 - args.tail)))
@@ -254,6 +256,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--precision", default="bf16-native")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa", help="train.attention")
     p.add_argument("--pool", default="probs", help="how windows combine: probs (the pipeline's), logits, or both: probs,logits")
     p.add_argument("--ema", type=float, default=0.99, help="decay per step of the weights' moving average")
     p.add_argument("--tail", type=float, default=1 / 3, help="share of the last steps whose weights are averaged")

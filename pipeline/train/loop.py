@@ -61,12 +61,13 @@ class LoopConfig:
     # step on this project's two CPU machine kinds), else fp32
     precision: Literal["auto", "fp32", "bf16", "bf16-native"] = "auto"
     compile: bool = False
-    # the attention kernel while training: sdpa (torch's scaled_dot_product_attention; flash and
-    # memory-efficient kernels on GPUs) or eager (transformers' matmul, softmax, matmul). Both
-    # compute the same function; on CPU threads in bf16, eager fine-tunes the demo classifier's
-    # 128-token windows 1.36-1.41x faster (the whole job), and pretraining's 256-token rows at
-    # about the same speed (BENCHMARKS.md). Exported models load with the default, whatever trained them
-    attention: Literal["sdpa", "eager"] = "sdpa"
+    # the attention kernel while training: auto (the model's own: SDPA, torch's
+    # scaled_dot_product_attention, for every architecture that has it, ours included; eager for
+    # the rest), sdpa, or eager (transformers' matmul, softmax, matmul). All compute the same
+    # function; on CPU threads in bf16, eager fine-tunes the demo classifier's 128-token windows
+    # 1.36-1.41x faster than SDPA (the whole job), and pretraining's 256-token rows at about the
+    # same speed (BENCHMARKS.md). Exported models load with their default, whatever trained them
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
     seed: int = 0
     # stochastic weight averaging over the schedule's tail: the run ends on the mean of the weights
     # after each of its last ``average_last`` share of steps (``TailAverage``), not on the last
@@ -93,7 +94,7 @@ class LoopConfig:
 
 # keys added to LoopConfig after runs were made: at these defaults they stay out of the run
 # directories' hashes (pipeline.config.without_defaults)
-LATER_LOOP_KEYS = {"average_last": 0.0, "attention": "sdpa"}
+LATER_LOOP_KEYS = {"average_last": 0.0, "attention": "auto"}
 
 
 @dataclass
@@ -124,10 +125,22 @@ def unwrap(model):
 
 def set_attention(model, implementation: str) -> None:
     """Has the (possibly wrapped) Hugging Face model compute attention with ``implementation``
-    (``train.attention``); a run-time setting that ``save_pretrained`` does not write."""
+    (``train.attention``; ``auto`` keeps the model's own), a run-time setting that
+    ``save_pretrained`` does not write. An architecture that cannot switch to it is an error."""
+    if implementation == "auto":
+        return
     bare = unwrap(model)
-    if getattr(bare.config, "_attn_implementation", implementation) != implementation:
-        bare.set_attn_implementation(implementation)
+    current = getattr(bare.config, "_attn_implementation", None)
+    if current != implementation:
+        try:
+            bare.set_attn_implementation(implementation)
+        except (ValueError, ImportError) as e:
+            raise ValueError(f"train.attention: {type(bare).__name__} cannot compute attention with "
+                             f"{implementation!r} ({e}); set train.attention to auto") from e
+        current = bare.config._attn_implementation
+    if current != implementation:  # transformers only warns for architectures it cannot switch
+        raise ValueError(f"train.attention: {type(bare).__name__} cannot compute attention with "
+                         f"{implementation!r} (it uses {current!r}); set train.attention to auto")
 
 
 class TailAverage:

@@ -342,9 +342,11 @@ def test_a_restarted_worker_group_continues_from_the_newest_checkpoint_on_storag
 
 def test_eager_attention_trains_the_same_function_and_stays_out_of_the_export(tmp_path):
     """``train.attention: eager`` (faster on CPUs for short windows, BENCHMARKS.md) computes what
-    ``sdpa`` does: one step gives the same loss and weights. It is the run's setting, reached
-    through wrappers (the article-level classifier), and ``save_pretrained`` does not write it:
-    the exported model loads with the default."""
+    the default (``auto``: our models' SDPA) does: one step gives the same loss and weights. It is
+    the run's setting, reached through wrappers (the article-level classifier), and
+    ``save_pretrained`` does not write it: the exported model loads with the default. An
+    architecture without SDPA (GPT-Neo) keeps its own attention under ``auto`` and names the key
+    when SDPA is asked for."""
     import transformers
 
     from pipeline.finetune.article import ArticleClassifier
@@ -352,15 +354,15 @@ def test_eager_attention_trains_the_same_function_and_stays_out_of_the_export(tm
 
     x = torch.arange(64).reshape(4, 16) % 64
     after = {}
-    for attention in ("sdpa", "eager"):
+    for attention in ("auto", "eager"):
         model = build_model(ModelConfig(preset="tiny", max_seq_len=16), 64, seed=0)
         trainer = Trainer(model, OptimConfig(lr=1e-2, warmup_steps=0), LoopConfig(max_steps=2, attention=attention),
                           torch.device("cpu"))
-        assert model.config._attn_implementation == attention
+        assert model.config._attn_implementation == {"auto": "sdpa"}.get(attention, attention)
         loss, _ = trainer.train_step([{"input_ids": x, "labels": x}], 0)
         after[attention] = (loss, model.transformer.h[0].attn.c_attn.weight.detach().clone())
-    assert after["eager"][0] == pytest.approx(after["sdpa"][0], rel=1e-5)
-    torch.testing.assert_close(after["eager"][1], after["sdpa"][1], rtol=0, atol=1e-4)  # 1% of the step
+    assert after["eager"][0] == pytest.approx(after["auto"][0], rel=1e-5)
+    torch.testing.assert_close(after["eager"][1], after["auto"][1], rtol=0, atol=1e-4)  # 1% of the step
     model.save_pretrained(tmp_path)
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
@@ -368,3 +370,11 @@ def test_eager_attention_trains_the_same_function_and_stays_out_of_the_export(tm
     wrapped = ArticleClassifier(transformers.GPT2ForSequenceClassification(config))
     Trainer(wrapped, OptimConfig(), LoopConfig(max_steps=2, attention="eager"), torch.device("cpu"))
     assert unwrap(wrapped).config._attn_implementation == "eager"
+
+    neo = transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+        num_layers=1, attention_types=[[["global"], 1]], hidden_size=16, num_heads=2, vocab_size=64,
+        max_position_embeddings=16))
+    Trainer(neo, OptimConfig(), LoopConfig(max_steps=2), torch.device("cpu"))
+    assert neo.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="train.attention"):
+        Trainer(neo, OptimConfig(), LoopConfig(max_steps=2, attention="sdpa"), torch.device("cpu"))
