@@ -194,7 +194,8 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
             rng.shuffle(order)
         batch = order[pos:pos + args.batch]
         pos += args.batch
-        lr = get_lr(step, lr=args.lr, warmup_steps=args.warmup, max_steps=args.steps, min_lr=args.lr * 0.1)
+        lr = get_lr(step, lr=args.lr, warmup_steps=args.warmup, max_steps=args.steps,
+                    min_lr=args.lr * args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
         if args.aux_lm:
@@ -218,7 +219,7 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
                   f"val F1 {val_f1:.3f}", flush=True)
     seconds = time.perf_counter() - t0
     out = {"windows": windows, "pool": pool, "seed": seed, "fold": fold, "aux_lm": args.aux_lm, "aux_lm_share": args.aux_lm_share,
-           "train_windows": args.train_windows, "last": scores()}
+           "train_windows": args.train_windows, "min_lr_ratio": args.min_lr_ratio, "last": scores()}
     for name, state in (("ema", averages.ema), ("tail", averages.tail)):
         model.load_state_dict(state)
         out[name] = scores()
@@ -251,6 +252,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="optim.min_lr_ratio: where the cosine ends (1: a constant rate after the warm-up)")
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--eval-every", type=int, default=50)
