@@ -14,7 +14,7 @@ baseline of the same run.
 
     python benchmarks/classifier_article_level.py --prepared outputs/prepare/<run> \
         --base outputs/pretrain/<run>/model [--windows 1,8] [--pool probs,logits] [--seeds 0,1,2] \
-        [--steps 300] [--cv K] [--json out.json]
+        [--steps 300] [--cv K] [--lr 1e-3] [--layer-decay 1.0] [--json out.json]
 
 No Ray: one process, the pipeline's optimizer, schedule, precision, data encoding and pooling.
 Reports macro-F1 at the last step, at the step with the best val accuracy (the pipeline's
@@ -147,6 +147,38 @@ def torch_zeros_like(v):
     return torch.zeros_like(v, dtype=torch.float32) if v.is_floating_point() else v.detach().clone()
 
 
+def layer_depth(name: str, layers: int) -> int:
+    """0 for the embeddings, i + 1 for block i (``h.i.`` in GPT-2, ``layers.i.`` in Llama), layers + 1
+    for what sits above the blocks (the final norm and the classification head)."""
+    import re
+
+    m = re.search(r"\.(?:h|layers)\.(\d+)\.", f".{name}")
+    if m:
+        return int(m.group(1)) + 1
+    return 0 if any(k in name for k in ("wte", "wpe", "embed_tokens")) else layers + 1
+
+
+def discriminative_optimizer(model, lr: float, weight_decay: float, decay: float):
+    """AdamW with the pipeline's weight-decay groups, each split by depth, the learning rate
+    multiplied by ``decay`` per block below the top (layer-wise learning-rate decay, ULMFiT's
+    discriminative fine-tuning): the top and the head at ``lr``, the embeddings at
+    ``lr * decay ** (layers + 1)``. Each group carries its multiplier in ``lr_mult``."""
+    import torch
+
+    from pipeline.train.optim import param_groups
+
+    layers = model.config.num_hidden_layers
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for g in param_groups(model, weight_decay):
+        by_depth: dict[int, list] = {}
+        for p in g["params"]:
+            by_depth.setdefault(layer_depth(names[id(p)], layers), []).append(p)
+        groups += [{"params": ps, "weight_decay": g["weight_decay"], "lr_mult": decay ** (layers + 1 - d)}
+                   for d, ps in sorted(by_depth.items())]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
 def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str = "probs", fold: int | None = None) -> dict:
     import torch
     import transformers
@@ -177,7 +209,10 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
     model.config.pad_token_id = tok.pad_token_id
     set_attention(model, args.attention)
     model.train()
-    opt = make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95))
+    if args.layer_decay == 1.0:
+        opt = make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95))
+    else:
+        opt = discriminative_optimizer(model, args.lr, args.weight_decay, args.layer_decay)
     averages = WeightAverages(model, args.ema, int(args.steps * (1 - args.tail)))
     ids, mask, rows, y = splits["train"]
     y = torch.tensor(y)
@@ -197,7 +232,7 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
         lr = get_lr(step, lr=args.lr, warmup_steps=args.warmup, max_steps=args.steps,
                     min_lr=args.lr * args.min_lr_ratio)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         if args.aux_lm:
             log_probs, lm = article_log_probs(model, ids, mask, rows, batch, args.precision, pool, lm_loss=True,
                                               lm_share=args.aux_lm_share, sample=args.train_windows)
@@ -219,7 +254,8 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
                   f"val F1 {val_f1:.3f}", flush=True)
     seconds = time.perf_counter() - t0
     out = {"windows": windows, "pool": pool, "seed": seed, "fold": fold, "aux_lm": args.aux_lm, "aux_lm_share": args.aux_lm_share,
-           "train_windows": args.train_windows, "min_lr_ratio": args.min_lr_ratio, "last": scores()}
+           "train_windows": args.train_windows, "min_lr_ratio": args.min_lr_ratio,
+           "layer_decay": args.layer_decay, "last": scores()}
     for name, state in (("ema", averages.ema), ("tail", averages.tail)):
         model.load_state_dict(state)
         out[name] = scores()
@@ -254,6 +290,8 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--min-lr-ratio", type=float, default=0.1,
                    help="optim.min_lr_ratio: where the cosine ends (1: a constant rate after the warm-up)")
+    p.add_argument("--layer-decay", type=float, default=1.0,
+                   help="learning-rate multiplier per block below the top (layer-wise decay; 1: none)")
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--eval-every", type=int, default=50)
