@@ -12,9 +12,14 @@ run fp32).
 ``--compare attention``: ``train.attention`` sdpa (torch's scaled_dot_product_attention) against
 eager (transformers' matmul, softmax, matmul), the same function.
 
+``--compare compile``: the model as it is against ``torch.compile(model)`` (``train.compile``).
+Each round also reports its first step, which holds the compilation: cold in the first compiled
+round on a machine whose inductor cache (``/tmp/torchinductor_$USER``) is empty, from the cache after.
+
     python benchmarks/bench_step.py --compare activation      # the demo's small preset, 1 CPU thread
     python benchmarks/bench_step.py --compare precision
     python benchmarks/bench_step.py --compare attention --precision bf16-native --batch 43 --seq-len 128
+    python benchmarks/bench_step.py --compare compile --precision bf16-native --steps 25 --warmup 5
     python benchmarks/bench_step.py --compare activation --device cuda --preset gpt2-124m --vocab 50304 \
         --seq-len 1024 --batch 16
 
@@ -36,12 +41,13 @@ from benchmarks.common import machine  # noqa: E402
 
 SETTINGS = {"activation": (("activation", "gelu_new"), ("activation", "gelu_pytorch_tanh")),
             "precision": (("precision", "fp32"), ("precision", "bf16-native")),
-            "attention": (("attention", "sdpa"), ("attention", "eager"))}
+            "attention": (("attention", "sdpa"), ("attention", "eager")),
+            "compile": (("compile", "no-compile"), ("compile", "compile"))}
 
 
 def step_time(torch, device, preset: str, act: str, vocab: int, batch: int, seq_len: int, steps: int, warmup: int,
-              precision: str, attention: str = "sdpa") -> tuple[float, float]:
-    """Median seconds per step after ``warmup`` steps, and the first loss."""
+              precision: str, attention: str = "sdpa", compile: bool = False) -> tuple[float, float, float]:
+    """Median seconds per step after ``warmup`` steps, the first loss, and the first step's seconds."""
     from transformers.activations import ACT2FN
 
     from pipeline.model.build import ModelConfig, build_model
@@ -52,6 +58,8 @@ def step_time(torch, device, preset: str, act: str, vocab: int, batch: int, seq_
     for block in model.transformer.h:
         block.mlp.act = ACT2FN[act]
     model.to(device)
+    if compile:
+        model = torch.compile(model)
     trainer = Trainer(model, OptimConfig(), LoopConfig(max_steps=10_000, precision=precision, attention=attention), device)
     x = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     times, first_loss = [], None
@@ -64,7 +72,7 @@ def step_time(torch, device, preset: str, act: str, vocab: int, batch: int, seq_
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         first_loss = loss if first_loss is None else first_loss
-    return statistics.median(times[warmup:]), first_loss
+    return statistics.median(times[warmup:]), first_loss, times[0]
 
 
 def main() -> None:
@@ -91,21 +99,24 @@ def main() -> None:
     pair = SETTINGS[args.compare]
     names = [value for _, value in pair]
     rounds: dict[str, list[float]] = {n: [] for n in names}
+    first_steps: dict[str, list[float]] = {n: [] for n in names}
     losses = {}
     for r in range(args.rounds):
         for key, value in (pair if r % 2 == 0 else pair[::-1]):
-            setting = {"act": "gelu_pytorch_tanh", "precision": args.precision, "attention": "sdpa",
+            setting = {"act": "gelu_pytorch_tanh", "precision": args.precision, "attention": "sdpa", "compile": "no-compile",
                        {"activation": "act"}.get(key, key): value}
-            t, losses[value] = step_time(torch, device, args.preset, setting["act"], args.vocab, args.batch,
-                                         args.seq_len, args.steps, args.warmup, setting["precision"],
-                                         setting["attention"])
+            t, losses[value], first = step_time(torch, device, args.preset, setting["act"], args.vocab, args.batch,
+                                                args.seq_len, args.steps, args.warmup, setting["precision"],
+                                                setting["attention"], setting["compile"] == "compile")
             rounds[value].append(t)
-            print(f"round {r}: {value}: {t * 1000:.1f} ms per step (first loss {losses[value]:.5f})", flush=True)
+            first_steps[value].append(first)
+            print(f"round {r}: {value}: {t * 1000:.1f} ms per step, first step {first:.1f} s "
+                  f"(first loss {losses[value]:.5f})", flush=True)
     med = {n: statistics.median(v) for n, v in rounds.items()}
     speedup = med[names[0]] / med[names[1]]
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else machine(),
            "args": vars(args), "step_ms": {n: [t * 1000 for t in v] for n, v in rounds.items()},
-           "median_ms": {n: t * 1000 for n, t in med.items()}, "speedup": speedup, "first_loss": losses}
+           "median_ms": {n: t * 1000 for n, t in med.items()}, "first_step_s": first_steps, "speedup": speedup, "first_loss": losses}
     print(f"machine: {out['device']}", flush=True)
     print(f"median step: {names[0]} {med[names[0]] * 1000:.1f} ms, {names[1]} {med[names[1]] * 1000:.1f} ms: "
           f"{speedup:.2f}x", flush=True)
