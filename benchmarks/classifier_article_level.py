@@ -14,7 +14,7 @@ baseline of the same run.
 
     python benchmarks/classifier_article_level.py --prepared outputs/prepare/<run> \
         --base outputs/pretrain/<run>/model [--windows 1,8] [--pool probs,logits] [--seeds 0,1,2] \
-        [--steps 300] [--cv K] [--lr 1e-3] [--layer-decay 1.0] [--json out.json]
+        [--steps 300] [--cv K] [--lr 1e-3] [--layer-decay 1.0] [--predictions] [--json out.json]
 
 No Ray: one process, the pipeline's optimizer, schedule, precision, data encoding and pooling.
 Reports macro-F1 at the last step, at the step with the best val accuracy (the pipeline's
@@ -90,11 +90,11 @@ def article_log_probs(model, ids, mask, rows: list[list[int]], articles: list[in
     return log_probs, lm
 
 
-def macro_f1(model, split, precision: str, pool: str = "probs") -> tuple[float, float]:
+def predict(model, split, precision: str, pool: str = "probs") -> list[int]:
+    """Every article's predicted class id."""
     import torch
-    from sklearn.metrics import accuracy_score, f1_score
 
-    ids, mask, rows, y = split
+    ids, mask, rows, _ = split
     model.eval()
     preds = []
     with torch.no_grad():
@@ -102,6 +102,13 @@ def macro_f1(model, split, precision: str, pool: str = "probs") -> tuple[float, 
             preds += article_log_probs(model, ids, mask, rows, list(range(i, min(i + 16, len(rows)))), precision,
                                        pool).argmax(-1).tolist()
     model.train()
+    return preds
+
+
+def macro_f1(model, split, precision: str, pool: str = "probs") -> tuple[float, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    preds, y = predict(model, split, precision, pool), split[3]
     return f1_score(y, preds, average="macro"), accuracy_score(y, preds)
 
 
@@ -259,6 +266,8 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
     for name, state in (("ema", averages.ema), ("tail", averages.tail)):
         model.load_state_dict(state)
         out[name] = scores()
+        if name == "tail" and args.predictions and "heldout" in splits:  # the demo's export, for error analysis
+            out["tail_heldout_predictions"] = [labels[i] for i in predict(model, splits["heldout"], args.precision, pool)]
     model.load_state_dict(best[2])
     out["best_val"] = {"step": best[1], **scores()}
     return {**out, "seconds": round(seconds, 1), "windows_per_article": round(windows_read / (args.steps * args.batch), 2)}
@@ -272,6 +281,32 @@ def tfidf(splits_text: dict, split: str = "test") -> float:
 
     preds = tfidf_baseline(*splits_text["train"], splits_text[split][0])
     return f1_score(splits_text[split][1], preds, average="macro")
+
+
+def errors_vs_tfidf(splits_text: dict, folds: int, runs: list[dict]) -> dict:
+    """Where the classifier's held-out errors (``--predictions``) and TF-IDF's fall, over every run:
+    articles per cell (classifier right or wrong x TF-IDF right or wrong) with their median length
+    in words, and each side's most frequent (true, predicted) confusions."""
+    import collections
+    import statistics
+
+    from pipeline.evaluate.classify import tfidf_baseline
+
+    cells, confusions = collections.defaultdict(list), {"classifier": collections.Counter(), "tfidf": collections.Counter()}
+    baseline = {}
+    for r in runs:
+        split = cv_splits(splits_text, folds, r["fold"])
+        texts, truth = split["heldout"]
+        if r["fold"] not in baseline:
+            baseline[r["fold"]] = tfidf_baseline(*split["train"], texts)
+        for text, y, ours, theirs in zip(texts, truth, r["tail_heldout_predictions"], baseline[r["fold"]]):
+            cells[f"classifier {'right' if ours == y else 'wrong'}, TF-IDF {'right' if theirs == y else 'wrong'}"].append(
+                len(text.split()))
+            for side, pred in (("classifier", ours), ("tfidf", theirs)):
+                if pred != y:
+                    confusions[side][f"{y} -> {pred}"] += 1
+    return {"cells": {k: {"articles": len(v), "median_words": statistics.median(v)} for k, v in sorted(cells.items())},
+            "confusions": {k: dict(c.most_common(6)) for k, c in confusions.items()}}
 
 
 def main() -> None:
@@ -308,6 +343,8 @@ def main() -> None:
     p.add_argument("--cv", type=int, default=0, help="K > 1: K-fold cross-validation on the training split")
     p.add_argument("--folds", default="", help="with --cv, the folds to run (default: all)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--predictions", action="store_true",
+                   help="with --cv, keep each run's held-out predictions (the weight mean's) in the results")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from pipeline.model.build import quiet_loading
@@ -332,6 +369,11 @@ def main() -> None:
                     print(json.dumps(r), flush=True)
                     if args.json:
                         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.predictions and args.cv > 1:
+        results["errors_vs_tfidf"] = errors_vs_tfidf(splits_text, args.cv, results["runs"])
+        print(json.dumps(results["errors_vs_tfidf"], indent=1), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
