@@ -14,7 +14,7 @@ baseline of the same run.
 
     python benchmarks/classifier_article_level.py --prepared outputs/prepare/<run> \
         --base outputs/pretrain/<run>/model [--windows 1,8] [--pool probs,logits] [--seeds 0,1,2] \
-        [--steps 300] [--cv K] [--lr 1e-3] [--layer-decay 1.0] [--predictions] [--json out.json]
+        [--steps 300] [--cv K] [--lr 1e-3] [--layer-decay 1.0] [--embedding-lr-mult 1.0] [--predictions] [--json out.json]
 
 No Ray: one process, the pipeline's optimizer, schedule, precision, data encoding and pooling.
 Reports macro-F1 at the last step, at the step with the best val accuracy (the pipeline's
@@ -165,11 +165,11 @@ def layer_depth(name: str, layers: int) -> int:
     return 0 if any(k in name for k in ("wte", "wpe", "embed_tokens")) else layers + 1
 
 
-def discriminative_optimizer(model, lr: float, weight_decay: float, decay: float):
+def discriminative_optimizer(model, lr: float, weight_decay: float, decay: float, embedding_mult: float = 1.0):
     """AdamW with the pipeline's weight-decay groups, each split by depth, the learning rate
     multiplied by ``decay`` per block below the top (layer-wise learning-rate decay, ULMFiT's
     discriminative fine-tuning): the top and the head at ``lr``, the embeddings at
-    ``lr * decay ** (layers + 1)``. Each group carries its multiplier in ``lr_mult``."""
+    ``lr * decay ** (layers + 1) * embedding_mult``. Each group carries its multiplier in ``lr_mult``."""
     import torch
 
     from pipeline.train.optim import param_groups
@@ -181,7 +181,8 @@ def discriminative_optimizer(model, lr: float, weight_decay: float, decay: float
         by_depth: dict[int, list] = {}
         for p in g["params"]:
             by_depth.setdefault(layer_depth(names[id(p)], layers), []).append(p)
-        groups += [{"params": ps, "weight_decay": g["weight_decay"], "lr_mult": decay ** (layers + 1 - d)}
+        groups += [{"params": ps, "weight_decay": g["weight_decay"],
+                    "lr_mult": decay ** (layers + 1 - d) * (embedding_mult if d == 0 else 1.0)}
                    for d, ps in sorted(by_depth.items())]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
@@ -216,10 +217,10 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
     model.config.pad_token_id = tok.pad_token_id
     set_attention(model, args.attention)
     model.train()
-    if args.layer_decay == 1.0:
+    if args.layer_decay == 1.0 and args.embedding_lr_mult == 1.0:
         opt = make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95))
     else:
-        opt = discriminative_optimizer(model, args.lr, args.weight_decay, args.layer_decay)
+        opt = discriminative_optimizer(model, args.lr, args.weight_decay, args.layer_decay, args.embedding_lr_mult)
     averages = WeightAverages(model, args.ema, int(args.steps * (1 - args.tail)))
     ids, mask, rows, y = splits["train"]
     y = torch.tensor(y)
@@ -262,7 +263,7 @@ def run(args, base: str, splits_text: dict, windows: int, seed: int, pool: str =
     seconds = time.perf_counter() - t0
     out = {"windows": windows, "pool": pool, "seed": seed, "fold": fold, "aux_lm": args.aux_lm, "aux_lm_share": args.aux_lm_share,
            "train_windows": args.train_windows, "min_lr_ratio": args.min_lr_ratio,
-           "layer_decay": args.layer_decay, "last": scores()}
+           "layer_decay": args.layer_decay, "embedding_lr_mult": args.embedding_lr_mult, "last": scores()}
     for name, state in (("ema", averages.ema), ("tail", averages.tail)):
         model.load_state_dict(state)
         out[name] = scores()
@@ -327,6 +328,8 @@ def main() -> None:
                    help="optim.min_lr_ratio: where the cosine ends (1: a constant rate after the warm-up)")
     p.add_argument("--layer-decay", type=float, default=1.0,
                    help="learning-rate multiplier per block below the top (layer-wise decay; 1: none)")
+    p.add_argument("--embedding-lr-mult", type=float, default=1.0,
+                   help="learning-rate multiplier of the token and position embeddings (on top of --layer-decay)")
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--eval-every", type=int, default=50)
