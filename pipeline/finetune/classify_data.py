@@ -34,61 +34,76 @@ def read_labeled(path: str, text_field: str, label_field: str, bad: list[dict]) 
     return [(r["text"], r["label"]) for r in read_labeled_rows(path, text_field, label_field, bad)]
 
 
-def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[dict],
-                      group_field: str | None = None) -> list[dict]:
-    """``read_labeled``'s rows as ``{"text", "label", "group"}``; ``group`` is ``group_field``'s
-    value (None without one, or where a row lacks it)."""
+def _located_rows(path: str, label_field: str, bad: list[dict]):
+    """``(where, row)`` over a labeled file, ``where`` the row's place in it as the prepare stage
+    names places: ``path:LINE`` in a JSON Lines file, ``path[i]`` in a JSON array, ``path: record
+    N`` (from 1, the header not counted) in a CSV, ``path: row i`` (from 0) in Parquet,
+    ``path: split/i`` in a saved dataset (a ``ClassLabel`` ``label_field`` as its class names). A CSV record with more values than its header has
+    columns goes to ``bad``: which value belongs to which column is unknown."""
     import csv
 
     import pyarrow.parquet as pq
 
-    from pipeline.data.sources import (MISSING, _open, csv_rows, detect_format, field_value, hf_rows, path_kind,
-                                      valid_text)
+    from pipeline.data.sources import _arrow_rows, _open, csv_rows, detect_format, hf_rows, json_records, path_kind
 
     kind, fmt = path_kind(path), detect_format(path)  # a local path or a URI; compressed files too
     if kind not in ("file", "hf"):
         raise ValueError(f"data file not found: {path}")
     if kind == "hf":  # a saved HF dataset (of a DatasetDict, every split: finetune and evaluate pick one through labeled_splits)
-        rows = [row for _, row in hf_rows(path, label_field)]
+        yield from ((f"{path}: {where}", row) for where, row in hf_rows(path, label_field))
     elif fmt == "parquet":
         with _open(path) as f:
-            rows = pq.read_table(f).to_pylist()
+            batches = pq.ParquetFile(f).iter_batches(batch_size=1024)
+            yield from ((f"{path}: row {where}", row) for where, row in _arrow_rows(batches))
     elif fmt == "csv":
         try:
-            rows = list(csv_rows(path))
+            for n, row in enumerate(csv_rows(path), 1):
+                if None in row:
+                    bad.append({"where": f"{path}: record {n}", "reason": f"{len(row[None])} more value(s) than the "
+                                                                          f"header has columns"})
+                else:
+                    yield f"{path}: record {n}", row
         except csv.Error as exc:
             raise ValueError(f"{path}: not a readable CSV file ({exc})") from exc
     elif fmt in ("jsonl", "json"):
-        from pipeline.data.sources import json_records
-
-        rows = []
         for where, obj in json_records(path, bad):
             if isinstance(obj, dict):
-                rows.append(obj)
+                yield where, obj
             else:
                 bad.append({"where": where, "reason": f"a JSON {type(obj).__name__}, not an object"})
     else:
         raise ValueError(f"{path}: unsupported extension (use .jsonl, .json, .csv, .tsv or .parquet, or a directory "
                          f"written by datasets.save_to_disk)")
+
+
+def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[dict],
+                      group_field: str | None = None) -> list[dict]:
+    """``read_labeled``'s rows as ``{"text", "label", "group", "where"}``; ``group`` is
+    ``group_field``'s value (None without one, or where a row lacks it), ``where`` the row's place
+    in the file (``_located_rows``), which ``bad`` entries name too."""
+    from pipeline.data.sources import MISSING, field_value, valid_text
+
+    rows = list(_located_rows(path, label_field, bad))
     for col in (text_field, label_field):
-        if rows and all(field_value(r, col) is MISSING for r in rows):
-            raise ValueError(f"{path}: no column {col!r} (columns: {sorted(rows[0])})")
+        if rows and all(field_value(r, col) is MISSING for _, r in rows):
+            raise ValueError(f"{path}: no column {col!r} (columns: {sorted(rows[0][1])})")
     out = []
-    for i, row in enumerate(rows):
+    for where, row in rows:
         text, label = field_value(row, text_field), field_value(row, label_field)
         if not isinstance(text, str) or not text.strip():
-            bad.append({"where": f"{path}:{i}", "reason": "missing or non-string text"})
+            bad.append({"where": where, "reason": "missing or non-string text"})
         elif not valid_text(text) or isinstance(label, str) and not valid_text(label):  # undecodable CSV bytes
-            bad.append({"where": f"{path}:{i}", "reason": "text or label holds bytes that are not valid UTF-8 (save the "
-                                                          "file as UTF-8)"})
+            bad.append({"where": where, "reason": "text or label holds bytes that are not valid UTF-8 (save the "
+                                                  "file as UTF-8)"})
         elif label is MISSING or label is None or label != label or not str(label).strip():  # label != label: NaN
-            bad.append({"where": f"{path}:{i}", "reason": "missing label"})
+            bad.append({"where": where, "reason": "missing label"})
         elif isinstance(label, (list, dict, bytes)):
-            bad.append({"where": f"{path}:{i}", "reason": f"the label is a {type(label).__name__}, not one value "
-                                                          f"(a string or a number)"})
+            bad.append({"where": where, "reason": f"the label is a {type(label).__name__}, not one value "
+                                                  f"(a string or a number)"})
         else:
             group = field_value(row, group_field) if group_field else None
-            out.append({"text": text, "label": label_name(label), "group": None if group is MISSING else group})
+            out.append({"text": text, "label": label_name(label), "group": None if group is MISSING else group,
+                        "where": where})
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pipeline.config import check, config_hash, to_dict, without_defaults
 from pipeline.data.sources import hf_dict_splits
-from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled
+from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled_rows
 from pipeline.finetune.sft import OUR_TEMPLATES, load_chat_examples, prepare_chat_tokenizer, tokenize_chat
 from pipeline.train.checkpoint import write_json
 from pipeline.train.data import filler_row
@@ -154,17 +154,17 @@ def _in_val(key: str, fraction: float) -> bool:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64 < fraction
 
 
-def split_off_val(pairs: list[tuple[str, str]], fraction: float) -> tuple[list, list]:
-    """(train, val) of labeled (text, label) pairs, each row drawn by a hash of its position and text.
-    A label whose every row drew val stays in train (a class seen only in validation could not be
-    learned; a file with rare classes would fail on its own valid rows); logged."""
-    drawn = [_in_val(f"{i}:{text[:64]}", fraction) for i, (text, _) in enumerate(pairs)]
-    in_train = {y for (_, y), v in zip(pairs, drawn) if not v}
-    kept = sorted({y for (_, y), v in zip(pairs, drawn) if v} - in_train)
+def split_off_val(pairs: list[tuple], fraction: float) -> tuple[list, list]:
+    """(train, val) of labeled ``(text, label, ...)`` rows, each drawn by a hash of its position and
+    text. A label whose every row drew val stays in train (a class seen only in validation could
+    not be learned; a file with rare classes would fail on its own valid rows); logged."""
+    drawn = [_in_val(f"{i}:{p[0][:64]}", fraction) for i, p in enumerate(pairs)]
+    in_train = {p[1] for p, v in zip(pairs, drawn) if not v}
+    kept = sorted({p[1] for p, v in zip(pairs, drawn) if v} - in_train)
     if kept:
         logger.info("data.val_fraction: %d label(s) drew no training row and stay in train, out of validation: %s",
                     len(kept), ", ".join(kept[:10]) + (" ..." if len(kept) > 10 else ""))
-    val = [v and y not in kept for (_, y), v in zip(pairs, drawn)]
+    val = [v and p[1] not in kept for p, v in zip(pairs, drawn)]
     return [p for p, v in zip(pairs, val) if not v], [p for p, v in zip(pairs, val) if v]
 
 
@@ -202,26 +202,27 @@ def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dic
     files = {**(labeled_splits(d.train) or {"train": d.train}), **({"val": d.val} if d.val else {}),
              **({"test": d.test} if d.test else {})}
     check("train" in files, f"data.train {d.train}: no train split (it has {sorted(files) or 'none'})")
-    data = {split: read_labeled(path, d.text_field, d.label_field, bad) for split, path in files.items()}
+    data = {split: [(r["text"], r["label"], r["where"]) for r in read_labeled_rows(path, d.text_field, d.label_field, bad)]
+            for split, path in files.items()}
     if "val" not in data:
         data["train"], data["val"] = split_off_val(data["train"], d.val_fraction)
-    labels = sorted({y for _, y in data["train"]})
+    labels = sorted({y for _, y, _ in data["train"]})
     check(len(labels) >= 2, f"data.train: classification needs at least two labels, got {labels}")
     label2id = {y: i for i, y in enumerate(labels)}
-    unknown = sorted({y for split in data.values() for _, y in split} - set(labels))
+    unknown = sorted({y for split in data.values() for _, y, _ in split} - set(labels))
     if unknown:  # a class without training rows cannot be learned: its rows are counted, not scored
         logger.warning("labels %s have rows only outside the train split: those rows are left out (rejected.json)",
                        unknown)
         for split in [s for s in ("val", "test") if s in data]:
-            bad += [{"where": f"{files.get(split, d.train)} ({split}): row {i}",
+            bad += [{"where": f"{where} ({split})",
                      "reason": f"label {y!r} has no row in the train split, so the classifier cannot learn it"}
-                    for i, (_, y) in enumerate(data[split]) if y not in label2id]
+                    for _, y, where in data[split] if y not in label2id]
             data[split] = [p for p in data[split] if p[1] in label2id]
     check(bool(data["val"]), "data.val: no row to validate on (none with a label of the train split)")
     from pipeline.finetune.article import encode_articles
 
     encode = encode_articles if d.window_training == "article" else encode_classification
-    rows = {s: encode([t for t, _ in v], [y for _, y in v], label2id, tok, d.windowing) for s, v in data.items() if v}
+    rows = {s: encode([t for t, _, _ in v], [y for _, y, _ in v], label2id, tok, d.windowing) for s, v in data.items() if v}
     return rows, {"label2id": label2id, "files": files}, bad
 
 

@@ -178,6 +178,7 @@ def test_labeled_data_and_bad_rows(tmp_path, tok):
     pairs = read_labeled(str(path), "text", "label", bad)
     assert pairs == [("Hello there", "a"), ("How do I reset my password?", "b")]
     assert [b["reason"] for b in bad] == ["missing or non-string text", "missing label"]
+    assert [b["where"] for b in bad] == [f"{path}: record 2", f"{path}: record 4"]  # from 1, the header not counted
     rows = encode_classification([t for t, _ in pairs], [y for _, y in pairs], {"a": 0, "b": 1}, tok, 8)
     assert [r["labels"] for r in rows] == [0, 1] and all(len(r["input_ids"]) == 8 for r in rows)
     with pytest.raises(ValueError, match="no column 'body'"):
@@ -188,6 +189,12 @@ def test_labeled_data_and_bad_rows(tmp_path, tok):
     bad = []
     assert read_labeled(str(tmp_path / "mixed.csv"), "text", "label", bad) == [("Fine text", "b")]
     assert len(bad) == 2 and all("not valid UTF-8" in b["reason"] for b in bad)  # in the text, in the label
+    # a record with more values than the header has columns is rejected (an unquoted comma in the
+    # text: which part is the label is unknown), not read as its first columns
+    (tmp_path / "extra.csv").write_text("text,label\nOne, two,a\nThree,b\n")
+    bad = []
+    assert read_labeled(str(tmp_path / "extra.csv"), "text", "label", bad) == [("Three", "b")]
+    assert bad == [{"where": f"{tmp_path / 'extra.csv'}: record 1", "reason": "1 more value(s) than the header has columns"}]
     (tmp_path / "t.tsv").write_text("text\tlabel\nTab, separated\ta\n")
     assert read_labeled(str(tmp_path / "t.tsv"), "text", "label", []) == [("Tab, separated", "a")]
     with pytest.raises(ValueError, match="not found"):
@@ -198,6 +205,8 @@ def test_labeled_data_and_bad_rows(tmp_path, tok):
                   '{"doc": {"body": "Thanks"}, "meta": {}}\n')
     bad = []
     assert read_labeled(str(jl), "doc.body", "meta.topic", bad) == [("Hello there", "a")]
+    # each rejected row is named by its own line, after lines that did not parse too
+    assert [b["where"].rsplit(":", 1)[1] for b in bad] == ["2", "3", "4"]
     assert [b["reason"].split(" (")[0] for b in bad] == ["not valid JSON", "a JSON list, not an object", "missing label"]
     with pytest.raises(ValueError, match="no column 'doc.title'"):
         read_labeled(str(jl), "doc.title", "meta.topic", [])
@@ -716,7 +725,7 @@ def test_rows_whose_label_has_no_training_row_are_counted_not_fatal(tmp_path, to
                          data=FinetuneDataConfig(train=train, val=val, test=test, max_seq_len=16))
     rows, info, bad = build_examples(cfg, tok)
     assert sorted(info["label2id"]) == ["sport", "tech"] and [len(rows[s]) for s in ("train", "val", "test")] == [6, 1, 1]
-    assert [b["where"] for b in bad] == [f"{val} (val): row 1", f"{test} (test): row 1", f"{test} (test): row 2"]
+    assert [b["where"] for b in bad] == [f"{val}:2 (val)", f"{test}:2 (test)", f"{test}:3 (test)"]  # their lines
     assert all("label 'weather' has no row in the train split" in b["reason"] for b in bad)
     only_weather = write("v2.jsonl", [("Rain tomorrow.", "weather")])
     with pytest.raises(ValueError, match="data.val: no row to validate on"):
