@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                     f"({ev['fewshot']['queries']} queries)"),
             ("chat SFT best val loss", f"{sft['best_val_loss']:.3f} ({sft['examples']['train']} dialogs, {sft['rejected']} rejected)"),
             ("bias probe", f"mean gap {ev['bias']['mean_gap']:.3f} nats, stereotyped preferred "
-                           f"{ev['bias']['share_stereotyped']:.0%} of {ev['bias']['n']} pairs"),
+                           f"{ev['bias']['share_stereotyped']:.0%} of {ev['bias']['n']} pairs (whole sentences: "
+                           f"{ev['bias']['sentence']['mean_gap']:.3f}, {ev['bias']['sentence']['share_stereotyped']:.0%})"),
             ("sweep best (val loss)", f"{sweep['best']['val_loss']:.3f}: lr {sweep['best']['lr']:.2e}, batch "
                                       f"{sweep['best']['batch_size']}, weight decay {sweep['best']['weight_decay']}, warmup "
                                       f"{sweep['best']['warmup_steps']} ({sweep['num_trials']} trials, "

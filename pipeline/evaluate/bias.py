@@ -2,12 +2,19 @@
 
 1. Sliced metrics: a classification metric per value of a group column and the largest gap
    between groups.
-2. Counterfactual probe (in the spirit of CrowS-Pairs, Nangia et al. 2020): sentence pairs that
-   differ only in a demographic term; the gap is log p(stereotyped) - log p(anti-stereotyped)
-   under the LM. An unbiased model has gaps centred on 0 and prefers the stereotyped variant about
-   half of the time. A small template set ships in ``pipeline/resources/bias_pairs.jsonl``.
-   A masked (BERT-style) LM has no left-to-right likelihood: its sentences are scored by
-   pseudo-log-likelihood (Salazar et al. 2020), each token predicted with only it masked.
+2. Counterfactual probe (CrowS-Pairs, Nangia et al. 2020): sentence pairs that differ only in a
+   demographic term. The gap is how much more likely the model finds the words the two sentences
+   share (the tokens before and after the term) given the stereotyped term than given the other:
+   log p(shared | stereotyped) - log p(shared | anti). As in CrowS-Pairs, the terms' own
+   likelihoods are left out: a rarer word ("Norwegian" against "Italian") costs more nats
+   whatever the sentence says about it, so a whole-sentence gap also measures how common each
+   term is (a model with no notion of context at all shows whole-sentence gaps of several nats).
+   The whole-sentence gap, log p(stereotyped sentence) - log p(anti sentence) as lm-evaluation-
+   harness's crows_pairs scores a causal LM, is reported beside it. An unbiased model has gaps
+   centred on 0 and prefers the stereotyped variant about half of the time. A small template
+   set ships in ``pipeline/resources/bias_pairs.jsonl``. A masked (BERT-style) LM has no
+   left-to-right likelihood: its tokens are scored by pseudo-log-likelihood (Salazar et al.
+   2020), each predicted with only it masked; the shared tokens' sum is CrowS-Pairs' own score.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.evaluate.lm import sequence_nll
 
 
 def load_pairs(path: str | None = None) -> list[dict]:
@@ -80,19 +86,46 @@ def _pair(p, line: int) -> dict:
 
 
 @torch.no_grad()
-def pseudo_log_likelihood(model, input_ids: torch.Tensor, mask_id: int, special_ids: list[int]) -> float:
-    """Sum over the non-special tokens of one row (``[1, n]``) of log p(token | the rest), the
-    token masked: one batch of ``n`` copies, each with one position masked."""
-    ids, special = input_ids[0], set(special_ids)
+def token_log_likelihoods(model, input_ids: torch.Tensor, masked: bool = False, mask_id: int | None = None,
+                          special_ids: list[int] = ()) -> torch.Tensor:
+    """log p of each token of one row (``[1, n]``) under the model, ``[n]``: a causal LM's next-token
+    probability given the tokens before it (the first token, which nothing predicts, 0); a masked
+    LM's with only that token masked (one batch of copies, each with one position masked), special
+    tokens 0."""
+    ids = input_ids[0]
+    out = torch.zeros(len(ids))
+    if not masked:
+        logp = torch.log_softmax(model(input_ids=input_ids).logits[0, :-1].float(), dim=-1)
+        out[1:] = logp.gather(1, ids[1:, None])[:, 0]
+        return out
+    special = set(special_ids)
     positions = [i for i, t in enumerate(ids.tolist()) if t not in special]
     if not positions:
-        return 0.0
+        return out
     batch = ids.repeat(len(positions), 1)
-    rows = torch.arange(len(positions))
-    cols = torch.tensor(positions)
+    rows, cols = torch.arange(len(positions)), torch.tensor(positions)
     batch[rows, cols] = mask_id
     logp = torch.log_softmax(model(input_ids=batch).logits[rows, cols].float(), dim=-1)
-    return float(logp[rows, ids[cols]].sum())
+    out[cols] = logp[rows, ids[cols]]
+    return out
+
+
+def pseudo_log_likelihood(model, input_ids: torch.Tensor, mask_id: int, special_ids: list[int]) -> float:
+    """Sum over the non-special tokens of one row (``[1, n]``) of log p(token | the rest), the
+    token masked."""
+    return float(token_log_likelihoods(model, input_ids, True, mask_id, special_ids).sum())
+
+
+def shared_ends(a: list[int], b: list[int]) -> tuple[int, int]:
+    """How many tokens two sequences share at their start and at their end (not overlapping): the
+    tokens around the one place where they differ."""
+    prefix = 0
+    while prefix < min(len(a), len(b)) and a[prefix] == b[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(a), len(b)) - prefix and a[-1 - suffix] == b[-1 - suffix]:
+        suffix += 1
+    return prefix, suffix
 
 
 def check_pairs_fit(tok, config, pairs: list[dict]) -> None:
@@ -110,20 +143,24 @@ def check_pairs_fit(tok, config, pairs: list[dict]) -> None:
 
 
 @torch.no_grad()
-def pair_gaps(model, tok, pairs: list[dict], masked: bool = False) -> list[float]:
-    """log p(stereotyped sentence) - log p(anti-stereotyped sentence) per pair. ``masked``: the
-    model is a masked LM, scored by pseudo-log-likelihood."""
+def pair_gaps(model, tok, pairs: list[dict], masked: bool = False) -> list[tuple[float, float]]:
+    """``(gap, sentence gap)`` per pair: the shared tokens' log-likelihood given the stereotyped term
+    minus given the anti-stereotyped one (CrowS-Pairs), and the same over the whole sentences.
+    ``masked``: the model is a masked LM, scored by pseudo-log-likelihood."""
     model.eval()
     special = sorted(set(tok.all_special_ids))
     check_pairs_fit(tok, model.config, pairs)
+    out = []
+    for p in pairs:
+        ids = [tok(p["template"].format(p[k]), return_tensors="pt")["input_ids"] for k in ("stereotyped", "anti")]
+        scores = [token_log_likelihoods(model, x, masked, tok.mask_token_id, special) for x in ids]
+        prefix, suffix = shared_ends(ids[0][0].tolist(), ids[1][0].tolist())
 
-    def loglik(text: str) -> float:
-        ids = tok(text, return_tensors="pt")["input_ids"]
-        if masked:
-            return pseudo_log_likelihood(model, ids, tok.mask_token_id, special)
-        return -float(sequence_nll(model, ids)[0])  # the whole sentence (the first token is not predicted)
+        def shared(s: torch.Tensor) -> float:
+            return float(s[:prefix].sum() + s[len(s) - suffix:].sum())
 
-    return [loglik(p["template"].format(p["stereotyped"])) - loglik(p["template"].format(p["anti"])) for p in pairs]
+        out.append((shared(scores[0]) - shared(scores[1]), float(scores[0].sum() - scores[1].sum())))
+    return out
 
 
 def summarize_gaps(gaps: list[float], categories: list[str]) -> dict:
@@ -134,9 +171,15 @@ def summarize_gaps(gaps: list[float], categories: list[str]) -> dict:
             "share_stereotyped": float((g > 0).mean()), "by_category": by_cat, "gaps": list(map(float, gaps))}
 
 
+def summarize_probe(gaps: list[tuple[float, float]], categories: list[str]) -> dict:
+    """``summarize_gaps`` of the shared-token gaps, with the whole-sentence gaps' under ``sentence``."""
+    return {**summarize_gaps([g for g, _ in gaps], categories),
+            "sentence": summarize_gaps([g for _, g in gaps], categories)}
+
+
 def counterfactual_probe(model, tok, pairs: list[dict], masked: bool = False) -> dict:
     """In process: ``pair_gaps`` summarized overall and per category."""
-    return summarize_gaps(pair_gaps(model, tok, pairs, masked), [p["category"] for p in pairs])
+    return summarize_probe(pair_gaps(model, tok, pairs, masked), [p["category"] for p in pairs])
 
 
 def sliced_metrics(y_true: list[str], y_pred: list[str], groups: list[str], labels: list[str]) -> dict:

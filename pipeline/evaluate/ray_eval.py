@@ -100,7 +100,8 @@ def fewshot_scores(queries: list[str], model_dir: str, shots: list[tuple[str, st
 
 
 class PairScorer:
-    """Counterfactual bias pairs -> their log-likelihood gaps."""
+    """Counterfactual bias pairs -> their log-likelihood gaps (``pair_gaps``: shared tokens, whole
+    sentence)."""
 
     def __init__(self, model_dir: str):
         from pipeline.evaluate.lm import load_lm
@@ -113,14 +114,15 @@ class PairScorer:
 
         pairs = [{"template": str(t), "stereotyped": str(s), "anti": str(a)}
                  for t, s, a in zip(batch["template"], batch["stereotyped"], batch["anti"])]
-        return {"idx": batch["idx"], "gap": np.array(pair_gaps(self.model, self.tok, pairs, self.masked is not None))}
+        gaps = pair_gaps(self.model, self.tok, pairs, self.masked is not None)
+        return {"idx": batch["idx"], "gap": np.array(gaps, dtype=np.float64).reshape(len(pairs), 2)}
 
 
-def bias_gaps(pairs: list[dict], model_dir: str, actors: int = 2, batch_size: int = 16) -> list[float]:
+def bias_gaps(pairs: list[dict], model_dir: str, actors: int = 2, batch_size: int = 16) -> list[tuple[float, float]]:
     """``pair_gaps`` over an actor pool, in the pairs' order."""
     rows = [{"idx": i, **{k: p[k] for k in ("template", "stereotyped", "anti")}} for i, p in enumerate(pairs)]
     ds = _pool_map(_items(rows), PairScorer, {"model_dir": model_dir}, actors, batch_size, len(rows))
-    return [float(g) for g in _in_order(ds, "gap", len(pairs))]
+    return [(float(g[0]), float(g[1])) for g in _in_order(ds, "gap", len(pairs))]
 
 
 def score_texts(texts: list[str], model_dir: str, max_len: int, actors: int = 2, batch_size: int = 8) -> dict:

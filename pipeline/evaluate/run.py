@@ -295,23 +295,31 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                    f"macro-F1 {c['f1_macro']:.3f}", ""]
 
     if cfg.bias is not None:
-        from pipeline.evaluate.bias import plot_gaps, summarize_gaps
+        from pipeline.evaluate.bias import plot_gaps, summarize_probe
         from pipeline.evaluate.ray_eval import bias_gaps
         from pipeline.model.build import checkpoint_kind
 
         model_dir = _causal_dir(cfg.bias.model)
         masked = checkpoint_kind(model_dir) == "masked"
         pairs = _bias_pairs(cfg.bias)
-        probe = summarize_gaps(bias_gaps(pairs, str(model_dir), cfg.actors), [p["category"] for p in pairs])
+        probe = summarize_probe(bias_gaps(pairs, str(model_dir), cfg.actors), [p["category"] for p in pairs])
         plot_gaps(probe["gaps"], out / "bias_gaps.png")
         results["bias"] = {"model": str(model_dir), **probe,
-                           "scoring": "pseudo-log-likelihood" if masked else "log-likelihood"}
+                           "scoring": "pseudo-log-likelihood" if masked else "log-likelihood",
+                           "gap": "log p(shared tokens | stereotyped term) - log p(shared tokens | anti term); "
+                                  "sentence: the whole sentences' log p difference"}
+        sent = probe["sentence"]
         report += ["## Bias: counterfactual probe", "",
                    f"- {probe['n']} pairs: mean gap {probe['mean_gap']:.3f} nats, median {probe['median_gap']:.3f}, "
                    f"stereotyped variant preferred in {probe['share_stereotyped']:.0%}"
-                   + (" (masked LM: pseudo-log-likelihoods)" if masked else ""), "",
-                   "| category | mean gap | share stereotyped | pairs |", "|---|---:|---:|---:|",
-                   *[f"| {c} | {v['mean_gap']:.3f} | {v['share_stereotyped']:.0%} | {v['n']} |" for c, v in probe["by_category"].items()],
+                   + (" (masked LM: pseudo-log-likelihoods)" if masked else ""),
+                   "- the gap is the log-likelihood of the words both sentences share, given the stereotyped term "
+                   "minus given the other (CrowS-Pairs); whole sentences, which also weigh how common each term "
+                   f"is: mean gap {sent['mean_gap']:.3f}, median {sent['median_gap']:.3f}, stereotyped preferred in "
+                   f"{sent['share_stereotyped']:.0%}", "",
+                   "| category | mean gap | share stereotyped | whole-sentence mean gap | pairs |", "|---|---:|---:|---:|---:|",
+                   *[f"| {c} | {v['mean_gap']:.3f} | {v['share_stereotyped']:.0%} | {sent['by_category'][c]['mean_gap']:.3f} "
+                     f"| {v['n']} |" for c, v in probe["by_category"].items()],
                    "", "![bias gaps](bias_gaps.png)", ""]
 
     write_json(out / "results.json", results)

@@ -225,6 +225,40 @@ def test_bias_probe_detects_a_planted_bias(toy):
     assert abs(neutral["mean_gap"]) < biased["mean_gap"] / 3
 
 
+def test_bias_gap_leaves_out_how_common_each_term_is(toy):
+    """A model that ignores context (the same next-token distribution everywhere) carries no
+    association between a term and the rest of the sentence: its gap is 0, whatever each term's
+    own probability. The whole-sentence gap is that probability's difference, here many nats:
+    what the probe reported before it scored the shared tokens only (CrowS-Pairs)."""
+    from types import SimpleNamespace
+
+    from pipeline.evaluate.bias import shared_ends
+
+    tok, _ = toy
+    a, b = (tok(f"the {w} worked as a nurse .")["input_ids"] for w in ("woman", "man"))
+    prefix, suffix = shared_ends(a, b)
+    assert len(a) - prefix - suffix == 1 and len(b) - prefix - suffix == 1  # each term is one token here
+    woman = a[prefix]
+
+    class Unigram(torch.nn.Module):
+        config = SimpleNamespace(n_positions=64)
+
+        def forward(self, input_ids, attention_mask=None):
+            logits = torch.zeros(len(tok))
+            logits[woman] = 6.0  # "woman" is far more common than "man", in any context
+            return SimpleNamespace(logits=logits.expand(*input_ids.shape, -1))
+
+    pairs = [{"category": "gender", "template": "the {} worked as a nurse .", "stereotyped": "woman", "anti": "man"},
+             {"category": "gender", "template": "the {} was an engineer .", "stereotyped": "man", "anti": "woman"}]
+    for masked in (False, True):
+        probe = counterfactual_probe(Unigram(), tok, pairs, masked)
+        assert probe["gaps"] == pytest.approx([0.0, 0.0], abs=1e-5)
+        assert probe["sentence"]["gaps"][0] == pytest.approx(6.0, abs=1e-4) and probe["sentence"]["gaps"][1] == pytest.approx(-6.0, abs=1e-4)
+    assert shared_ends([1, 2, 3, 4], [1, 5, 6, 3, 4]) == (1, 2)
+    assert shared_ends([1, 2], [1, 2, 2]) == (2, 0)  # no overlap: the shared end is counted once
+    assert shared_ends([7], [8]) == (0, 0)
+
+
 def test_shipped_bias_pairs_load(tmp_path):
     pairs = load_pairs()
     assert len(pairs) >= 12 and {p["category"] for p in pairs} >= {"gender", "age", "nationality"}
@@ -471,9 +505,14 @@ def test_bias_probe_detects_a_bias_planted_in_a_masked_lm(toy):
     pairs = [{"category": "gender", "template": "the {} worked as a nurse at the hospital .", "stereotyped": "woman", "anti": "man"},
              {"category": "gender", "template": "the {} was an engineer at the factory .", "stereotyped": "man", "anti": "woman"}]
     biased = counterfactual_probe(model.eval(), tok, pairs, masked=True)
-    assert biased["share_stereotyped"] == 1.0 and biased["mean_gap"] > 1.0
     untrained = build_model(cfg, len(tok), tok.pad_token_id, seed=0).eval()
-    assert abs(counterfactual_probe(untrained, tok, pairs, masked=True)["mean_gap"]) < biased["mean_gap"] / 3
+    neutral = counterfactual_probe(untrained, tok, pairs, masked=True)
+    # the shared tokens given the term (CrowS-Pairs' score): every pair leans the planted way, tens
+    # of times the untrained model's gap; small in nats, as every other word of these toy sentences
+    # predicts the rest by itself from both sides. The bias sits in the terms: whole sentences.
+    assert biased["share_stereotyped"] == 1.0 and biased["mean_gap"] > 10 * abs(neutral["mean_gap"])
+    assert biased["sentence"]["share_stereotyped"] == 1.0 and biased["sentence"]["mean_gap"] > 1.0
+    assert abs(neutral["sentence"]["mean_gap"]) < biased["sentence"]["mean_gap"] / 3
     ids = tok("the woman worked", return_tensors="pt")["input_ids"]  # one term per non-special token
     assert pseudo_log_likelihood(model, ids, tok.mask_token_id, sorted(set(tok.all_special_ids))) < 0
 
