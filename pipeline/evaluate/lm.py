@@ -84,37 +84,72 @@ def lm_metrics_from_rows(model, tok, rows: list[list[int]], batch_size: int = 8)
 
 
 def lm_metrics_from_texts(model, tok, texts: list[str], max_len: int, batch_size: int = 8,
-                          masked: MaskedScorer | None = None) -> dict:
-    """Each text scored on its own (truncated to ``max_len`` tokens, the first token unscored;
-    with ``masked``, a masked LM's loss at the corrupted positions)."""
+                          masked: MaskedScorer | None = None, overlap: int | None = None) -> dict:
+    """Each text scored whole, on its own, in windows of ``max_len`` tokens (``document_windows``;
+    with ``masked``, a masked LM's loss at the corrupted positions of each window)."""
     totals = [0.0, 0, 0]
     for i in range(0, len(texts), batch_size):
-        for k, v in enumerate(text_batch_totals(model, tok, texts[i : i + batch_size], max_len, masked)):
+        for k, v in enumerate(text_batch_totals(model, tok, texts[i : i + batch_size], max_len, masked, overlap)):
             totals[k] += v
     return _summary(float(totals[0]), int(totals[1]), int(totals[2]), "causal" if masked is None else "masked")
 
 
-def text_batch_totals(model, tok, texts: list[str], max_len: int, masked: MaskedScorer | None = None) -> tuple[float, int, int]:
+def default_overlap(max_len: int) -> int:
+    """Context carried into a document's next window when none is set: a quarter of the window."""
+    return max(1, max_len // 4)
+
+
+def document_windows(ids: list[int], max_len: int, overlap: int) -> list[tuple[list[int], int]]:
+    """``(window, context)`` pairs covering a document's token ids with windows of at most
+    ``max_len`` tokens, whose first ``context`` tokens are only read: every token but the first
+    (which nothing predicts) is scored exactly once. Each window after the first repeats the
+    ``overlap`` tokens before its new ones (1 <= overlap < max_len), so they are scored with that
+    much context at least, as a sliding-window perplexity is computed for a model whose context is
+    shorter than the document."""
+    if not 1 <= overlap < max_len:
+        raise ValueError(f"window overlap must be in [1, {max_len - 1}] for {max_len}-token windows, got {overlap}")
+    out, end = [(ids[:max_len], 1)], min(len(ids), max_len)
+    while end < len(ids):
+        start = end - overlap
+        out.append((ids[start : start + max_len], overlap))
+        end = min(len(ids), start + max_len)
+    return out
+
+
+def text_batch_totals(model, tok, texts: list[str], max_len: int, masked: MaskedScorer | None = None,
+                      overlap: int | None = None, windows_per_pass: int = 8) -> tuple[float, int, int]:
     """Summed NLL, scored tokens and their bytes (0 for a masked LM) of one batch of texts, each
-    truncated to ``max_len`` tokens."""
+    read whole: a causal LM's in ``document_windows`` of ``max_len`` tokens (the model's context at
+    most) carrying ``overlap`` tokens of context (default ``default_overlap``); a masked LM's in
+    disjoint windows, each corrupted and scored as a training row is."""
     model.eval()
     max_len = context_length(model, max_len)
-    if tok.pad_token_id is None:  # GPT-2's and Llama's tokenizers have none; padding is masked out anyway
-        import copy
-
-        tok = copy.deepcopy(tok)
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
-    # right padding: a causal model numbers positions from the first column, so left padding
-    # would shift every real token's position
-    enc = tok(texts, truncation=True, max_length=max_len, padding=True, padding_side="right", return_tensors="pt")
+    docs = tok(texts, verbose=False)["input_ids"]  # whole: no truncation
     if masked is not None:
-        nll, counts = masked(model, enc["input_ids"], enc["attention_mask"])
-        return float(nll.sum()), int(counts.sum()), 0
-    nll = float(sequence_nll(model, enc["input_ids"], enc["attention_mask"]).sum())
-    num_bytes = 0
-    for ids, mask in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist()):
-        num_bytes += len(tok.decode([t for t, m in zip(ids[1:], mask[1:]) if m]).encode("utf-8"))
-    return nll, int(enc["attention_mask"][:, 1:].sum()), num_bytes
+        windows = [(ids[i : i + max_len], 0) for ids in docs for i in range(0, len(ids), max_len)]
+    else:
+        windows = [w for ids in docs for w in document_windows(ids, max_len, overlap or default_overlap(max_len))]
+    windows = [(w, context) for w, context in windows if len(w) > context]  # a one-token text scores nothing
+    nll, tokens = 0.0, 0
+    for i in range(0, len(windows), windows_per_pass):
+        group = windows[i : i + windows_per_pass]
+        width = max(len(w) for w, _ in group)
+        x = torch.zeros(len(group), width, dtype=torch.long)
+        attention = torch.zeros(len(group), width, dtype=torch.long)
+        scored = torch.zeros(len(group), width, dtype=torch.bool)
+        for row, (w, context) in enumerate(group):  # right padding: a causal model numbers positions from the first column
+            x[row, : len(w)], attention[row, : len(w)], scored[row, context : len(w)] = torch.tensor(w), 1, True
+        if masked is not None:
+            n, c = masked(model, x, attention)
+            nll, tokens = nll + float(n.sum()), tokens + int(c.sum())
+            continue
+        with torch.no_grad():
+            logits = model(input_ids=x, attention_mask=attention).logits[:, :-1].float()
+        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+        nll += float((token_nll * scored[:, 1:]).sum())
+        tokens += int(scored[:, 1:].sum())
+    num_bytes = 0 if masked is not None else sum(len(tok.decode(ids[1:]).encode("utf-8")) for ids in docs)
+    return nll, tokens, num_bytes
 
 
 def _summary(nll: float, tokens: int, num_bytes: int, objective: str = "causal") -> dict:

@@ -56,18 +56,18 @@ class LMScorer:
 class TextScorer:
     """Summed NLL / tokens / bytes of each batch of texts (one output row per batch)."""
 
-    def __init__(self, model_dir: str, max_len: int):
+    def __init__(self, model_dir: str, max_len: int, overlap: int | None = None):
         from pipeline.evaluate.lm import load_lm
 
         actor_process()
         self.model, self.tok, self.masked = load_lm(model_dir)
-        self.max_len = max_len
+        self.max_len, self.overlap = max_len, overlap
 
     def __call__(self, batch: dict) -> dict:
         from pipeline.evaluate.lm import text_batch_totals
 
         nll, tokens, num_bytes = text_batch_totals(self.model, self.tok, [str(t) for t in batch["text"]], self.max_len,
-                                                   self.masked)
+                                                   self.masked, self.overlap)
         return {"nll": np.array([nll]), "tokens": np.array([tokens]), "bytes": np.array([num_bytes])}
 
 
@@ -125,10 +125,11 @@ def bias_gaps(pairs: list[dict], model_dir: str, actors: int = 2, batch_size: in
     return [(float(g[0]), float(g[1])) for g in _in_order(ds, "gap", len(pairs))]
 
 
-def score_texts(texts: list[str], model_dir: str, max_len: int, actors: int = 2, batch_size: int = 8) -> dict:
+def score_texts(texts: list[str], model_dir: str, max_len: int, actors: int = 2, batch_size: int = 8,
+                overlap: int | None = None) -> dict:
     """``lm_metrics_from_texts`` over an actor pool (each actor loads the model once)."""
-    scored = _pool_map(_items([{"text": t} for t in texts]), TextScorer, {"model_dir": model_dir, "max_len": max_len},
-                       actors, batch_size, len(texts))
+    scored = _pool_map(_items([{"text": t} for t in texts]), TextScorer,
+                       {"model_dir": model_dir, "max_len": max_len, "overlap": overlap}, actors, batch_size, len(texts))
     return _totals(scored, model_dir)
 
 

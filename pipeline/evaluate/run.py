@@ -25,13 +25,17 @@ class LMEvalConfig:
     text_field: str = "text"       # Parquet file or saved HF dataset whose text_field holds the documents
     max_rows: int = 0  # 0 = every val row; else a seeded random sample of the val rows (or texts)
     seed: int = 0
-    max_len: int = 256
+    max_len: int = 256  # tokens per window (the model's context at most); a longer text is read in several
+    window_overlap: int | None = None  # tokens of context a text's next window repeats (null: max_len // 4)
 
     def __post_init__(self) -> None:
         check((self.data is None) != (self.text_file is None),
               "lm: set one of lm.data (a prepare output's shards) or lm.text_file, not both"
               if self.data is not None else "lm: set lm.data or lm.text_file")
-        check(self.max_len >= 2, f"lm.max_len must be >= 2 (tokens per document), got {self.max_len}")
+        check(self.max_len >= 2, f"lm.max_len must be >= 2 (tokens per window), got {self.max_len}")
+        check(self.window_overlap is None or 1 <= self.window_overlap < self.max_len,
+              f"lm.window_overlap must be in [1, lm.max_len - 1 = {self.max_len - 1}] (tokens of context a text's "
+              f"next window repeats), got {self.window_overlap}")
         check(self.max_rows >= 0, f"lm.max_rows must be >= 0 (0: every row), got {self.max_rows}")
         check(self.split in ("val", "test", "train"), f"lm.split must be val, test or train, got {self.split!r}")
 
@@ -66,7 +70,8 @@ class FewshotEvalConfig:
     k: int = 4
     max_queries: int = 100  # a seeded random sample of the split when it has more rows
     max_words: int = 40
-    max_len: int = 256
+    max_len: int = 256  # tokens per window (the model's context at most); a longer text is read in several
+    window_overlap: int | None = None  # tokens of context a text's next window repeats (null: max_len // 4)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -241,12 +246,17 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             texts, unit, rejected = _lm_texts(cfg.lm)
             n_texts = len(texts)
             texts = sample_rows(texts, cfg.lm.max_rows, cfg.lm.seed)
-            scored = f"{len(texts)} of the {n_texts} {unit} of {cfg.lm.text_file}, up to {cfg.lm.max_len} tokens each" + \
+            from pipeline.evaluate.lm import default_overlap
+
+            overlap = cfg.lm.window_overlap or default_overlap(cfg.lm.max_len)
+            scored = f"{len(texts)} of the {n_texts} {unit} of {cfg.lm.text_file}, each whole, in windows of up to " \
+                     f"{cfg.lm.max_len} tokens ({overlap} tokens of context carried into the next; a masked LM's " \
+                     f"windows are disjoint)" + \
                 (" (a seeded sample)" if len(texts) < n_texts else "") + \
                 (f"; {len(rejected)} {unit if len(rejected) > 1 else unit[:-1]} rejected ({', '.join(sorted(set(rejected)))})" if rejected else "")
             from pipeline.evaluate.ray_eval import score_texts
 
-            res = score_texts(texts, str(model_dir), cfg.lm.max_len, cfg.actors)
+            res = score_texts(texts, str(model_dir), cfg.lm.max_len, cfg.actors, overlap=overlap)
         results["lm"] = {"model": str(model_dir), "scored": scored, **res}
         report += ["## Language modeling", "", f"- model: `{model_dir}`; scored: {scored}",
                    f"- loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}, bits/byte {res['bits_per_byte']:.4f} "

@@ -291,6 +291,33 @@ def test_shipped_bias_pairs_load(tmp_path):
         load_pairs(str(tmp_path / "missing.csv"))
 
 
+def test_long_texts_are_scored_whole_in_windows(toy):
+    """A text longer than ``max_len`` is read in windows that carry context over: every token but
+    the first scored once (it was truncated, its tail never scored); a window as long as the text
+    gives the whole-context figure."""
+    from pipeline.evaluate.lm import document_windows, sequence_nll
+
+    assert document_windows(list(range(10)), 4, 1) == [([0, 1, 2, 3], 1), ([3, 4, 5, 6], 1), ([6, 7, 8, 9], 1)]
+    windows = document_windows(list(range(50)), 8, 3)
+    assert [t for w, c in windows for t in w[c:]] == list(range(1, 50))
+    assert all(len(w) <= 8 for w, _ in windows) and [c for _, c in windows] == [1] + [3] * (len(windows) - 1)
+    assert document_windows([5], 4, 1) == [([5], 1)]
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="window overlap must be in"):
+            document_windows(list(range(10)), 4, bad)
+    tok, texts = toy
+    model = train_toy(tok, texts, steps=30)
+    text = texts[0] + " " + texts[30]
+    ids = tok(text)["input_ids"]
+    assert 16 < len(ids) <= 32  # longer than the windows below, within the toy model's context
+    whole = lm_metrics_from_texts(model, tok, [text], max_len=32)
+    assert whole["tokens"] == len(ids) - 1
+    assert whole["loss"] == pytest.approx(float(sequence_nll(model, torch.tensor([ids]))[0]) / (len(ids) - 1), rel=1e-5)
+    for overlap in (1, 4):
+        windowed = lm_metrics_from_texts(model, tok, [text, texts[1]], max_len=8, overlap=overlap)
+        assert windowed["tokens"] == len(ids) - 1 + len(tok(texts[1])["input_ids"]) - 1
+
+
 def test_lm_metrics_and_option_scorer(toy):
     tok, texts = toy
     model = train_toy(tok, texts, steps=60)
