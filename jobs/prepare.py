@@ -26,12 +26,16 @@ def parse_config(argv: list[str]) -> PrepareConfig:
                         help="path, glob or URI (repeatable); replaces the config's sources")
     parser.add_argument("--output", default=None, help="output root directory (replaces output_dir)")
     args = parser.parse_args(argv)
-    data = apply_overrides(load_yaml(args.config), args.overrides)
+    data = load_yaml(args.config)
     if args.input:
         data["sources"] = list(args.input)
     if args.output:
         data["output_dir"] = args.output
-    return from_dict(PrepareConfig, data)
+    if isinstance(data.get("sources"), list) and any(o.startswith("sources.") for o in args.overrides):
+        # a source given as a string is {path: it}: `--input data/ sources.0.text_field=body` sets that
+        # input's field, as it would a source written as a mapping
+        data["sources"] = [{"path": src} if isinstance(src, str) else src for src in data["sources"]]
+    return from_dict(PrepareConfig, apply_overrides(data, args.overrides))
 
 
 def summary(manifest: dict) -> str:

@@ -124,6 +124,13 @@ def test_prepare_config_validation_names_keys(tmp_path):
         parse_config(["--config", str(PREPARE_DEMO), "dedup.fuzzy.bands=100"])
     cfg = parse_config(["--config", str(PREPARE_DEMO), "--input", str(tmp_path), "--output", "/tmp/x"])
     assert [s.path for s in cfg.sources] == [str(tmp_path)] and cfg.output_dir == "/tmp/x"
+    # overrides reach the sources --input gives, a string source being {path: it}
+    cfg = parse_config(["--config", str(PREPARE_DEMO), "--input", str(tmp_path), "--input", "chatterbot",
+                        "sources.0.text_field=body", "sources.0.name=mine"])
+    assert [(s.path, s.text_field, s.source_name) for s in cfg.sources][0] == (str(tmp_path), "body", "mine")
+    assert cfg.sources[1].path == "chatterbot" and cfg.sources[1].text_field == "text"
+    with pytest.raises(ValueError, match=r"sources\[0\].text_fild"):
+        parse_config(["--config", str(PREPARE_DEMO), "--input", str(tmp_path), "sources.0.text_fild=body"])
 
 
 def test_output_dir_depends_on_result_fields_only():
