@@ -247,11 +247,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             n_texts = len(texts)
             texts = sample_rows(texts, cfg.lm.max_rows, cfg.lm.seed)
             from pipeline.evaluate.lm import default_overlap
+            from pipeline.model.build import checkpoint_kind
 
             overlap = cfg.lm.window_overlap or default_overlap(cfg.lm.max_len)
-            scored = f"{len(texts)} of the {n_texts} {unit} of {cfg.lm.text_file}, each whole, in windows of up to " \
-                     f"{cfg.lm.max_len} tokens ({overlap} tokens of context carried into the next; a masked LM's " \
-                     f"windows are disjoint)" + \
+            scored = f"{len(texts)} of the {n_texts} {unit} of {cfg.lm.text_file}, each whole, in " + \
+                (f"disjoint windows of up to {cfg.lm.max_len} tokens" if checkpoint_kind(model_dir) == "masked" else
+                 f"windows of up to {cfg.lm.max_len} tokens ({overlap} tokens of context carried into the next)") + \
                 (" (a seeded sample)" if len(texts) < n_texts else "") + \
                 (f"; {len(rejected)} {unit if len(rejected) > 1 else unit[:-1]} rejected ({', '.join(sorted(set(rejected)))})" if rejected else "")
             from pipeline.evaluate.ray_eval import score_texts
