@@ -38,7 +38,7 @@ def _located_rows(path: str, label_field: str, bad: list[dict]):
     """``(where, row)`` over a labeled file, ``where`` the row's place in it as the prepare stage
     names places: ``path:LINE`` in a JSON Lines file, ``path[i]`` in a JSON array, ``path: record
     N`` (from 1, the header not counted) in a CSV, ``path: row i`` (from 0) in Parquet,
-    ``path: split/i`` in a saved dataset (a ``ClassLabel`` ``label_field`` as its class names). A CSV record with more values than its header has
+    ``path: [split ]row i`` in a saved dataset (a ``ClassLabel`` ``label_field`` as its class names). A CSV record with more values than its header has
     columns goes to ``bad``: which value belongs to which column is unknown."""
     import csv
 
@@ -50,7 +50,9 @@ def _located_rows(path: str, label_field: str, bad: list[dict]):
     if kind not in ("file", "hf"):
         raise ValueError(f"data file not found: {path}")
     if kind == "hf":  # a saved HF dataset (of a DatasetDict, every split: finetune and evaluate pick one through labeled_splits)
-        yield from ((f"{path}: {where}", row) for where, row in hf_rows(path, label_field))
+        for where, row in hf_rows(path, label_field):  # "split/i" in a DatasetDict, "i" in one split
+            split, _, i = where.rpartition("/")
+            yield f"{path}: {split + ' ' if split else ''}row {i}", row
     elif fmt == "parquet":
         with _open(path) as f:
             batches = pq.ParquetFile(f).iter_batches(batch_size=1024)

@@ -269,7 +269,7 @@ def test_labeled_data_from_a_saved_hf_dataset_dict(tmp_path, tok):
         str(tmp_path / "unlabeled"))
     bad = []
     assert read_labeled(str(tmp_path / "unlabeled"), "body", "topic", bad) == [("Goal!", "sport")]
-    assert [b["reason"] for b in bad] == ["missing label"]
+    assert bad == [{"where": f"{tmp_path / 'unlabeled'}: row 1", "reason": "missing label"}]
     # through build_examples: an explicit data.val wins over the DatasetDict's validation split
     from pipeline.finetune.finetune import FinetuneConfig, FinetuneDataConfig, build_examples
 
