@@ -8,8 +8,10 @@ Ray: 2 workers x 1 thread x batch 8 (`jobs/configs/pretrain_demo.yaml`). Baselin
 2 threads, batch 16, the same `Trainer.train_step` (in general: workers x threads per worker
 threads, workers x batch rows, so ``scaling.num_workers=1 train.batch_size=16`` compares one
 worker with one thread, leaving a core to Ray's control processes). Steady state: steps after ``--warmup``.
-Rounds alternate the two sides (Ray fit, then Ray shut down and the plain loop) so that machine noise hits both;
-the ratio reported is the median of the per-round ratios. Extra ``key=value`` arguments override
+Each round measures both sides back to back (a Ray fit, Ray shut down, the plain loop), Ray first in
+odd rounds and the plain loop first in even ones (ABBA), so that machine noise, and a machine that
+speeds up or slows down over minutes, hit both sides alike; the ratio reported is the median of the
+per-round ratios. Extra ``key=value`` arguments override
 the pretrain config (e.g. ``train.shuffle_buffer=0``).
 
 ``--cpu-report S`` (Linux) also samples, during the first round's steady state, where the machine's
@@ -62,7 +64,8 @@ def main() -> None:
     rows = pq.read_table(str(Path(manifest["output_dir"]) / manifest["shards"][0]["path"])).column("input_ids").to_pylist()
     data = torch.tensor(rows, dtype=torch.long)
     ray_tps, plain_tps, walls = [], [], []
-    for rnd in range(args.rounds):
+
+    def ray_side(rnd: int):
         if not ray.is_initialized():
             init_ray(num_cpus=2)
         cfg = parse_pretrain(["--config", "jobs/configs/pretrain_demo.yaml", f"output_dir={tempfile.mkdtemp(prefix='bench_train')}",
@@ -85,14 +88,15 @@ def main() -> None:
                                          if r["kind"] == "train" and r["step"] > args.warmup))
         if args.cpu_report and rnd == 0:
             print_cpu_report(report)
-
-        # Plain PyTorch: same model, global batch (16 x 256 in the demo) and threads (workers x
-        # threads per worker), Ray shut down (its daemons idle on the same cores otherwise, which
-        # would slow the baseline).
+        # the plain loop runs with Ray shut down (its daemons idle on the same cores otherwise,
+        # which would slow the baseline)
         ray.shutdown()
+
+    def plain_side(cfg) -> int:
+        """Plain PyTorch: same model, global batch (16 x 256 in the demo) and threads (workers x
+        threads per worker). Returns the global batch."""
         threads = torch.get_num_threads()
-        plain_threads = cfg.scaling.num_workers * cfg.scaling.threads_per_worker
-        torch.set_num_threads(plain_threads)
+        torch.set_num_threads(cfg.scaling.num_workers * cfg.scaling.threads_per_worker)
         model = build_model(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id, seed=0)
         trainer = Trainer(model, cfg.optim, cfg.train, torch.device("cpu"))
         gb = cfg.train.batch_size * cfg.scaling.num_workers
@@ -104,10 +108,23 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         torch.set_num_threads(threads)
         plain_tps.append(gb * x.shape[1] / statistics.median(times[args.warmup:]))
-        print(f"round {rnd + 1}: ray {ray_tps[-1]:,.0f} tokens/s, plain {plain_tps[-1]:,.0f} tokens/s, "
-              f"ratio {ray_tps[-1] / plain_tps[-1]:.3f}", flush=True)
+        return gb
+
+    cfg = parse_pretrain(["--config", "jobs/configs/pretrain_demo.yaml", *args.overrides])
+    plain_threads = cfg.scaling.num_workers * cfg.scaling.threads_per_worker
+    for rnd in range(args.rounds):
+        # ABBA: Ray first in even rounds, the plain loop first in odd ones, so that a machine
+        # speeding up or slowing down over a round favours each side equally often
+        if rnd % 2 == 0:
+            ray_side(rnd)
+            gb = plain_side(cfg)
+        else:
+            gb = plain_side(cfg)
+            ray_side(rnd)
+        print(f"round {rnd + 1} ({'Ray' if rnd % 2 == 0 else 'plain'} first): ray {ray_tps[-1]:,.0f} tokens/s, "
+              f"plain {plain_tps[-1]:,.0f} tokens/s, ratio {ray_tps[-1] / plain_tps[-1]:.3f}", flush=True)
     ratios = [r / p for r, p in zip(ray_tps, plain_tps)]
-    print(f"machine: {machine()}; model {cfg.model.preset} {cfg.model.arch}, global batch {gb} x {x.shape[1]} tokens; "
+    print(f"machine: {machine()}; model {cfg.model.preset} {cfg.model.arch}, global batch {gb} x {data.shape[1]} tokens; "
           f"{args.rounds} rounds; overrides {args.overrides}")
     print(f"plain PyTorch (1 process x {plain_threads} thread(s)): median {statistics.median(plain_tps):,.0f} tokens/s")
     print(f"Ray Train ({cfg.scaling.num_workers} worker(s) x {cfg.scaling.threads_per_worker} thread(s)): median {statistics.median(ray_tps):,.0f} tokens/s; whole fit() "
