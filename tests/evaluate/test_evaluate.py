@@ -422,6 +422,10 @@ def test_evaluation_lengths_and_sources_name_their_key():
         LMEvalConfig(model="m", text_file="t.txt", max_len=0)
     with pytest.raises(ValueError, match="lm.max_rows must be >= 0"):
         LMEvalConfig(model="m", data="d", max_rows=-1)
+    for overlap in (0, 256, -3):  # the context a text's next window repeats: 1 .. max_len - 1
+        with pytest.raises(ValueError, match=r"lm.window_overlap must be in \[1, lm.max_len - 1 = 255\]"):
+            LMEvalConfig(model="m", text_file="t.txt", window_overlap=overlap)
+    assert LMEvalConfig(model="m", text_file="t.txt", max_len=64, window_overlap=63).window_overlap == 63
     with pytest.raises(ValueError, match="set one of lm.data .* or lm.text_file, not both"):
         LMEvalConfig(model="m", data="d", text_file="t.txt")
     with pytest.raises(ValueError, match="fewshot.max_words must be >= 1"):
