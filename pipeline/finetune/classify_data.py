@@ -136,11 +136,12 @@ def end_with_eos(tok) -> bool:
 def ensure_pad_token(tok) -> bool:
     """Pad on the right, with a padding token of the tokenizer's own: GPT-2's and Llama's
     tokenizers ship without one. A sequence classifier reads the last token that is not padding,
-    so the usual workaround, padding with EOS, would hide the EOS that ends every text. Returns
-    whether a token was added (the model's embeddings must then cover its id); the setting is
-    saved with the classifier's tokenizer."""
+    so the usual workaround, padding with EOS, would hide the EOS that ends every text: a base
+    that pads with its EOS (many published ones do, Qwen2's among them) gets a padding token of
+    its own too. Returns whether a token was added (the model's embeddings must then cover its
+    id); the setting is saved with the classifier's tokenizer."""
     tok.padding_side = "right"  # positions of a causal model's tokens then start at 0 in every row
-    if tok.pad_token_id is not None:
+    if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
         return False
     tok.add_special_tokens({"pad_token": "<|pad|>"})
     return True

@@ -331,7 +331,8 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
         if end_with_eos(tok):
             logger.info("finetune: texts end with %s, where the classifier reads them", tok.eos_token)
         if ensure_pad_token(tok):
-            logger.info("finetune: the tokenizer had no padding token; added %s (id %d)", tok.pad_token, tok.pad_token_id)
+            logger.info("finetune: the tokenizer had no padding token apart from its EOS; added %s (id %d)",
+                        tok.pad_token, tok.pad_token_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = run_dir / "tokenizer"
     tok.save_pretrained(str(tok_dir))

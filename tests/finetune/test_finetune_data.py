@@ -413,10 +413,11 @@ def _no_pad_model(tmp_path, arch: str = "gpt2"):
     return tok
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_classifier_from_a_base_without_padding_token(tmp_path, arch):
-    """A base whose tokenizer has no padding token (GPT-2's, Llama's) gets one of its own, the
-    embeddings grow to cover it, and a padded row is classified from its EOS, as it is alone."""
+@pytest.mark.parametrize("arch,pads_with_eos", [("gpt2", False), ("llama", False), ("gpt2", True)])
+def test_classifier_from_a_base_without_padding_token(tmp_path, arch, pads_with_eos):
+    """A base whose tokenizer has no padding token (GPT-2's, Llama's), or pads with its EOS (Qwen2's),
+    gets one of its own, the embeddings grow to cover it, and a padded row is classified from its
+    EOS, as it is alone (padding with EOS, the classifier would read the token before it)."""
     import torch
 
     from pipeline.finetune.classify_data import Windowing, end_with_eos, ensure_pad_token
@@ -424,6 +425,10 @@ def test_classifier_from_a_base_without_padding_token(tmp_path, arch):
 
     tok = _no_pad_model(tmp_path, arch)
     tok.padding_side = "left"
+    if pads_with_eos:
+        tok.pad_token = tok.eos_token
+        tok.save_pretrained(str(tmp_path / "base"))
+        assert tok.pad_token_id == tok.eos_token_id
     assert end_with_eos(tok) and ensure_pad_token(tok)
     assert tok.pad_token_id == len(tok) - 1 and tok.pad_token_id != tok.eos_token_id and tok.padding_side == "right"
     assert not ensure_pad_token(tok)  # idempotent
