@@ -142,7 +142,24 @@ def resolve_model(m: ServedModel) -> ServedModel:
     path = resolve_path(m.path)
     m = replace(m, path=path, kind=m.kind or infer_kind(path) or "causal")
     check_kind(m)
+    if m.kind != "classifier" and m.context_length is None:
+        check_context(m)
     return m
+
+
+def check_context(m: ServedModel) -> None:
+    """A generating model states how many positions it has (or the serve config does): an ALiBi
+    model such as BLOOM states none. Checked here, before any replica starts, so the error is one
+    line naming the key rather than a failed deployment."""
+    import transformers
+
+    from pipeline.serve.engine import model_context
+
+    config = transformers.AutoConfig.from_pretrained(m.path, local_files_only=True)
+    try:
+        model_context(config, transformers.AutoTokenizer.from_pretrained(m.path, local_files_only=True))
+    except ValueError as e:
+        raise ValueError(f"models[{m.name}]: {m.path}: {e}") from None
 
 
 def resolve_path(spec: str) -> str:

@@ -36,6 +36,7 @@ def start(cfg: ServeConfig) -> str:
     """Deploy (or redeploy) the application; returns its base URL once /ready answers 200."""
     from ray import serve
 
+    check_replica_resources(cfg)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
@@ -48,6 +49,24 @@ def start(cfg: ServeConfig) -> str:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"the Serve application at {url} did not become ready within 300 s")
+
+
+def replica_cpus(cfg: ServeConfig) -> float:
+    """CPUs the application holds at its smallest: each model's minimum replicas times its
+    ``cpus``, and the gateway's (Serve's controller and proxy reserve none)."""
+    return cfg.gateway_cpus + sum(m.autoscaling.min_replicas * m.cpus for m in cfg.models)
+
+
+def check_replica_resources(cfg: ServeConfig) -> None:
+    """Serve waits without end for replicas the cluster has no room for (``serve.run`` does not
+    return, the controller logs a warning every 30 s): on a local cluster that cannot grow that is
+    an error naming the keys to lower; on a joined cluster, a warning (an autoscaler may add nodes)."""
+    from pipeline.ray_utils import check_resources
+
+    parts = ", ".join(f"{m.name} {m.autoscaling.min_replicas} x {m.cpus:g}" for m in cfg.models)
+    check_resources({"CPU": replica_cpus(cfg)},
+                    f"the Serve application (models[].cpus x autoscaling.min_replicas: {parts}; gateway_cpus "
+                    f"{cfg.gateway_cpus:g})")
 
 
 def smoke(url: str, cfg: ServeConfig) -> list[tuple[str, str]]:

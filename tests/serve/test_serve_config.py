@@ -89,3 +89,50 @@ def test_an_empty_completion_is_recorded_and_metrics_never_fail_a_request(ray_se
     m.ttft.observe = broken
     m.generation("m", 0.01, 0.02, 3, 2)
     assert "recording a generation failed" in caplog.text
+
+
+def test_a_model_without_a_context_length_is_refused_before_serve_starts(tiny_models, tmp_path):
+    """BLOOM (ALiBi) records no context length: without models[].context_length or a tokenizer
+    that states one, the config is refused when it is resolved, naming the model and the key,
+    not by a replica failing to start inside Serve."""
+    import transformers
+
+    from pipeline.serve.app import ServedModel, resolve_model
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_models / "lm"))
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=len(tok), hidden_size=16, n_layer=1,
+                                                                  n_head=2))
+    bloom.save_pretrained(str(tmp_path / "bloom"))
+    tok.model_max_length = int(1e30)  # transformers' "unknown"
+    tok.save_pretrained(str(tmp_path / "bloom"))
+    with pytest.raises(ValueError, match=r"models\[b\]: .*bloom.*names no context length.*context_length"):
+        resolve_model(ServedModel(name="b", path=str(tmp_path / "bloom")))
+    assert resolve_model(ServedModel(name="b", path=str(tmp_path / "bloom"), context_length=64)).kind == "causal"
+    tok.model_max_length = 256
+    tok.save_pretrained(str(tmp_path / "bloom"))
+    assert resolve_model(ServedModel(name="b", path=str(tmp_path / "bloom"))).kind == "causal"
+
+
+def test_replicas_the_local_cluster_cannot_hold_are_refused_before_serve_waits(ray_session, monkeypatch, caplog):
+    """Nine models of 0.25 CPU and the gateway's 0.1 on a 2-CPU local cluster: Serve would wait
+    for the ninth replica without end; the launcher says which keys add up, before deploying."""
+    import logging
+
+    from pipeline import ray_utils
+    from pipeline.serve.launch import check_replica_resources, replica_cpus
+
+    models = [{"name": f"m{i}", "path": "x"} for i in range(9)]
+    cfg = from_dict(ServeConfig, {"models": models})
+    assert replica_cpus(cfg) == pytest.approx(2.35)
+    monkeypatch.setattr(ray_utils, "_LOCAL", True)
+    with pytest.raises(ValueError, match=r"the Serve application \(models\[\]\.cpus x autoscaling\.min_replicas: "
+                                         r"m0 1 x 0\.25, .*gateway_cpus 0\.1\) needs 2\.35 CPU \(the cluster has 2\)"):
+        check_replica_resources(cfg)
+    scaled = from_dict(ServeConfig, {"models": [{"name": "a", "path": "x", "cpus": 0.5,
+                                                 "autoscaling": {"min_replicas": 2, "max_replicas": 3}}]})
+    assert replica_cpus(scaled) == pytest.approx(1.1)
+    check_replica_resources(scaled)  # fits
+    monkeypatch.setattr(ray_utils, "_LOCAL", False)  # a joined cluster may autoscale: a warning
+    with caplog.at_level(logging.WARNING, logger="pipeline.ray_utils"):
+        check_replica_resources(cfg)
+    assert "needs 2.35 CPU (the cluster has 2): waiting for the cluster" in caplog.text
