@@ -80,11 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from ray import serve
-
     from pipeline.ray_utils import init_ray
-    from pipeline.serve.launch import smoke, start
+    from pipeline.serve.launch import smoke, start, stop, stop_on_sigterm
 
+    stop_on_sigterm()  # `ray job stop` and `kill` end the app as Ctrl-C does
     started = init_ray()
     try:
         url = start(cfg)
@@ -105,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        serve.shutdown()
-        if started:
-            import ray
-
-            ray.shutdown()
+        stop(cfg, started)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,36 @@ def start(cfg: ServeConfig) -> str:
     raise TimeoutError(f"the Serve application at {url} did not become ready within 300 s")
 
 
+def stop(cfg: ServeConfig, started_ray: bool) -> None:
+    """End what ``start`` deployed. On a local cluster this process started: Serve and Ray. On a
+    joined cluster: this application only; Serve and any other application on it keep running
+    (``serve.shutdown`` would end every application on the cluster)."""
+    import ray
+    from ray import serve
+
+    if started_ray:
+        serve.shutdown()
+        ray.shutdown()
+        return
+    try:
+        serve.delete(cfg.app_name)
+    except Exception as e:  # noqa: BLE001 - the app may never have deployed; exit anyway
+        logger.warning("deleting the Serve application %r failed: %s", cfg.app_name, e)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (what ``ray job stop`` and ``kill`` send) raises KeyboardInterrupt in the main
+    thread, so the job's ``finally`` ends the application as Ctrl-C does: by default Python dies on
+    SIGTERM without unwinding, and the Serve application, which outlives its driver, kept
+    serving and holding its replicas' CPUs."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def replica_cpus(cfg: ServeConfig) -> float:
     """CPUs the application holds at its smallest: each model's minimum replicas times its
     ``cpus``, and the gateway's (Serve's controller and proxy reserve none)."""

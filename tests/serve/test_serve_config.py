@@ -136,3 +136,34 @@ def test_replicas_the_local_cluster_cannot_hold_are_refused_before_serve_waits(r
     with caplog.at_level(logging.WARNING, logger="pipeline.ray_utils"):
         check_replica_resources(cfg)
     assert "needs 2.35 CPU (the cluster has 2): waiting for the cluster" in caplog.text
+
+
+def test_stopping_ends_only_this_application_on_a_joined_cluster(monkeypatch):
+    """On a cluster the job joined, stopping deletes its own application (serve.shutdown would end
+    every other application on the cluster too); on the local cluster it started, Serve and Ray go.
+    SIGTERM (``ray job stop``) unwinds like Ctrl-C, so that stop runs at all."""
+    import os
+    import signal
+
+    import ray
+    from ray import serve
+
+    from pipeline.serve.launch import stop, stop_on_sigterm
+
+    calls = []
+    monkeypatch.setattr(serve, "delete", lambda name: calls.append(("delete", name)))
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append(("serve.shutdown",)))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append(("ray.shutdown",)))
+    cfg = from_dict(ServeConfig, {"models": [{"name": "a", "path": "x"}], "app_name": "mine"})
+    stop(cfg, started_ray=False)
+    assert calls == [("delete", "mine")]
+    calls.clear()
+    stop(cfg, started_ray=True)
+    assert calls == [("serve.shutdown",), ("ray.shutdown",)]
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
