@@ -50,7 +50,6 @@ class _Sampling(_Strict):
     presence_penalty: Number = Field(default=0, ge=0, le=0)
     frequency_penalty: Number = Field(default=0, ge=0, le=0)
     logit_bias: dict[str, Any] | None = None
-    logprobs: Any = None
 
     @model_validator(mode="before")
     @classmethod
@@ -79,19 +78,26 @@ class _Sampling(_Strict):
             raise ValueError("logit_bias is not supported by this server")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v not in (None, False, 0):
-            raise ValueError("logprobs are not supported by this server")
+    @staticmethod
+    def _not_streamed(v, info):
+        if v and info.data.get("stream"):
+            raise ValueError(f"{info.field_name} is not supported with stream: true by this server")
         return v
+
+
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI: 5 in completions, 20 in chat)
 
 
 class CompletionRequest(_Sampling):
     # a string, or token ids (as OpenAI's API allows; tokenizing clients such as evaluation
     # harnesses send them); a list holding one of either is the same prompt
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    echo: StrictBool = False
+    # 0 with echo: score the prompt only (what evaluation harnesses send for log-likelihoods)
+    max_tokens: StrictInt | None = Field(default=None, ge=0)
+    # each token's log-probability and its `logprobs` most likely alternatives; with echo, the
+    # prompt's tokens too (the first one's is null)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = Field(default=False, validate_default=True)
     suffix: StrictStr | None = None
     best_of: StrictInt = Field(default=1, ge=1, le=1)
 
@@ -109,12 +115,18 @@ class CompletionRequest(_Sampling):
             raise ValueError("token ids must be >= 0")
         return v
 
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v, info):
+        cls._not_streamed(v is not None, info)
+        return v
+
     @field_validator("echo")
     @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported by this server")
-        return v
+    def _echo(cls, v, info):
+        if info.data.get("max_tokens") == 0 and not v:
+            raise ValueError("max_tokens: 0 needs echo: true (the prompt is then scored or returned alone)")
+        return cls._not_streamed(v, info)
 
 
 class TextPart(_Strict):
@@ -159,9 +171,22 @@ class ChatRequest(_Sampling):
     tools: list[Any] | None = None
     tool_choice: StrictStr | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
-    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=0)
+    logprobs: StrictBool = False  # each generated token's log-probability
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # and its alternatives (logprobs: true)
     store: StrictBool = False
     metadata: dict[str, StrictStr] | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v, info):
+        return cls._not_streamed(v, info)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v, info):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
 
     @field_validator("response_format", "tools", "tool_choice", "store")
     @classmethod

@@ -243,10 +243,35 @@ class ModelServer:
     def _params(self, req: dict):
         from pipeline.serve.engine import SamplingParams
 
-        return SamplingParams(max_tokens=req.get("max_tokens") or self.spec.default_max_tokens,
+        top = _top_logprobs(req)
+        max_tokens = req.get("max_tokens")
+        return SamplingParams(max_tokens=self.spec.default_max_tokens if max_tokens is None else max_tokens,
                               temperature=float(req.get("temperature", 1.0)), top_p=float(req.get("top_p", 1.0)),
                               top_k=int(req.get("top_k", 0)), stop=tuple(req.get("stop") or ()),
-                              seed=req.get("seed"))
+                              seed=req.get("seed"), logprobs=top, prompt_logprobs=self._prompt_logprobs(req, top))
+
+    @staticmethod
+    def _prompt_logprobs(req: dict, top: int | None) -> int | None:
+        """Echo with logprobs scores the prompt; echo with max_tokens 0 alone runs the prefill only."""
+        if not req.get("echo") or "messages" in req:
+            return None
+        return top if top is not None else (0 if req.get("max_tokens") == 0 else None)
+
+    def _logprob_entries(self, entries, limit: int | None = None) -> list[dict] | None:
+        """Engine log-probabilities as ``{"token", "logprob", "top": [[token, logprob], ...]}``,
+        tokens as text; ``limit``: only the tokens that start within the first ``limit``
+        characters of the completion (a stop string cut the rest)."""
+        if entries is None:
+            return None
+        out, used = [], 0
+        for tok, lp, top in entries:
+            if limit is not None and used >= limit:
+                break
+            text = self.tokenizer.decode([tok])
+            out.append({"token": text, "logprob": lp,
+                        "top": None if top is None else [[self.tokenizer.decode([t]), v] for t, v in top]})
+            used += len(text)
+        return out
 
     async def generate_stream(self, req: dict, stream: bool = True):
         """Yields ``{"delta": str}`` events (only with ``stream``), then one final dict with finish
@@ -277,9 +302,13 @@ class ModelServer:
                 yield {"delta": ev.delta}
             if ev.finished:
                 g = ev.generation
-                yield {"finished": True, "text": g.text, "finish_reason": g.finish_reason, "prompt": prompt,
-                       "prompt_tokens": len(ids), "completion_tokens": len(g.token_ids),
-                       "batch_size": ev.batch_size, "ttft_s": ev.queued_s + (g.first_token_s or 0.0)}
+                final = {"finished": True, "text": g.text, "finish_reason": g.finish_reason, "prompt": prompt,
+                         "prompt_tokens": len(ids), "completion_tokens": len(g.token_ids),
+                         "batch_size": ev.batch_size, "ttft_s": ev.queued_s + (g.first_token_s or 0.0)}
+                if params.logprobs is not None:
+                    final["logprobs"] = self._logprob_entries(g.logprobs or [], len(g.text))
+                    final["prompt_logprobs"] = self._logprob_entries(g.prompt_logprobs)
+                yield final
 
     def _checked_ids(self, ids: list[int]) -> list[int]:
         bad = [t for t in ids if not 0 <= t < self.engine.vocab]
@@ -309,6 +338,36 @@ class ModelServer:
                           "probabilities": {lab: round(float(x), 6) for lab, x in zip(labels, p)}}
                          for i, p in enumerate(probs)],
                 "usage": {"prompt_tokens": tokens}}
+
+
+def _top_logprobs(req: dict) -> int | None:
+    """Alternatives per token the request asks log-probabilities for; None: no log-probabilities.
+    Completions send ``logprobs: n``; chat sends ``logprobs: true`` and ``top_logprobs: n``."""
+    if "messages" in req:
+        return int(req.get("top_logprobs") or 0) if req.get("logprobs") else None
+    return req.get("logprobs")
+
+
+def completion_logprobs(entries: list[dict], start: int = 0) -> dict:
+    """OpenAI's legacy completions shape: tokens, their log-probabilities, the most likely
+    alternatives with the chosen token among them, and each token's offset in the text."""
+    offsets, at = [], start
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [None if e["top"] is None else {**{t: v for t, v in e["top"]}, e["token"]: e["logprob"]}
+                             for e in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[dict]) -> dict:
+    """OpenAI's chat shape: ``content``, one record per generated token."""
+    def record(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**record(e["token"], e["logprob"]), "top_logprobs": [record(t, v) for t, v in e["top"]]}
+                        for e in entries], "refusal": None}
 
 
 def _err(status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
@@ -601,11 +660,18 @@ def _gateway_class(cfg: ServeConfig):
                          "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
                 if chat:
                     choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                              "finish_reason": out["finish_reason"], "logprobs": None}
+                              "finish_reason": out["finish_reason"],
+                              "logprobs": chat_logprobs(out["logprobs"]) if "logprobs" in out else None}
                     body = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
                             "choices": [choice], "usage": usage}
                 else:
-                    choice = {"index": 0, "text": out["text"], "finish_reason": out["finish_reason"], "logprobs": None}
+                    echoed = out["prompt"] if req.echo else ""
+                    logprobs = None
+                    if "logprobs" in out:
+                        logprobs = completion_logprobs((out["prompt_logprobs"] or []) + out["logprobs"]) if req.echo \
+                            else completion_logprobs(out["logprobs"])
+                    choice = {"index": 0, "text": echoed + out["text"], "finish_reason": out["finish_reason"],
+                              "logprobs": logprobs}
                     body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
                             "choices": [choice], "usage": usage}
                 return JSONResponse(body, headers={"X-Response-Id": rid, "X-Batch-Size": str(out["batch_size"])})

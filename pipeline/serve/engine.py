@@ -33,10 +33,17 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k cut
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # log-probabilities under the model (its raw distribution, before temperature, top-k and
+    # top-p): None = not computed; n >= 0 = each token's own and its n most likely alternatives
+    logprobs: int | None = None  # of each generated token
+    prompt_logprobs: int | None = None  # of each prompt token after the first (echo); max_tokens may then be 0
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens must be >= 1 (0 only when scoring the prompt), got {self.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {getattr(self, name)}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -58,6 +65,11 @@ class Generation:
     read_offset: int = 0
     finish_reason: str | None = None  # "stop" | "length"
     first_token_s: float | None = None  # seconds from the batch start to this row's first token
+    # with params.logprobs: one (token id, log-probability, [(id, log-probability)] of the most
+    # likely tokens) per entry of token_ids; with params.prompt_logprobs: the same for each prompt
+    # token, the first one's (nothing precedes it) as (id, None, None)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] | None = None
 
 
 # on_event(owner, text_delta, finished): called after every step for rows that produced text;
@@ -165,6 +177,9 @@ class Engine:
             logits = self.model(input_ids=run.ids, attention_mask=run.mask, position_ids=positions,
                                 use_cache=False).logits[:, -1]
         logits = logits[:, :self.vocab].float()
+        prefill = run.next_ids is None
+        if prefill and any(g.params.prompt_logprobs is not None for g in run.gens):
+            self._score_prompts(run, positions)
         next_ids = torch.full((len(run),), self.pad_id, dtype=torch.long)
         for i, g in enumerate(run.gens):
             if g.finish_reason is not None:
@@ -172,8 +187,17 @@ class Engine:
             if cancelled is not None and cancelled(run.owners[i]):
                 g.finish_reason = "cancelled"
                 continue
+            if g.params.max_tokens == 0:  # the prompt scored, nothing to generate
+                g.first_token_s, g.finish_reason = time.perf_counter() - run.start, "length"
+                if on_event is not None:
+                    on_event(run.owners[i], "", True)
+                continue
             tok = sample(logits[i], g.params, run.rngs[i])
             next_ids[i] = tok
+            if g.params.logprobs is not None and tok != self.eos_id:
+                if g.logprobs is None:
+                    g.logprobs = []
+                g.logprobs.append(_token_logprobs(logits[i], tok, g.params.logprobs))
             self._advance(g, tok, run.start)
             if on_event is not None:
                 delta = self._take_delta(g)
@@ -182,6 +206,21 @@ class Engine:
         run.next_ids = next_ids.to(run.ids.device)[:, None]
         run.ids = torch.cat([run.ids, run.next_ids], dim=1)
         run.mask = torch.cat([run.mask, torch.ones_like(run.next_ids)], dim=1)
+
+    def _score_prompts(self, run: Running, positions: torch.Tensor) -> None:
+        """Each prompt token's log-probability given the tokens before it, for the rows that ask
+        (echo with logprobs): one forward pass over their whole prompts, apart from the cache."""
+        rows = [i for i, g in enumerate(run.gens) if g.params.prompt_logprobs is not None]
+        idx = torch.tensor(rows, dtype=torch.long, device=run.ids.device)
+        out = self.model(input_ids=run.ids[idx], attention_mask=run.mask[idx], position_ids=positions[idx],
+                         use_cache=False).logits[..., :self.vocab].float()
+        width = run.ids.shape[1]
+        for r, i in enumerate(rows):
+            g = run.gens[i]
+            n = len(g.prompt_ids)
+            first = width - n  # left padding
+            g.prompt_logprobs = [(g.prompt_ids[0], None, None)] + [
+                _token_logprobs(out[r, first + j - 1], g.prompt_ids[j], g.params.prompt_logprobs) for j in range(1, n)]
 
     def merge(self, run: Running, new: Running) -> Running:
         """Join ``new`` (after its prefill step) to ``run``: rows, tokens, mask and KV cache, the
@@ -295,6 +334,14 @@ class Engine:
         delta = g.text[g.emitted:end]
         g.emitted = end
         return delta
+
+
+def _token_logprobs(logits: torch.Tensor, tok: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """``tok``'s log-probability under 1-D ``logits`` and the ``top`` most likely tokens'."""
+    lp = torch.log_softmax(logits, dim=-1)
+    best = torch.topk(lp, min(top, lp.numel())) if top else None
+    alternatives = [] if best is None else [(int(t), float(v)) for v, t in zip(best.values, best.indices)]
+    return int(tok), float(lp[tok]), alternatives
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator) -> int:

@@ -164,3 +164,44 @@ def test_a_closed_stream_marks_its_request_cancelled(engine):
         await stream.aclose()
         assert pending.cancelled
     asyncio.run(main())
+
+
+def _reference_logprobs(model, ids: list[int], vocab: int) -> torch.Tensor:
+    """log p(ids[j] | ids[:j]) for j >= 1, from one plain forward pass."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :, :vocab].float()
+    return torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_logprobs_of_generated_and_prompt_tokens_match_a_plain_forward(engine, use_cache):
+    """Each generated token's log-probability (and, with prompt_logprobs, each prompt token's)
+    is the model's, whatever the batch, padding, cache or lean forward; the alternatives are the
+    most likely tokens, best first, so under greedy decoding the first is the chosen one."""
+    prompts = [engine.encode(p) for p in ("the market", "a long sport story about the match")]
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=3, prompt_logprobs=2)
+    for ids, g in zip(prompts, engine.generate([(p, params) for p in prompts], use_cache=use_cache)):
+        assert len(g.logprobs) == len(g.token_ids) and len(g.prompt_logprobs) == len(ids)
+        full = ids + g.token_ids
+        ref = _reference_logprobs(engine.model, full, engine.vocab)
+        got = [lp for _, lp, _ in g.prompt_logprobs[1:]] + [lp for _, lp, _ in g.logprobs]
+        torch.testing.assert_close(torch.tensor(got), ref, atol=2e-4, rtol=0)
+        assert g.prompt_logprobs[0] == (ids[0], None, None)
+        assert [t for t, _, _ in g.prompt_logprobs] == ids and [t for t, _, _ in g.logprobs] == g.token_ids
+        for tok, lp, top in g.logprobs:
+            assert len(top) == 3 and top[0][0] == tok and top[0][1] == pytest.approx(lp)
+            assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        assert all(len(top) == 2 for _, _, top in g.prompt_logprobs[1:])
+
+
+def test_a_prompt_is_scored_alone_with_max_tokens_zero(engine):
+    ids = engine.encode("shares in the company rose")
+    g = engine.generate([(ids, SamplingParams(max_tokens=0, prompt_logprobs=0))])[0]
+    assert g.token_ids == [] and g.finish_reason == "length" and g.logprobs is None
+    ref = _reference_logprobs(engine.model, ids, engine.vocab)
+    torch.testing.assert_close(torch.tensor([lp for _, lp, _ in g.prompt_logprobs[1:]]), ref, atol=2e-4, rtol=0)
+    assert all(top == [] for _, _, top in g.prompt_logprobs[1:])
+    with pytest.raises(ValueError, match="max_tokens must be >= 1 \\(0 only when scoring the prompt\\)"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="logprobs must be >= 0"):
+        SamplingParams(logprobs=-1)

@@ -80,6 +80,39 @@ def test_token_id_prompts_answer_as_their_text(serve_app):
         assert body["usage"]["prompt_tokens"] == len(ids) == text["usage"]["prompt_tokens"]
 
 
+def test_logprobs_and_echo_score_a_prompt_as_evaluation_harnesses_ask(serve_app):
+    """What lm-evaluation-harness's completions backend sends for a log-likelihood: token ids,
+    echo, logprobs, temperature 0. The prompt's tokens come back with the model's log-probabilities
+    (the first null), then the generated token's, each with its most likely alternatives; with
+    max_tokens 0 the prompt alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = serve_app["config"]["models"][0]["path"]
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    ids = tok("shares in the company rose", add_special_tokens=False)["input_ids"]
+    body = complete(serve_app, prompt=ids, echo=True, logprobs=2, max_tokens=1).json()
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + body["usage"]["completion_tokens"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert body["choices"][0]["text"].startswith(tok.decode(ids))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1, :len(tok)]
+    ref = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:len(ids)]), ref, atol=2e-4, rtol=0)
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    for token, logprob, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert top[token] == logprob and 2 <= len(top) <= 3  # the two most likely, and the token itself
+    scored = complete(serve_app, prompt=ids, echo=True, logprobs=0, max_tokens=0).json()
+    assert scored["usage"]["completion_tokens"] == 0 and scored["choices"][0]["text"] == tok.decode(ids)
+    assert scored["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"][:len(ids)]
+    plain = complete(serve_app, max_tokens=5).json()["choices"][0]
+    assert plain["logprobs"] is None  # only when asked
+    generated = complete(serve_app, max_tokens=5, logprobs=3).json()
+    assert len(generated["choices"][0]["logprobs"]["tokens"]) == generated["usage"]["completion_tokens"]
+    assert generated["choices"][0]["text"] == plain["text"]
+
+
 def test_chat_completion(serve_app):
     r = post(serve_app, "/v1/chat/completions", {"model": "tiny-chat", "max_tokens": 8, "temperature": 0,
                                                   "messages": [{"role": "user", "content": "hello there"}]})
@@ -198,6 +231,9 @@ def test_concurrent_requests_are_batched_and_equal_sequential(serve_app, model):
     ({"model": "tiny", "prompt": [10_000_000]}, "prompt"),
     ({"model": "tiny", "prompt": [[1, 2], [3]]}, "prompt"),
     ({"model": "tiny", "prompt": [1, "x"]}, None),
+    ({"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "echo"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 1, "stream": True}, "logprobs"),
 ])
 def test_bad_parameters_are_400(serve_app, body, param):
     assert_openai_error(post(serve_app, "/v1/completions", body), 400, param)
@@ -321,6 +357,14 @@ def test_official_openai_client(serve_app):
                                             messages=[{"role": "user", "content": "hello"}]))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
+    scored = c.chat.completions.create(model="tiny-chat", max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+                                       messages=[{"role": "user", "content": "hello"}])
+    content = scored.choices[0].logprobs.content
+    assert scored.choices[0].message.content == chat.choices[0].message.content
+    assert len(content) == scored.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.top_logprobs[0].logprob == t.logprob and t.logprob <= 0 for t in content)  # greedy: the best
+    r = c.completions.create(model="tiny", prompt="the market", max_tokens=6, temperature=0, logprobs=1, echo=True)
+    assert r.choices[0].logprobs.token_logprobs[0] is None and r.choices[0].text.startswith("the market")
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="nope", prompt="x")
     with pytest.raises(openai.BadRequestError) as exc:
