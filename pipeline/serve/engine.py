@@ -179,7 +179,7 @@ class Engine:
         logits = logits[:, :self.vocab].float()
         prefill = run.next_ids is None
         if prefill and any(g.params.prompt_logprobs is not None for g in run.gens):
-            self._score_prompts(run, positions)
+            self._score_prompts(run)
         next_ids = torch.full((len(run),), self.pad_id, dtype=torch.long)
         for i, g in enumerate(run.gens):
             if g.finish_reason is not None:
@@ -207,20 +207,19 @@ class Engine:
         run.ids = torch.cat([run.ids, run.next_ids], dim=1)
         run.mask = torch.cat([run.mask, torch.ones_like(run.next_ids)], dim=1)
 
-    def _score_prompts(self, run: Running, positions: torch.Tensor) -> None:
+    def _score_prompts(self, run: Running) -> None:
         """Each prompt token's log-probability given the tokens before it, for the rows that ask
-        (echo with logprobs): one forward pass over their whole prompts, apart from the cache."""
-        rows = [i for i, g in enumerate(run.gens) if g.params.prompt_logprobs is not None]
-        idx = torch.tensor(rows, dtype=torch.long, device=run.ids.device)
-        out = self.model(input_ids=run.ids[idx], attention_mask=run.mask[idx], position_ids=positions[idx],
-                         use_cache=False).logits[..., :self.vocab].float()
-        width = run.ids.shape[1]
-        for r, i in enumerate(rows):
-            g = run.gens[i]
-            n = len(g.prompt_ids)
-            first = width - n  # left padding
+        (echo with logprobs): a forward pass over each such prompt, apart from the cache, one row
+        at a time (a whole context's logits for a batch of rows would take gigabytes)."""
+        device = run.ids.device
+        for g in run.gens:
+            if g.params.prompt_logprobs is None:
+                continue
+            logits = self.model(input_ids=torch.tensor([g.prompt_ids], device=device), use_cache=False).logits[0]
+            logits = logits[:-1, :self.vocab].float()
             g.prompt_logprobs = [(g.prompt_ids[0], None, None)] + [
-                _token_logprobs(out[r, first + j - 1], g.prompt_ids[j], g.params.prompt_logprobs) for j in range(1, n)]
+                _token_logprobs(logits[j - 1], g.prompt_ids[j], g.params.prompt_logprobs)
+                for j in range(1, len(g.prompt_ids))]
 
     def merge(self, run: Running, new: Running) -> Running:
         """Join ``new`` (after its prefill step) to ``run``: rows, tokens, mask and KV cache, the
