@@ -86,6 +86,7 @@ class _Sampling(_Strict):
 
 
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI: 5 in completions, 20 in chat)
+MAX_PROMPTS = 32  # prompts in one completions request (each a request to the model's batcher)
 
 
 class CompletionRequest(_Sampling):
@@ -103,17 +104,27 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list) and not (v and all(isinstance(t, int) for t in v)):
-            if len(v) != 1:
-                raise ValueError("send one prompt per request (a list must hold exactly one string or one list "
-                                 "of token ids)")
-            v = v[0]
-        if not v:
-            raise ValueError("prompt must not be empty")
-        if isinstance(v, list) and any(t < 0 for t in v):
-            raise ValueError("token ids must be >= 0")
-        return v
+    def _prompts(cls, v, info):
+        # one prompt: a string or a list of token ids; several: a list of either (OpenAI's batch
+        # form, what evaluation harnesses send), answered as one choice per prompt, in order
+        prompts = v if isinstance(v, list) and not (v and all(isinstance(t, int) for t in v)) else [v]
+        if not prompts or len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"send 1 to {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        if len(prompts) > 1 and info.data.get("stream"):
+            raise ValueError("stream: true takes one prompt per request")
+        for p in prompts:
+            if not p:
+                raise ValueError("prompt must not be empty")
+            if isinstance(p, list) and any(t < 0 for t in p):
+                raise ValueError("token ids must be >= 0")
+        return prompts[0] if len(prompts) == 1 else prompts
+
+    @property
+    def prompts(self) -> list:
+        """The request's prompts: one, or several in the batch form."""
+        batch = isinstance(self.prompt, list) and bool(self.prompt) and not isinstance(self.prompt[0], int)
+        return list(self.prompt) if batch else [self.prompt]
+
 
     @field_validator("logprobs")
     @classmethod

@@ -361,6 +361,16 @@ def completion_logprobs(entries: list[dict], start: int = 0) -> dict:
             "text_offset": offsets}
 
 
+def completion_choice(index: int, out: dict, echo: bool) -> dict:
+    """One choice of a completions response from a model replica's answer ``out``: with ``echo``
+    the prompt comes first, in the text and, with logprobs, in the token lists."""
+    logprobs = None
+    if "logprobs" in out:
+        logprobs = completion_logprobs(((out["prompt_logprobs"] or []) if echo else []) + out["logprobs"])
+    return {"index": index, "text": (out["prompt"] if echo else "") + out["text"],
+            "finish_reason": out["finish_reason"], "logprobs": logprobs}
+
+
 def chat_logprobs(entries: list[dict]) -> dict:
     """OpenAI's chat shape: ``content``, one record per generated token."""
     def record(token: str, logprob: float) -> dict:
@@ -649,32 +659,36 @@ def _gateway_class(cfg: ServeConfig):
                         self.raise_if_error(first)
                     return StreamingResponse(self._sse(gen, first, rid, model, chat, include_usage, started, route),
                                              media_type="text/event-stream", headers={"X-Response-Id": rid})
-                out = await self.call(handle.generate.remote(payload))
-                self.raise_if_error(out)
+                # the batch form of completions: one model request per prompt (the replica's batcher
+                # runs them together), one choice each, in order; any error answers the whole request
+                payloads = [payload] if chat else [{**payload, "prompt": p} for p in req.prompts]
+                outs = await asyncio.gather(*(self.call(handle.generate.remote(p)) for p in payloads))
+                for out in outs:
+                    self.raise_if_error(out)
                 total = time.perf_counter() - started
-                self.metrics.generation(model, out["ttft_s"], total, out["prompt_tokens"], out["completion_tokens"])
-                await self.record(id=rid, route=route, model=model, prompt=out["prompt"], completion=out["text"],
-                                  finish_reason=out["finish_reason"], prompt_tokens=out["prompt_tokens"],
-                                  completion_tokens=out["completion_tokens"], latency_s=total)
-                usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                         "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+                n_prompt, n_completion = (sum(o[k] for o in outs) for k in ("prompt_tokens", "completion_tokens"))
+                self.metrics.generation(model, min(o["ttft_s"] for o in outs), total, n_prompt, n_completion)
+                one = len(outs) == 1
+                await self.record(id=rid, route=route, model=model,  # several prompts: JSON lists
+                                  prompt=outs[0]["prompt"] if one else json.dumps([o["prompt"] for o in outs]),
+                                  completion=outs[0]["text"] if one else json.dumps([o["text"] for o in outs]),
+                                  finish_reason=",".join(o["finish_reason"] for o in outs), prompt_tokens=n_prompt,
+                                  completion_tokens=n_completion, latency_s=total)
+                usage = {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
+                         "total_tokens": n_prompt + n_completion}
                 if chat:
+                    out = outs[0]
                     choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
                               "finish_reason": out["finish_reason"],
                               "logprobs": chat_logprobs(out["logprobs"]) if "logprobs" in out else None}
                     body = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
                             "choices": [choice], "usage": usage}
                 else:
-                    echoed = out["prompt"] if req.echo else ""
-                    logprobs = None
-                    if "logprobs" in out:
-                        logprobs = completion_logprobs((out["prompt_logprobs"] or []) + out["logprobs"]) if req.echo \
-                            else completion_logprobs(out["logprobs"])
-                    choice = {"index": 0, "text": echoed + out["text"], "finish_reason": out["finish_reason"],
-                              "logprobs": logprobs}
                     body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                            "choices": [choice], "usage": usage}
-                return JSONResponse(body, headers={"X-Response-Id": rid, "X-Batch-Size": str(out["batch_size"])})
+                            "choices": [completion_choice(i, out, req.echo) for i, out in enumerate(outs)],
+                            "usage": usage}
+                return JSONResponse(body, headers={"X-Response-Id": rid,
+                                                   "X-Batch-Size": str(max(o["batch_size"] for o in outs))})
 
             return await self._observe(route, ctx, started, run)
 

@@ -113,6 +113,30 @@ def test_logprobs_and_echo_score_a_prompt_as_evaluation_harnesses_ask(serve_app)
     assert generated["choices"][0]["text"] == plain["text"]
 
 
+def test_several_prompts_in_one_request_answer_one_choice_each_in_order(serve_app):
+    """OpenAI's batch form of completions (strings or token-id lists): choice i answers prompt i as
+    that prompt alone would, and usage adds up; lm-evaluation-harness sends its batches so."""
+    from transformers import AutoTokenizer
+
+    prompts = ["the market", "a long sport story", "shares rose"]
+    alone = [complete(serve_app, prompt=p, max_tokens=6).json() for p in prompts]
+    both = complete(serve_app, prompt=prompts, max_tokens=6).json()
+    assert [c["index"] for c in both["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in both["choices"]] == [a["choices"][0]["text"] for a in alone]
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert both["usage"][key] == sum(a["usage"][key] for a in alone)
+    tok = AutoTokenizer.from_pretrained(serve_app["config"]["models"][0]["path"])
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[:2]]
+    scored = complete(serve_app, prompt=ids, echo=True, logprobs=1, max_tokens=1).json()
+    for choice, p, prompt_ids in zip(scored["choices"], prompts, ids):
+        single = complete(serve_app, prompt=prompt_ids, echo=True, logprobs=1, max_tokens=1).json()["choices"][0]
+        assert choice["text"].startswith(p) and choice["logprobs"]["tokens"] == single["logprobs"]["tokens"]
+        assert choice["logprobs"]["token_logprobs"][0] is None is single["logprobs"]["token_logprobs"][0]
+        # the same up to float rounding (the generated token's is from the batch's padded forward)
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(single["logprobs"]["token_logprobs"][1:],
+                                                                          abs=1e-4)
+
+
 def test_chat_completion(serve_app):
     r = post(serve_app, "/v1/chat/completions", {"model": "tiny-chat", "max_tokens": 8, "temperature": 0,
                                                   "messages": [{"role": "user", "content": "hello there"}]})
@@ -229,7 +253,9 @@ def test_concurrent_requests_are_batched_and_equal_sequential(serve_app, model):
     ({"model": "tiny", "prompt": "x", "max_tokens": 10_000}, "max_tokens"),
     ({"model": "tiny", "prompt": [1, -2]}, "prompt"),
     ({"model": "tiny", "prompt": [10_000_000]}, "prompt"),
-    ({"model": "tiny", "prompt": [[1, 2], [3]]}, "prompt"),
+    ({"model": "tiny", "prompt": [[1, 2], []]}, "prompt"),
+    ({"model": "tiny", "prompt": ["x"] * 33}, "prompt"),
+    ({"model": "tiny", "prompt": ["x", "y"], "stream": True}, "prompt"),
     ({"model": "tiny", "prompt": [1, "x"]}, None),
     ({"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "echo"),
