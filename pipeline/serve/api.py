@@ -65,8 +65,8 @@ class _Sampling(_Strict):
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
@@ -85,6 +85,7 @@ class _Sampling(_Strict):
         return v
 
 
+MAX_STOPS = 16  # OpenAI takes 4; evaluation harnesses send a task's stop strings and the EOS, often more
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI: 5 in completions, 20 in chat)
 MAX_PROMPTS = 32  # prompts in one completions request (each a request to the model's batcher)
 

@@ -247,6 +247,7 @@ def test_concurrent_requests_are_batched_and_equal_sequential(serve_app, model):
     ({"model": "tiny", "prompt": "x", "temperature": "hot"}, "temperature"),
     ({"model": "tiny", "prompt": 42}, None),
     ({"model": "tiny", "prompt": "x", "stop": [1]}, None),
+    ({"model": "tiny", "prompt": "x", "stop": ["a"] * 17}, "stop"),
     ({"model": "tiny", "prompt": "x", "n": 3}, "n"),
     ({"model": "tiny", "prompt": "x", "bogus": 1}, "bogus"),
     ({"model": "tiny"}, "prompt"),
