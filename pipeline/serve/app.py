@@ -257,15 +257,20 @@ class ModelServer:
             return None
         return top if top is not None else (0 if req.get("max_tokens") == 0 else None)
 
-    def _logprob_entries(self, entries, limit: int | None = None) -> list[dict] | None:
+    def _logprob_entries(self, entries, limit: int | None = None, eos: bool = True) -> list[dict] | None:
         """Engine log-probabilities as ``{"token", "logprob", "top": [[token, logprob], ...]}``,
         tokens as text; ``limit``: only the tokens that start within the first ``limit``
-        characters of the completion (a stop string cut the rest)."""
+        characters of the completion (a stop string cut the rest), and the EOS that ended it if
+        ``eos`` (OpenAI's completions list it; lm-evaluation-harness drops the last entry, the
+        generated token, when it scores a prompt)."""
         if entries is None:
             return None
         out, used = [], 0
-        for tok, lp, top in entries:
-            if limit is not None and used >= limit:
+        for k, (tok, lp, top) in enumerate(entries):
+            ended = tok == self.engine.eos_id and k == len(entries) - 1
+            if ended and not eos:
+                break
+            if limit is not None and used >= limit and not ended:
                 break
             text = self.tokenizer.decode([tok])
             out.append({"token": text, "logprob": lp,
@@ -306,7 +311,7 @@ class ModelServer:
                          "prompt_tokens": len(ids), "completion_tokens": len(g.token_ids),
                          "batch_size": ev.batch_size, "ttft_s": ev.queued_s + (g.first_token_s or 0.0)}
                 if params.logprobs is not None:
-                    final["logprobs"] = self._logprob_entries(g.logprobs or [], len(g.text))
+                    final["logprobs"] = self._logprob_entries(g.logprobs or [], len(g.text), eos="messages" not in req)
                     final["prompt_logprobs"] = self._logprob_entries(g.prompt_logprobs)
                 yield final
 

@@ -66,8 +66,9 @@ class Generation:
     finish_reason: str | None = None  # "stop" | "length"
     first_token_s: float | None = None  # seconds from the batch start to this row's first token
     # with params.logprobs: one (token id, log-probability, [(id, log-probability)] of the most
-    # likely tokens) per entry of token_ids; with params.prompt_logprobs: the same for each prompt
-    # token, the first one's (nothing precedes it) as (id, None, None)
+    # likely tokens) per entry of token_ids, then one for the EOS when that ended the text; with
+    # params.prompt_logprobs: the same for each prompt token, the first one's (nothing precedes
+    # it) as (id, None, None)
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
     prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] | None = None
 
@@ -194,7 +195,7 @@ class Engine:
                 continue
             tok = sample(logits[i], g.params, run.rngs[i])
             next_ids[i] = tok
-            if g.params.logprobs is not None and tok != self.eos_id:
+            if g.params.logprobs is not None:  # the EOS that ends a text too (evaluation harnesses count on it)
                 if g.logprobs is None:
                     g.logprobs = []
                 g.logprobs.append(_token_logprobs(logits[i], tok, g.params.logprobs))

@@ -181,17 +181,35 @@ def test_logprobs_of_generated_and_prompt_tokens_match_a_plain_forward(engine, u
     prompts = [engine.encode(p) for p in ("the market", "a long sport story about the match")]
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=3, prompt_logprobs=2)
     for ids, g in zip(prompts, engine.generate([(p, params) for p in prompts], use_cache=use_cache)):
-        assert len(g.logprobs) == len(g.token_ids) and len(g.prompt_logprobs) == len(ids)
-        full = ids + g.token_ids
+        ended = [engine.eos_id] if g.finish_reason == "stop" else []  # an EOS that ends the text is listed too
+        assert len(g.logprobs) == len(g.token_ids) + len(ended) and len(g.prompt_logprobs) == len(ids)
+        full = ids + g.token_ids + ended
         ref = _reference_logprobs(engine.model, full, engine.vocab)
         got = [lp for _, lp, _ in g.prompt_logprobs[1:]] + [lp for _, lp, _ in g.logprobs]
         torch.testing.assert_close(torch.tensor(got), ref, atol=2e-4, rtol=0)
         assert g.prompt_logprobs[0] == (ids[0], None, None)
-        assert [t for t, _, _ in g.prompt_logprobs] == ids and [t for t, _, _ in g.logprobs] == g.token_ids
+        assert [t for t, _, _ in g.prompt_logprobs] == ids and [t for t, _, _ in g.logprobs] == g.token_ids + ended
         for tok, lp, top in g.logprobs:
             assert len(top) == 3 and top[0][0] == tok and top[0][1] == pytest.approx(lp)
             assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
         assert all(len(top) == 2 for _, _, top in g.prompt_logprobs[1:])
+
+
+def test_an_eos_that_ends_the_text_has_its_logprob(engine):
+    """A text ended by EOS lists the EOS's log-probability last (the text leaves it out): a client
+    scoring a prompt with max_tokens 1 drops the last entry as the generated one, whatever it is."""
+    head = engine.model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[engine.eos_id] = 1e4
+    head.bias = torch.nn.Parameter(bias)
+    try:
+        # the transformers forward (the lean one has no head bias to plant)
+        g = engine.generate([(engine.encode("the market"), SamplingParams(max_tokens=1, temperature=0, logprobs=1))],
+                            use_cache=False)[0]
+    finally:
+        head.bias = None
+    assert g.finish_reason == "stop" and g.token_ids == [] and g.text == ""
+    assert [(t, round(lp, 3)) for t, lp, _ in g.logprobs] == [(engine.eos_id, 0.0)]
 
 
 def test_a_prompt_is_scored_alone_with_max_tokens_zero(engine):
