@@ -45,8 +45,8 @@ class _Sampling(_Strict):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    n: StrictInt = Field(default=1, ge=1, le=16)  # choices per prompt (each a request to the model's batcher)
     # OpenAI parameters accepted at their neutral value only
-    n: StrictInt = Field(default=1, ge=1, le=1)
     presence_penalty: Number = Field(default=0, ge=0, le=0)
     frequency_penalty: Number = Field(default=0, ge=0, le=0)
     logit_bias: dict[str, Any] | None = None
@@ -60,6 +60,13 @@ class _Sampling(_Strict):
             optional = {k for k, f in cls.model_fields.items() if not f.is_required()}
             data = {k: v for k, v in data.items() if not (v is None and k in optional)}
         return data
+
+    @field_validator("n")
+    @classmethod
+    def _n_unstreamed(cls, v, info):
+        if v > 1 and info.data.get("stream"):
+            raise ValueError("n > 1 is not supported with stream: true by this server")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -87,7 +94,7 @@ class _Sampling(_Strict):
 
 MAX_STOPS = 16  # OpenAI takes 4; evaluation harnesses send a task's stop strings and the EOS, often more
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI: 5 in completions, 20 in chat)
-MAX_PROMPTS = 32  # prompts in one completions request (each a request to the model's batcher)
+MAX_PROMPTS = 32  # prompts x n in one completions request (each a request to the model's batcher)
 
 
 class CompletionRequest(_Sampling):
@@ -113,6 +120,8 @@ class CompletionRequest(_Sampling):
             raise ValueError(f"send 1 to {MAX_PROMPTS} prompts per request, got {len(prompts)}")
         if len(prompts) > 1 and info.data.get("stream"):
             raise ValueError("stream: true takes one prompt per request")
+        if len(prompts) * info.data.get("n", 1) > MAX_PROMPTS:
+            raise ValueError(f"{len(prompts)} prompts x n = {info.data.get('n')} choices: at most {MAX_PROMPTS} per request")
         for p in prompts:
             if not p:
                 raise ValueError("prompt must not be empty")

@@ -664,14 +664,19 @@ def _gateway_class(cfg: ServeConfig):
                         self.raise_if_error(first)
                     return StreamingResponse(self._sse(gen, first, rid, model, chat, include_usage, started, route),
                                              media_type="text/event-stream", headers={"X-Response-Id": rid})
-                # the batch form of completions: one model request per prompt (the replica's batcher
-                # runs them together), one choice each, in order; any error answers the whole request
-                payloads = [payload] if chat else [{**payload, "prompt": p} for p in req.prompts]
+                # n choices per prompt, and completions' batch form: one model request per choice (the
+                # replica's batcher runs them together), choice k = prompt k // n, in order; with a
+                # seed, choice j of a prompt samples with seed + j; any error answers the whole request
+                prompts = [None] if chat else req.prompts
+                payloads = [{**payload, **({} if p is None else {"prompt": p}),
+                             **({"seed": payload["seed"] + j} if j and payload.get("seed") is not None else {})}
+                            for p in prompts for j in range(req.n)]
                 outs = await asyncio.gather(*(self.call(handle.generate.remote(p)) for p in payloads))
                 for out in outs:
                     self.raise_if_error(out)
                 total = time.perf_counter() - started
-                n_prompt, n_completion = (sum(o[k] for o in outs) for k in ("prompt_tokens", "completion_tokens"))
+                n_prompt = sum(o["prompt_tokens"] for o in outs[::req.n])  # each prompt counted once
+                n_completion = sum(o["completion_tokens"] for o in outs)
                 self.metrics.generation(model, min(o["ttft_s"] for o in outs), total, n_prompt, n_completion)
                 one = len(outs) == 1
                 await self.record(id=rid, route=route, model=model,  # several prompts: JSON lists
@@ -682,12 +687,12 @@ def _gateway_class(cfg: ServeConfig):
                 usage = {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
                          "total_tokens": n_prompt + n_completion}
                 if chat:
-                    out = outs[0]
-                    choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                              "finish_reason": out["finish_reason"],
-                              "logprobs": chat_logprobs(out["logprobs"]) if "logprobs" in out else None}
+                    choices = [{"index": k, "message": {"role": "assistant", "content": out["text"]},
+                                "finish_reason": out["finish_reason"],
+                                "logprobs": chat_logprobs(out["logprobs"]) if "logprobs" in out else None}
+                               for k, out in enumerate(outs)]
                     body = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-                            "choices": [choice], "usage": usage}
+                            "choices": choices, "usage": usage}
                 else:
                     body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
                             "choices": [completion_choice(i, out, req.echo) for i, out in enumerate(outs)],

@@ -139,6 +139,23 @@ def test_several_prompts_in_one_request_answer_one_choice_each_in_order(serve_ap
                                                                           abs=1e-4)
 
 
+def test_n_choices_per_prompt(serve_app):
+    """n choices per prompt, prompt by prompt (choice k answers prompt k // n); with a seed, choice
+    j is what that prompt gives alone with seed + j; each prompt's tokens count once in usage."""
+    prompts = ["the market", "shares rose"]
+    body = complete(serve_app, prompt=prompts, n=3, max_tokens=6, temperature=1.0, seed=7).json()
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    for k, choice in enumerate(body["choices"]):
+        alone = complete(serve_app, prompt=prompts[k // 3], max_tokens=6, temperature=1.0, seed=7 + k % 3).json()
+        assert choice["text"] == alone["choices"][0]["text"]
+    singles = [complete(serve_app, prompt=p, max_tokens=1).json()["usage"]["prompt_tokens"] for p in prompts]
+    assert body["usage"]["prompt_tokens"] == sum(singles)
+    chat = post(serve_app, "/v1/chat/completions", {"model": "tiny-chat", "max_tokens": 6, "n": 2, "seed": 3,
+                                                     "messages": [{"role": "user", "content": "hello"}]})
+    assert chat.status_code == 200, chat.text
+    assert [c["index"] for c in chat.json()["choices"]] == [0, 1]
+
+
 def test_chat_completion(serve_app):
     r = post(serve_app, "/v1/chat/completions", {"model": "tiny-chat", "max_tokens": 8, "temperature": 0,
                                                   "messages": [{"role": "user", "content": "hello there"}]})
@@ -250,7 +267,9 @@ def test_concurrent_requests_are_batched_and_equal_sequential(serve_app, model):
     ({"model": "tiny", "prompt": 42}, None),
     ({"model": "tiny", "prompt": "x", "stop": [1]}, None),
     ({"model": "tiny", "prompt": "x", "stop": ["a"] * 17}, "stop"),
-    ({"model": "tiny", "prompt": "x", "n": 3}, "n"),
+    ({"model": "tiny", "prompt": "x", "n": 17}, "n"),
+    ({"model": "tiny", "prompt": "x", "n": 2, "stream": True}, "n"),
+    ({"model": "tiny", "prompt": ["x"] * 20, "n": 2}, "prompt"),
     ({"model": "tiny", "prompt": "x", "bogus": 1}, "bogus"),
     ({"model": "tiny"}, "prompt"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 10_000}, "max_tokens"),
