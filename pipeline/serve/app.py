@@ -353,10 +353,10 @@ def _top_logprobs(req: dict) -> int | None:
     return req.get("logprobs")
 
 
-def completion_logprobs(entries: list[dict], start: int = 0) -> dict:
+def completion_logprobs(entries: list[dict]) -> dict:
     """OpenAI's legacy completions shape: tokens, their log-probabilities, the most likely
     alternatives with the chosen token among them, and each token's offset in the text."""
-    offsets, at = [], start
+    offsets, at = [], 0
     for e in entries:
         offsets.append(at)
         at += len(e["token"])
