@@ -116,12 +116,11 @@ class CompletionRequest(_Sampling):
         # one prompt: a string or a list of token ids; several: a list of either (OpenAI's batch
         # form, what evaluation harnesses send), answered as one choice per prompt, in order
         prompts = v if isinstance(v, list) and not (v and all(isinstance(t, int) for t in v)) else [v]
-        if not prompts or len(prompts) > MAX_PROMPTS:
-            raise ValueError(f"send 1 to {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        n = info.data.get("n", 1)
+        if not prompts or len(prompts) * n > MAX_PROMPTS:
+            raise ValueError(f"send 1 to {MAX_PROMPTS} prompts x n per request, got {len(prompts)} x {n}")
         if len(prompts) > 1 and info.data.get("stream"):
             raise ValueError("stream: true takes one prompt per request")
-        if len(prompts) * info.data.get("n", 1) > MAX_PROMPTS:
-            raise ValueError(f"{len(prompts)} prompts x n = {info.data.get('n')} choices: at most {MAX_PROMPTS} per request")
         for p in prompts:
             if not p:
                 raise ValueError("prompt must not be empty")
