@@ -217,7 +217,25 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+SEED_MAX = 2**32 - 1  # numpy's RandomState, SeedSequence and scikit-learn's random_state take [0, 2**32 - 1]
+
+
+def check_seed(value: int, key: str) -> None:
+    """A seed every random generator the stages use accepts (a negative one fails deep in numpy)."""
+    check(0 <= value <= SEED_MAX, f"{key} must be in [0, {SEED_MAX}], got {value}")
+
+
+def check_fraction(value: float | None, key: str) -> None:
+    """A share in [0, 1] (``None``: the rule it sets is off)."""
+    check(value is None or 0 <= value <= 1, f"{key} must be in [0, 1] or null, got {value}")
+
+
+def check_at_least(value: float | None, low: float, key: str) -> None:
+    """A count or threshold of at least ``low`` (``None``: the rule it sets is off)."""
+    check(value is None or value >= low, f"{key} must be >= {low:g} or null, got {value}")
+
+
 __all__ = [
-    "apply_overrides", "check", "config_hash", "from_dict", "load_config", "load_yaml",
+    "apply_overrides", "check", "check_at_least", "check_fraction", "check_seed", "config_hash", "from_dict", "load_config", "load_yaml",
     "parse_override", "to_dict", "typing", "without_defaults",
 ]

@@ -221,3 +221,52 @@ def test_keys_added_later_stay_out_of_run_hashes_at_their_defaults():
     changed = {**data, "aux": 0.5, "train": {"average_last": 0.3, "max_steps": 10}}
     assert without_defaults(changed, later) == changed  # set: part of the run's identity
     assert data["train"] == {"average_last": 0.0, "max_steps": 10}  # the input is not modified
+
+
+@pytest.mark.parametrize(
+    "job, config, override, key",
+    [
+        ("pretrain", "pretrain_demo", "train.seed=-1", "train.seed"),
+        ("pretrain", "pretrain_demo", "train.seed=4294967296", "train.seed"),
+        ("pretrain", "pretrain_demo", "model.n_embd=0", "model.n_embd"),
+        ("pretrain", "pretrain_demo", "model.n_head=0", "model.n_head"),
+        # RoPE needs an even head size: 12 / 4 = 3 failed inside the first forward pass
+        ("pretrain", "pretrain_demo", "model.arch=llama model.n_embd=12 model.n_head=4", "model.n_embd"),
+        ("finetune", "finetune_classify_demo", "train.seed=-5", "train.seed"),
+        ("evaluate", "evaluate_demo", "lm.seed=-1", "lm.seed"),
+        ("evaluate", "evaluate_demo", "fewshot.seed=-1", "fewshot.seed"),
+        ("evaluate", "evaluate_demo", "fewshot.window_overlap=-1", "fewshot.window_overlap"),
+        ("evaluate", "evaluate_demo", "fewshot.window_overlap=256", "fewshot.window_overlap"),
+        ("tune", "tune_demo", "seed=-1", "seed"),
+        ("compress", "compress_demo", "eval.seed=-1", "eval.seed"),
+        ("compress", "compress_demo", "eval.decode_prompt=''", "eval.decode_prompt"),
+        ("pretrain", "pretrain_demo", "run.fail_at_step=-1", "run.fail_at_step"),
+        # a value for another method than the variant's is still checked
+        ("compress", "compress_demo", "variants.0.mlp_keep=-0.5", "mlp_keep"),
+        ("compress", "compress_demo", "variants.1.sparsity=1.5", "sparsity"),
+        ("compress", "compress_demo", "variants.2.heads_keep=0", "heads_keep"),
+        ("prepare", "prepare_demo", "dedup.fuzzy.seed=-1", "dedup.fuzzy.seed"),
+        ("prepare", "prepare_demo", "dedup.fuzzy.num_partitions=0", "dedup.fuzzy.num_partitions"),
+        ("prepare", "prepare_demo", "tokenizer.max_train_docs=0", "tokenizer.max_train_docs"),
+        ("prepare", "prepare_demo", "quality.gopher_quality.min_words=-5", "quality.gopher_quality.min_words"),
+        ("prepare", "prepare_demo", "quality.gopher_quality.min_words=200 quality.gopher_quality.max_words=100",
+         "quality.gopher_quality.min_words"),
+        ("prepare", "prepare_demo", "quality.gopher_quality.min_alpha_words_ratio=1.5",
+         "quality.gopher_quality.min_alpha_words_ratio"),
+        ("prepare", "prepare_demo", "quality.gopher_repetition.max_dup_line_frac=-0.1",
+         "quality.gopher_repetition.max_dup_line_frac"),
+        ("prepare", "prepare_demo", "quality.c4.min_sentences=-1", "quality.c4.min_sentences"),
+        ("prepare", "prepare_demo", "quality.fineweb.max_short_line_ratio=2", "quality.fineweb.max_short_line_ratio"),
+        ("prepare", "prepare_demo", "quality.fineweb.short_line_length=-1", "quality.fineweb.short_line_length"),
+    ],
+)
+def test_out_of_range_values_name_the_key(job, config, override, key):
+    """Values of the right type but outside what the stage can use are refused when the config is
+    read, before Ray starts, naming the key (a negative seed, say, failed deep inside numpy on a
+    Ray worker)."""
+    import importlib
+
+    parse = importlib.import_module(f"jobs.{job}").parse_config
+    path = str(PREPARE_DEMO.parent / f"{config}.yaml")
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        parse(["--config", path, *override.split()])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import check, config_hash, to_dict
+from pipeline.config import check, check_seed, config_hash, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,11 @@ class VariantSpec:
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, f"variants[].name must be a plain name, got {self.name!r}")
-        if self.method == "magnitude":
-            check(0 < self.sparsity < 1, f"variants[{self.name}].sparsity must be in (0, 1), got {self.sparsity}")
+        # checked whatever the method, so a value meant for another method is still a valid one
+        check(0 < self.sparsity < 1, f"variants[{self.name}].sparsity must be in (0, 1), got {self.sparsity}")
         check(self.calibration_rows >= 0, f"variants[{self.name}].calibration_rows must be >= 0, got {self.calibration_rows}")
-        if self.method == "structured":
-            check(0 < self.mlp_keep <= 1 and 0 < self.heads_keep <= 1,
-                  f"variants[{self.name}]: mlp_keep and heads_keep must be in (0, 1]")
+        check(0 < self.mlp_keep <= 1, f"variants[{self.name}].mlp_keep must be in (0, 1], got {self.mlp_keep}")
+        check(0 < self.heads_keep <= 1, f"variants[{self.name}].heads_keep must be in (0, 1], got {self.heads_keep}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +75,8 @@ class CompressEvalConfig:
         check(self.repeats >= 1 and self.decode_tokens >= 1, "eval.repeats and eval.decode_tokens must be >= 1")
         check(self.lm_rows >= 0 and self.classify_rows >= 0, "eval.lm_rows and eval.classify_rows must be >= 0 (0: all)")
         check(self.threads >= 1, f"eval.threads must be >= 1, got {self.threads}")
+        check_seed(self.seed, "eval.seed")
+        check(bool(self.decode_prompt.strip()), "eval.decode_prompt must be a non-empty text (the decode speed's prompt)")
         check(self.max_len >= 2, f"eval.max_len must be >= 2 (tokens per LM row), got {self.max_len}")
         check(self.classify_max_len is None or self.classify_max_len >= 8,
               f"eval.classify_max_len must be >= 8 or null, got {self.classify_max_len}")

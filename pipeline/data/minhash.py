@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import check
+from pipeline.config import check, check_seed
 
 MAX_HASH = np.uint64((1 << 32) - 1)
 _WORD = re.compile(r"\w+")
@@ -52,6 +52,9 @@ class MinHashConfig:
         )
         check(0.0 < self.jaccard_threshold <= 1.0,
               f"dedup.fuzzy.jaccard_threshold must be in (0, 1], got {self.jaccard_threshold}")
+        check_seed(self.seed, "dedup.fuzzy.seed")
+        check(self.num_partitions is None or self.num_partitions >= 1,
+              f"dedup.fuzzy.num_partitions must be >= 1 or null, got {self.num_partitions}")
 
     @property
     def lsh_threshold(self) -> float:

@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.config import check
+from pipeline.config import check, check_at_least, check_fraction
 
 # Gopher's stop words ("the, be, to, of, and, that, have, with").
 GOPHER_STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
@@ -46,6 +46,17 @@ class GopherQualityConfig:
     min_alpha_words_ratio: float | None = 0.8
     min_stop_words: int | None = 2
 
+    def __post_init__(self) -> None:
+        key = "quality.gopher_quality."
+        for name in ("min_words", "max_words", "min_avg_word_length", "max_avg_word_length", "max_symbol_word_ratio",
+                     "min_stop_words"):
+            check_at_least(getattr(self, name), 0, key + name)
+        for name in ("max_bullet_lines_ratio", "max_ellipsis_lines_ratio", "min_alpha_words_ratio"):
+            check_fraction(getattr(self, name), key + name)
+        for low, high in (("min_words", "max_words"), ("min_avg_word_length", "max_avg_word_length")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            check(lo is None or hi is None or lo <= hi, f"{key}{low} ({lo}) must be <= {key}{high} ({hi})")
+
 
 @dataclass(frozen=True, kw_only=True)
 class GopherRepetitionConfig:
@@ -66,6 +77,9 @@ class GopherRepetitionConfig:
     )
 
     def __post_init__(self) -> None:
+        check_at_least(self.ngram_rules_min_words, 0, "quality.gopher_repetition.ngram_rules_min_words")
+        for name in ("max_dup_line_frac", "max_dup_para_frac", "max_dup_line_char_frac", "max_dup_para_char_frac"):
+            check_fraction(getattr(self, name), f"quality.gopher_repetition.{name}")
         for name in ("top_ngram_max_frac", "dup_ngram_max_frac"):
             for n, frac in getattr(self, name).items():
                 check(n >= 1, f"quality.gopher_repetition.{name}: n-gram size must be >= 1, got {n}")
@@ -86,6 +100,10 @@ class C4Config:
     drop_curly_bracket: bool = True
     min_sentences: int | None = 3
 
+    def __post_init__(self) -> None:
+        check_at_least(self.min_words_per_line, 0, "quality.c4.min_words_per_line")
+        check_at_least(self.min_sentences, 0, "quality.c4.min_sentences")
+
 
 @dataclass(frozen=True, kw_only=True)
 class FineWebConfig:
@@ -94,7 +112,14 @@ class FineWebConfig:
     short_line_length: int = 30
     max_short_line_ratio: float | None = 0.67
     max_char_duplicates_ratio: float | None = 0.01
-    max_new_line_ratio: float | None = 0.3
+    max_new_line_ratio: float | None = 0.3  # newlines per word
+
+    def __post_init__(self) -> None:
+        key = "quality.fineweb."
+        for name in ("min_line_punct_ratio", "max_short_line_ratio", "max_char_duplicates_ratio"):
+            check_fraction(getattr(self, name), key + name)
+        check_at_least(self.short_line_length, 0, key + "short_line_length")
+        check_at_least(self.max_new_line_ratio, 0, key + "max_new_line_ratio")
 
 
 @dataclass(frozen=True, kw_only=True)

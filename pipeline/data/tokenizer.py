@@ -33,8 +33,10 @@ class TokenizerConfig:
         check(self.vocab_size >= 300, f"tokenizer.vocab_size must be >= 300 (256 bytes + specials), got {self.vocab_size}")
         check(self.min_frequency >= 1, f"tokenizer.min_frequency must be >= 1, got {self.min_frequency}")
         check(bool(self.eos_token), "tokenizer.eos_token must be set")
+        check(self.max_train_docs is None or self.max_train_docs >= 1,
+              f"tokenizer.max_train_docs must be >= 1 or null (the whole train split), got {self.max_train_docs}")
         if self.path is not None:
-            check(Path(self.path).is_dir(), f"tokenizer.path is not a directory: {self.path}")
+            check(bool(self.path) and Path(self.path).is_dir(), f"tokenizer.path is not a directory: {self.path}")
 
     @property
     def special_tokens(self) -> list[str]:

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import check, config_hash, to_dict
+from pipeline.config import check, check_seed, config_hash, to_dict
 from pipeline.finetune.classify_data import label_name, read_labeled_rows
 from pipeline.train.checkpoint import write_json
 
@@ -38,6 +38,7 @@ class LMEvalConfig:
               f"next window repeats), got {self.window_overlap}")
         check(self.max_rows >= 0, f"lm.max_rows must be >= 0 (0: every row), got {self.max_rows}")
         check(self.split in ("val", "test", "train"), f"lm.split must be val, test or train, got {self.split!r}")
+        check_seed(self.seed, "lm.seed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +80,10 @@ class FewshotEvalConfig:
         check(self.max_queries >= 1, f"fewshot.max_queries must be >= 1, got {self.max_queries}")
         check(self.max_words >= 1, f"fewshot.max_words must be >= 1, got {self.max_words}")
         check(self.max_len >= 8, f"fewshot.max_len must be >= 8, got {self.max_len}")
+        check(self.window_overlap is None or 1 <= self.window_overlap < self.max_len,
+              f"fewshot.window_overlap must be in [1, fewshot.max_len - 1 = {self.max_len - 1}] (tokens of context a "
+              f"text's next window repeats), got {self.window_overlap}")
+        check_seed(self.seed, "fewshot.seed")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -39,7 +39,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         layer, head, embd = self.dims
         check(layer >= 1, f"model.n_layer must be >= 1, got {layer}")
-        check(head >= 1 and embd % head == 0, f"model.n_embd ({embd}) must be divisible by model.n_head ({head})")
+        check(head >= 1, f"model.n_head must be >= 1, got {head}")
+        check(embd >= 1 and embd % head == 0, f"model.n_embd ({embd}) must be a positive multiple of model.n_head ({head})")
+        if self.arch == "llama" and self.objective == "causal":  # RoPE rotates pairs of each head's dimensions
+            check((embd // head) % 2 == 0, f"model.arch llama needs an even head size: model.n_embd ({embd}) / "
+                                            f"model.n_head ({head}) = {embd // head}")
         check(self.max_seq_len >= 2, f"model.max_seq_len must be >= 2, got {self.max_seq_len}")
         check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         check(self.pad_vocab_multiple >= 1, f"model.pad_vocab_multiple must be >= 1, got {self.pad_vocab_multiple}")

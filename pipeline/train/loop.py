@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 
-from pipeline.config import check
+from pipeline.config import check, check_seed
 from pipeline.train.optim import make_optimizer
 from pipeline.train.schedule import get_lr
 
@@ -81,6 +81,7 @@ class LoopConfig:
         check(self.shuffle_buffer >= 0, f"train.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
               f"train.early_stopping_patience must be >= 1 or null, got {self.early_stopping_patience}")
+        check_seed(self.seed, "train.seed")
         check(0 <= self.average_last <= 1, f"train.average_last must be in [0, 1], got {self.average_last}")
         check(not (self.average_last and self.early_stopping_patience is not None),
               "train.average_last averages the weights of the schedule's last steps, which a run stopped early "

@@ -57,7 +57,7 @@ class ScalingConfig:
 @dataclass(frozen=True, kw_only=True)
 class RunConfigCfg:
     num_to_keep: int = 2  # checkpoints kept (best by val loss)
-    max_failures: int = 2  # worker failures tolerated; training resumes from the latest checkpoint
+    max_failures: int = 2  # worker failures tolerated (-1: any number); training resumes from the latest checkpoint
     fail_at_step: int | None = None  # fault injection for tests: rank 1 dies once at this step
     # the validation metric that ranks checkpoints (the best one is exported). null: val_loss, or
     # val_accuracy for classification, where the loss of a small validation split keeps rising on
@@ -69,6 +69,8 @@ class RunConfigCfg:
     def __post_init__(self) -> None:
         check(self.num_to_keep >= 1, f"run.num_to_keep must be >= 1, got {self.num_to_keep}")
         check(self.max_failures >= -1, f"run.max_failures must be >= -1, got {self.max_failures}")
+        check(self.fail_at_step is None or self.fail_at_step >= 1,
+              f"run.fail_at_step must be >= 1 or null, got {self.fail_at_step}")
 
 
 def peak_flops(device: torch.device) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import apply_overrides, check, config_hash, from_dict, load_yaml, to_dict
+from pipeline.config import apply_overrides, check, check_seed, config_hash, from_dict, load_yaml, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class TuneConfig:
                                                      f"{evaluations}], got {self.grace_period}")
         check(self.max_concurrent is None or self.max_concurrent >= 1,
               f"max_concurrent must be >= 1 or null, got {self.max_concurrent}")
+        check_seed(self.seed, "seed")
 
 
 METRICS = {"val_loss": "min", "val_accuracy": "max"}

@@ -139,7 +139,7 @@ def test_flops_per_token_counts_every_matmul_once():
     (dict(preset="tiny", n_embd=65), "model.n_embd"),
     (dict(preset="custom"), "model.preset custom"),
     (dict(preset="tiny", n_layer=0), "model.n_layer"),  # a 0 is not "the preset's"
-    (dict(preset="tiny", n_head=0), "model.n_embd"),
+    (dict(preset="tiny", n_head=0), "model.n_head"),
     (dict(arch="llama", n_kv_head=0), "model.n_kv_head"),
     (dict(max_seq_len=1), "model.max_seq_len"),
     (dict(dropout=1.5), "model.dropout"),
