@@ -101,6 +101,12 @@ class ServeConfig:
         check(self.rating_min < self.rating_max, "rating_min must be < rating_max")
         check(1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}")
         check(self.gateway_cpus > 0, f"gateway_cpus must be > 0, got {self.gateway_cpus}")
+        # an empty key (an unset shell variable, say) would otherwise fall back to no key at all
+        check(self.api_key is None or bool(self.api_key.strip()),
+              "api_key is empty: give a key, or leave it unset (null) to serve without one")
+        check(bool(self.host.strip()), "host must be set (127.0.0.1 for this machine only, 0.0.0.0 for every interface)")
+        check(bool(self.app_name.strip()) and "/" not in self.app_name, f"app_name must be a plain name, got {self.app_name!r}")
+        check(bool(self.feedback_db.strip()), "feedback_db must be a file path")
 
 
 def check_kind(m: ServedModel) -> None:

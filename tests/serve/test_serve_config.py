@@ -41,6 +41,12 @@ def test_serve_config_file_and_models_file_agree():
     ({"models": [{"name": "a", "path": "x", "default_max_tokens": 0}]}, "default_max_tokens"),
     ({"models": [{"name": "a", "path": "x"}], "port": 99999}, r"port must be in \[1, 65535\]"),
     ({"models": [{"name": "a", "path": "x"}], "gateway_cpus": 0}, "gateway_cpus"),
+    # an empty key (an unset shell variable) must not turn the key check off
+    ({"models": [{"name": "a", "path": "x"}], "api_key": ""}, "api_key is empty"),
+    ({"models": [{"name": "a", "path": "x"}], "api_key": "  "}, "api_key is empty"),
+    ({"models": [{"name": "a", "path": "x"}], "host": ""}, "host must be set"),
+    ({"models": [{"name": "a", "path": "x"}], "app_name": ""}, "app_name"),
+    ({"models": [{"name": "a", "path": "x"}], "feedback_db": ""}, "feedback_db"),
 ])
 def test_bad_serve_config_names_the_key(data, key):
     with pytest.raises(ValueError, match=key):
