@@ -308,9 +308,9 @@ def _check_calibration_data(cfg: CompressConfig, models: dict) -> None:
               f"eval.lm_data {e.lm_data}: no train shards to calibrate int8 on; {fix}")
     if "classifier" in kinds:
         if e.classify_train_data:
-            from pipeline.data.sources import path_kind
+            from pipeline.data.sources import input_exists
 
-            check(path_kind(e.classify_train_data) != "missing",
+            check(input_exists(e.classify_train_data),
                   f"eval.classify_train_data not found: {e.classify_train_data}")
         else:
             check(bool(e.classify_data) and "train" in _labeled_files(e.classify_data),

@@ -216,6 +216,28 @@ def path_kind(path: str) -> str:
     return "file"
 
 
+def file_set(path: str) -> list[str] | None:
+    """The files a directory (not a saved Hugging Face dataset) or a glob names, sorted, as a
+    prepare source lists them (a URI's files as URIs); None for one file, a saved dataset or a
+    path that does not exist. Fine-tuning and evaluation read such a set file by file."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if any(ch in root for ch in "*?["):
+        infos = fs.glob(root, detail=True)
+    elif fs.isdir(root) and not _has_hf_marker(fs, root):
+        infos = fs.find(root, detail=True)
+    else:
+        return None
+    files = sorted(p for p, info in infos.items() if info.get("type") != "directory")
+    return [fs.unstrip_protocol(p) if "://" in path else p for p in files]
+
+
+def input_exists(path: str) -> bool:
+    """A file, a directory or saved dataset, or a glob that matches at least one file."""
+    return path_kind(path) != "missing" or bool(file_set(path))
+
+
 def _has_hf_marker(fs, root: str) -> bool:
     return any(fs.exists(posixpath.join(root, m)) for m in HF_MARKERS)
 

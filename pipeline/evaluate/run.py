@@ -164,12 +164,13 @@ def _lm_texts(c: LMEvalConfig) -> tuple[list[str], str, list[str]]:
     """The documents of ``lm.text_file``, what they are ("lines" or "records"), and the reasons
     of records that hold no usable text. A plain text file is one document per non-empty line;
     JSONL / JSON / CSV / Parquet files and saved HF datasets are read as the prepare stage reads
-    them, ``lm.text_field`` holding the text; so is a directory, every file in it as the prepare stage
-    reads a directory source (a text file there is one document)."""
+    them, ``lm.text_field`` holding the text; so is a directory or a glob, every file in it as the
+    prepare stage reads a directory source (a text file there is one document)."""
     from pipeline import schema as S
-    from pipeline.data.sources import SourceConfig, detect_format, expand_source, path_kind, read_file, text_lines
+    from pipeline.data.sources import SourceConfig, detect_format, expand_source, file_set, path_kind, read_file, text_lines
 
     path, kind = c.text_file, path_kind(c.text_file)  # a local path or a URI
+    kind = "dir" if file_set(path) else kind  # a directory or a glob's files, read as a prepare source reads them
     check(kind != "missing", f"lm.text_file not found: {path}")
     if kind in ("hf", "dir") or kind == "file" and detect_format(path) in ("jsonl", "json", "csv", "parquet"):
         records = [r for t in expand_source(SourceConfig(path=path, text_field=c.text_field)) for r in read_file(t, 1 << 30)]
@@ -191,9 +192,9 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
     from pipeline.model.build import checkpoint_kind, require_classifier
 
     if cfg.lm is not None and cfg.lm.data is None:
-        from pipeline.data.sources import path_kind
+        from pipeline.data.sources import input_exists
 
-        check(path_kind(cfg.lm.text_file) != "missing", f"lm.text_file not found: {cfg.lm.text_file}")
+        check(input_exists(cfg.lm.text_file), f"lm.text_file not found: {cfg.lm.text_file}")
     for name, section in (("lm", cfg.lm), ("bias", cfg.bias)):  # causal or masked: both are scored
         if section is not None:
             path = _causal_dir(section.model)

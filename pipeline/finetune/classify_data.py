@@ -34,18 +34,32 @@ def read_labeled(path: str, text_field: str, label_field: str, bad: list[dict]) 
     return [(r["text"], r["label"]) for r in read_labeled_rows(path, text_field, label_field, bad)]
 
 
+LABELED_FORMATS = ("jsonl", "json", "csv", "parquet")
+
+
 def _located_rows(path: str, label_field: str, bad: list[dict]):
     """``(where, row)`` over a labeled file, ``where`` the row's place in it as the prepare stage
     names places: ``path:LINE`` in a JSON Lines file, ``path[i]`` in a JSON array, ``path: record
     N`` (from 1, the header not counted) in a CSV, ``path: row i`` (from 0) in Parquet,
     ``path: [split ]row i`` in a saved dataset (a ``ClassLabel`` ``label_field`` as its class names). A CSV record with more values than its header has
-    columns goes to ``bad``: which value belongs to which column is unknown."""
+    columns goes to ``bad``: which value belongs to which column is unknown. A directory or glob
+    is read file by file, in path order; a file of another kind there goes to ``bad``."""
     import csv
 
     import pyarrow.parquet as pq
 
-    from pipeline.data.sources import _arrow_rows, _open, csv_rows, detect_format, hf_rows, json_records, path_kind
+    from pipeline.data.sources import _arrow_rows, _open, csv_rows, detect_format, file_set, hf_rows, json_records, path_kind
 
+    if (files := file_set(path)) is not None:  # a directory or glob of such files (shards), file by file
+        if not files:
+            raise ValueError(f"data: {path}: no files there (an empty directory, or a glob that matches none)")
+        for file in files:
+            if detect_format(file) in LABELED_FORMATS:
+                yield from _located_rows(file, label_field, bad)
+            else:
+                bad.append({"where": file, "reason": "not a labeled data file (.jsonl, .json, .csv, .tsv or .parquet, "
+                                                     "compressed or not): skipped"})
+        return
     kind, fmt = path_kind(path), detect_format(path)  # a local path or a URI; compressed files too
     if kind not in ("file", "hf"):
         raise ValueError(f"data file not found: {path}")

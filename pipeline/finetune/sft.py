@@ -133,8 +133,8 @@ def record_to_messages(obj: dict, where: str) -> list[dict]:
 
 
 def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
-    """Conversations from a JSONL, JSON (an array) or Parquet file, a saved Hugging Face dataset, or the built-in
-    ``chatterbot``; each record ``messages``, ShareGPT ``conversations`` or ``prompt`` +
+    """Conversations from a JSONL, JSON (an array) or Parquet file, a directory or glob of them, a saved Hugging
+    Face dataset, or the built-in ``chatterbot``; each record ``messages``, ShareGPT ``conversations`` or ``prompt`` +
     ``completion``, or Alpaca ``instruction`` (+ ``input``) + ``output``. Bad records go to ``bad`` with their reason."""
     if path == "chatterbot":
         from pipeline.data.sources import SourceConfig, expand_source, read_file
@@ -150,8 +150,18 @@ def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
                     continue
                 yield [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
         return
-    from pipeline.data.sources import _open, detect_format, hf_rows, json_records, path_kind
+    from pipeline.data.sources import _open, detect_format, file_set, hf_rows, json_records, path_kind
 
+    if (files := file_set(path)) is not None:  # a directory or glob of such files (shards), file by file
+        if not files:
+            raise ValueError(f"data: {path}: no files there (an empty directory, or a glob that matches none)")
+        for file in files:
+            if detect_format(file) in ("jsonl", "json", "parquet"):
+                yield from load_chat_examples(file, bad)
+            else:
+                bad.append({"where": file, "reason": "not a chat data file (.jsonl, .json or .parquet, compressed or "
+                                                     "not): skipped"})
+        return
     kind = path_kind(path)  # a local path or a URI; compressed files too
     if kind == "hf":  # a DatasetDict: its train split(s), never a held-out one
         records = ((f"{path}:{where}", row) for where, row in hf_rows(path, only_train=True))

@@ -178,6 +178,11 @@ def test_lm_text_file_reads_plain_lines_or_records_of_a_field(toy, tmp_path, ray
     (tmp_path / "dir" / "more.jsonl").write_text(json.dumps({"text": texts[3]}) + "\n" + json.dumps({"x": 1}) + "\n")
     docs, unit, rejected = read("dir")
     assert (sorted(docs), unit, rejected) == (sorted(texts[:4]), "records", ["missing_text_field"])
+    assert sorted(read("dir/*.txt")[0]) == sorted(texts[:3])  # a glob: its matches, read the same way
+    from pipeline.evaluate.run import check_evaluate
+
+    with pytest.raises(ValueError, match="lm.text_file not found"):
+        check_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": "m", "text_file": str(tmp_path / "dir/*.csv")}}))
     # scored over Ray Data's actor pool: the same figures as scoring the texts in this process
     local = lm_metrics_from_texts(model.eval(), tok, texts[:6], 32)
     assert res["plain.txt"]["tokens"] == local["tokens"] and res["plain.txt"]["loss"] == pytest.approx(local["loss"], rel=1e-5)

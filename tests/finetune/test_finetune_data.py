@@ -142,6 +142,36 @@ def test_chat_and_labeled_data_from_uris_and_compressed_files(tmp_path):
         read_labeled(f"file://{tmp_path}/nothing.csv", "text", "label", [])
 
 
+def test_chat_and_labeled_data_from_directories_and_globs(tmp_path):
+    """A directory of shards (as datasets' to_parquet / to_json or Spark write them) or a glob is
+    read file by file in path order, as a prepare source is; a file of another kind there is a
+    rejected record, not silently dropped; a glob that matches nothing is an error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.finetune.classify_data import read_labeled
+
+    shards = tmp_path / "labeled"
+    shards.mkdir()
+    pq.write_table(pa.table({"text": ["t0", "t1"], "label": ["a", "b"]}), shards / "train-00000-of-00002.parquet")
+    (shards / "train-00001-of-00002.jsonl").write_text('{"text": "t2", "label": "a"}\n')
+    (shards / "_SUCCESS").write_text("")
+    bad: list = []
+    assert read_labeled(str(shards), "text", "label", bad) == [("t0", "a"), ("t1", "b"), ("t2", "a")]
+    assert [b["where"] for b in bad] == [str(shards / "_SUCCESS")] and "skipped" in bad[0]["reason"]
+    bad = []
+    assert read_labeled(f"file://{shards}/*.parquet", "text", "label", bad) == [("t0", "a"), ("t1", "b")] and not bad
+    with pytest.raises(ValueError, match="no files there"):
+        read_labeled(str(shards / "*.csv"), "text", "label", [])
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    for i in range(2):
+        (chats / f"part-{i}.jsonl").write_text(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n")
+    bad = []
+    assert [c[0]["content"] for c in load_chat_examples(str(chats / "part-*.jsonl"), bad)] == ["q0", "q1"] and not bad
+    assert len(list(load_chat_examples(str(chats), bad))) == 2
+
+
 def test_chatterbot_conversations():
     bad = []
     convs = list(load_chat_examples("chatterbot", bad))
