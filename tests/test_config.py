@@ -55,6 +55,17 @@ def test_bad_keys_and_types_name_the_key(data, message):
         from_dict(Outer, data)
 
 
+def test_a_malformed_or_non_utf8_config_file_is_an_error_naming_it(tmp_path):
+    """Not a traceback from the YAML parser: the file, and where it breaks."""
+    (tmp_path / "broken.yaml").write_text("a: [1,\n")
+    (tmp_path / "tabs.yaml").write_text("a:\n\tb: 1\n")
+    (tmp_path / "utf16.yaml").write_bytes("a: 1\n".encode("utf-16"))
+    for name, message in (("broken", "not valid YAML: .* line 2"), ("tabs", "not valid YAML: .* line 2"),
+                          ("utf16", "not UTF-8 text")):
+        with pytest.raises(ValueError, match=f"config file .*{name}.yaml is {message}"):
+            load_config(Outer, tmp_path / f"{name}.yaml")
+
+
 def test_exponent_numbers_are_numbers(tmp_path):
     # PyYAML (YAML 1.1) reads "2e-3" as a string; a float key takes it as the number it is
     path = tmp_path / "c.yaml"
