@@ -41,7 +41,9 @@ class _Sampling(_Strict):
     top_p: Number = Field(default=1.0, gt=0, le=1)
     top_k: StrictInt = Field(default=0, ge=0)  # not in OpenAI's API; vLLM's extension
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    # a 64-bit seed, as vLLM takes (torch's generator refuses one past 2**64 - 1, which failed every
+    # request batched with it); choice j of n samples with seed + j
+    seed: StrictInt | None = Field(default=None, ge=-2**63, le=2**63 - 1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None

@@ -50,6 +50,20 @@ def test_null_optional_parameters_mean_their_defaults():
         ChatRequest(messages=None)
 
 
+def test_a_seed_is_a_64_bit_integer():
+    """A seed past 2**64 - 1 passed validation and failed inside the model's batch, failing the
+    other requests batched with it; a 64-bit one (and seed + j for n choices) seeds the generator."""
+    import torch
+
+    for seed in (-2**63, 2**63 - 1):
+        assert CompletionRequest(prompt="x", seed=seed).seed == seed
+        torch.Generator().manual_seed(seed + 15)  # the 16th choice's seed
+    for seed in (2**64, -2**63 - 1, 2**63):
+        with pytest.raises(ValidationError) as exc:
+            ChatRequest(messages=[{"role": "user", "content": "hi"}], seed=seed)
+        assert validation_error(exc.value).param == "seed"
+
+
 def test_a_non_number_is_named_as_such():
     with pytest.raises(ValidationError) as exc:
         CompletionRequest(prompt="x", temperature="hot")
