@@ -109,3 +109,20 @@ def test_ray_job_submit_prepare(head_node, tmp_path):
     assert len(manifests) == 1, log[-4000:]
     counts = json.loads(manifests[0].read_text())["counts"]
     assert counts["input_docs"] == 12 and counts["dropped"]["exact_duplicate"] == 8
+
+
+def test_cluster_yaml_is_a_valid_launcher_config_with_token_auth():
+    """``cluster.yaml`` passes the cluster launcher's own schema (what ``ray up`` checks first), and
+    every node starts Ray in token mode with the token copied to it: without a token, ``ray start``
+    in Ray 2.60 starts a cluster with no authentication."""
+    import jsonschema
+    import ray
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "cluster.yaml").read_text())
+    jsonschema.validate(cfg, json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text()))
+    assert any(remote.endswith("/.ray/auth_token") for remote in cfg["file_mounts"])
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cfg[key] if " start " in c]
+        assert start and all("RAY_AUTH_MODE=token" in c and ".venv/bin/ray" in c for c in start), key
