@@ -63,13 +63,6 @@ class _Sampling(_Strict):
             data = {k: v for k, v in data.items() if not (v is None and k in optional)}
         return data
 
-    @field_validator("n")
-    @classmethod
-    def _n_unstreamed(cls, v, info):
-        if v > 1 and info.data.get("stream"):
-            raise ValueError("n > 1 is not supported with stream: true by this server")
-        return v
-
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
@@ -121,8 +114,6 @@ class CompletionRequest(_Sampling):
         n = info.data.get("n", 1)
         if not prompts or len(prompts) * n > MAX_PROMPTS:
             raise ValueError(f"send 1 to {MAX_PROMPTS} prompts x n per request, got {len(prompts)} x {n}")
-        if len(prompts) > 1 and info.data.get("stream"):
-            raise ValueError("stream: true takes one prompt per request")
         for p in prompts:
             if not p:
                 raise ValueError("prompt must not be empty")
@@ -137,11 +128,6 @@ class CompletionRequest(_Sampling):
         return list(self.prompt) if batch else [self.prompt]
 
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v, info):
-        cls._not_streamed(v is not None, info)
-        return v
 
     @field_validator("echo")
     @classmethod
@@ -197,11 +183,6 @@ class ChatRequest(_Sampling):
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # and its alternatives (logprobs: true)
     store: StrictBool = False
     metadata: dict[str, StrictStr] | None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v, info):
-        return cls._not_streamed(v, info)
 
     @field_validator("top_logprobs")
     @classmethod

@@ -278,10 +278,23 @@ class ModelServer:
                 break
             if limit is not None and used >= limit and not ended:
                 break
-            text = self.tokenizer.decode([tok])
-            out.append({"token": text, "logprob": lp,
-                        "top": None if top is None else [[self.tokenizer.decode([t]), v] for t, v in top]})
-            used += len(text)
+            out.append(self._logprob_entry(tok, lp, top))
+            used += len(out[-1]["token"])
+        return out
+
+    def _logprob_entry(self, tok: int, lp: float | None, top) -> dict:
+        return {"token": self.tokenizer.decode([tok]), "logprob": lp,
+                "top": None if top is None else [[self.tokenizer.decode([t]), v] for t, v in top]}
+
+    def _streamed_logprobs(self, entries: list, limit: int, cursor: list[int]) -> list[dict]:
+        """The entries of ``entries`` (a generation's so far) that ``_logprob_entries`` lists for a
+        text of which ``limit`` characters are sent, after the ``cursor[0]`` already streamed
+        (``cursor`` = [entries sent, their characters], advanced). An EOS waits for the end, where
+        the rest of the final list follows; so the streamed entries add up to the non-streamed list."""
+        out = []
+        while cursor[0] < len(entries) and cursor[1] < limit and entries[cursor[0]][0] != self.engine.eos_id:
+            out.append(self._logprob_entry(*entries[cursor[0]]))
+            cursor[0], cursor[1] = cursor[0] + 1, cursor[1] + len(out[-1]["token"])
         return out
 
     async def generate_stream(self, req: dict, stream: bool = True):
@@ -308,9 +321,15 @@ class ModelServer:
             yield _err(400, str(e), "max_tokens" if "exceeds" in str(e) else "prompt" if "token id" in str(e) else None,
                        code="context_length_exceeded" if "exceeds" in str(e) else None)
             return
+        sampled, cursor, sent_chars = [], [0, 0], 0  # streamed log-probabilities (see _streamed_logprobs)
         async for ev in events:
             if ev.delta:
-                yield {"delta": ev.delta}
+                if ev.logprobs is None:
+                    yield {"delta": ev.delta}
+                else:
+                    sampled += ev.logprobs
+                    sent_chars += len(ev.delta)
+                    yield {"delta": ev.delta, "logprobs": self._streamed_logprobs(sampled, sent_chars, cursor)}
             if ev.finished:
                 g = ev.generation
                 final = {"finished": True, "text": g.text, "finish_reason": g.finish_reason, "prompt": prompt,
@@ -319,6 +338,8 @@ class ModelServer:
                 if params.logprobs is not None:
                     final["logprobs"] = self._logprob_entries(g.logprobs or [], len(g.text), eos="messages" not in req)
                     final["prompt_logprobs"] = self._logprob_entries(g.prompt_logprobs)
+                    if stream:  # what the text's chunks did not carry: held-back tokens, the EOS
+                        final["logprobs_rest"] = final["logprobs"][cursor[0]:]
                 yield final
 
     def _checked_ids(self, ids: list[int]) -> list[int]:
@@ -359,10 +380,11 @@ def _top_logprobs(req: dict) -> int | None:
     return req.get("logprobs")
 
 
-def completion_logprobs(entries: list[dict]) -> dict:
+def completion_logprobs(entries: list[dict], start: int = 0) -> dict:
     """OpenAI's legacy completions shape: tokens, their log-probabilities, the most likely
-    alternatives with the chosen token among them, and each token's offset in the text."""
-    offsets, at = [], 0
+    alternatives with the chosen token among them, and each token's offset in the text (the
+    first at ``start``: a streamed chunk's entries continue the text before them)."""
+    offsets, at = [], start
     for e in entries:
         offsets.append(at)
         at += len(e["token"])
@@ -662,14 +684,6 @@ def _gateway_class(cfg: ServeConfig):
                     payload["messages"] = [m.model_dump(exclude_none=True) for m in req.messages]
                 rid = new_id("chatcmpl" if chat else "cmpl")
                 handle = self.handles[model]
-                if req.stream:
-                    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                    gen = handle.options(stream=True).generate_stream.remote(payload)
-                    first = await self.call(gen.__anext__())  # errors (400/503) before the stream starts
-                    if "error" in first:
-                        self.raise_if_error(first)
-                    return StreamingResponse(self._sse(gen, first, rid, model, chat, include_usage, started, route),
-                                             media_type="text/event-stream", headers={"X-Response-Id": rid})
                 # n choices per prompt, and completions' batch form: one model request per choice (the
                 # replica's batcher runs them together), choice k = prompt k // n, in order; with a
                 # seed, choice j of a prompt samples with seed + j; any error answers the whole request
@@ -677,6 +691,20 @@ def _gateway_class(cfg: ServeConfig):
                 payloads = [{**payload, **({} if p is None else {"prompt": p}),
                              **({"seed": payload["seed"] + j} if j and payload.get("seed") is not None else {})}
                             for p in prompts for j in range(req.n)]
+                if req.stream:
+                    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                    gens = [handle.options(stream=True).generate_stream.remote(p) for p in payloads]
+                    try:  # errors (400/503) before the stream starts
+                        firsts = await asyncio.gather(*(self.call(g.__anext__()) for g in gens))
+                        for first in firsts:
+                            self.raise_if_error(first)
+                    except BaseException:
+                        for g in gens:
+                            g.cancel()
+                        raise
+                    return StreamingResponse(self._sse(gens, firsts, req.n, rid, model, chat, include_usage, started,
+                                                       route), media_type="text/event-stream",
+                                             headers={"X-Response-Id": rid})
                 outs = await asyncio.gather(*(self.call(handle.generate.remote(p)) for p in payloads))
                 for out in outs:
                     self.raise_if_error(out)
@@ -708,53 +736,94 @@ def _gateway_class(cfg: ServeConfig):
 
             return await self._observe(route, ctx, started, run)
 
-        async def _sse(self, gen, first, rid, model, chat, include_usage, started, route):
+        async def _sse(self, gens, firsts, n, rid, model, chat, include_usage, started, route):
+            """Server-sent events of the choices' streams (choice k of the model request ``gens[k]``,
+            whose first event is ``firsts[k]``), interleaved as their tokens come, each chunk
+            naming its choice's index; each choice ends with a chunk with its finish reason, the
+            response with the usage chunk (``include_usage``) and ``[DONE]``."""
             created = int(time.time())
             obj = "chat.completion.chunk" if chat else "text_completion"
+            offsets = [0] * len(gens)  # per choice: characters its streamed logprobs' tokens cover
 
-            def chunk(delta_text: str | None, finish: str | None, role: bool = False) -> dict:
+            def logprobs(k: int, entries: list[dict] | None) -> dict | None:
+                if entries is None:
+                    return None
+                if chat:
+                    return chat_logprobs(entries)
+                out = completion_logprobs(entries, offsets[k])
+                offsets[k] += sum(len(e["token"]) for e in entries)
+                return out
+
+            def chunk(k: int, delta_text: str | None, finish: str | None, role: bool = False,
+                      lps: list | None = None) -> dict:
                 if chat:
                     delta = {"role": "assistant", "content": ""} if role else \
                         ({"content": delta_text} if delta_text is not None else {})
-                    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                    choice = {"index": k, "delta": delta, "finish_reason": finish, "logprobs": logprobs(k, lps)}
                 else:
-                    choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
+                    choice = {"index": k, "text": delta_text or "", "finish_reason": finish, "logprobs": logprobs(k, lps)}
                 return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 
-            if chat:
-                yield sse(chunk(None, None, role=True))
-            ttft, event = None, first
+            events: asyncio.Queue = asyncio.Queue()
+
+            async def pump(k: int) -> None:  # choice k's events into the shared queue, ending with a final one
+                event = firsts[k]
+                try:
+                    while True:
+                        await events.put((k, event))
+                        if "error" in event or event.get("finished"):
+                            return
+                        event = await asyncio.wait_for(gens[k].__anext__(), self.cfg.request_timeout_s)
+                except StopAsyncIteration:
+                    await events.put((k, api.APIError(500, "generation ended early", type="server_error").body()))
+                except asyncio.TimeoutError:
+                    await events.put((k, api.APIError(504, "generation timed out", type="timeout", code="timeout").body()))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the replica failed mid-stream: say so in the stream, no stack trace
+                    logger.exception("stream %s failed", rid)
+                    await events.put((k, api.APIError(500, "generation failed", type="server_error").body()))
+
+            pumps = [asyncio.create_task(pump(k)) for k in range(len(gens))]
+            finals: dict[int, dict] = {}
+            ttft = None
             try:
-                while True:
-                    if "error" in event:
+                if chat:
+                    for k in range(len(gens)):
+                        yield sse(chunk(k, None, None, role=True))
+                while len(finals) < len(gens):
+                    k, event = await events.get()
+                    if "error" in event:  # one choice failed: the response ends with its error
                         yield sse({"error": event["error"]})
                         break
                     if "delta" in event:
                         ttft = ttft if ttft is not None else time.perf_counter() - started
-                        yield sse(chunk(event["delta"], None))
+                        yield sse(chunk(k, event["delta"], None, lps=event.get("logprobs")))
                     if event.get("finished"):
-                        total = time.perf_counter() - started
-                        yield sse(chunk(None if chat else "", event["finish_reason"]))
-                        usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
-                                 "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
-                        if include_usage:
-                            yield sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                                       "usage": usage})
-                        self.metrics.generation(model, ttft if ttft is not None else total, total,
-                                                event["prompt_tokens"], event["completion_tokens"])
-                        await self.record(id=rid, route=route, model=model, prompt=event["prompt"],
-                                          completion=event["text"], finish_reason=event["finish_reason"],
-                                          prompt_tokens=event["prompt_tokens"],
-                                          completion_tokens=event["completion_tokens"], latency_s=total)
-                        break
-                    event = await asyncio.wait_for(gen.__anext__(), self.cfg.request_timeout_s)
-            except StopAsyncIteration:
-                pass
-            except asyncio.TimeoutError:
-                yield sse(api.APIError(504, "generation timed out", type="timeout", code="timeout").body())
-            except Exception:  # the replica failed mid-stream: say so in the stream, no stack trace
-                logger.exception("stream %s failed", rid)
-                yield sse(api.APIError(500, "generation failed", type="server_error").body())
+                        finals[k] = event
+                        yield sse(chunk(k, None if chat else "", event["finish_reason"], lps=event.get("logprobs_rest")))
+                if len(finals) == len(gens):
+                    total = time.perf_counter() - started
+                    outs = [finals[k] for k in range(len(gens))]
+                    n_prompt = sum(o["prompt_tokens"] for o in outs[::n])  # each prompt counted once
+                    n_completion = sum(o["completion_tokens"] for o in outs)
+                    if include_usage:
+                        yield sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                                   "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
+                                             "total_tokens": n_prompt + n_completion}})
+                    self.metrics.generation(model, ttft if ttft is not None else total, total, n_prompt, n_completion)
+                    one = len(outs) == 1
+                    await self.record(id=rid, route=route, model=model,
+                                      prompt=outs[0]["prompt"] if one else json.dumps([o["prompt"] for o in outs]),
+                                      completion=outs[0]["text"] if one else json.dumps([o["text"] for o in outs]),
+                                      finish_reason=",".join(o["finish_reason"] for o in outs),
+                                      prompt_tokens=n_prompt, completion_tokens=n_completion, latency_s=total)
+            finally:  # the client left, or a choice failed: stop the others' generation
+                for task in pumps:
+                    task.cancel()
+                for k, g in enumerate(gens):
+                    if k not in finals:
+                        g.cancel()
             yield sse("[DONE]")
 
         # -- the seed's route ----------------------------------------------------------------

@@ -25,6 +25,9 @@ class Overloaded(Exception):
 @dataclass
 class Event:
     delta: str = ""
+    # with params.logprobs, streamed: the generation's log-probability entries sampled since the
+    # previous event (the engine's (token id, log-probability, alternatives))
+    logprobs: list | None = None
     finished: bool = False
     generation: Generation | None = None  # set on the final event
     batch_size: int = 0  # the largest batch this request decoded in
@@ -42,6 +45,7 @@ class _Pending:
     stream: bool = True  # text deltas as they come; else only the final event (no per-token wake-ups)
     started: float = 0.0
     batch_size: int = 0
+    logprobs_sent: int = 0  # entries of the generation's logprobs already in a streamed event
 
 
 class DynamicBatcher:
@@ -120,10 +124,13 @@ class DynamicBatcher:
         Returns when no request is running or waiting."""
         engine, run = self.engine, None
 
-        def on_event(p: _Pending, delta: str, finished: bool) -> None:
+        def on_event(p: _Pending, delta: str, finished: bool, g: Generation) -> None:
             # final events follow from compact(); a last delta goes first (same FIFO)
             if p.stream and delta:
-                loop.call_soon_threadsafe(p.queue.put_nowait, Event(delta=delta))
+                new = None
+                if g.logprobs is not None:
+                    new, p.logprobs_sent = g.logprobs[p.logprobs_sent:], len(g.logprobs)
+                loop.call_soon_threadsafe(p.queue.put_nowait, Event(delta=delta, logprobs=new))
 
         def cancelled(p: _Pending) -> bool:
             return p.cancelled

@@ -73,9 +73,9 @@ class Generation:
     prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] | None = None
 
 
-# on_event(owner, text_delta, finished): called after every step for rows that produced text;
-# ``owner`` is what the caller attached to the row (its index in ``generate``)
-EventFn = Callable[[Any, str, bool], None]
+# on_event(owner, text_delta, finished, generation): called after every step for rows that
+# produced text; ``owner`` is what the caller attached to the row (its index in ``generate``)
+EventFn = Callable[[Any, str, bool, "Generation"], None]
 
 
 @dataclass
@@ -191,7 +191,7 @@ class Engine:
             if g.params.max_tokens == 0:  # the prompt scored, nothing to generate
                 g.first_token_s, g.finish_reason = time.perf_counter() - run.start, "length"
                 if on_event is not None:
-                    on_event(run.owners[i], "", True)
+                    on_event(run.owners[i], "", True, g)
                 continue
             tok = sample(logits[i], g.params, run.rngs[i])
             next_ids[i] = tok
@@ -203,7 +203,7 @@ class Engine:
             if on_event is not None:
                 delta = self._take_delta(g)
                 if delta or g.finish_reason is not None:
-                    on_event(run.owners[i], delta, g.finish_reason is not None)
+                    on_event(run.owners[i], delta, g.finish_reason is not None, g)
         run.next_ids = next_ids.to(run.ids.device)[:, None]
         run.ids = torch.cat([run.ids, run.next_ids], dim=1)
         run.mask = torch.cat([run.mask, torch.ones_like(run.next_ids)], dim=1)

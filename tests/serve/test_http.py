@@ -223,6 +223,75 @@ def test_streaming_sse(serve_app, chat):
     assert all(c["finish_reason"] is None for c in choices[:-1])
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_streamed_logprobs_add_up_to_the_unstreamed_ones(serve_app, chat):
+    """With stream: true, each chunk carries the log-probabilities of the tokens whose text it
+    brings (completions: OpenAI's legacy lists, text offsets continuing across chunks; chat:
+    content records); what a stop string held back, and the EOS that ended a completion, come in
+    the chunk with the finish reason. Together they equal the non-streamed response's."""
+    text = complete(serve_app, max_tokens=16).json()["choices"][0]["text"]
+    # a stop string that could start at the text's end holds its last characters back until the
+    # next token (here: to the end, as it never matches)
+    stop = text[-1] + "\u2603"
+    for extra in ({}, {"stop": stop}):
+        if chat:
+            path, body = "/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "the market"}],
+                                                   "logprobs": True, "top_logprobs": 2}
+        else:
+            path, body = "/v1/completions", {"model": "tiny", "prompt": "the market", "logprobs": 2}
+        body = {**body, "max_tokens": 16, "temperature": 0, **extra}
+        plain = post(serve_app, path, body).json()["choices"][0]
+        with requests.post(serve_app["url"] + path, json={**body, "stream": True}, stream=True, timeout=60) as r:
+            assert r.status_code == 200, r.text
+            choices = [json.loads(e)["choices"][0] for e in read_sse(r)[:-1]]
+        with_text = [c for c in choices if (c["delta"].get("content") if chat else c["text"])]
+        assert with_text, (choices, plain, extra)
+        assert all(c["logprobs"] for c in with_text)
+        if chat:
+            streamed = [rec for c in choices if c["logprobs"] for rec in c["logprobs"]["content"]]
+            assert streamed == plain["logprobs"]["content"]
+            assert "".join(c["delta"].get("content", "") for c in choices) == plain["message"]["content"]
+        else:
+            merged = {k: [v for c in choices if c["logprobs"] for v in c["logprobs"][k]] for k in plain["logprobs"]}
+            assert merged == plain["logprobs"]
+            assert "".join(c["text"] for c in choices) == plain["text"]
+    plain_body = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
+    no_logprobs = post(serve_app, path, {**plain_body, "stream": True}, stream=True)
+    assert all(json.loads(e)["choices"][0]["logprobs"] is None for e in read_sse(no_logprobs)[:-1]
+               if json.loads(e)["choices"])
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_several_choices_stream_interleaved_each_as_unstreamed(serve_app, chat):
+    """stream: true with n > 1 (and in completions several prompts): the choices' chunks come
+    interleaved as their tokens do, each naming its index; each choice's text, finish reason and
+    log-probabilities equal the non-streamed response's choice, and usage adds up the same."""
+    if chat:
+        path, body = "/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "the market"}],
+                                               "logprobs": True, "top_logprobs": 1}
+    else:
+        path, body = "/v1/completions", {"model": "tiny", "prompt": ["the market", "shares rose"], "logprobs": 1}
+    body = {**body, "max_tokens": 8, "temperature": 1.0, "seed": 11, "n": 2}
+    plain = post(serve_app, path, body).json()
+    with requests.post(serve_app["url"] + path, json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                       stream=True, timeout=60) as r:
+        assert r.status_code == 200, r.text
+        chunks = [json.loads(e) for e in read_sse(r)[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+    choices = [c["choices"][0] for c in chunks[:-1]]
+    assert sorted({c["index"] for c in choices}) == list(range(len(plain["choices"]))) == list(range(4 if not chat else 2))
+    for want in plain["choices"]:
+        mine = [c for c in choices if c["index"] == want["index"]]
+        assert [c["finish_reason"] for c in mine][-1] == want["finish_reason"]
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+        if chat:
+            assert "".join(c["delta"].get("content", "") for c in mine) == want["message"]["content"]
+            assert [t for c in mine if c["logprobs"] for t in c["logprobs"]["content"]] == want["logprobs"]["content"]
+        else:
+            assert "".join(c["text"] for c in mine) == want["text"]
+            assert [t for c in mine if c["logprobs"] for t in c["logprobs"]["tokens"]] == want["logprobs"]["tokens"]
+
+
 def test_stop_strings(serve_app):
     text = complete(serve_app, max_tokens=20).json()["choices"][0]["text"]
     assert len(text) > 4
@@ -268,7 +337,6 @@ def test_concurrent_requests_are_batched_and_equal_sequential(serve_app, model):
     ({"model": "tiny", "prompt": "x", "stop": [1]}, None),
     ({"model": "tiny", "prompt": "x", "stop": ["a"] * 17}, "stop"),
     ({"model": "tiny", "prompt": "x", "n": 17}, "n"),
-    ({"model": "tiny", "prompt": "x", "n": 2, "stream": True}, "n"),
     ({"model": "tiny", "prompt": ["x"] * 20, "n": 2}, "prompt"),
     ({"model": "tiny", "prompt": "x", "bogus": 1}, "bogus"),
     ({"model": "tiny"}, "prompt"),
@@ -277,11 +345,10 @@ def test_concurrent_requests_are_batched_and_equal_sequential(serve_app, model):
     ({"model": "tiny", "prompt": [10_000_000]}, "prompt"),
     ({"model": "tiny", "prompt": [[1, 2], []]}, "prompt"),
     ({"model": "tiny", "prompt": ["x"] * 33}, "prompt"),
-    ({"model": "tiny", "prompt": ["x", "y"], "stream": True}, "prompt"),
     ({"model": "tiny", "prompt": [1, "x"]}, None),
     ({"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "echo"),
-    ({"model": "tiny", "prompt": "x", "logprobs": 1, "stream": True}, "logprobs"),
+    ({"model": "tiny", "prompt": "x", "echo": True, "stream": True}, "echo"),
 ])
 def test_bad_parameters_are_400(serve_app, body, param):
     assert_openai_error(post(serve_app, "/v1/completions", body), 400, param)
@@ -411,6 +478,11 @@ def test_official_openai_client(serve_app):
     assert scored.choices[0].message.content == chat.choices[0].message.content
     assert len(content) == scored.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
     assert all(t.top_logprobs[0].logprob == t.logprob and t.logprob <= 0 for t in content)  # greedy: the best
+    streamed = [t for ch in c.chat.completions.create(model="tiny-chat", max_tokens=6, temperature=0, logprobs=True,
+                                                      top_logprobs=2, stream=True,
+                                                      messages=[{"role": "user", "content": "hello"}])
+                if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
     r = c.completions.create(model="tiny", prompt="the market", max_tokens=6, temperature=0, logprobs=1, echo=True)
     assert r.choices[0].logprobs.token_logprobs[0] is None and r.choices[0].text.startswith("the market")
     with pytest.raises(openai.NotFoundError):
