@@ -233,6 +233,21 @@ def file_set(path: str) -> list[str] | None:
     return [fs.unstrip_protocol(p) if "://" in path else p for p in files]
 
 
+def data_files(path: str, formats: tuple[str, ...], what: str, bad: list[dict]) -> list[str] | None:
+    """The files of ``formats`` a directory or glob names (``file_set``), each other file there
+    recorded in ``bad`` as skipped (``what``: the files wanted, for its reason); None for one file
+    or a saved dataset. A set with no file at all is an error."""
+    files = file_set(path)
+    if files is None:
+        return None
+    if not files:
+        raise ValueError(f"data: {path}: no files there (an empty directory, or a glob that matches none)")
+    for file in files:
+        if detect_format(file) not in formats:
+            bad.append({"where": file, "reason": f"not {what} (compressed or not): skipped"})
+    return [f for f in files if detect_format(f) in formats]
+
+
 def input_exists(path: str) -> bool:
     """A file, a directory or saved dataset, or a glob that matches at least one file."""
     return path_kind(path) != "missing" or bool(file_set(path))

@@ -48,17 +48,12 @@ def _located_rows(path: str, label_field: str, bad: list[dict]):
 
     import pyarrow.parquet as pq
 
-    from pipeline.data.sources import _arrow_rows, _open, csv_rows, detect_format, file_set, hf_rows, json_records, path_kind
+    from pipeline.data.sources import _arrow_rows, _open, csv_rows, data_files, detect_format, hf_rows, json_records, path_kind
 
-    if (files := file_set(path)) is not None:  # a directory or glob of such files (shards), file by file
-        if not files:
-            raise ValueError(f"data: {path}: no files there (an empty directory, or a glob that matches none)")
+    files = data_files(path, LABELED_FORMATS, "a labeled data file (.jsonl, .json, .csv, .tsv or .parquet)", bad)
+    if files is not None:  # a directory or glob of such files (shards), file by file
         for file in files:
-            if detect_format(file) in LABELED_FORMATS:
-                yield from _located_rows(file, label_field, bad)
-            else:
-                bad.append({"where": file, "reason": "not a labeled data file (.jsonl, .json, .csv, .tsv or .parquet, "
-                                                     "compressed or not): skipped"})
+            yield from _located_rows(file, label_field, bad)
         return
     kind, fmt = path_kind(path), detect_format(path)  # a local path or a URI; compressed files too
     if kind not in ("file", "hf"):

@@ -150,17 +150,12 @@ def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
                     continue
                 yield [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
         return
-    from pipeline.data.sources import _open, detect_format, file_set, hf_rows, json_records, path_kind
+    from pipeline.data.sources import _open, data_files, detect_format, hf_rows, json_records, path_kind
 
-    if (files := file_set(path)) is not None:  # a directory or glob of such files (shards), file by file
-        if not files:
-            raise ValueError(f"data: {path}: no files there (an empty directory, or a glob that matches none)")
+    files = data_files(path, ("jsonl", "json", "parquet"), "a chat data file (.jsonl, .json or .parquet)", bad)
+    if files is not None:  # a directory or glob of such files (shards), file by file
         for file in files:
-            if detect_format(file) in ("jsonl", "json", "parquet"):
-                yield from load_chat_examples(file, bad)
-            else:
-                bad.append({"where": file, "reason": "not a chat data file (.jsonl, .json or .parquet, compressed or "
-                                                     "not): skipped"})
+            yield from load_chat_examples(file, bad)
         return
     kind = path_kind(path)  # a local path or a URI; compressed files too
     if kind == "hf":  # a DatasetDict: its train split(s), never a held-out one
