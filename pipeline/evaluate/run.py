@@ -170,7 +170,8 @@ def _lm_texts(c: LMEvalConfig) -> tuple[list[str], str, list[str]]:
     from pipeline.data.sources import SourceConfig, detect_format, expand_source, file_set, path_kind, read_file, text_lines
 
     path, kind = c.text_file, path_kind(c.text_file)  # a local path or a URI
-    kind = "dir" if file_set(path) else kind  # a directory or a glob's files, read as a prepare source reads them
+    if kind == "missing" and file_set(path):  # a glob's files, read as a prepare source reads a directory's
+        kind = "dir"
     check(kind != "missing", f"lm.text_file not found: {path}")
     if kind in ("hf", "dir") or kind == "file" and detect_format(path) in ("jsonl", "json", "csv", "parquet"):
         records = [r for t in expand_source(SourceConfig(path=path, text_field=c.text_field)) for r in read_file(t, 1 << 30)]
