@@ -80,12 +80,6 @@ class _Sampling(_Strict):
             raise ValueError("logit_bias is not supported by this server")
         return v
 
-    @staticmethod
-    def _not_streamed(v, info):
-        if v and info.data.get("stream"):
-            raise ValueError(f"{info.field_name} is not supported with stream: true by this server")
-        return v
-
 
 MAX_STOPS = 16  # OpenAI takes 4; evaluation harnesses send a task's stop strings and the EOS, often more
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI: 5 in completions, 20 in chat)
@@ -134,7 +128,7 @@ class CompletionRequest(_Sampling):
     def _echo(cls, v, info):
         if info.data.get("max_tokens") == 0 and not v:
             raise ValueError("max_tokens: 0 needs echo: true (the prompt is then scored or returned alone)")
-        return cls._not_streamed(v, info)
+        return v
 
 
 class TextPart(_Strict):

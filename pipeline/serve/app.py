@@ -322,7 +322,13 @@ class ModelServer:
                        code="context_length_exceeded" if "exceeds" in str(e) else None)
             return
         sampled, cursor, sent_chars = [], [0, 0], 0  # streamed log-probabilities (see _streamed_logprobs)
+        echo = stream and bool(req.get("echo")) and "messages" not in req  # the prompt's text streams first
         async for ev in events:
+            if echo:  # once prefilled: before the first generated text, or the end (max_tokens 0)
+                echo = False
+                scored = ev.generation.prompt_logprobs if ev.generation is not None else ev.prompt_logprobs
+                yield {"delta": prompt, **({} if params.logprobs is None else
+                                           {"logprobs": self._logprob_entries(scored or [])})}
             if ev.delta:
                 if ev.logprobs is None:
                     yield {"delta": ev.delta}

@@ -28,6 +28,8 @@ class Event:
     # with params.logprobs, streamed: the generation's log-probability entries sampled since the
     # previous event (the engine's (token id, log-probability, alternatives))
     logprobs: list | None = None
+    # on a request's first streamed event, with params.prompt_logprobs: the prompt's entries (echo)
+    prompt_logprobs: list | None = None
     finished: bool = False
     generation: Generation | None = None  # set on the final event
     batch_size: int = 0  # the largest batch this request decoded in
@@ -46,6 +48,7 @@ class _Pending:
     started: float = 0.0
     batch_size: int = 0
     logprobs_sent: int = 0  # entries of the generation's logprobs already in a streamed event
+    streamed: bool = False  # a delta event went out (the first one carries the prompt's logprobs)
 
 
 class DynamicBatcher:
@@ -130,7 +133,9 @@ class DynamicBatcher:
                 new = None
                 if g.logprobs is not None:
                     new, p.logprobs_sent = g.logprobs[p.logprobs_sent:], len(g.logprobs)
-                loop.call_soon_threadsafe(p.queue.put_nowait, Event(delta=delta, logprobs=new))
+                prompt = None if p.streamed else g.prompt_logprobs
+                p.streamed = True
+                loop.call_soon_threadsafe(p.queue.put_nowait, Event(delta=delta, logprobs=new, prompt_logprobs=prompt))
 
         def cancelled(p: _Pending) -> bool:
             return p.cancelled
