@@ -96,7 +96,7 @@ class CompletionRequest(_Sampling):
     # prompt's tokens too (the first one's is null)
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = Field(default=False, validate_default=True)
-    suffix: StrictStr | None = None
+    suffix: StrictStr | None = None  # text after the completion (insertion): only empty is accepted
     best_of: StrictInt = Field(default=1, ge=1, le=1)
 
     @field_validator("prompt")
@@ -122,6 +122,13 @@ class CompletionRequest(_Sampling):
         return list(self.prompt) if batch else [self.prompt]
 
 
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v):
+        if v:
+            raise ValueError("suffix is not supported by this server (it completes text, it does not insert)")
+        return v
 
     @field_validator("echo")
     @classmethod

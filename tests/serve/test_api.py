@@ -50,6 +50,14 @@ def test_null_optional_parameters_mean_their_defaults():
         ChatRequest(messages=None)
 
 
+def test_a_suffix_is_refused_not_ignored():
+    """suffix asks for an insertion this server cannot do: it was accepted and dropped."""
+    assert CompletionRequest(prompt="x", suffix="").suffix == ""
+    with pytest.raises(ValidationError) as exc:
+        CompletionRequest(prompt="x", suffix="end of the text")
+    assert validation_error(exc.value).param == "suffix"
+
+
 def test_a_seed_is_a_64_bit_integer():
     """A seed past 2**64 - 1 passed validation and failed inside the model's batch, failing the
     other requests batched with it; a 64-bit one (and seed + j for n choices) seeds the generator."""
