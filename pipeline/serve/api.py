@@ -73,11 +73,14 @@ class _Sampling(_Strict):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
-    @field_validator("logit_bias")
+    # parameters this server cannot honour: accepted empty, a 400 naming them otherwise (suffix:
+    # completions only, hence check_fields=False)
+    @field_validator("logit_bias", "suffix", check_fields=False)
     @classmethod
-    def _no_bias(cls, v):
+    def _unsupported(cls, v, info):
         if v:
-            raise ValueError("logit_bias is not supported by this server")
+            why = {"suffix": " (it completes text, it does not insert)"}.get(info.field_name, "")
+            raise ValueError(f"{info.field_name} is not supported by this server{why}")
         return v
 
 
@@ -120,15 +123,6 @@ class CompletionRequest(_Sampling):
         """The request's prompts: one, or several in the batch form."""
         batch = isinstance(self.prompt, list) and bool(self.prompt) and not isinstance(self.prompt[0], int)
         return list(self.prompt) if batch else [self.prompt]
-
-
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported by this server (it completes text, it does not insert)")
-        return v
 
     @field_validator("echo")
     @classmethod
