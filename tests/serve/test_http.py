@@ -518,6 +518,10 @@ def test_official_openai_client(serve_app):
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
     r = c.completions.create(model="tiny", prompt="the market", max_tokens=6, temperature=0, logprobs=1, echo=True)
     assert r.choices[0].logprobs.token_logprobs[0] is None and r.choices[0].text.startswith("the market")
+    echoed = [ch.choices[0] for ch in c.completions.create(model="tiny", prompt="the market", max_tokens=6, temperature=0,
+                                                           logprobs=1, echo=True, stream=True) if ch.choices]
+    assert "".join(ch.text for ch in echoed) == r.choices[0].text
+    assert [t for ch in echoed if ch.logprobs for t in ch.logprobs.tokens] == r.choices[0].logprobs.tokens
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="nope", prompt="x")
     with pytest.raises(openai.BadRequestError) as exc:
