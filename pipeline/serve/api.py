@@ -48,9 +48,11 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     n: StrictInt = Field(default=1, ge=1, le=16)  # choices per prompt (each a request to the model's batcher)
+    # repetition penalties (engine.SamplingParams): OpenAI's two, and vLLM's repetition_penalty
+    presence_penalty: Number = Field(default=0, ge=-2, le=2)
+    frequency_penalty: Number = Field(default=0, ge=-2, le=2)
+    repetition_penalty: Number = Field(default=1, gt=0, allow_inf_nan=False)
     # OpenAI parameters accepted at their neutral value only
-    presence_penalty: Number = Field(default=0, ge=0, le=0)
-    frequency_penalty: Number = Field(default=0, ge=0, le=0)
     logit_bias: dict[str, Any] | None = None
 
     @model_validator(mode="before")

@@ -254,7 +254,9 @@ class ModelServer:
         return SamplingParams(max_tokens=self.spec.default_max_tokens if max_tokens is None else max_tokens,
                               temperature=float(req.get("temperature", 1.0)), top_p=float(req.get("top_p", 1.0)),
                               top_k=int(req.get("top_k", 0)), stop=tuple(req.get("stop") or ()),
-                              seed=req.get("seed"), logprobs=top, prompt_logprobs=self._prompt_logprobs(req, top))
+                              seed=req.get("seed"), logprobs=top, prompt_logprobs=self._prompt_logprobs(req, top),
+                              **{k: float(req[k]) for k in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+                                 if k in req})
 
     @staticmethod
     def _prompt_logprobs(req: dict, top: int | None) -> int | None:

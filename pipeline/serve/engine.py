@@ -37,6 +37,14 @@ class SamplingParams:
     # top-p): None = not computed; n >= 0 = each token's own and its n most likely alternatives
     logprobs: int | None = None  # of each generated token
     prompt_logprobs: int | None = None  # of each prompt token after the first (echo); max_tokens may then be 0
+    # repetition penalties on the logits before sampling (greedy too), OpenAI's and vLLM's
+    # definitions: presence subtracts its value from every token generated so far, frequency its
+    # value times the token's count in the generation; repetition (vLLM's, 1 = none) divides the
+    # positive logits of every token in the prompt or the generation by it and multiplies the
+    # negative ones
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
@@ -50,6 +58,15 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not (0 < self.repetition_penalty and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass
@@ -193,7 +210,8 @@ class Engine:
                 if on_event is not None:
                     on_event(run.owners[i], "", True, g)
                 continue
-            tok = sample(logits[i], g.params, run.rngs[i])
+            row = penalize(logits[i], g.prompt_ids, g.token_ids, g.params) if g.params.penalized else logits[i]
+            tok = sample(row, g.params, run.rngs[i])
             next_ids[i] = tok
             if g.params.logprobs is not None:  # the EOS that ends a text too (evaluation harnesses count on it)
                 if g.logprobs is None:
@@ -342,6 +360,21 @@ def _token_logprobs(logits: torch.Tensor, tok: int, top: int) -> tuple[int, floa
     best = torch.topk(lp, min(top, lp.numel())) if top else None
     alternatives = [] if best is None else [(int(t), float(v)) for v, t in zip(best.values, best.indices)]
     return int(tok), float(lp[tok]), alternatives
+
+
+def penalize(logits: torch.Tensor, prompt_ids: list[int], token_ids: list[int], p: SamplingParams) -> torch.Tensor:
+    """1-D ``logits`` with ``p``'s repetition penalties applied (see SamplingParams), given the
+    prompt and the tokens generated so far; a new tensor."""
+    logits = logits.clone()
+    if token_ids and (p.presence_penalty or p.frequency_penalty):
+        counts = torch.bincount(torch.tensor(token_ids), minlength=logits.numel())[:logits.numel()].to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(token_ids)), dtype=torch.long)
+        seen = seen[seen < logits.numel()]
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    return logits
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator) -> int:

@@ -100,7 +100,8 @@ def check_replica_resources(cfg: ServeConfig) -> None:
 
 
 def smoke(url: str, cfg: ServeConfig) -> list[tuple[str, str]]:
-    """One completion, one chat, one streamed completion, one classification and one feedback."""
+    """One completion, one chat, one streamed completion, one classification and one feedback
+    (greedy decoding with a frequency penalty: a small model left alone repeats itself)."""
     import os
 
     key = cfg.api_key or os.environ.get(API_KEY_ENV)
@@ -122,7 +123,7 @@ def smoke(url: str, cfg: ServeConfig) -> list[tuple[str, str]]:
         out.append((f"completion ({lm})", c["choices"][0]["text"]))
         chunks = []
         with requests.post(url + "/v1/completions", json={"model": lm, "prompt": "Shares in the company", "max_tokens": 24,
-                                                          "temperature": 0, "stream": True}, headers=headers,
+                                                          "temperature": 0, "frequency_penalty": 1.0, "stream": True}, headers=headers,
                            stream=True, timeout=120) as r:
             r.raise_for_status()
             for line in r.iter_lines(decode_unicode=True):
@@ -133,6 +134,7 @@ def smoke(url: str, cfg: ServeConfig) -> list[tuple[str, str]]:
         out.append(("feedback", f"{fb['status']} for {c['id']}"))
     if "chat" in kinds:
         c = post("/v1/chat/completions", {"model": kinds["chat"], "max_tokens": 32, "temperature": 0,
+                                          "frequency_penalty": 1.0,
                                           "messages": [{"role": "user", "content": "How do I reset my password?"}]})
         out.append((f"chat ({kinds['chat']})", c["choices"][0]["message"]["content"]))
     if "classifier" in kinds:

@@ -10,7 +10,7 @@ import transformers
 
 from pipeline.model.build import ModelConfig, build_model
 from pipeline.serve.batcher import DynamicBatcher, Overloaded
-from pipeline.serve.engine import Engine, SamplingParams, sample
+from pipeline.serve.engine import Engine, SamplingParams, penalize, sample
 from tests.helpers import decode_with_arrivals
 
 
@@ -65,6 +65,46 @@ def test_sampling_filters():
     assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.01), rng) for _ in range(50)} == {1}
     with pytest.raises(ValueError):
         SamplingParams(top_p=0)
+
+
+def test_penalties_follow_openai_and_vllm_definitions():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0])
+    got = penalize(logits, [4], [0, 0, 2], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    # token 0 twice: 2 - 0.5 - 2 * 0.25; token 2 once: 0.5 - 0.5 - 0.25; the prompt's token 4 untouched
+    torch.testing.assert_close(got, torch.tensor([1.0, -1.0, -0.25, 3.0, -2.0]))
+    got = penalize(logits, [4], [0, 1], SamplingParams(repetition_penalty=2.0))
+    torch.testing.assert_close(got, torch.tensor([1.0, -2.0, 0.5, 3.0, -4.0]))  # prompt and generation alike
+    assert torch.equal(logits, torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0]))  # the input is left as it was
+    assert not SamplingParams().penalized
+    for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -3}, {"repetition_penalty": 0},
+                {"repetition_penalty": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+
+
+def test_penalized_greedy_decoding_matches_a_plain_loop(engine):
+    """With penalties, greedy decoding in a batch (cache, padding) picks at each step the best
+    token of the model's logits after the penalties, computed here from a plain forward; the
+    penalties change what a repetitive tiny model says."""
+    prompts = [engine.encode(p) for p in ("the market", "a long sport story about the match")]
+    for params in (SamplingParams(max_tokens=12, temperature=0, frequency_penalty=1.5, presence_penalty=0.5),
+                   SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.8)):
+        gens = engine.generate([(p, params) for p in prompts])
+        plain = engine.generate([(p, SamplingParams(max_tokens=12, temperature=0)) for p in prompts])
+        assert [g.token_ids for g in gens] != [g.token_ids for g in plain]
+        for ids, g in zip(prompts, gens):
+            out = []
+            for _ in range(len(g.token_ids)):
+                with torch.no_grad():
+                    row = engine.model(torch.tensor([ids + out])).logits[0, -1, :engine.vocab].float()
+                counts = torch.zeros(engine.vocab)
+                for t in out:
+                    counts[t] += 1
+                row = row - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+                for t in set(ids + out):
+                    row[t] = row[t] / params.repetition_penalty if row[t] > 0 else row[t] * params.repetition_penalty
+                out.append(int(row.argmax()))
+            assert out == g.token_ids
 
 
 def test_context_overflow_is_refused(engine):

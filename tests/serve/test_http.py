@@ -325,6 +325,24 @@ def test_echo_streams_the_prompt_first_as_unstreamed(serve_app):
                 assert all(c["logprobs"] is None for c in mine)
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_repetition_penalties_reach_the_sampler(serve_app, chat):
+    """presence/frequency (OpenAI) and repetition (vLLM) penalties change greedy output; the same
+    request twice gives the same text."""
+    if chat:
+        path, body = "/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "the market"}]}
+        text = lambda r: r["choices"][0]["message"]["content"]  # noqa: E731
+    else:
+        path, body = "/v1/completions", {"model": "tiny", "prompt": "the market"}
+        text = lambda r: r["choices"][0]["text"]  # noqa: E731
+    body = {**body, "max_tokens": 24, "temperature": 0}
+    plain = text(post(serve_app, path, body).json())
+    for extra in ({"frequency_penalty": 2, "presence_penalty": 2}, {"repetition_penalty": 3.0}):
+        r = post(serve_app, path, {**body, **extra})
+        assert r.status_code == 200, r.text
+        assert text(r.json()) != plain and text(post(serve_app, path, {**body, **extra}).json()) == text(r.json())
+
+
 def test_stop_strings(serve_app):
     text = complete(serve_app, max_tokens=20).json()["choices"][0]["text"]
     assert len(text) > 4
@@ -382,6 +400,9 @@ def test_concurrent_requests_are_batched_and_equal_sequential(serve_app, model):
     ({"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "echo"),
     ({"model": "tiny", "prompt": "x", "echo": "yes"}, "echo"),
+    ({"model": "tiny", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": "tiny", "prompt": "x", "frequency_penalty": "high"}, "frequency_penalty"),
+    ({"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
 ])
 def test_bad_parameters_are_400(serve_app, body, param):
     assert_openai_error(post(serve_app, "/v1/completions", body), 400, param)
