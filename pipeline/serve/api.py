@@ -52,8 +52,9 @@ class _Sampling(_Strict):
     presence_penalty: Number = Field(default=0, ge=-2, le=2)
     frequency_penalty: Number = Field(default=0, ge=-2, le=2)
     repetition_penalty: Number = Field(default=1, gt=0, allow_inf_nan=False)
-    # OpenAI parameters accepted at their neutral value only
-    logit_bias: dict[str, Any] | None = None
+    # OpenAI's {"token id": bias}: added to the token's logit before sampling (-100 bans it, 100
+    # forces it); ids past the model's vocabulary are a 400 from the model
+    logit_bias: dict[str, Number] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -75,17 +76,22 @@ class _Sampling(_Strict):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
-    # parameters this server cannot honour: accepted empty, a 400 naming them otherwise (suffix:
-    # completions only, hence check_fields=False)
-    @field_validator("logit_bias", "suffix", check_fields=False)
+    @field_validator("logit_bias")
     @classmethod
-    def _unsupported(cls, v, info):
-        if v:
-            why = {"suffix": " (it completes text, it does not insert)"}.get(info.field_name, "")
-            raise ValueError(f"{info.field_name} is not supported by this server{why}")
+    def _bias(cls, v):
+        if not v:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens, got {len(v)}")
+        for t, b in v.items():
+            if not t.isdecimal() or not t.isascii():
+                raise ValueError(f"keys must be token ids as strings, e.g. \"50256\", got {t!r}")
+            if not -100 <= b <= 100:
+                raise ValueError(f"values must be in [-100, 100], got {b} for token {t}")
         return v
 
 
+MAX_LOGIT_BIAS = 1024  # tokens biased in one request (OpenAI takes 300)
 MAX_STOPS = 16  # OpenAI takes 4; evaluation harnesses send a task's stop strings and the EOS, often more
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI: 5 in completions, 20 in chat)
 MAX_PROMPTS = 32  # prompts x n in one completions request (each a request to the model's batcher)
@@ -125,6 +131,13 @@ class CompletionRequest(_Sampling):
         """The request's prompts: one, or several in the batch form."""
         batch = isinstance(self.prompt, list) and bool(self.prompt) and not isinstance(self.prompt[0], int)
         return list(self.prompt) if batch else [self.prompt]
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v):
+        if v:
+            raise ValueError("suffix is not supported by this server (it completes text, it does not insert)")
+        return v
 
     @field_validator("echo")
     @classmethod

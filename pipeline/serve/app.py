@@ -255,8 +255,17 @@ class ModelServer:
                               temperature=float(req.get("temperature", 1.0)), top_p=float(req.get("top_p", 1.0)),
                               top_k=int(req.get("top_k", 0)), stop=tuple(req.get("stop") or ()),
                               seed=req.get("seed"), logprobs=top, prompt_logprobs=self._prompt_logprobs(req, top),
+                              logit_bias=self._logit_bias(req.get("logit_bias") or {}),
                               **{k: float(req[k]) for k in ("presence_penalty", "frequency_penalty", "repetition_penalty")
                                  if k in req})
+
+    def _logit_bias(self, bias: dict) -> tuple[tuple[int, float], ...]:
+        """OpenAI's ``{"token id": value}`` as (id, value) pairs, ids within the vocabulary."""
+        pairs = tuple(sorted((int(t), float(v)) for t, v in bias.items()))
+        bad = [t for t, _ in pairs if not 0 <= t < self.engine.vocab]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside this model's vocabulary (0-{self.engine.vocab - 1})")
+        return pairs
 
     @staticmethod
     def _prompt_logprobs(req: dict, top: int | None) -> int | None:
@@ -319,9 +328,11 @@ class ModelServer:
         except Overloaded as e:
             yield _err(503, f"model {self.spec.name} is overloaded: {e}", type="overloaded", code="overloaded")
             return
-        except ValueError as e:
-            yield _err(400, str(e), "max_tokens" if "exceeds" in str(e) else "prompt" if "token id" in str(e) else None,
-                       code="context_length_exceeded" if "exceeds" in str(e) else None)
+        except ValueError as e:  # the message names its parameter first ("prompt: ...") or is the context's
+            msg = str(e)
+            named = next((p for p in ("prompt", "logit_bias") if msg.startswith(p + ":")), None)
+            yield _err(400, msg, "max_tokens" if "exceeds" in msg else named,
+                       code="context_length_exceeded" if "exceeds" in msg else None)
             return
         sampled, cursor, sent_chars = [], [0, 0], 0  # streamed log-probabilities (see _streamed_logprobs)
         echo = stream and bool(req.get("echo")) and "messages" not in req  # the prompt's text streams first

@@ -45,6 +45,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI's logit_bias: (token id, value added to its logit), after the penalties
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
@@ -63,10 +65,14 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not (0 < self.repetition_penalty and math.isfinite(self.repetition_penalty)):
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if any(t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be >= 0 and values in [-100, 100], got {self.logit_bias}")
 
     @property
     def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        """Whether the logits change before sampling (penalties or a logit bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
 
 @dataclass
@@ -363,8 +369,8 @@ def _token_logprobs(logits: torch.Tensor, tok: int, top: int) -> tuple[int, floa
 
 
 def penalize(logits: torch.Tensor, prompt_ids: list[int], token_ids: list[int], p: SamplingParams) -> torch.Tensor:
-    """1-D ``logits`` with ``p``'s repetition penalties applied (see SamplingParams), given the
-    prompt and the tokens generated so far; a new tensor."""
+    """1-D ``logits`` with ``p``'s repetition penalties, then its logit bias, applied (see
+    SamplingParams), given the prompt and the tokens generated so far; a new tensor."""
     logits = logits.clone()
     if token_ids and (p.presence_penalty or p.frequency_penalty):
         counts = torch.bincount(torch.tensor(token_ids), minlength=logits.numel())[:logits.numel()].to(logits.dtype)
@@ -374,6 +380,9 @@ def penalize(logits: torch.Tensor, prompt_ids: list[int], token_ids: list[int], 
         seen = seen[seen < logits.numel()]
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    for tok, bias in p.logit_bias:
+        if tok < logits.numel():
+            logits[tok] += bias
     return logits
 
 

@@ -74,10 +74,12 @@ def test_penalties_follow_openai_and_vllm_definitions():
     torch.testing.assert_close(got, torch.tensor([1.0, -1.0, -0.25, 3.0, -2.0]))
     got = penalize(logits, [4], [0, 1], SamplingParams(repetition_penalty=2.0))
     torch.testing.assert_close(got, torch.tensor([1.0, -2.0, 0.5, 3.0, -4.0]))  # prompt and generation alike
+    got = penalize(logits, [4], [0], SamplingParams(repetition_penalty=2.0, logit_bias=((0, -100.0), (1, 5.0))))
+    torch.testing.assert_close(got, torch.tensor([-99.0, 4.0, 0.5, 3.0, -4.0]))  # the bias after the penalty
     assert torch.equal(logits, torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0]))  # the input is left as it was
     assert not SamplingParams().penalized
     for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -3}, {"repetition_penalty": 0},
-                {"repetition_penalty": float("nan")}):
+                {"repetition_penalty": float("nan")}, {"logit_bias": ((3, 101.0),)}, {"logit_bias": ((-1, 1.0),)}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
 

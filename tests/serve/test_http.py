@@ -343,6 +343,23 @@ def test_repetition_penalties_reach_the_sampler(serve_app, chat):
         assert text(r.json()) != plain and text(post(serve_app, path, {**body, **extra}).json()) == text(r.json())
 
 
+def test_logit_bias_bans_and_forces_tokens(serve_app):
+    """-100 keeps a token out of greedy output, +100 makes it the only one; {} changes nothing."""
+    body = {"model": "tiny", "prompt": "the market", "max_tokens": 8, "temperature": 0, "logprobs": 0}
+    plain = post(serve_app, "/v1/completions", body).json()["choices"][0]
+    assert post(serve_app, "/v1/completions", {**body, "logit_bias": {}}).json()["choices"][0] == plain
+    first = plain["logprobs"]["tokens"][0]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(serve_app["config"]["models"][0]["path"])
+    first_id = tok.convert_tokens_to_ids(tok.tokenize(first))[0]
+    banned = post(serve_app, "/v1/completions", {**body, "logit_bias": {str(first_id): -100}}).json()["choices"][0]
+    assert first not in banned["logprobs"]["tokens"]
+    forced_id = tok.convert_tokens_to_ids(tok.tokenize(" shares"))[0]
+    forced = post(serve_app, "/v1/completions", {**body, "logit_bias": {str(forced_id): 100}}).json()["choices"][0]
+    assert forced["text"] == tok.decode([forced_id] * 8)
+
+
 def test_stop_strings(serve_app):
     text = complete(serve_app, max_tokens=20).json()["choices"][0]["text"]
     assert len(text) > 4
@@ -403,6 +420,12 @@ def test_concurrent_requests_are_batched_and_equal_sequential(serve_app, model):
     ({"model": "tiny", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
     ({"model": "tiny", "prompt": "x", "frequency_penalty": "high"}, "frequency_penalty"),
     ({"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": "up"}}, "logit_bias.5"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"10000000": 1}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {str(t): 1 for t in range(1025)}}, "logit_bias"),
 ])
 def test_bad_parameters_are_400(serve_app, body, param):
     assert_openai_error(post(serve_app, "/v1/completions", body), 400, param)
