@@ -14,6 +14,7 @@ Nothing here knows about Ray, HTTP or asyncio (see ``batcher.py`` and ``app.py``
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,12 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if any(t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias):
             raise ValueError(f"logit_bias: token ids must be >= 0 and values in [-100, 100], got {self.logit_bias}")
+
+    @functools.cached_property
+    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logit_bias`` as (ids, values) tensors, built once per request."""
+        return (torch.tensor([t for t, _ in self.logit_bias], dtype=torch.long),
+                torch.tensor([b for _, b in self.logit_bias], dtype=torch.float32))
 
     @property
     def penalized(self) -> bool:
@@ -380,9 +387,10 @@ def penalize(logits: torch.Tensor, prompt_ids: list[int], token_ids: list[int], 
         seen = seen[seen < logits.numel()]
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    for tok, bias in p.logit_bias:
-        if tok < logits.numel():
-            logits[tok] += bias
+    if p.logit_bias:
+        ids, values = p.bias_tensors
+        keep = ids < logits.numel()
+        logits.index_add_(0, ids[keep], values[keep].to(logits.dtype))
     return logits
 
 
