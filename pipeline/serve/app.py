@@ -262,9 +262,7 @@ class ModelServer:
     def _logit_bias(self, bias: dict) -> tuple[tuple[int, float], ...]:
         """OpenAI's ``{"token id": value}`` as (id, value) pairs, ids within the vocabulary."""
         pairs = tuple(sorted((int(t), float(v)) for t, v in bias.items()))
-        bad = [t for t, _ in pairs if not 0 <= t < self.engine.vocab]
-        if bad:
-            raise ValueError(f"logit_bias: token id {bad[0]} is outside this model's vocabulary (0-{self.engine.vocab - 1})")
+        self._checked_ids([t for t, _ in pairs], "logit_bias")
         return pairs
 
     @staticmethod
@@ -361,10 +359,10 @@ class ModelServer:
                         final["logprobs_rest"] = final["logprobs"][cursor[0]:]
                 yield final
 
-    def _checked_ids(self, ids: list[int]) -> list[int]:
+    def _checked_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
         bad = [t for t in ids if not 0 <= t < self.engine.vocab]
         if bad:
-            raise ValueError(f"prompt: token id {bad[0]} is outside this model's vocabulary (0-{self.engine.vocab - 1})")
+            raise ValueError(f"{param}: token id {bad[0]} is outside this model's vocabulary (0-{self.engine.vocab - 1})")
         return ids
 
     async def generate(self, req: dict) -> dict:

@@ -122,9 +122,9 @@ def smoke(url: str, cfg: ServeConfig) -> list[tuple[str, str]]:
                                      "temperature": 0.7, "top_p": 0.9, "seed": 1})
         out.append((f"completion ({lm})", c["choices"][0]["text"]))
         chunks = []
-        with requests.post(url + "/v1/completions", json={"model": lm, "prompt": "Shares in the company", "max_tokens": 24,
-                                                          "temperature": 0, "frequency_penalty": 1.0, "stream": True}, headers=headers,
-                           stream=True, timeout=120) as r:
+        streamed = {"model": lm, "prompt": "Shares in the company", "max_tokens": 24, "temperature": 0,
+                    "frequency_penalty": 1.0, "stream": True}
+        with requests.post(url + "/v1/completions", json=streamed, headers=headers, stream=True, timeout=120) as r:
             r.raise_for_status()
             for line in r.iter_lines(decode_unicode=True):
                 if line.startswith("data: ") and line != "data: [DONE]":
