@@ -55,6 +55,10 @@ class _Sampling(_Strict):
     # OpenAI's {"token id": bias}: added to the token's logit before sampling (-100 bans it, 100
     # forces it); ids past the model's vocabulary are a 400 from the model
     logit_bias: dict[str, Number] | None = None
+    # vLLM's extensions (engine.SamplingParams): no EOS or stop string ends the text before
+    # min_tokens (at most max_tokens); ignore_eos: generate through EOS (benchmark clients send it)
+    min_tokens: StrictInt = Field(default=0, ge=0)
+    ignore_eos: StrictBool = False
 
     @model_validator(mode="before")
     @classmethod

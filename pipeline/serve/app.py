@@ -256,6 +256,7 @@ class ModelServer:
                               top_k=int(req.get("top_k", 0)), stop=tuple(req.get("stop") or ()),
                               seed=req.get("seed"), logprobs=top, prompt_logprobs=self._prompt_logprobs(req, top),
                               logit_bias=self._logit_bias(req.get("logit_bias") or {}),
+                              min_tokens=int(req.get("min_tokens", 0)), ignore_eos=bool(req.get("ignore_eos", False)),
                               **{k: float(req[k]) for k in ("presence_penalty", "frequency_penalty", "repetition_penalty")
                                  if k in req})
 
@@ -328,7 +329,7 @@ class ModelServer:
             return
         except ValueError as e:  # the message names its parameter first ("prompt: ...") or is the context's
             msg = str(e)
-            named = next((p for p in ("prompt", "logit_bias") if msg.startswith(p + ":")), None)
+            named = next((p for p in ("prompt", "logit_bias", "min_tokens") if msg.startswith(p + ":")), None)
             yield _err(400, msg, "max_tokens" if "exceeds" in msg else named,
                        code="context_length_exceeded" if "exceeds" in msg else None)
             return

@@ -48,6 +48,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # OpenAI's logit_bias: (token id, value added to its logit), after the penalties
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's: no EOS and no stop string ends the text before min_tokens tokens; with ignore_eos an
+    # EOS is a token like any other (it adds no text), so the text runs to max_tokens or a stop string
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
@@ -66,6 +70,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not (0 < self.repetition_penalty and math.isfinite(self.repetition_penalty)):
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens: {self.min_tokens} must be >= 0 and at most max_tokens ({self.max_tokens})")
         if any(t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias):
             raise ValueError(f"logit_bias: token ids must be >= 0 and values in [-100, 100], got {self.logit_bias}")
 
@@ -224,6 +230,9 @@ class Engine:
                     on_event(run.owners[i], "", True, g)
                 continue
             row = penalize(logits[i], g.prompt_ids, g.token_ids, g.params) if g.params.penalized else logits[i]
+            if len(g.token_ids) < g.params.min_tokens and self.eos_id is not None:
+                row = row.clone()
+                row[self.eos_id] = float("-inf")
             tok = sample(row, g.params, run.rngs[i])
             next_ids[i] = tok
             if g.params.logprobs is not None:  # the EOS that ends a text too (evaluation harnesses count on it)
@@ -323,7 +332,7 @@ class Engine:
     def _advance(self, g: Generation, tok: int, start: float) -> None:
         if g.first_token_s is None:
             g.first_token_s = time.perf_counter() - start
-        if tok == self.eos_id:
+        if tok == self.eos_id and not g.params.ignore_eos:
             g.finish_reason = "stop"
             self._flush(g)
             return
@@ -339,7 +348,7 @@ class Engine:
         if len(g.token_ids) >= g.params.max_tokens:
             g.finish_reason = "length"
             self._flush(g)
-        if g.params.stop:  # only the tail can hold a new match
+        if g.params.stop and len(g.token_ids) >= g.params.min_tokens:  # only the tail can hold a new match
             window = max(0, before - max(len(s) for s in g.params.stop) + 1)
             cut = min((i for i in (g.text.find(s, window) for s in g.params.stop if s) if i >= 0), default=-1)
             if cut >= 0:

@@ -109,6 +109,25 @@ def test_penalized_greedy_decoding_matches_a_plain_loop(engine):
             assert out == g.token_ids
 
 
+def test_min_tokens_and_ignore_eos(engine):
+    """min_tokens holds EOS and stop strings off until that many tokens; ignore_eos generates
+    through EOS to max_tokens (an EOS adds no text)."""
+    ids = engine.encode("the market")
+    eos = ((engine.eos_id, 100.0),)  # EOS would come first every step
+    assert engine.generate([(ids, SamplingParams(max_tokens=8, temperature=0, logit_bias=eos))])[0].token_ids == []
+    g = engine.generate([(ids, SamplingParams(max_tokens=8, temperature=0, logit_bias=eos, min_tokens=5))])[0]
+    assert len(g.token_ids) == 5 and engine.eos_id not in g.token_ids and g.finish_reason == "stop"
+    g = engine.generate([(ids, SamplingParams(max_tokens=6, temperature=0, logit_bias=eos, ignore_eos=True))])[0]
+    assert g.token_ids == [engine.eos_id] * 6 and g.text == "" and g.finish_reason == "length"
+    plain = engine.generate([(ids, SamplingParams(max_tokens=12, temperature=0))])[0]
+    stop = (plain.text[0],)  # matches at once without min_tokens
+    assert engine.generate([(ids, SamplingParams(max_tokens=12, temperature=0, stop=stop))])[0].text == ""
+    held = engine.generate([(ids, SamplingParams(max_tokens=12, temperature=0, stop=stop, min_tokens=4))])[0]
+    assert len(held.token_ids) >= 4 and held.text.startswith(plain.text[:1])
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
+
+
 def test_context_overflow_is_refused(engine):
     with pytest.raises(ValueError, match="context length"):
         engine.generate([(engine.encode("x"), SamplingParams(max_tokens=1000))])

@@ -360,6 +360,22 @@ def test_logit_bias_bans_and_forces_tokens(serve_app):
     assert forced["text"] == tok.decode([forced_id] * 8)
 
 
+def test_min_tokens_and_ignore_eos_as_vllm(serve_app):
+    """vLLM's min_tokens and ignore_eos (benchmark clients send them): with EOS made the likeliest
+    token, the text ends after min_tokens, or runs to max_tokens with ignore_eos."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(serve_app["config"]["models"][0]["path"]).eos_token_id
+    body = {"model": "tiny", "prompt": "the market", "max_tokens": 7, "temperature": 0, "logit_bias": {str(eos): 100}}
+    held = post(serve_app, "/v1/completions", {**body, "min_tokens": 3}).json()
+    assert held["usage"]["completion_tokens"] == 3 and held["choices"][0]["finish_reason"] == "stop"
+    through = post(serve_app, "/v1/completions", {**body, "ignore_eos": True}).json()
+    assert through["usage"]["completion_tokens"] == 7 and through["choices"][0]["finish_reason"] == "length"
+    chat = post(serve_app, "/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}],
+                                                    "max_tokens": 5, "min_tokens": 5, "temperature": 0}).json()
+    assert chat["usage"]["completion_tokens"] == 5
+
+
 def test_stop_strings(serve_app):
     text = complete(serve_app, max_tokens=20).json()["choices"][0]["text"]
     assert len(text) > 4
@@ -421,6 +437,9 @@ def test_concurrent_requests_are_batched_and_equal_sequential(serve_app, model):
     ({"model": "tiny", "prompt": "x", "frequency_penalty": "high"}, "frequency_penalty"),
     ({"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "min_tokens": -1}, "min_tokens"),
+    ({"model": "tiny", "prompt": "x", "min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+    ({"model": "tiny", "prompt": "x", "ignore_eos": "yes"}, "ignore_eos"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"-1": 1}}, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"5": "up"}}, "logit_bias.5"),
