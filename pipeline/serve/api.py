@@ -39,7 +39,7 @@ class _Sampling(_Strict):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)  # the newer name in chat
     temperature: Number = Field(default=1.0, ge=0, le=2)
     top_p: Number = Field(default=1.0, gt=0, le=1)
-    top_k: StrictInt = Field(default=0, ge=0)  # not in OpenAI's API; vLLM's extension
+    top_k: StrictInt = Field(default=0, ge=-1)  # not in OpenAI's API; vLLM's extension: 0 or -1 = no cut
     stop: StrictStr | list[StrictStr] | None = None
     # a 64-bit seed, as vLLM takes (torch's generator refuses one past 2**64 - 1, which failed every
     # request batched with it); choice j of n samples with seed + j
@@ -79,6 +79,11 @@ class _Sampling(_Strict):
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
+
+    @field_validator("top_k")
+    @classmethod
+    def _no_cut(cls, v):
+        return max(v, 0)  # -1: vLLM's older spelling of "no top-k cut"
 
     @field_validator("logit_bias")
     @classmethod

@@ -50,6 +50,13 @@ def test_null_optional_parameters_mean_their_defaults():
         ChatRequest(messages=None)
 
 
+def test_top_k_minus_one_means_no_cut_as_in_vllm():
+    assert CompletionRequest(prompt="x", top_k=-1).top_k == 0 == CompletionRequest(prompt="x").top_k
+    with pytest.raises(ValidationError) as exc:
+        CompletionRequest(prompt="x", top_k=-2)
+    assert validation_error(exc.value).param == "top_k"
+
+
 def test_a_suffix_is_refused_not_ignored():
     """suffix asks for an insertion this server cannot do: it was accepted and dropped."""
     assert CompletionRequest(prompt="x", suffix="").suffix == ""
