@@ -150,22 +150,49 @@ def labeled_splits(spec: str) -> dict[str, str] | None:
     return {s: str(root / f"{s}.parquet") for s in ("train", "val", "test") if (root / f"{s}.parquet").exists()}
 
 
+def _hash01(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
 def _in_val(key: str, fraction: float) -> bool:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64 < fraction
+    return _hash01(key) < fraction
 
 
 def split_off_val(pairs: list[tuple], fraction: float) -> tuple[list, list]:
-    """(train, val) of labeled ``(text, label, ...)`` rows, each drawn by a hash of its position and
-    text. A label whose every row drew val stays in train (a class seen only in validation could
-    not be learned; a file with rare classes would fail on its own valid rows); logged."""
-    drawn = [_in_val(f"{i}:{p[0][:64]}", fraction) for i, p in enumerate(pairs)]
-    in_train = {p[1] for p, v in zip(pairs, drawn) if not v}
-    kept = sorted({p[1] for p, v in zip(pairs, drawn) if v} - in_train)
-    if kept:
-        logger.info("data.val_fraction: %d label(s) drew no training row and stay in train, out of validation: %s",
+    """(train, val) of labeled ``(text, label, ...)`` rows, stratified by label: ``fraction`` of
+    each label's rows go to validation, as a stratified ``train_test_split`` does, so that every
+    class is scored there in its share (a hash draw row by row can leave a class out of a small
+    validation split altogether, and its accuracy then says nothing about it). A label gets
+    ``floor(fraction * n)`` of its ``n`` rows, and the rest of the split's ``round(fraction * N)``
+    rows (at least one) go one each to the labels with the largest remainders; a label keeps at least one row in
+    train (a class seen only in validation could not be learned; logged when that leaves a label
+    out of validation). Which rows of a label go is decided by a hash of each row's position and
+    text: deterministic, whatever the file's order of classes."""
+    import math
+
+    by_label: dict = {}
+    for i, p in enumerate(pairs):
+        by_label.setdefault(p[1], []).append(i)
+    quota = {y: fraction * len(idx) for y, idx in by_label.items()}
+    take = {y: min(math.floor(q), len(by_label[y]) - 1) for y, q in quota.items()}
+    total = max(1, round(fraction * len(pairs))) if len(pairs) > 1 else 0  # a fraction > 0 asks for a row at least
+    spare = max(0, total - sum(take.values()))
+    # the rest of the split goes to the largest remainders (ties in a fixed order, by a hash of the label)
+    for y in sorted(quota, key=lambda y: (take[y] - quota[y], _hash01(f"label:{y}"))):
+        if spare <= 0:
+            break
+        if take[y] < len(by_label[y]) - 1 and quota[y] > take[y]:
+            take[y] += 1
+            spare -= 1
+    val_rows: set[int] = set()
+    for y, idx in by_label.items():
+        ranked = sorted(idx, key=lambda i: _hash01(f"{i}:{pairs[i][0][:64]}"))
+        val_rows.update(ranked[:take[y]])
+    kept = sorted(str(y) for y, idx in by_label.items() if take[y] == 0)
+    if kept and val_rows:
+        logger.info("data.val_fraction: %d label(s) have no validation row (too few rows for their share) and train only: %s",
                     len(kept), ", ".join(kept[:10]) + (" ..." if len(kept) > 10 else ""))
-    val = [v and p[1] not in kept for p, v in zip(pairs, drawn)]
-    return [p for p, v in zip(pairs, val) if not v], [p for p, v in zip(pairs, val) if v]
+    return ([p for i, p in enumerate(pairs) if i not in val_rows], [p for i, p in enumerate(pairs) if i in val_rows])
 
 
 def build_examples(cfg: FinetuneConfig, tok) -> tuple[dict[str, list[dict]], dict, list[dict]]:

@@ -744,6 +744,27 @@ def test_the_carved_validation_split_leaves_every_label_in_train():
     assert 60 < len(val) < 140 and sorted(train + val) == sorted(pairs)
 
 
+def test_the_carved_validation_split_is_stratified_by_label():
+    """A file sorted by class (as exports often are): each label gives its share of rows to
+    validation, the remainder going to the largest shares, so no class is missing there; the
+    same rows each time, whatever the order of the file, and none lost."""
+    from collections import Counter
+
+    from pipeline.finetune.finetune import split_off_val
+
+    pairs = [(f"an os text {i}", "os") for i in range(52)] + [(f"a text text {i}", "text") for i in range(43)]
+    train, val = split_off_val(pairs, 0.1)
+    assert Counter(y for _, y in val) == {"os": 5, "text": 5} and sorted(train + val) == sorted(pairs)
+    assert split_off_val(pairs, 0.1) == (train, val)
+    many = [(f"row {i}", str(i % 7)) for i in range(1000)] + [("solo", "x"), ("pair 1", "y"), ("pair 2", "y")]
+    train, val = split_off_val(many, 0.05)
+    counts = Counter(y for _, y in val)
+    assert len(val) == 50 and set(counts) == set("0123456") and all(7 <= counts[y] <= 8 for y in "0123456")
+    assert ("solo", "x") in train and sorted(train + val) == sorted(many)
+    assert len(split_off_val([("a", "1"), ("b", "1"), ("c", "2")], 0.1)[1]) == 1  # a fraction > 0 asks for a row
+    assert split_off_val([("a", "1"), ("b", "2")], 0.1) == ([("a", "1"), ("b", "2")], [])  # each label's only row trains
+
+
 def test_rows_whose_label_has_no_training_row_are_counted_not_fatal(tmp_path, tok):
     """A val or test file with a class the train file lacks (a rare class that a hash split put
     outside train): those rows are rejected with the reason, the rest trains."""
