@@ -22,7 +22,7 @@ PRESETS = {"tiny": (2, 2, 64), "small": (4, 4, 256), "gpt2-124m": (12, 12, 768)}
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     arch: Arch = "gpt2"
-    objective: Objective = "causal"  # masked: BERT-style encoder with an MLM head (arch is ignored)
+    objective: Objective = "causal"  # masked: BERT-style encoder with an MLM head (arch stays gpt2)
     preset: Preset = "small"
     n_layer: int | None = None  # override the preset (required for preset: custom)
     n_head: int | None = None
@@ -47,6 +47,13 @@ class ModelConfig:
         check(self.max_seq_len >= 2, f"model.max_seq_len must be >= 2, got {self.max_seq_len}")
         check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         check(self.pad_vocab_multiple >= 1, f"model.pad_vocab_multiple must be >= 1, got {self.pad_vocab_multiple}")
+        # no silently ignored key: a masked LM is a BERT encoder, and grouped-query attention is Llama's
+        check(self.objective == "causal" or self.arch == "gpt2",
+              f"model.arch {self.arch} has no masked form here: model.objective masked trains a BERT encoder "
+              f"(leave model.arch at gpt2, its default)")
+        check(self.n_kv_head is None or (self.arch == "llama" and self.objective == "causal"),
+              f"model.n_kv_head (grouped-query attention) applies to model.arch llama with model.objective causal, "
+              f"not to {'a masked BERT encoder' if self.objective == 'masked' else f'model.arch {self.arch}'}")
         if self.n_kv_head is not None:
             check(self.n_kv_head >= 1 and head % self.n_kv_head == 0, f"model.n_head ({head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
 

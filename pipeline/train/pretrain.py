@@ -72,6 +72,11 @@ def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict]:
     seq_len = manifest["tokens"]["seq_len"]
     check(seq_len <= cfg.model.max_seq_len,
           f"model.max_seq_len ({cfg.model.max_seq_len}) is shorter than the data's seq_len ({seq_len})")
+    if seq_len < cfg.model.max_seq_len:  # allowed (a context to fine-tune into later), but said
+        logger.warning("model.max_seq_len (%d) is longer than the data's rows (seq_len %d): positions from %d on are "
+                       "never trained, so the model reads text past %d tokens with %s", cfg.model.max_seq_len, seq_len,
+                       seq_len, seq_len, "untrained position embeddings" if cfg.model.arch == "gpt2" or
+                       cfg.model.objective == "masked" else "relative distances it never saw")
     check(bool(shard_paths(data_dir, manifest, "train")), f"data: {data_dir} has no train shards")
     rows = split_rows(manifest, "train")
     check(rows >= 1, f"data: the train split of {data_dir} holds no row")

@@ -141,6 +141,9 @@ def test_flops_per_token_counts_every_matmul_once():
     (dict(preset="tiny", n_layer=0), "model.n_layer"),  # a 0 is not "the preset's"
     (dict(preset="tiny", n_head=0), "model.n_head"),
     (dict(arch="llama", n_kv_head=0), "model.n_kv_head"),
+    (dict(arch="llama", objective="masked"), "model.arch llama has no masked form"),  # not silently a BERT
+    (dict(n_kv_head=2), "model.n_kv_head .* not to model.arch gpt2"),
+    (dict(objective="masked", n_kv_head=2), "model.n_kv_head .* not to a masked BERT encoder"),
     (dict(max_seq_len=1), "model.max_seq_len"),
     (dict(dropout=1.5), "model.dropout"),
     (dict(pad_vocab_multiple=0), "model.pad_vocab_multiple"),

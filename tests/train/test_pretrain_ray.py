@@ -208,6 +208,11 @@ def test_a_request_the_cluster_cannot_hold_is_refused_on_a_local_cluster(tiny_pr
     with caplog.at_level(logging.INFO, logger="pipeline.train.pretrain"):
         check_pretrain(from_dict(PretrainConfig, {**to_dict(cfg), "train": {"batch_size": 100000}}))
     assert "fewer than train.batch_size (100000): every step trains on a worker's whole share" in caplog.text
+    # a context longer than the data's rows: accepted, and said; shorter: refused by key
+    check_pretrain(from_dict(PretrainConfig, {**to_dict(cfg), "model": {"preset": "tiny", "max_seq_len": 64}}))
+    assert "model.max_seq_len (64) is longer than the data's rows (seq_len 32): positions from 32 on are never" in caplog.text
+    with pytest.raises(ValueError, match=r"model.max_seq_len \(16\) is shorter than the data's seq_len \(32\)"):
+        check_pretrain(from_dict(PretrainConfig, {**to_dict(cfg), "model": {"preset": "tiny", "max_seq_len": 16}}))
     monkeypatch.setattr(ray_utils, "_LOCAL", False)
     ray_utils.check_resources({"GPU": 2}, "a trial")
     assert "a trial needs 2 GPU (the cluster has 0): waiting for the cluster" in caplog.text
