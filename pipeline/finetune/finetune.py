@@ -104,6 +104,18 @@ class FinetuneConfig:
             check(self.task == "classification", "data.window_training article applies to task classification only")
             check(self.scaling.strategy == "ddp", "data.window_training article trains with scaling.strategy ddp "
                                                   "only (FSDP would shard the article wrapper, not the classifier)")
+        # no key is silently ignored: each task's own data keys, refused for the other
+        if self.task == "sft":
+            d, given = self.data, []
+            for key, default in (("text_field", "text"), ("label_field", "label"), ("windows", 1),
+                                 ("window_overlap", 0), ("window_pooling", "probs"), ("test", None)):
+                if getattr(d, key) != default:
+                    given.append(f"data.{key}")
+            check(not given, f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to task classification only "
+                             f"(sft reads each record's messages, conversations, prompt + completion or instruction + "
+                             f"output; its validation split is data.val or data.val_fraction of data.train)")
+        else:
+            check(self.data.chat_template == "auto", "data.chat_template applies to task sft only")
 
 
 # config attributes that hold dropout probabilities, per architecture family

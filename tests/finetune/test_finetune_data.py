@@ -408,6 +408,17 @@ def test_windowing_config_errors_name_the_key():
         from_dict(FinetuneConfig, {**base, "task": "sft", "data": article})
     with pytest.raises(ValueError, match="data.window_training article trains with scaling.strategy ddp only"):
         from_dict(FinetuneConfig, {**base, "data": article, "scaling": {"strategy": "fsdp"}})
+    # a key the task does not read is an error, not silently ignored
+    sft = {**base, "task": "sft", "data": {"train": "chat.jsonl"}}
+    for data, message in [({"text_field": "body"}, "data.text_field applies to task classification only"),
+                          ({"windows": 4, "window_overlap": 8}, "data.windows, data.window_overlap apply to task classification"),
+                          ({"label_field": "y"}, "data.label_field applies"), ({"window_pooling": "logits"}, "data.window_pooling"),
+                          ({"test": "t.jsonl"}, "data.test applies to task classification only")]:
+        with pytest.raises(ValueError, match=message):
+            from_dict(FinetuneConfig, {**sft, "data": {**sft["data"], **data}})
+    from_dict(FinetuneConfig, {**sft, "data": {**sft["data"], "chat_template": "builtin", "val": "v.jsonl"}})
+    with pytest.raises(ValueError, match="data.chat_template applies to task sft only"):
+        from_dict(FinetuneConfig, {**base, "data": {**base["data"], "chat_template": "builtin"}})
 
 
 def test_a_relative_base_model_path_is_made_absolute(tmp_path, monkeypatch):
