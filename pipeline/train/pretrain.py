@@ -37,6 +37,8 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.data), "data must name a prepare output directory")
+        check(self.run.checkpoint_metric != "val_accuracy", "run.checkpoint_metric val_accuracy applies to "
+              "classification fine-tuning only: pretraining reports val_loss (or last: the final checkpoint)")
 
     def run_dir(self, manifest: dict) -> Path:
         data = to_dict(self)

@@ -56,6 +56,14 @@ def test_bad_values_name_the_key(cls, kwargs, key):
         cls(**kwargs)
 
 
+def test_pretraining_refuses_a_checkpoint_metric_it_never_reports():
+    from pipeline.train.pretrain import PretrainConfig
+
+    with pytest.raises(ValueError, match="run.checkpoint_metric val_accuracy applies to classification fine-tuning only"):
+        PretrainConfig(data="d", run=RunConfigCfg(checkpoint_metric="val_accuracy"))
+    PretrainConfig(data="d", run=RunConfigCfg(checkpoint_metric="last"))
+
+
 def test_a_run_resumed_at_its_last_step_evaluates_and_reports_once():
     """A rerun of a finished run (e.g. a sweep trial started again) trains no further but still
     reports its final metrics, so Ray Tune and Ray Train get a result with val_loss."""
