@@ -225,6 +225,13 @@ def check(condition: bool, message: str) -> None:
 SEED_MAX = 2**32 - 1  # numpy's RandomState, SeedSequence and scikit-learn's random_state take [0, 2**32 - 1]
 
 
+def check_name(value: str, key: str = "name") -> None:
+    """A name that becomes one directory of a run's path (``<output_dir>/<name>-<hash>``): not
+    empty, no path separator, not ``.`` or ``..`` (which would leave the output directory)."""
+    check(isinstance(value, str) and value.strip() not in ("", ".", "..") and not any(c in value for c in "/\\\0"),
+          f"{key} must be a plain, non-empty name (one path component), got {value!r}")
+
+
 def check_seed(value: int, key: str) -> None:
     """A seed every random generator the stages use accepts (a negative one fails deep in numpy)."""
     check(0 <= value <= SEED_MAX, f"{key} must be in [0, {SEED_MAX}], got {value}")

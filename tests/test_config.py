@@ -269,6 +269,11 @@ def test_keys_added_later_stay_out_of_run_hashes_at_their_defaults():
         ("prepare", "prepare_demo", "quality.c4.min_sentences=-1", "quality.c4.min_sentences"),
         ("prepare", "prepare_demo", "quality.fineweb.max_short_line_ratio=2", "quality.fineweb.max_short_line_ratio"),
         ("prepare", "prepare_demo", "quality.fineweb.short_line_length=-1", "quality.fineweb.short_line_length"),
+        # a run's name is one directory of its path: no separator, not empty, not ".." (outside output_dir)
+        *[(job, config, f"name={bad}", "name must be a plain, non-empty name")
+          for job, config in (("prepare", "prepare_demo"), ("pretrain", "pretrain_demo"), ("finetune", "finetune_sft_demo"),
+                              ("evaluate", "evaluate_demo"), ("tune", "tune_demo"), ("compress", "compress_demo"))
+          for bad in ("a/b", "..", "''")],
     ],
 )
 def test_out_of_range_values_name_the_key(job, config, override, key):
@@ -281,3 +286,11 @@ def test_out_of_range_values_name_the_key(job, config, override, key):
     path = str(PREPARE_DEMO.parent / f"{config}.yaml")
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         parse(["--config", path, *override.split()])
+
+
+def test_a_compress_variant_or_model_name_is_one_path_component():
+    from jobs.compress import parse_config
+
+    for override in ("variants.0.name=..", "models.0.name=a/b"):
+        with pytest.raises(ValueError, match=r"(variants|models)\[\]\.name must be a plain, non-empty name"):
+            parse_config(["--config", str(PREPARE_DEMO.parent / "compress_demo.yaml"), override])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import check, check_seed, config_hash, to_dict
+from pipeline.config import check, check_name, check_seed, config_hash, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class ModelSpec:
     kind: Literal["causal", "classifier"] = "causal"
 
     def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name, f"models[].name must be a plain name, got {self.name!r}")
+        check_name(self.name, "models[].name")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +45,7 @@ class VariantSpec:
     calibration_rows: int = 64
 
     def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name, f"variants[].name must be a plain name, got {self.name!r}")
+        check_name(self.name, "variants[].name")
         # checked whatever the method, so a value meant for another method is still a valid one
         check(0 < self.sparsity < 1, f"variants[{self.name}].sparsity must be in (0, 1), got {self.sparsity}")
         check(self.calibration_rows >= 0, f"variants[{self.name}].calibration_rows must be >= 0, got {self.calibration_rows}")
@@ -92,6 +92,7 @@ class CompressConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.models), "models: name at least one model to compress")
+        check_name(self.name)
         check(bool(self.variants), "variants: name at least one variant")
         for what, items in (("models", self.models), ("variants", self.variants)):
             names = [m.name for m in items]

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 import pipeline
 from pipeline import schema as S
-from pipeline.config import check, config_hash, to_dict
+from pipeline.config import check, check_name, config_hash, to_dict
 from pipeline.data import ray_ops
 from pipeline.data.clean import CleanConfig, ParseConfig
 from pipeline.data.decontam import DecontamConfig, NgramIndex
@@ -91,7 +91,7 @@ class PrepareConfig:
         names = [s.source_name for s in self.sources]
         dup = sorted({n for n in names if names.count(n) > 1})
         check(not dup, f"sources: two sources are named {dup}; give each a distinct 'name'")
-        check(bool(self.name) and "/" not in self.name, f"name must be a non-empty path component, got {self.name!r}")
+        check_name(self.name)
 
     @property
     def clean(self) -> CleanConfig:

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import check, check_seed, config_hash, to_dict
+from pipeline.config import check, check_name, check_seed, config_hash, to_dict
 from pipeline.finetune.classify_data import label_name, read_labeled_rows
 from pipeline.train.checkpoint import write_json
 
@@ -106,6 +106,7 @@ class EvaluateConfig:
         check(any((self.lm, self.classification, self.fewshot, self.bias)),
               "evaluate: enable at least one of lm, classification, fewshot, bias")
         check(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
+        check_name(self.name)
 
 
 def _causal_dir(spec: str, where: str | None = None) -> Path:
