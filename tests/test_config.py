@@ -245,6 +245,8 @@ def test_keys_added_later_stay_out_of_run_hashes_at_their_defaults():
         ("pretrain", "pretrain_demo", "model.arch=llama model.n_embd=12 model.n_head=4", "model.n_embd"),
         ("finetune", "finetune_classify_demo", "train.seed=-5", "train.seed"),
         ("evaluate", "evaluate_demo", "lm.seed=-1", "lm.seed"),
+        ("evaluate", "evaluate_demo", "lm.text_field=body", "lm.text_field"),  # lm.data's shards have no field
+        ("evaluate", "evaluate_demo", "lm.data=null lm.text_file=t.txt lm.split=test", "lm.split"),
         ("evaluate", "evaluate_demo", "fewshot.seed=-1", "fewshot.seed"),
         ("evaluate", "evaluate_demo", "fewshot.window_overlap=-1", "fewshot.window_overlap"),
         ("evaluate", "evaluate_demo", "fewshot.window_overlap=256", "fewshot.window_overlap"),

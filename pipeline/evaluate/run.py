@@ -38,6 +38,11 @@ class LMEvalConfig:
               f"next window repeats), got {self.window_overlap}")
         check(self.max_rows >= 0, f"lm.max_rows must be >= 0 (0: every row), got {self.max_rows}")
         check(self.split in ("val", "test", "train"), f"lm.split must be val, test or train, got {self.split!r}")
+        # no key silently ignored: split picks lm.data's shards, text_field reads lm.text_file's records
+        check(self.text_file is None or self.split == "val",
+              f"lm.split ({self.split}) picks the shards of lm.data; lm.text_file is read whole")
+        check(self.data is None or self.text_field == "text",
+              f"lm.text_field ({self.text_field}) reads the records of lm.text_file; lm.data's shards are tokens already")
         check_seed(self.seed, "lm.seed")
 
 
