@@ -118,9 +118,17 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(value, hints[name], key)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)  # its own checks first: they say more about their keys than the one below
     except TypeError as exc:  # a required field is missing
         raise ValueError(f"{prefix or cls.__name__}: {exc}") from None
+    # no config string is empty: an empty path reads the working directory, an empty term matches everywhere
+    for name, value in kwargs.items():
+        key = f"{prefix}.{name}" if prefix else name
+        for where, item in ([(key, value)] if isinstance(value, str) else
+                            [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, (list, tuple)) else []):
+            if isinstance(item, str) and not item.strip():
+                raise ValueError(f"{where}: expected a non-empty string, got {item!r}")
+    return obj
 
 
 def to_dict(cfg: Any) -> Any:

@@ -272,10 +272,14 @@ def test_keys_added_later_stay_out_of_run_hashes_at_their_defaults():
         ("prepare", "prepare_demo", "quality.fineweb.max_short_line_ratio=2", "quality.fineweb.max_short_line_ratio"),
         ("prepare", "prepare_demo", "quality.fineweb.short_line_length=-1", "quality.fineweb.short_line_length"),
         # a run's name is one directory of its path: no separator, not empty, not ".." (outside output_dir)
-        *[(job, config, f"name={bad}", "name must be a plain, non-empty name")
+        *[(job, config, f"name={bad}", message)
           for job, config in (("prepare", "prepare_demo"), ("pretrain", "pretrain_demo"), ("finetune", "finetune_sft_demo"),
                               ("evaluate", "evaluate_demo"), ("tune", "tune_demo"), ("compress", "compress_demo"))
-          for bad in ("a/b", "..", "''")],
+          for bad, message in (("a/b", "name must be a plain, non-empty name"), ("..", "name must be a plain, non-empty name"),
+                               ("''", "name must be a plain, non-empty name"))],
+        # an empty string anywhere (an empty path would read the working directory)
+        ("finetune", "finetune_classify_demo", "data.train=''", "data.train: expected a non-empty string"),
+        ("evaluate", "evaluate_demo", "bias.pairs_path=''", "bias.pairs_path: expected a non-empty string"),
     ],
 )
 def test_out_of_range_values_name_the_key(job, config, override, key):
@@ -296,3 +300,16 @@ def test_a_compress_variant_or_model_name_is_one_path_component():
     for override in ("variants.0.name=..", "models.0.name=a/b"):
         with pytest.raises(ValueError, match=r"(variants|models)\[\]\.name must be a plain, non-empty name"):
             parse_config(["--config", str(PREPARE_DEMO.parent / "compress_demo.yaml"), override])
+
+
+def test_an_empty_string_is_refused_in_lists_too_and_after_a_key_s_own_check():
+    """A blank list item names its index; a key whose own check says more (serve's host) keeps its message."""
+    import re
+
+    from jobs.prepare import parse_config
+    from pipeline.serve.app import ServeConfig
+
+    with pytest.raises(ValueError, match=re.escape("harmful.extra_terms[1]: expected a non-empty string, got ' '")):
+        parse_config(["--config", str(PREPARE_DEMO), "harmful.extra_terms=[spam, ' ']"])
+    with pytest.raises(ValueError, match="host must be set"):
+        from_dict(ServeConfig, {"models": [{"name": "a", "path": "x"}], "host": " "})
