@@ -37,7 +37,7 @@ from pipeline.data.normalize import NormalizeConfig
 from pipeline.ray_utils import check_resources
 from pipeline.data.pii import PIIConfig
 from pipeline.data.quality import QualityConfig
-from pipeline.data.sources import SourceConfig, expand_source, read_file
+from pipeline.data.sources import SourceConfig, check_record_keys, expand_source, read_file
 from pipeline.data.split import SplitConfig
 from pipeline.data.tokenizer import TokenizerConfig, copy_tokenizer, train_tokenizer
 
@@ -210,7 +210,11 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         return json.loads(manifest_path.read_text())
     start = time.time()
     # 0) list inputs up front: a missing path fails now, not after hours (and leaves no run directory)
-    tasks = [t for i, src in enumerate(cfg.sources) for t in expand_source(src, i)]
+    tasks = []
+    for i, src in enumerate(cfg.sources):
+        src_tasks = expand_source(src, i)
+        check_record_keys(src, f"sources[{i}] ({src.path!r})", {t["format"] for t in src_tasks})
+        tasks += src_tasks
     run_dir.mkdir(parents=True, exist_ok=True)
     work = run_dir / "_work"
     work.mkdir(exist_ok=True)

@@ -124,6 +124,21 @@ def _task(src: SourceConfig, path: str, rel: str, fmt: str, size: int, label: st
     }
 
 
+RECORD_FORMATS = ("jsonl", "json", "csv", "parquet", "hf")
+
+
+def check_record_keys(src: SourceConfig, key: str, formats: set[str]) -> None:
+    """A source that names record fields (``text_field``, ``label_field``, ``id_field``,
+    ``split_field``) must hold records: in text, HTML or built-in files, one document each, the
+    keys would be ignored file by file, and a label a user asked for would be missing in silence."""
+    given = [name for name, set_ in (("text_field", src.text_field != "text"), ("label_field", src.label_field),
+                                     ("id_field", src.id_field), ("split_field", src.split_field)) if set_]
+    check(not given or bool(formats & set(RECORD_FORMATS)),
+          f"{key}: {', '.join(given)} name{'s' * (len(given) == 1)} fields of records (JSONL, JSON, CSV, Parquet, a saved "
+          f"Hugging Face dataset), but it holds {', '.join(sorted(formats))} files only, each one document "
+          f"(set format to read them as records)")
+
+
 def expand_source(src: SourceConfig, index: int = 0) -> list[dict]:
     """List the files of one source as read tasks; a path that matches nothing is a ValueError."""
     fmt = src.resolved_format

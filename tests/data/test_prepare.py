@@ -187,6 +187,15 @@ def test_job_entry_errors(tmp_path, capsys):
     assert not out.exists()  # a run that cannot start leaves no directory behind
     assert main(["--config", "jobs/configs/prepare_demo.yaml", "pack.sequence_len=3"]) == 2
     assert "pack.sequence_len" in capsys.readouterr().err
+    # record keys for a source of text files (one document each): refused before any work, not ignored file by file
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("A document.")
+    assert main(["--config", "jobs/configs/prepare_demo.yaml", "--input", str(tmp_path / "texts"),
+                 "sources.0.label_field=topic", f"output_dir={out}"]) == 2
+    assert "label_field names fields of records (JSONL, JSON, CSV, Parquet" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["--config", "jobs/configs/prepare_demo.yaml", "sources.0.text_field=body", f"output_dir={out}"]) == 2
+    assert "sources[0] ('bbc-news'): text_field names fields of records" in capsys.readouterr().err
 
 
 def test_a_corpus_the_filters_remove_entirely_is_a_clear_error(tmp_path):
