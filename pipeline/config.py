@@ -143,11 +143,15 @@ def to_dict(cfg: Any) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b.c=3"`` -> (["a", "b", "c"], 3); the value is parsed as YAML (so ``[1,2]``, ``true``)."""
+    """``"a.b.c=3"`` -> (["a", "b", "c"], 3); the value is parsed as YAML (so ``[1,2]``, ``true``). A
+    list index is a number between dots, or in brackets as in Python and jq: ``models[0].path``
+    is ``models.0.path``."""
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like key=value")
     key, raw = text.split("=", 1)
-    key = key.strip()
+    key = re.sub(r"\[\s*(\d+)\s*\](?=\.|\[|$)", r".\1", key.strip())
+    if "[" in key or "]" in key:
+        raise ValueError(f"override {text!r}: a list index is a number, as in models.0.path or models[0].path")
     if not key or any(not part for part in key.split(".")):
         raise ValueError(f"override {text!r} has an empty key")
     try:

@@ -104,6 +104,11 @@ def test_overrides_index_into_lists():
     out = apply_overrides(data, ["models.1.threads=2", "models.0.autoscaling.max_replicas=4", "tags.0=z"])
     assert out["models"] == [{"name": "a", "threads": 1, "autoscaling": {"max_replicas": 4}}, {"name": "b", "threads": 2}]
     assert out["tags"] == ["z", "y"] and data["models"][1] == {"name": "b"}  # the input is not changed
+    assert apply_overrides(data, ["models[1].threads=2", "models[0].autoscaling.max_replicas=4", "tags[0]=z"]) == out
+    assert parse_override("a[2][0].b=1") == (["a", "2", "0", "b"], 1)
+    for bad in ("models[x].threads=1", "models[-1].threads=1", "models[0]x=1", "models].a=1"):
+        with pytest.raises(ValueError, match="a list index is a number"):
+            parse_override(bad)
     for bad, match in (("models.2.threads=1", "list of 2; '2'"), ("models.x.threads=1", "'x' is not an index"),
                        ("n.k=1", r"n is 3, not a mapping or a list \(replace it whole: n=...\)"),
                        ("tags.0.k=1", "tags.0 is 'x', not a mapping")):

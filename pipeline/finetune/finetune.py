@@ -15,7 +15,7 @@ from typing import Literal
 from pipeline.config import check, check_name, config_hash, to_dict, without_defaults
 from pipeline.data.sources import hf_dict_splits
 from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled_rows
-from pipeline.finetune.sft import OUR_TEMPLATES, load_chat_examples, prepare_chat_tokenizer, tokenize_chat
+from pipeline.finetune.sft import OUR_TEMPLATES, load_chat_examples, prepare_chat_tokenizer, stop_at_turn_end, tokenize_chat
 from pipeline.train.checkpoint import write_json
 from pipeline.train.data import filler_row
 from pipeline.train.loop import LATER_LOOP_KEYS, LoopConfig, OptimConfig
@@ -293,6 +293,10 @@ def setup_finetune(config: dict):
         model = name_default_loss(load_pretrained(transformers.AutoModelForCausalLM, base, **dropout))
     if len(tok) > model.get_input_embeddings().num_embeddings:  # padding or role tokens were added
         model.resize_token_embeddings(len(tok))
+    if config["task"] == "sft":
+        changed = stop_at_turn_end(model, tok)
+        if changed:
+            logger.info("finetune: the exported model stops generating where a turn ends: %s", "; ".join(changed))
     if config["task"] == "classification":
         model.config.pad_token_id = tok.pad_token_id  # the classifier reads each row's last non-padding token
         if config.get("window_training") == "article":

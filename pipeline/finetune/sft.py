@@ -57,6 +57,37 @@ def prepare_chat_tokenizer(tok, template: str = "auto") -> list[str]:
     return missing
 
 
+def stop_at_turn_end(model, tok) -> list[str]:
+    """With our template every assistant turn ends with the tokenizer's EOS: make the model's own
+    config say so, so that ``generate()`` from the exported directory stops where a turn ends. A
+    base from elsewhere may name another EOS, none, or an id past its vocabulary (a GPT-2 config's
+    default 50256 beside a smaller tokenizer). The EOS ids it names that are real tokens are kept
+    beside ours. A base keeping a chat template of its own keeps its config. Returns what changed."""
+    eos = tok.eos_token_id
+    if tok.chat_template not in OUR_TEMPLATES or eos is None:
+        return []
+    n = model.get_input_embeddings().num_embeddings
+    changed = []
+    for where, cfg in (("config", model.config), ("generation_config", model.generation_config)):
+        if cfg is None:
+            continue
+        cur = getattr(cfg, "eos_token_id", None)
+        ids = [] if cur is None else [cur] if isinstance(cur, int) else list(cur)
+        valid = [i for i in ids if isinstance(i, int) and 0 <= i < n]
+        if eos in valid and len(valid) == len(ids):
+            continue
+        if eos not in valid:
+            valid.append(eos)
+        cfg.eos_token_id = valid[0] if len(valid) == 1 else valid
+        changed.append(f"{where}.eos_token_id {cur!r} -> {cfg.eos_token_id!r}")
+        if getattr(cfg, "pad_token_id", None) is None or not 0 <= cfg.pad_token_id < n:
+            cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else eos
+        bos = getattr(cfg, "bos_token_id", None)
+        if isinstance(bos, int) and not 0 <= bos < n:  # an id past the vocabulary names no token
+            cfg.bos_token_id = tok.bos_token_id
+    return changed
+
+
 def _content(content, where: str):
     """A message's text: a string, or OpenAI's list of content parts (text parts only), joined with
     newlines as the Serve endpoint joins them; None when it is neither."""

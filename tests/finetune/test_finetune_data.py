@@ -629,6 +629,24 @@ def test_sft_from_a_tokenizer_without_role_tokens(tmp_path):
     assert model.get_input_embeddings().num_embeddings == len(tok) == n_before + 3
     batch = {k: torch.tensor([ex[k]]) for k in ("input_ids", "attention_mask", "labels")}
     assert torch.isfinite(model(**batch).loss)
+    # GPT2Config's EOS (50256) is no token of this vocabulary: the exported model's generate() must
+    # stop at "</s>", which ends every turn of the template
+    eos = tok.convert_tokens_to_ids("</s>")
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == eos
+    assert model.config.bos_token_id is None and model.generation_config.pad_token_id == eos
+    model.save_pretrained(str(tmp_path / "out"))
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert again.generation_config.eos_token_id == eos
+    with torch.no_grad():  # the model is made to say "</s>" first: generate() stops there
+        again.lm_head.weight.zero_()
+        again.transformer.ln_f.weight.zero_()
+        again.transformer.ln_f.bias.zero_()
+        again.transformer.ln_f.bias[0] = 1.0
+        again.lm_head.weight[eos, 0] = 1.0
+    out = again.generate(torch.tensor([ex["input_ids"][:5]]), max_new_tokens=8, do_sample=False)
+    assert out[0, 5:].tolist() == [eos]
 
 
 def test_sft_template_opens_with_bos_where_the_base_tokenizer_does():
