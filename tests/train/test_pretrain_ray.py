@@ -331,3 +331,85 @@ def test_a_parquet_read_returns_once_its_set_up_tasks_gave_their_cpus_back(tiny_
         read_parquet(files)
         held.append(total - ray.available_resources().get("CPU", 0))
     assert held == [0] * 16
+
+
+def _base(tiny_prepared, path: Path, tokenizer_dir: Path | None = None, positions: int = 64, classifier: bool = False):
+    """A GPT-NeoX LM (an architecture the pipeline does not build) saved with ``tokenizer_dir``
+    (default: the tiny prepare output's tokenizer), as a model from elsewhere would come."""
+    import transformers
+
+    run_dir, manifest = tiny_prepared
+    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir or run_dir / "tokenizer"))
+    config = transformers.GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=positions, num_labels=3)
+    torch.manual_seed(3)
+    cls = transformers.GPTNeoXForSequenceClassification if classifier else transformers.GPTNeoXForCausalLM
+    cls(config).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+def test_continued_pretraining_starts_from_the_base_and_checks_it(tiny_prepared, tmp_path):
+    """``init_from``: training starts from the base's weights, whatever its architecture, and the
+    export is that architecture; a base that cannot read the data is refused before any work,
+    naming the key, and so is a model.* key (the architecture is the base's)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.data.tokenizer import TokenizerConfig, train_tokenizer
+    from pipeline.train.pretrain import check_pretrain
+
+    run_dir, _ = tiny_prepared
+    base = _base(tiny_prepared, tmp_path / "base")
+    with pytest.raises(ValueError, match=r"model\.preset builds a new model, and init_from .*model=\{\}"):
+        from_dict(PretrainConfig, {**to_plain(config(run_dir, tmp_path)), "init_from": str(base)})
+    cfg = from_dict(PretrainConfig, {
+        "data": str(run_dir), "output_dir": str(tmp_path / "out"), "name": "cont", "init_from": str(base),
+        "optim": {"lr": 1e-12, "warmup_steps": 0}, "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2,
+                                                             "eval_batches": 1, "log_every": 1},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "threads_per_worker": 1}})
+    with pytest.raises(ValueError, match=r"model\.n_layer builds a new model"):
+        from_dict(PretrainConfig, {**to_plain(cfg), "model": {"n_layer": 3}})
+    from_dict(PretrainConfig, {**to_plain(cfg), "model": {"dropout": 0.1}})  # the one model key it takes
+    other = tmp_path / "other_tok"
+    train_tokenizer(iter(["Zebras quietly juggle violet kites over the harbour."] * 50),
+                    TokenizerConfig(vocab_size=300, min_frequency=1), other)
+    for bad, match in ((tmp_path / "missing", "init_from: .*missing is not a Hugging Face model directory"),
+                       (_base(tiny_prepared, tmp_path / "b2", tokenizer_dir=other), "init_from: .*another tokenizer"),
+                       (_base(tiny_prepared, tmp_path / "b3", positions=16),
+                        r"init_from: the data's rows \(seq_len 32\) are longer than .*context \(16\)"),
+                       (_base(tiny_prepared, tmp_path / "b4", classifier=True), "init_from: .* is a sequence classifier")):
+        with pytest.raises(ValueError, match=match):
+            check_pretrain(from_dict(PretrainConfig, {**to_plain(cfg), "init_from": str(bad)}))
+    # a masked LM from elsewhere continues on the masked objective, with the data's mask token
+    import transformers
+
+    from pipeline.train.pretrain import check_base, setup_lm
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64)).save_pretrained(str(tmp_path / "bert"))
+    tok.save_pretrained(str(tmp_path / "bert"))
+    bert_cfg = from_dict(PretrainConfig, {**to_plain(cfg), "init_from": str(tmp_path / "bert")})
+    assert check_base(bert_cfg, run_dir, 32) == ((tmp_path / "bert").resolve(), "masked")
+    model, batcher, _, _ = setup_lm({"model": to_plain(bert_cfg)["model"], "tokenizer_dir": str(run_dir / "tokenizer"),
+                                     "loop": {"seed": 0}, "seq_len": 32, "init_from": str(tmp_path / "bert"),
+                                     "objective": "masked"})
+    assert type(model).__name__ == "BertForMaskedLM" and batcher.objective == "masked"
+    assert batcher.mask_id == tok.mask_token_id is not None
+    scratch = from_dict(PretrainConfig, {**to_plain(cfg), "init_from": None})
+    hash_of = {"config_hash": json.loads((run_dir / "manifest.json").read_text())["config_hash"]}
+    assert cfg.run_dir(hash_of) != scratch.run_dir(hash_of)  # a run of its own
+    summary = run_pretrain(cfg)
+    assert summary["steps"] == 2 and summary["arch"] == "gpt_neox" and summary["init_from"] == str(base)
+    before = AutoModelForCausalLM.from_pretrained(str(base)).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(summary["model_dir"])
+    assert type(after).__name__ == "GPTNeoXForCausalLM"
+    for name, value in after.state_dict().items():  # a learning rate of 1e-12: the base's own weights
+        torch.testing.assert_close(value, before[name], atol=1e-6, rtol=0)
+
+
+def to_plain(cfg) -> dict:
+    from pipeline.config import to_dict
+
+    return to_dict(cfg)
