@@ -24,17 +24,25 @@ def setup_logging() -> None:
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--config", default=None,
+                        help="YAML config file (without one: the job's defaults, then the key=value overrides)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. pack.seq_len=256")
     return parser
 
 
 def parse_typed(cls: type[T], argv: list[str], description: str) -> T:
-    """``--config FILE [key=value ...]`` -> the job's typed config (ValueError names a bad key)."""
-    from pipeline.config import apply_overrides, from_dict, load_yaml
+    """``[--config FILE] [key=value ...]`` -> the job's typed config (ValueError names a bad key)."""
+    from pipeline.config import apply_overrides, from_dict
 
     args = base_parser(description).parse_args(argv)
-    return from_dict(cls, apply_overrides(load_yaml(args.config), args.overrides))
+    return from_dict(cls, apply_overrides(config_data(args.config), args.overrides))
+
+
+def config_data(path: str | None) -> dict:
+    """The YAML file's mapping, or an empty one (every key at its default) without a file."""
+    from pipeline.config import load_yaml
+
+    return {} if path is None else load_yaml(path)
 
 
 def run_job(argv: list[str] | None, parse: Callable[[list[str]], T], run: Callable[[T], dict],

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import sys
 
-from jobs.common import base_parser, run_job
-from pipeline.config import apply_overrides, from_dict, load_yaml
+from jobs.common import base_parser, config_data, run_job
+from pipeline.config import apply_overrides, from_dict
 from pipeline.data.prepare import PrepareConfig, run_prepare
 
 def parse_config(argv: list[str]) -> PrepareConfig:
@@ -26,7 +26,7 @@ def parse_config(argv: list[str]) -> PrepareConfig:
                         help="path, glob or URI (repeatable); replaces the config's sources")
     parser.add_argument("--output", default=None, help="output root directory (replaces output_dir)")
     args = parser.parse_args(argv)
-    data = load_yaml(args.config)
+    data = config_data(args.config)
     if args.input:
         data["sources"] = list(args.input)
     if args.output:

@@ -149,6 +149,23 @@ def test_prepare_config_validation_names_keys(tmp_path):
         parse_config(["--config", str(PREPARE_DEMO), "--input", str(tmp_path), "sources.0.text_fild=body"])
 
 
+def test_every_job_runs_without_a_config_file_on_its_defaults_and_overrides(tmp_path):
+    """``--config`` is optional: without it a job starts from its config class's defaults; a
+    required key it lacks is named."""
+    import jobs.finetune
+    import jobs.pretrain
+
+    cfg = parse_config(["--input", str(tmp_path), "--output", "/tmp/x", "tokenizer.vocab_size=500"])
+    assert [s.path for s in cfg.sources] == [str(tmp_path)] and cfg.tokenizer.vocab_size == 500
+    assert cfg.pack == from_dict(PrepareConfig, {"sources": ["bbc-news"]}).pack  # the rest at its defaults
+    with pytest.raises(ValueError, match="missing required config key.*sources"):
+        parse_config([])
+    pre = jobs.pretrain.parse_config(["data=/d", "model.preset=tiny"])
+    assert pre.data == "/d" and pre.model.preset == "tiny" and pre.train.max_steps == 1000
+    with pytest.raises(ValueError, match="missing required config key.*base_model, data"):
+        jobs.finetune.parse_config(["task=sft"])
+
+
 def test_output_dir_depends_on_result_fields_only():
     base = from_dict(PrepareConfig, {"sources": ["bbc-news"]})
     faster = from_dict(PrepareConfig, {"sources": ["bbc-news"], "runtime": {"read_bundle_bytes": 1000}})
