@@ -39,7 +39,7 @@ from pipeline.data.pii import PIIConfig
 from pipeline.data.quality import QualityConfig
 from pipeline.data.sources import SourceConfig, check_record_keys, expand_source, read_file
 from pipeline.data.split import SplitConfig
-from pipeline.data.tokenizer import TokenizerConfig, copy_tokenizer, train_tokenizer
+from pipeline.data.tokenizer import TokenizerConfig, copy_tokenizer, document_bos, train_tokenizer
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -326,12 +326,15 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     tok_dir = _step(run_dir, "tokenizer", build_tokenizer)
 
     # 7) tokenize + pack + write shards per split
+    bos_id = document_bos(tok_dir)
+    if bos_id is not None:
+        logger.info("prepare: every document opens with the tokenizer's BOS (id %d), as it encodes a text", bos_id)
     shards: list[dict] = []
     token_stats: dict[str, dict] = {}
     for split in SPLITS:
         def build_split(tmp: Path, split=split) -> None:
             ds = _read_kept(final_dir, split, columns=[S.DOC_ID, S.SOURCE, S.TEXT])
-            meta = ray_ops.pack_shards(ds, str(tok_dir), cfg.pack.seq_len, str(tmp), cfg.pack.docs_per_shard)
+            meta = ray_ops.pack_shards(ds, str(tok_dir), cfg.pack.seq_len, str(tmp), cfg.pack.docs_per_shard, bos_id)
             meta.sort(key=lambda m: m["first_doc_id"])
             written = [m for m in meta if m["path"]]
             for i, m in enumerate(written):
@@ -387,7 +390,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         "output_dir": str(run_dir),
         "counts": counts,
         "tokens": {"train": token_stats["train"]["packed"], "val": token_stats["val"]["packed"],
-                   "test": token_stats["test"]["packed"], "seq_len": cfg.pack.seq_len, "per_split": token_stats},
+                   "test": token_stats["test"]["packed"], "seq_len": cfg.pack.seq_len, "per_split": token_stats,
+                   "document_bos": bos_id},
         "shards": shards,
         "tokenizer": str(tok_dir),
         "labeled": sorted(str(p.relative_to(run_dir)) for p in labeled_dir.glob("*.parquet")),

@@ -206,16 +206,17 @@ def finalize(ds, fuzzy_path: str, ngram_path: str, ngram: int, split_cfg: SplitC
 
 
 # ---------------------------------------------------------------- 5) tokenize + pack + write
-def _pack_batch(batch: pa.Table, tokenizer_dir: str, seq_len: int, out_dir: str) -> pa.Table:
+def _pack_batch(batch: pa.Table, tokenizer_dir: str, seq_len: int, out_dir: str, bos_id: int | None) -> pa.Table:
     meta = write_packed_shard(
         batch.column(S.DOC_ID).to_pylist(), batch.column(S.TEXT).to_pylist(), batch.column(S.SOURCE).to_pylist(),
-        tokenizer_dir, seq_len, out_dir,
+        tokenizer_dir, seq_len, out_dir, bos_id,
     )
     meta["source_tokens"] = json.dumps(meta["source_tokens"], sort_keys=True)
     return pa.Table.from_pylist([meta])
 
 
-def pack_shards(ds, tokenizer_dir: str, seq_len: int, out_dir: str, docs_per_shard: int) -> list[dict]:
+def pack_shards(ds, tokenizer_dir: str, seq_len: int, out_dir: str, docs_per_shard: int,
+                bos_id: int | None = None) -> list[dict]:
     """One shard per ``docs_per_shard`` consecutive documents (the last shard the rest). The
     strict repartition makes every group exactly that size whatever blocks the reader made;
     ``map_batches`` alone cuts its batches within the blocks each task is given, so a reader
@@ -223,7 +224,7 @@ def pack_shards(ds, tokenizer_dir: str, seq_len: int, out_dir: str, docs_per_sha
     ds = ds.repartition(target_num_rows_per_block=docs_per_shard, strict=True)
     meta = ds.map_batches(
         _pack_batch, batch_size=docs_per_shard, batch_format="pyarrow",
-        fn_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": seq_len, "out_dir": out_dir},
+        fn_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": seq_len, "out_dir": out_dir, "bos_id": bos_id},
     ).take_all()
     for m in meta:
         m["source_tokens"] = json.loads(m["source_tokens"])

@@ -20,16 +20,19 @@ SHARD_SCHEMA = pa.schema([(S.INPUT_IDS, pa.list_(pa.int32()))])
 
 
 def write_packed_shard(
-    doc_ids: list[str], texts: list[str], sources: list[str], tokenizer_dir: str, seq_len: int, out_dir: str
+    doc_ids: list[str], texts: list[str], sources: list[str], tokenizer_dir: str, seq_len: int, out_dir: str,
+    bos_id: int | None = None,
 ) -> dict:
+    """``bos_id``: each document opens with it (``document_bos``: a tokenizer that opens every text
+    with BOS)."""
     tok, eos_id = load_backend(tokenizer_dir)
     encodings = tok.encode_batch_fast(texts, add_special_tokens=False) if hasattr(tok, "encode_batch_fast") \
         else tok.encode_batch(texts, add_special_tokens=False)
     ids = [e.ids for e in encodings]
-    rows, remainder = pack(ids, eos_id, seq_len)
+    rows, remainder = pack(ids, eos_id, seq_len, bos_id)
     per_source: Counter[str] = Counter()
     for src, doc in zip(sources, ids):
-        per_source[src] += len(doc) + 1
+        per_source[src] += len(doc) + (1 if bos_id is None else 2)
     flat = pa.array(rows.reshape(-1), pa.int32())
     offsets = pa.array([i * seq_len for i in range(len(rows) + 1)], pa.int32())
     table = pa.Table.from_arrays([pa.ListArray.from_arrays(offsets, flat)], schema=SHARD_SCHEMA)

@@ -102,6 +102,21 @@ def copy_tokenizer(src: str | Path, out_dir: str | Path, cfg: TokenizerConfig):
     return hf
 
 
+def document_bos(tokenizer_dir: str | Path) -> int | None:
+    """The BOS id each packed document opens with: the tokenizer's, where it opens every text
+    with it as ``transformers`` encodes (Llama's and Mistral's do: a model pretrained on their
+    shards saw BOS at every document's start, and so must one trained further), else None (ours,
+    GPT-2's: documents are only separated by EOS). BOS equal to EOS is None: EOS already
+    separates the documents."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    bos = hf.bos_token_id
+    if bos is None or bos == hf.eos_token_id:
+        return None
+    return bos if hf("a", add_special_tokens=True)["input_ids"][:1] == [bos] else None
+
+
 @lru_cache(maxsize=4)
 def load_backend(tokenizer_dir: str):
     """(tokenizers.Tokenizer, eos id) from a saved HF tokenizer directory, cached per process."""

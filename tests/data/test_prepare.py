@@ -156,11 +156,11 @@ def test_interrupted_run_resumes_without_duplicates(corpus, tmp_path, monkeypatc
     cfg = config(corpus, tmp_path)
     real = ray_ops.pack_shards
 
-    def crash_on_val(ds, tokenizer_dir, seq_len, out_dir, docs_per_shard):
+    def crash_on_val(ds, tokenizer_dir, seq_len, out_dir, docs_per_shard, bos_id):
         if out_dir.endswith("val.tmp"):
             Path(out_dir, "part-partial.parquet").write_bytes(b"half a file")
             raise RuntimeError("simulated crash")
-        return real(ds, tokenizer_dir, seq_len, out_dir, docs_per_shard)
+        return real(ds, tokenizer_dir, seq_len, out_dir, docs_per_shard, bos_id)
 
     monkeypatch.setattr(ray_ops, "pack_shards", crash_on_val)
     with pytest.raises(RuntimeError, match="simulated crash"):

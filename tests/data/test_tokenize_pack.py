@@ -91,3 +91,58 @@ def test_a_given_tokenizer_is_copied_next_to_the_data(tok_dir, tmp_path):
     PreTrainedTokenizerFast(tokenizer_file=f"{tok_dir}/tokenizer.json").save_pretrained(str(no_eos))
     with pytest.raises(ValueError, match=r"tokenizer.path .*no eos_token"):
         copy_tokenizer(no_eos, tmp_path / "copy2", TokenizerConfig(path=str(no_eos)))
+
+
+def test_packing_opens_each_document_with_bos_when_given():
+    docs = [[5, 6], [], [7]]
+    rows, remainder = pack(docs, eos_id=0, seq_len=3, bos_id=1)
+    assert rows.reshape(-1).tolist() == [1, 5, 6, 0, 1, 0, 1, 7, 0]
+    assert remainder == 0 and sum(len(d) + 2 for d in docs) == rows.size + remainder
+
+
+def test_documents_open_with_bos_where_the_tokenizer_opens_every_text_with_it(tok_dir, tmp_path):
+    """``document_bos`` agrees with what ``transformers`` encodes: ours and GPT-2-style tokenizers
+    (BOS = EOS, or none added) give None; a Llama-style SentencePiece tokenizer gives its BOS when its
+    config says ``add_bos_token`` (Llama 2's does), and so does a ``tokenizer.json`` whose
+    post-processor adds it (Llama 3's); the copy the prepare stage makes keeps the answer, and its
+    shards open every document with BOS, counted in the accounting."""
+    import json
+
+    import sentencepiece as spm
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from pipeline.data.tokenizer import copy_tokenizer, document_bos
+
+    assert document_bos(tok_dir) is None
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS))
+    for add_bos in (True, False, None):
+        sp = tmp_path / f"sp-{add_bos}"
+        sp.mkdir()
+        spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(sp / "tokenizer"), vocab_size=400,
+                                       model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True,
+                                       minloglevel=2)
+        config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        (sp / "tokenizer_config.json").write_text(json.dumps(config | ({} if add_bos is None else
+                                                                       {"add_bos_token": add_bos})))
+        opens = AutoTokenizer.from_pretrained(str(sp))("The cat")["input_ids"][0] == 1
+        assert opens == bool(add_bos)
+        copy_tokenizer(sp, tmp_path / f"copy-{add_bos}", TokenizerConfig(path=str(sp)))
+        for where in (sp, tmp_path / f"copy-{add_bos}"):
+            assert document_bos(where) == (1 if add_bos else None), (add_bos, where)
+    hf = AutoTokenizer.from_pretrained(tok_dir)  # a post-processor that adds a BOS of its own
+    hf.add_special_tokens({"bos_token": "<|begin|>"})
+    hf._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin|> $A", special_tokens=[("<|begin|>", hf.bos_token_id)])
+    hf.save_pretrained(str(tmp_path / "template"))
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "template"))("The cat")["input_ids"][0] == hf.bos_token_id
+    assert document_bos(tmp_path / "template") == hf.bos_token_id
+    copy = str(tmp_path / "copy-True")
+    texts = TEXTS[:10]
+    (tmp_path / "out").mkdir()
+    meta = write_packed_shard([f"d{i}" for i in range(10)], texts, ["s"] * 10, copy, 8, str(tmp_path / "out"), 1)
+    tok, eos = load_backend(copy)
+    flat = [t for text in texts for t in [1, *tok.encode(text, add_special_tokens=False).ids, eos]]
+    assert meta["doc_tokens"] == len(flat) == meta["packed_tokens"] + meta["remainder"]
+    assert pq.read_table(meta["path"]).column("input_ids").to_pylist()[0] == flat[:8]
