@@ -272,6 +272,10 @@ def trial_base(cfg: TuneConfig, base: dict, out: Path):
     from pipeline.train.pretrain import PretrainConfig
 
     check(cfg.metric == "val_loss", f"metric {cfg.metric}: pretraining reports val_loss only")
+    if isinstance(base.get("init_from"), str) and base["init_from"]:  # a model directory or the YAML that made one
+        from pipeline.finetune.finetune import resolve_model_dir
+
+        base["init_from"] = str(resolve_model_dir(base["init_from"]))
     if isinstance(base.get("data"), str):
         base["data"] = str(Path(resolve_prepared(base["data"])).resolve())
         from pipeline.train.data import load_manifest, shard_paths

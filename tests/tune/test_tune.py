@@ -51,6 +51,29 @@ def test_a_given_space_sweeps_only_what_it_names_and_every_choice_is_checked_fir
     with pytest.raises(ValueError, match=r"space: the trial \{'n_layer': 0\} would fail: model.n_layer"):
         check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"n_layer": [0]}}))
     check_tune(from_dict(TuneConfig, {"base": str(base), "space": {"n_layer": [1, 2], "n_embd": [64, 96]}}))
+    # continued pretraining (init_from, given relative to where the job runs): the trials, which run in
+    # their own working directories, get its absolute path; a depth or width sweep is refused by name
+    import os
+
+    from pipeline.model.build import ModelConfig, build_model
+    from pipeline.tune.sweep import trial_base
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_prepared[0] / "tokenizer"))
+    build_model(ModelConfig(preset="tiny", max_seq_len=32), len(tok)).save_pretrained(str(tmp_path / "base_model"))
+    tok.save_pretrained(str(tmp_path / "base_model"))
+    cont = tmp_path / "cont.yaml"
+    cont.write_text(yaml.safe_dump({"data": str(tiny_prepared[0]), "init_from": "base_model"}))
+    here = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        sweep = from_dict(TuneConfig, {"base": str(cont), "space": {"lr": [1e-4, 1e-3]}})
+        check_tune(sweep)
+        assert trial_base(sweep, yaml.safe_load(cont.read_text()), tmp_path)[0]["init_from"] == str(tmp_path / "base_model")
+        with pytest.raises(ValueError, match=r"space: the trial \{'n_layer': 1\} would fail: model.n_layer builds a new"):
+            check_tune(from_dict(TuneConfig, {"base": str(cont), "space": {"n_layer": [1]}}))
+    finally:
+        os.chdir(here)
     manifest = json.loads((tiny_prepared[0] / "manifest.json").read_text())
     (tmp_path / "noval").mkdir()
     (tmp_path / "noval" / "manifest.json").write_text(json.dumps(
