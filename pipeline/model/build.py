@@ -169,14 +169,28 @@ def flops_per_token(model, seq_len: int) -> float:
 _CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
 
 
+# RoBERTa and the families built on its embeddings number positions from padding_idx + 1, so that
+# of max_position_embeddings (514 for roberta-base) pad_token_id + 1 are never a token's: roberta-base
+# reads 512 tokens, and a 513th indexes past the table
+# (MPNet's padding index is 1 whatever its config says)
+_POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert",
+                            "longformer", "luke", "mpnet", "roberta-prelayernorm", "xmod")
+
+
 def context_length(config, default: int | None = None) -> int:
-    """The number of positions a model config allows (GPT-2 ``n_positions``, Llama and BERT
-    ``max_position_embeddings``, and the names other families use). Models with relative
-    positions only (ALiBi: BLOOM, MPT without ``max_seq_len``) record none: then ``default``, and
-    without one a ValueError that says so."""
+    """The number of tokens a model config allows (GPT-2 ``n_positions``, Llama and BERT
+    ``max_position_embeddings``, and the names other families use; RoBERTa-style position tables
+    less the rows before their first position). Models with relative positions only (ALiBi:
+    BLOOM, MPT without ``max_seq_len``) record none: then ``default``, and without one a
+    ValueError that says so."""
     for key in _CONTEXT_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if key == "max_position_embeddings" and getattr(config, "model_type", "") in _POSITIONS_AFTER_PADDING:
+                pad = 1 if config.model_type == "mpnet" else getattr(config, "pad_token_id", None)
+                value -= (pad if isinstance(pad, int) and pad >= 0 else 1) + 1
+                check(value >= 1, f"the {config.model_type} model config's max_position_embeddings leaves no "
+                                  f"position after its padding id {pad}")
             return value
     if default is not None:
         return default

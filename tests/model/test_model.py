@@ -417,3 +417,28 @@ def test_a_compiled_model_trains_and_saves_a_plain_checkpoint(tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.allclose(model(input_ids=x).logits, loaded(input_ids=x).logits, atol=1e-6)
+
+
+def test_the_context_length_of_a_roberta_style_model_is_the_tokens_it_reads():
+    """RoBERTa-style models number positions from padding_idx + 1: roberta-base's 514 rows read
+    512 tokens. The limit is what a forward pass takes, one more token fails; GPT-2's and BERT's
+    tables are read whole."""
+    import transformers
+
+    from pipeline.model.build import context_length
+
+    for config_cls, model_cls in ((transformers.RobertaConfig, transformers.RobertaForMaskedLM),
+                                  (transformers.MPNetConfig, transformers.MPNetForMaskedLM)):
+        config = config_cls(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=24, pad_token_id=3)
+        limit = context_length(config)
+        assert limit == 24 - (3 if config.model_type == "roberta" else 1) - 1  # MPNet pads with id 1, always
+        model = model_cls(config).eval()
+        model(input_ids=torch.full((1, limit), 7))
+        with pytest.raises(Exception):
+            model(input_ids=torch.full((1, limit + 1), 7))
+    assert context_length(transformers.BertConfig(max_position_embeddings=24, pad_token_id=3)) == 24
+    assert context_length(transformers.GPT2Config(n_positions=24)) == 24
+    assert context_length(transformers.RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512  # roberta-base
+    with pytest.raises(ValueError, match="leaves no position after its padding id 30"):
+        context_length(transformers.RobertaConfig(max_position_embeddings=24, pad_token_id=30))
