@@ -57,14 +57,34 @@ def prepare_chat_tokenizer(tok, template: str = "auto") -> list[str]:
     return missing
 
 
+def turn_end_id(tok) -> int | None:
+    """The token that ends an assistant turn in ``tok``'s chat template: the EOS with ours; with a
+    base's own template, the first special token its rendering puts after the assistant's content
+    (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``). None when
+    the template puts none there."""
+    if tok.chat_template in OUR_TEMPLATES:
+        return tok.eos_token_id
+    answer = "Hello there"
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]
+    try:
+        text = tok.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # a template that needs more than a user and an assistant turn
+        return None
+    after = text[text.rfind(answer) + len(answer):] if answer in text else ""
+    special = set(tok.all_special_ids) | {i for i, t in getattr(tok, "added_tokens_decoder", {}).items()
+                                          if getattr(t, "special", False)}
+    return next((i for i in tok(after, add_special_tokens=False)["input_ids"] if i in special), None)
+
+
 def stop_at_turn_end(model, tok) -> list[str]:
-    """With our template every assistant turn ends with the tokenizer's EOS: make the model's own
-    config say so, so that ``generate()`` from the exported directory stops where a turn ends. A
-    base from elsewhere may name another EOS, none, or an id past its vocabulary (a GPT-2 config's
-    default 50256 beside a smaller tokenizer). The EOS ids it names that are real tokens are kept
-    beside ours. A base keeping a chat template of its own keeps its config. Returns what changed."""
-    eos = tok.eos_token_id
-    if tok.chat_template not in OUR_TEMPLATES or eos is None:
+    """Make the model's own config name the token that ends an assistant turn (``turn_end_id``:
+    the EOS with our template, e.g. ``<|im_end|>`` with a base's ChatML), so that ``generate()``
+    from the exported directory, and Serve, stop where a turn ends. A base from elsewhere may name
+    another EOS (a base model's ``<|endoftext|>`` beside its chat template's ``<|im_end|>``), none,
+    or an id past its vocabulary (a GPT-2 config's default 50256 beside a smaller tokenizer). The
+    EOS ids it names that are real tokens are kept beside the turn's end. Returns what changed."""
+    eos = turn_end_id(tok)
+    if eos is None:
         return []
     n = model.get_input_embeddings().num_embeddings
     changed = []
@@ -81,7 +101,7 @@ def stop_at_turn_end(model, tok) -> list[str]:
         cfg.eos_token_id = valid[0] if len(valid) == 1 else valid
         changed.append(f"{where}.eos_token_id {cur!r} -> {cfg.eos_token_id!r}")
         if getattr(cfg, "pad_token_id", None) is None or not 0 <= cfg.pad_token_id < n:
-            cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else eos
+            cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         bos = getattr(cfg, "bos_token_id", None)
         if isinstance(bos, int) and not 0 <= bos < n:  # an id past the vocabulary names no token
             cfg.bos_token_id = tok.bos_token_id

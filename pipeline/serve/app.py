@@ -283,7 +283,7 @@ class ModelServer:
             return None
         out, used = [], 0
         for k, (tok, lp, top) in enumerate(entries):
-            ended = tok == self.engine.eos_id and k == len(entries) - 1
+            ended = tok in self.engine.stop_ids and k == len(entries) - 1
             if ended and not eos:
                 break
             if limit is not None and used >= limit and not ended:
@@ -302,7 +302,7 @@ class ModelServer:
         (``cursor`` = [entries sent, their characters], advanced). An EOS waits for the end, where
         the rest of the final list follows; so the streamed entries add up to the non-streamed list."""
         out = []
-        while cursor[0] < len(entries) and cursor[1] < limit and entries[cursor[0]][0] != self.engine.eos_id:
+        while cursor[0] < len(entries) and cursor[1] < limit and entries[cursor[0]][0] not in self.engine.stop_ids:
             out.append(self._logprob_entry(*entries[cursor[0]]))
             cursor[0], cursor[1] = cursor[0] + 1, cursor[1] + len(out[-1]["token"])
         return out

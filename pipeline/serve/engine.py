@@ -152,6 +152,20 @@ def model_context(config, tokenizer) -> int:
                          f"model_max_length)") from None
 
 
+def stop_token_ids(model, tokenizer) -> frozenset[int]:
+    """The ids that end a generation: the tokenizer's EOS and every EOS id the model's generation
+    config names (a chat model's end of turn: Qwen's ``<|im_end|>``, Llama 3's ``<|eot_id|>``,
+    which its tokenizer's EOS may not be), those that are tokens of the vocabulary."""
+    ids = [tokenizer.eos_token_id]
+    for config in (getattr(model, "generation_config", None), model.config):
+        named = getattr(config, "eos_token_id", None) if config is not None else None
+        ids.extend(named if isinstance(named, (list, tuple)) else [named])
+        if config is not None and named is not None:
+            break  # the generation config speaks for the model where it names one
+    n = len(tokenizer)
+    return frozenset(i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n)
+
+
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, fast_path: bool = True,
                  context_length: int | None = None) -> None:
@@ -162,6 +176,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.context_length = context_length or model_context(model.config, tokenizer)
         self.eos_id = tokenizer.eos_token_id
+        self.stop_ids = stop_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
         # a model's output rows past the tokenizer's ids (vocabulary padded for fast matmuls) are
         # never sampled: the tokenizer could not decode them
@@ -230,9 +245,9 @@ class Engine:
                     on_event(run.owners[i], "", True, g)
                 continue
             row = penalize(logits[i], g.prompt_ids, g.token_ids, g.params) if g.params.penalized else logits[i]
-            if len(g.token_ids) < g.params.min_tokens and self.eos_id is not None:
+            if len(g.token_ids) < g.params.min_tokens and self.stop_ids:
                 row = row.clone()
-                row[self.eos_id] = float("-inf")
+                row[list(self.stop_ids)] = float("-inf")
             tok = sample(row, g.params, run.rngs[i])
             next_ids[i] = tok
             if g.params.logprobs is not None:  # the EOS that ends a text too (evaluation harnesses count on it)
@@ -332,7 +347,7 @@ class Engine:
     def _advance(self, g: Generation, tok: int, start: float) -> None:
         if g.first_token_s is None:
             g.first_token_s = time.perf_counter() - start
-        if tok == self.eos_id and not g.params.ignore_eos:
+        if tok in self.stop_ids and not g.params.ignore_eos:
             g.finish_reason = "stop"
             self._flush(g)
             return

@@ -748,6 +748,53 @@ def test_sft_keeps_a_bases_own_chat_template_and_masks_by_turn(tmp_path):
     assert tok.chat_template == CHAT_TEMPLATE
 
 
+def test_a_kept_chat_templates_end_of_turn_ends_generation(tmp_path):
+    """A base model from elsewhere whose EOS is "<|endoftext|>" and whose chat template ends each
+    turn with "<|im_end|>" (Qwen's base models): after SFT its config and generation config name
+    both, and Serve's engine stops at either; min_tokens holds both back. Without that, a chat
+    model trained to say "<|im_end|>" would talk on through the next turn's markup."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from pipeline.finetune.finetune import setup_finetune
+    from pipeline.finetune.sft import prepare_chat_tokenizer, turn_end_id
+    from pipeline.serve.engine import Engine, SamplingParams
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["How do I reset my password? Click on forgot password. Thanks! Hello there"] * 20,
+                                trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                                    "<|im_end|>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHATML
+    eot, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id
+    assert prepare_chat_tokenizer(tok) == [] and turn_end_id(tok) == eot != eos
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=eos,
+                               eos_token_id=eos)).save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "tok"))
+    model, _, _, _ = setup_finetune({"base_model": str(tmp_path / "base"), "tokenizer_dir": str(tmp_path / "tok"),
+                                     "loop": {"seed": 0}, "task": "sft"})
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == [eos, eot]
+    engine = Engine(model, tok, fast_path=False)
+    assert engine.stop_ids == {eos, eot}
+    with torch.no_grad():  # the model says "<|im_end|>" first, whatever it reads
+        model.lm_head.weight.zero_()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight[eot, 0] = 1.0
+    prompt = engine.encode(tok.apply_chat_template([{"role": "user", "content": "Thanks!"}], tokenize=False,
+                                                   add_generation_prompt=True))
+    g = engine.generate([(prompt, SamplingParams(max_tokens=5, temperature=0))])[0]
+    assert g.finish_reason == "stop" and g.token_ids == []
+    g = engine.generate([(prompt, SamplingParams(max_tokens=5, temperature=0, min_tokens=2))])[0]
+    assert len(g.token_ids) >= 2 and eot not in g.token_ids[:2] and eos not in g.token_ids[:2]
+
+
 def test_sft_rejects_conversations_a_template_does_not_render_turn_by_turn(tok):
     import copy
 
