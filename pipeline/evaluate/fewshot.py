@@ -24,17 +24,20 @@ def build_prompt(examples: list[tuple[str, str]], query: str, max_words: int = 4
 @torch.no_grad()
 def option_logprobs(model, tok, prompt: str, options: list[str], max_len: int) -> list[float]:
     """Sum of log p(option tokens | prompt) per option (options get a leading space), the options
-    scored in one right-padded batch. The prompt is cut from the left so that prompt + option fits
-    ``max_len``."""
+    scored in one right-padded batch. The prompt opens with BOS where the tokenizer opens every
+    text with one (Llama's: its model never saw a text without it), and is cut from the left,
+    after that BOS, so that prompt + option fits ``max_len``."""
     from pipeline.evaluate.lm import context_length
+    from pipeline.finetune.sft import adds_bos
 
     model.eval()
     max_len = context_length(model, max_len)
+    bos = [tok.bos_token_id] if adds_bos(tok) else []
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     rows, n_opts = [], []
     for option in options:
         opt_ids = tok(" " + option, add_special_tokens=False)["input_ids"]
-        ids = (prompt_ids + opt_ids)[-max_len:]
+        ids = bos + (prompt_ids + opt_ids)[-(max_len - len(bos)):]
         rows.append(ids)
         n_opts.append(min(len(opt_ids), len(ids) - 1))
     width = max(map(len, rows))

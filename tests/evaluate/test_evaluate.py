@@ -1,6 +1,7 @@
 """Evaluation cores: metrics equal scikit-learn's, perplexity / bits per byte, the few-shot scorer,
 and a bias probe that detects a bias planted in a toy model."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -341,6 +342,25 @@ def test_lm_metrics_and_option_scorer(toy):
     manual = sum(float(logp[i - 1, ids[i]]) for i in range(len(ids) - n, len(ids)))
     assert scores[0] == pytest.approx(manual, abs=1e-4)
     assert scores[0] > scores[1]
+    # a tokenizer that opens every text with BOS (Llama's): the scored row opens with it too, also
+    # when the prompt is cut from the left to fit
+    from tokenizers import processors
+
+    bos_tok = copy.deepcopy(tok)
+    bos_tok.add_special_tokens({"bos_token": "<|begin|>"})
+    bos_tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin|> $A", special_tokens=[("<|begin|>", bos_tok.bos_token_id)])
+    assert bos_tok(prompt)["input_ids"][0] == bos_tok.bos_token_id
+    model.resize_token_embeddings(len(bos_tok))
+    for max_len in (32, 5):
+        body = (tok(prompt, add_special_tokens=False)["input_ids"] +
+                tok(" nurse", add_special_tokens=False)["input_ids"])[-(max_len - 1):]
+        ids = [bos_tok.bos_token_id] + body
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+        manual = sum(float(logp[i - 1, ids[i]]) for i in range(len(ids) - n, len(ids)))
+        assert option_logprobs(model, bos_tok, prompt, ["nurse", "engineer"], max_len=max_len)[0] == \
+            pytest.approx(manual, abs=1e-4)
 
 
 def test_fewshot_prompt_and_prediction(toy):
