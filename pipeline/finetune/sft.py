@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from pipeline.model.build import token_id_list
+
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = tuple(f"<|{r}|>" for r in ROLES)
 # each turn ends with the tokenizer's own EOS (<|endoftext|> for ours and GPT-2's, </s> for Llama's)
@@ -92,7 +94,7 @@ def stop_at_turn_end(model, tok) -> list[str]:
         if cfg is None:
             continue
         cur = getattr(cfg, "eos_token_id", None)
-        ids = [] if cur is None else [cur] if isinstance(cur, int) else list(cur)
+        ids = token_id_list(cur)
         valid = [i for i in ids if isinstance(i, int) and 0 <= i < n]
         if eos in valid and len(valid) == len(ids):
             continue

@@ -198,6 +198,13 @@ def context_length(config, default: int | None = None) -> int:
                      f"{', '.join(_CONTEXT_KEYS)}); give it explicitly")
 
 
+def token_id_list(value) -> list:
+    """A config's ``eos_token_id`` as a list: one id, a list of ids (Llama 3's), or none."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def is_masked_lm(config) -> bool:
     """Whether a model config describes a masked (BERT-style, bidirectional) LM. Such a model
     also loads through ``AutoModelForCausalLM`` (as ``BertLMHeadModel``) without error, but then

@@ -156,11 +156,13 @@ def stop_token_ids(model, tokenizer) -> frozenset[int]:
     """The ids that end a generation: the tokenizer's EOS and every EOS id the model's generation
     config names (a chat model's end of turn: Qwen's ``<|im_end|>``, Llama 3's ``<|eot_id|>``,
     which its tokenizer's EOS may not be), those that are tokens of the vocabulary."""
+    from pipeline.model.build import token_id_list
+
     ids = [tokenizer.eos_token_id]
     for config in (getattr(model, "generation_config", None), model.config):
-        named = getattr(config, "eos_token_id", None) if config is not None else None
-        ids.extend(named if isinstance(named, (list, tuple)) else [named])
-        if config is not None and named is not None:
+        named = token_id_list(getattr(config, "eos_token_id", None))
+        ids.extend(named)
+        if named:
             break  # the generation config speaks for the model where it names one
     n = len(tokenizer)
     return frozenset(i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n)

@@ -105,9 +105,9 @@ def load_base(model_dir: str, objective: str, dropout: float = 0.0):
     return name_default_loss(load_pretrained(auto, model_dir, **overrides))
 
 
-def check_base(cfg: PretrainConfig, data_dir: Path, seq_len: int) -> tuple[Path, str]:
-    """The ``init_from`` model directory and its objective, checked against the data: a causal or
-    masked LM (not a classifier), the data's tokenizer, rows that fit its context."""
+def check_base(cfg: PretrainConfig, data_dir: Path, seq_len: int) -> tuple[Path, str, str]:
+    """The ``init_from`` model directory, its objective and its ``model_type``, checked against the
+    data: a causal or masked LM (not a classifier), the data's tokenizer, rows that fit its context."""
     import transformers
 
     from pipeline.model.build import checkpoint_kind, context_length, is_masked_lm
@@ -126,17 +126,19 @@ def check_base(cfg: PretrainConfig, data_dir: Path, seq_len: int) -> tuple[Path,
         tok = _load_tokenizer(str(prepared_tokenizer_dir(data_dir, load_manifest(data_dir))))
         check(tok.mask_token_id is not None, f"init_from: {base} is a masked LM, and the data's tokenizer has no mask "
                                              f"token to train it with")
-    return base, objective
+    return base, objective, base_config.model_type
 
 
-def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict]:
+def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict, tuple[Path, str, str] | None]:
     """The prepare output's directory and manifest, checked against the config (no cluster
-    needed): it exists, its rows fit the model's context, it has train shards."""
+    needed): it exists, its rows fit the model's context, it has train shards; and the
+    ``init_from`` base (``check_base``), or None."""
     data_dir = resolve_prepared(cfg.data)
     manifest = load_manifest(data_dir)
     seq_len = manifest["tokens"]["seq_len"]
+    base = None
     if cfg.init_from is not None:
-        check_base(cfg, data_dir, seq_len)
+        base = check_base(cfg, data_dir, seq_len)
     else:
         check(seq_len <= cfg.model.max_seq_len,
               f"model.max_seq_len ({cfg.model.max_seq_len}) is shorter than the data's seq_len ({seq_len})")
@@ -153,7 +155,7 @@ def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict]:
         logger.info("data: the train split holds %d rows of %d tokens, %d per worker, fewer than train.batch_size "
                     "(%d): every step trains on a worker's whole share (one epoch)", rows, seq_len, share,
                     cfg.train.batch_size)
-    return data_dir, manifest
+    return data_dir, manifest, base
 
 
 def split_files(files: list[str], rows: int, workers: int, seq_len: int, filler_dir: Path, split: str) -> list[str]:
@@ -176,7 +178,7 @@ def split_files(files: list[str], rows: int, workers: int, seq_len: int, filler_
 def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None, sweep_trial: bool = False) -> dict:
     from pipeline.ray_utils import read_parquet
 
-    data_dir, manifest = check_pretrain(cfg)
+    data_dir, manifest, base_info = check_pretrain(cfg)
     seq_len = manifest["tokens"]["seq_len"]
     run_dir = cfg.run_dir(manifest)
     summary_path = run_dir / "summary.json"
@@ -189,11 +191,8 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None, sweep_trial
                                                 run_dir / "fillers", split)) for split, n in rows.items()}
     tok_dir = str(prepared_tokenizer_dir(data_dir, manifest))
     objective, arch, base = cfg.model.objective, cfg.model.arch, None
-    if cfg.init_from is not None:
-        import transformers
-
-        base, objective = check_base(cfg, data_dir, seq_len)
-        arch = transformers.AutoConfig.from_pretrained(str(base), local_files_only=True).model_type
+    if base_info is not None:
+        base, objective, arch = base_info
         logger.info("pretrain: continuing the %s %s LM %s on %s", arch, objective, base, data_dir)
     config = {"model": to_dict(cfg.model), "optim": to_dict(cfg.optim), "loop": to_dict(cfg.train),
               "scaling": to_dict(cfg.scaling), "run": to_dict(cfg.run), "tokenizer_dir": tok_dir, "seq_len": seq_len,

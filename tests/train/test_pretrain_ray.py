@@ -391,7 +391,7 @@ def test_continued_pretraining_starts_from_the_base_and_checks_it(tiny_prepared,
         max_position_embeddings=64)).save_pretrained(str(tmp_path / "bert"))
     tok.save_pretrained(str(tmp_path / "bert"))
     bert_cfg = from_dict(PretrainConfig, {**to_plain(cfg), "init_from": str(tmp_path / "bert")})
-    assert check_base(bert_cfg, run_dir, 32) == ((tmp_path / "bert").resolve(), "masked")
+    assert check_base(bert_cfg, run_dir, 32) == ((tmp_path / "bert").resolve(), "masked", "bert")
     model, batcher, _, _ = setup_lm({"model": to_plain(bert_cfg)["model"], "tokenizer_dir": str(run_dir / "tokenizer"),
                                      "loop": {"seed": 0}, "seq_len": 32, "init_from": str(tmp_path / "bert"),
                                      "objective": "masked"})
