@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -72,7 +73,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{key}: expected a mapping, got {value!r}")
         k_tp, v_tp = get_args(tp) or (Any, Any)
-        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            # integer keys arrive as strings from overrides and JSON (top_ngram_max_frac.2=0.3)
+            k_value = int(k) if k_tp is int and isinstance(k, str) and re.fullmatch(r"\s*[+-]?\d+\s*", k) else k
+            out[_coerce(k_value, k_tp, key)] = _coerce(v, v_tp, f"{key}.{k}")
+        return out
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{key}: expected true/false, got {value!r}")
@@ -87,11 +93,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return number
     if tp is float:
         # YAML 1.1 (PyYAML) reads exponents without a dot ("2e-3", "1E5") as strings
-        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = float(value) if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ValueError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):  # YAML's .inf / .nan, 1e999: no setting is unbounded (null turns a rule off)
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"{key}: expected a string, got {value!r}")

@@ -78,6 +78,21 @@ def test_exponent_numbers_are_numbers(tmp_path):
     assert from_dict(Outer, {"inner": {"size": 1000.0}}).inner == Inner(size=1000)
 
 
+def test_integer_keys_of_a_mapping_come_through_yaml_and_overrides(tmp_path):
+    """YAML reads ``{2: 0.25}`` with an integer key, an override's key is a string: both set the
+    n-gram rule (before, every YAML mapping of n-gram limits was refused: its keys became strings
+    when the overrides were applied)."""
+    from jobs.prepare import parse_config
+
+    path = tmp_path / "p.yaml"
+    path.write_text("sources: [{name: a, path: /x}]\n"
+                    "quality:\n  gopher_repetition:\n    top_ngram_max_frac: {2: 0.25, 3: 0.2}\n")
+    rules = parse_config(["--config", str(path), "quality.gopher_repetition.top_ngram_max_frac.4=0.1"]).quality
+    assert rules.gopher_repetition.top_ngram_max_frac == {2: 0.25, 3: 0.2, 4: 0.1}
+    with pytest.raises(ValueError, match="top_ngram_max_frac: expected an integer, got 'two'"):
+        parse_config(["--config", str(path), "quality.gopher_repetition.top_ngram_max_frac.two=0.1"])
+
+
 def test_a_missing_required_key_is_named():
     @dataclass(frozen=True, kw_only=True)
     class Needs:
@@ -299,6 +314,13 @@ def test_keys_added_later_stay_out_of_run_hashes_at_their_defaults():
                               ("evaluate", "evaluate_demo"), ("tune", "tune_demo"), ("compress", "compress_demo"))
           for bad, message in (("a/b", "name must be a plain, non-empty name"), ("..", "name must be a plain, non-empty name"),
                                ("''", "name must be a plain, non-empty name"))],
+        # no number is infinite or NaN (YAML's .inf, or 1e999): an infinite rate or weight gave NaN losses
+        ("pretrain", "pretrain_demo", "optim.lr=.inf", "optim.lr: expected a finite number"),
+        ("pretrain", "pretrain_demo", "optim.weight_decay=1e999", "optim.weight_decay: expected a finite number"),
+        ("finetune", "finetune_classify_demo", "aux_lm_weight=.inf", "aux_lm_weight: expected a finite number"),
+        ("finetune", "finetune_sft_demo", "scaling.cpus_per_worker=.inf", "scaling.cpus_per_worker: expected a finite"),
+        ("prepare", "prepare_demo", "quality.gopher_repetition.top_ngram_max_frac.2=.nan",
+         "quality.gopher_repetition.top_ngram_max_frac.2: expected a finite number"),
         # an empty string anywhere (an empty path would read the working directory)
         ("finetune", "finetune_classify_demo", "data.train=''", "data.train: expected a non-empty string"),
         ("evaluate", "evaluate_demo", "bias.pairs_path=''", "bias.pairs_path: expected a non-empty string"),
