@@ -38,7 +38,7 @@ from pipeline.ray_utils import check_resources
 from pipeline.data.pii import PIIConfig
 from pipeline.data.quality import QualityConfig
 from pipeline.data.sources import SourceConfig, check_record_keys, expand_source, read_file
-from pipeline.data.split import SplitConfig
+from pipeline.data.split import SplitConfig, coverage_moves, uncovered
 from pipeline.data.tokenizer import TokenizerConfig, copy_tokenizer, document_bos, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -156,6 +156,48 @@ def _named_splits(path: Path) -> dict[str, list[str]]:
         for src, split in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
             named.setdefault(src, set()).add(split)
     return {src: sorted(v) for src, v in sorted(named.items())}
+
+
+SPLIT_MOVES = "_split_moves.json"  # in the final step's directory ("_": not read as data, like _SUCCESS)
+
+
+def _label_split_counts(path: Path) -> dict[str, dict[str, int]]:
+    """Label -> split -> kept documents of a step's output."""
+    counts: dict[str, dict[str, int]] = {}
+    flt = _is(S.STATUS, S.STATUS_KEPT) & pads.field(S.LABEL).is_valid()
+    for batch in _scan(path, [S.LABEL, S.SPLIT], flt):
+        table = pa.Table.from_batches([batch]).group_by([S.LABEL, S.SPLIT]).aggregate([([], "count_all")])
+        for row in table.to_pylist():
+            per = counts.setdefault(row[S.LABEL], {})
+            per[row[S.SPLIT]] = per.get(row[S.SPLIT], 0) + row["count_all"]
+    return counts
+
+
+def _labeled_rows(path: Path, labels: list[str]):
+    """(doc_id, source, label, split) of the kept documents of these labels in a step's output."""
+    flt = _is(S.STATUS, S.STATUS_KEPT) & pads.field(S.LABEL).isin(labels)
+    for batch in _scan(path, [S.DOC_ID, S.SOURCE, S.LABEL, S.SPLIT], flt):
+        yield from zip(*(batch.column(i).to_pylist() for i in range(4)))
+
+
+def _apply_moves(path: Path, moves: list[dict]) -> None:
+    """Rewrite the split of the moved documents in the Parquet files of a step's output."""
+    to = {m["doc_id"]: m["to"] for m in moves}
+    for file in _parquet_files(path) if to else []:
+        table = pq.read_table(file)
+        ids = table.column(S.DOC_ID).to_pylist()
+        if not any(d in to for d in ids):
+            continue
+        index = table.schema.get_field_index(S.SPLIT)
+        splits = [to.get(d, s) for d, s in zip(ids, table.column(S.SPLIT).to_pylist())]
+        table = table.set_column(index, table.schema.field(index), pa.array(splits, type=table.schema.field(index).type))
+        pq.write_table(table, file)
+
+
+def split_moves(final_dir: Path) -> list[dict]:
+    """The class-coverage moves of a run (none in a run made before they existed)."""
+    path = final_dir / SPLIT_MOVES
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def _is(column: str, value: str):
@@ -294,9 +336,15 @@ def run_prepare(cfg: PrepareConfig) -> dict:
 
     # 5) remove fuzzy duplicates and contaminated docs, assign splits
     def build_final(tmp: Path) -> None:
+        named = _named_splits(exact_dir)
         ds = ray_ops.finalize(_read_kept(exact_dir), str(fuzzy_dir / "duplicates.parquet"), ngram_path,
-                              cfg.decontam.ngram, cfg.split, _named_splits(exact_dir))
+                              cfg.decontam.ngram, cfg.split, named)
         _write(ds, tmp)
+        # every class in each held-out split its size calls for (a small labeled corpus can miss one)
+        short = uncovered(_label_split_counts(tmp), cfg.split)
+        moves = coverage_moves(_labeled_rows(tmp, sorted(short)), cfg.split, named) if short else []
+        _apply_moves(tmp, moves)
+        (tmp / SPLIT_MOVES).write_text(json.dumps(moves, indent=1))
 
     final_dir = _step(work, "final", build_final)
 
@@ -433,6 +481,7 @@ def count_documents(clean_dir: Path, exact_dir: Path, final_dir: Path) -> dict:
         "dropped": dict(sorted(dropped.items())),
         "quarantined_by_reason": dict(sorted(quarantined_by_reason.items())),
         "kept_by_split": _value_counts(final_dir, S.SPLIT, _is(S.STATUS, S.STATUS_KEPT)),
+        "split_moves": split_moves(final_dir),  # labeled documents moved so that each class is in val / test
         "splits_named_by_source": _named_splits(exact_dir),
         "kept_by_source": _value_counts(final_dir, S.SOURCE, _is(S.STATUS, S.STATUS_KEPT)),
         "input_by_source": _value_counts(clean_dir, S.SOURCE),

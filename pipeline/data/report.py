@@ -77,6 +77,9 @@ def write_report(run_dir: Path, manifest: dict, clean_dir: Path, final_dir: Path
         f"# Prepare report: {manifest['name']} ({manifest['config_hash']})", "",
         f"- input documents: {counts['input_docs']}",
         f"- kept documents: {counts['kept_docs']} (by split: {counts['kept_by_split']})",
+        *([f"- moved so that each class is in every held-out split its size calls for: "
+           + ", ".join(f"{m['doc_id']} ({m['label']}) to {m['to']}" for m in counts["split_moves"])]
+          if counts.get("split_moves") else []),
         f"- dropped: {sum(counts['dropped'].values())}; quarantined: {counts['quarantined']}",
         f"- exact duplicates: {manifest['duplicates']['exact']}; fuzzy duplicates: {manifest['duplicates']['fuzzy']}",
         f"- packed tokens: train {manifest['tokens']['train']}, val {manifest['tokens']['val']}, "

@@ -226,3 +226,35 @@ def test_a_corpus_the_filters_remove_entirely_is_a_clear_error(tmp_path):
                                     "language": {"enabled": False}, "split": {"val_fraction": val}})
     with pytest.raises(ValueError, match=r"the train split is empty \(kept documents per split: \{'val': 1\}\)"):
         run_prepare(cfg)
+
+
+def test_a_small_class_the_hash_leaves_out_of_test_is_given_a_test_document(tmp_path):
+    """The hash split is not stratified: a class of 12 documents misses a 10% test split about
+    one time in four. The labeled test split then has every class, the move is in the manifest
+    and the report, and the moved document is in the test split everywhere (LM shards too)."""
+    from pipeline.data.split import SplitConfig, split_for
+
+    rng = random.Random(3)
+    split = SplitConfig(val_fraction=0.05, test_fraction=0.10)
+    rare = next(range(start, start + 12) for start in range(0, 100_000, 12)
+                if "test" not in {split_for(f"lab:r{i}", True, split) for i in range(start, start + 12)})
+    rows = [{"id": f"c{i}", "text": document(rng, 2), "topic": "common"} for i in range(40)]
+    rows += [{"id": f"r{i}", "text": document(rng, 2), "topic": "rare"} for i in rare]
+    (tmp_path / "lab.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = from_dict(PrepareConfig, {
+        "name": "cover", "output_dir": str(tmp_path / "out"), "tokenizer": {"vocab_size": 400},
+        "sources": [{"path": str(tmp_path / "lab.jsonl"), "name": "lab", "label_field": "topic", "id_field": "id"}],
+        "split": {"val_fraction": 0.05, "test_fraction": 0.10}, "language": {"enabled": False},
+        "dedup": {"fuzzy": {"enabled": False}}, "pack": {"seq_len": 64}})
+    m = run_prepare(cfg)
+    moves = [mv for mv in m["counts"]["split_moves"] if mv["label"] == "rare"]
+    assert [(mv["from"], mv["to"]) for mv in moves if mv["to"] == "test"] == [("train", "test")]
+    moved = next(mv["doc_id"] for mv in moves if mv["to"] == "test")
+    test = pq.read_table(cfg.run_dir / "labeled" / "test.parquet")
+    assert moved in test.column(S.DOC_ID).to_pylist() and "rare" in test.column(S.LABEL).to_pylist()
+    train = pq.read_table(cfg.run_dir / "labeled" / "train.parquet").column(S.DOC_ID).to_pylist()
+    assert moved not in train and len(set(train)) == len(train)
+    assert sum(m["counts"]["kept_by_split"].values()) == m["counts"]["kept_docs"] == 52
+    # the LM shards are cut from the same split column: their test documents are the labeled test split
+    assert m["tokens"]["per_split"]["test"]["num_docs"] == test.num_rows == m["counts"]["kept_by_split"]["test"]
+    assert f"{moved} (rare) to test" in (cfg.run_dir / m["report"]).read_text()
