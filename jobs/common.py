@@ -67,7 +67,12 @@ def run_job(argv: list[str] | None, parse: Callable[[list[str]], T], run: Callab
         return 2
     started = init_ray()
     try:
-        print(render(run(cfg)))
+        summary = run(cfg)
+        print(render(summary))
+        if isinstance(summary, dict) and summary.get("inputs_changed"):  # a finished run, reused (pipeline/stamps.py)
+            print("warning: inputs changed since this run was made, and its finished result was reused: "
+                  + "; ".join(summary["inputs_changed"]) + ". To redo it, rerun with another name= (or delete its "
+                  "directory)", file=sys.stderr)
         return 0
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import check, check_name, check_seed, config_hash, to_dict
+from pipeline.stamps import FINISHED, check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -321,10 +322,14 @@ def _check_calibration_data(cfg: CompressConfig, models: dict) -> None:
 
 def run_compress(cfg: CompressConfig) -> dict:
     out = compress_run_dir(cfg)
+    # a model re-exported to a path this run compressed since: said, not reused in silence
+    inputs = {f"models[{i}]": str(resolve_model(m.path)) for i, m in enumerate(cfg.models)}
     if (out / "results.json").exists():
+        changed = check_inputs(out, inputs, "compress", FINISHED)
         logger.info("compress: %s is already complete (same config); not recomputing", out)
-        return json.loads((out / "results.json").read_text())
+        return {**json.loads((out / "results.json").read_text()), **({"inputs_changed": changed} if changed else {})}
     models = check_compress(cfg)
+    check_inputs(out, inputs, "compress", "it reuses the variants it finished" if any(out.glob("*/config.json")) else None)
     out.mkdir(parents=True, exist_ok=True)
     lm_rows, cls_rows = _lm_rows(cfg.eval), _cls_rows(cfg.eval)
     rows = []

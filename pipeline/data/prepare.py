@@ -35,6 +35,7 @@ from pipeline.data.harmful import HarmfulConfig
 from pipeline.data.language import LanguageConfig
 from pipeline.data.normalize import NormalizeConfig
 from pipeline.ray_utils import check_resources
+from pipeline.stamps import FINISHED, check_inputs
 from pipeline.data.pii import PIIConfig
 from pipeline.data.quality import QualityConfig
 from pipeline.data.sources import SourceConfig, check_record_keys, expand_source, read_file
@@ -239,6 +240,13 @@ def _bundle(tasks: list[dict], target_bytes: int) -> list[list[dict]]:
     return bundles
 
 
+def _inputs(cfg: PrepareConfig) -> dict[str, str]:
+    """The local inputs a run reads, by config key (URIs and built-in corpora are not stamped)."""
+    return {**{f"sources[{i}]": src.path for i, src in enumerate(cfg.sources)},
+            **{f"decontam.eval_paths[{i}]": p for i, p in enumerate(cfg.decontam.eval_paths if cfg.decontam.enabled else [])},
+            "tokenizer.path": cfg.tokenizer.path}
+
+
 # ---------------------------------------------------------------- the stage
 def run_prepare(cfg: PrepareConfig) -> dict:
     import ray
@@ -249,7 +257,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     manifest_path = run_dir / "manifest.json"
     if manifest_path.exists():
         logger.info("prepare: %s is already complete (same config); not recomputing", run_dir)
-        return json.loads(manifest_path.read_text())
+        changed = check_inputs(run_dir, _inputs(cfg), "prepare", FINISHED)
+        return {**json.loads(manifest_path.read_text()), **({"inputs_changed": changed} if changed else {})}
     start = time.time()
     # 0) list inputs up front: a missing path fails now, not after hours (and leaves no run directory)
     tasks = []
@@ -258,6 +267,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         check_record_keys(src, f"sources[{i}] ({src.path!r})", {t["format"] for t in src_tasks})
         tasks += src_tasks
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_inputs(run_dir, _inputs(cfg), "prepare",  # an interrupted run's inputs: changed?
+                 "it reuses the steps it finished" if any(run_dir.glob("_work/*/_SUCCESS")) else None)
     work = run_dir / "_work"
     work.mkdir(exist_ok=True)
     check_resources({"CPU": 1}, "prepare (Ray Data tasks of one CPU each)")

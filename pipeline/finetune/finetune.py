@@ -16,6 +16,7 @@ from pipeline.config import check, check_name, config_hash, to_dict, without_def
 from pipeline.data.sources import hf_dict_splits
 from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled_rows
 from pipeline.finetune.sft import OUR_TEMPLATES, load_chat_examples, prepare_chat_tokenizer, stop_at_turn_end, tokenize_chat
+from pipeline.stamps import CHECKPOINT, FINISHED, check_inputs
 from pipeline.train.checkpoint import write_json
 from pipeline.train.data import filler_row
 from pipeline.train.loop import LATER_LOOP_KEYS, LoopConfig, OptimConfig
@@ -354,17 +355,30 @@ def check_finetune(cfg: FinetuneConfig) -> Path:
     return base
 
 
+def _inputs(cfg: FinetuneConfig, base: Path) -> dict[str, str]:
+    """The inputs a run reads, by config key: a prepare config stands for its output's manifest."""
+    from pipeline.train.data import resolve_prepared
+
+    d = cfg.data
+    return {"base_model": str(base), **{
+        f"data.{key}": str(resolve_prepared(spec) / "manifest.json") if spec.endswith((".yaml", ".yml")) else spec
+        for key, spec in (("train", d.train), ("val", d.val), ("test", d.test)) if spec}}
+
+
 def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial: bool = False) -> dict:
     import ray
     import transformers
 
     base = check_finetune(cfg)
     run_dir = finetune_run_dir(cfg)
-    if (run_dir / "summary.json").exists():
-        import json
-
+    finished = (run_dir / "summary.json").exists()
+    # a corrected data file, or a model re-exported to the base's path, since this run was made: said
+    changed = check_inputs(run_dir, _inputs(cfg, base), "finetune", FINISHED if finished else
+                           CHECKPOINT if any(run_dir.glob("ray/checkpoint_*/trainer_state.json")) else None)
+    if finished:
         logger.info("finetune: %s is already complete (same config); not recomputing", run_dir)
-        return {**json.loads((run_dir / "summary.json").read_text()), "cached": True}
+        return {**json.loads((run_dir / "summary.json").read_text()), "cached": True,
+                **({"inputs_changed": changed} if changed else {})}
     tok = transformers.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     if cfg.task == "sft":
         added = prepare_chat_tokenizer(tok, cfg.data.chat_template)

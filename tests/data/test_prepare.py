@@ -258,3 +258,9 @@ def test_a_small_class_the_hash_leaves_out_of_test_is_given_a_test_document(tmp_
     # the LM shards are cut from the same split column: their test documents are the labeled test split
     assert m["tokens"]["per_split"]["test"]["num_docs"] == test.num_rows == m["counts"]["kept_by_split"]["test"]
     assert f"{moved} (rare) to test" in (cfg.run_dir / m["report"]).read_text()
+    # a corrected corpus file, rerun with the same config: the finished run is reused, and says why
+    assert "inputs_changed" not in run_prepare(cfg)
+    with (tmp_path / "lab.jsonl").open("a") as f:
+        f.write(json.dumps({"id": "late", "text": document(rng, 2), "topic": "common"}) + "\n")
+    again = run_prepare(cfg)
+    assert [c.split(" (")[0] for c in again.pop("inputs_changed")] == ["sources[0]"] and again == m

@@ -1,6 +1,7 @@
 """SFT loss mask and chat template; classification data with bad rows."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -429,6 +430,21 @@ def test_a_relative_base_model_path_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_model_dir("models/m") == tmp_path / "models" / "m"
     assert resolve_model_dir("models/m").is_absolute()
+
+
+def test_a_finetune_run_stamps_its_base_and_data_a_prepare_config_by_its_manifest(tmp_path):
+    """What a rerun compares (pipeline/stamps.py): a prepare config stands for its output's
+    manifest, which a new prepare run (another directory) or a rerun of it replaces."""
+    from pipeline.config import from_dict
+    from pipeline.finetune.finetune import FinetuneConfig, _inputs
+    from pipeline.train.data import resolve_prepared
+
+    prepare_yaml = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "prepare_demo.yaml"
+    cfg = from_dict(FinetuneConfig, {"task": "classification", "base_model": str(tmp_path), "data": {
+        "train": str(prepare_yaml), "val": "s3://b/v.jsonl", "test": str(tmp_path / "t.jsonl")}})
+    assert _inputs(cfg, tmp_path) == {"base_model": str(tmp_path), "data.val": "s3://b/v.jsonl",
+                                      "data.train": str(resolve_prepared(str(prepare_yaml)) / "manifest.json"),
+                                      "data.test": str(tmp_path / "t.jsonl")}
 
 
 def _no_pad_model(tmp_path, arch: str = "gpt2"):
