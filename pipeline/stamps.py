@@ -22,9 +22,10 @@ logger = logging.getLogger(__name__)
 STAMPS = "inputs.json"  # in the run's directory
 
 
-def stamp(path: str) -> dict | None:
-    """``{"files", "bytes", "mtime_ns"}`` of a local file, directory (recursively) or glob; None for a
-    URI, a built-in name or a path that does not exist."""
+def stamp(path: str, exclude: Path | None = None) -> dict | None:
+    """``{"files", "bytes", "mtime_ns"}`` of a local file, directory (recursively) or glob, leaving out
+    the files under ``exclude`` (a job's output directory inside an input directory: its own outputs
+    are no change of input); None for a URI, a built-in name or a path that does not exist."""
     if "://" in path:
         return None
     p = Path(path)
@@ -38,6 +39,8 @@ def stamp(path: str) -> dict | None:
                                                      for root, _, names in os.walk(f) for name in names]
     else:
         return None
+    if exclude is not None and "://" not in str(exclude) and not p.resolve().is_relative_to(exclude.resolve()):
+        files = [f for f in files if not f.resolve().is_relative_to(exclude.resolve())]
     stats = [f.stat() for f in files if f.exists()]
     return {"files": len(stats), "bytes": sum(s.st_size for s in stats),
             "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
@@ -55,13 +58,15 @@ FINISHED = "its finished result is reused"
 CHECKPOINT = "it continues from its latest checkpoint"
 
 
-def check_inputs(run_dir: Path, inputs: dict[str, str], job: str, reused: str | None) -> list[str]:
+def check_inputs(run_dir: Path, inputs: dict[str, str], job: str, reused: str | None,
+                 exclude: Path | None = None) -> list[str]:
     """Compare ``inputs`` (config key -> path) with the stamps a run recorded when it started, when
     a rerun reuses some of its work (``reused`` says what: ``FINISHED``, ``CHECKPOINT``...), and warn
     about each input that changed; a run that reuses nothing (new, or stopped before its first
-    checkpoint) records them afresh. Returns the descriptions of the changes."""
+    checkpoint) records them afresh. ``exclude``: the job's output directory, left out of the stamps
+    of the input directories that hold it. Returns the descriptions of the changes."""
     path = Path(run_dir) / STAMPS
-    now = {key: {"path": p, "stamp": stamp(p)} for key, p in inputs.items() if p}
+    now = {key: {"path": p, "stamp": stamp(p, exclude)} for key, p in inputs.items() if p}
     if reused is None or not path.exists():
         if now or path.exists():
             Path(run_dir).mkdir(parents=True, exist_ok=True)

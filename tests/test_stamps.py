@@ -16,6 +16,10 @@ def test_stamps_of_files_directories_and_globs_and_none_for_the_rest(tmp_path):
     assert stamp(str(tmp_path / "d" / "a.txt"))["bytes"] == 3
     assert {k: v for k, v in stamp(str(tmp_path / "d")).items() if k != "mtime_ns"} == {"files": 2, "bytes": 5}
     assert stamp(str(tmp_path / "d" / "*.txt"))["files"] == 1 and stamp(str(tmp_path / "d" / "**" / "*.txt"))["files"] == 2
+    (tmp_path / "d" / "out").mkdir()
+    (tmp_path / "d" / "out" / "shard.parquet").write_bytes(b"x" * 100)  # a job's own output inside its input
+    assert stamp(str(tmp_path / "d"), exclude=tmp_path / "d" / "out")["files"] == 2
+    assert stamp(str(tmp_path / "d"))["files"] == 3
     assert stamp("s3://bucket/corpus/") is None and stamp("chatterbot") is None and stamp(str(tmp_path / "nope")) is None
 
 

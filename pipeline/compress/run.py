@@ -325,11 +325,12 @@ def run_compress(cfg: CompressConfig) -> dict:
     # a model re-exported to a path this run compressed since: said, not reused in silence
     inputs = {f"models[{i}]": str(resolve_model(m.path)) for i, m in enumerate(cfg.models)}
     if (out / "results.json").exists():
-        changed = check_inputs(out, inputs, "compress", FINISHED)
+        changed = check_inputs(out, inputs, "compress", FINISHED, exclude=Path(cfg.output_dir))
         logger.info("compress: %s is already complete (same config); not recomputing", out)
         return {**json.loads((out / "results.json").read_text()), **({"inputs_changed": changed} if changed else {})}
     models = check_compress(cfg)
-    check_inputs(out, inputs, "compress", "it reuses the variants it finished" if any(out.glob("*/config.json")) else None)
+    check_inputs(out, inputs, "compress", "it reuses the variants it finished" if any(out.glob("*/config.json")) else None,
+                 exclude=Path(cfg.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     lm_rows, cls_rows = _lm_rows(cfg.eval), _cls_rows(cfg.eval)
     rows = []

@@ -240,6 +240,20 @@ def _bundle(tasks: list[dict], target_bytes: int) -> list[list[dict]]:
     return bundles
 
 
+def _outside_outputs(tasks: list[dict], root: str, output_dir: Path) -> tuple[list[dict], int]:
+    """The tasks of a local directory or glob source without the files under ``output_dir`` (a corpus
+    directory that holds the output directory: a rerun would read the earlier runs' shards, audit and
+    labeled splits as documents), and how many were left out. A source named inside the output
+    directory (a file of an earlier run's output, say) is read as given."""
+    if "://" in root or "://" in str(output_dir):
+        return tasks, 0
+    out = output_dir.resolve()
+    if Path(root).resolve().is_relative_to(out):
+        return tasks, 0
+    kept = [t for t in tasks if "://" in t["path"] or not Path(t["path"]).resolve().is_relative_to(out)]
+    return kept, len(tasks) - len(kept)
+
+
 def _inputs(cfg: PrepareConfig) -> dict[str, str]:
     """The local inputs a run reads, by config key (URIs and built-in corpora are not stamped)."""
     return {**{f"sources[{i}]": src.path for i, src in enumerate(cfg.sources)},
@@ -257,18 +271,26 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     manifest_path = run_dir / "manifest.json"
     if manifest_path.exists():
         logger.info("prepare: %s is already complete (same config); not recomputing", run_dir)
-        changed = check_inputs(run_dir, _inputs(cfg), "prepare", FINISHED)
+        changed = check_inputs(run_dir, _inputs(cfg), "prepare", FINISHED, exclude=Path(cfg.output_dir))
         return {**json.loads(manifest_path.read_text()), **({"inputs_changed": changed} if changed else {})}
     start = time.time()
     # 0) list inputs up front: a missing path fails now, not after hours (and leaves no run directory)
-    tasks = []
+    tasks, skipped = [], {}
     for i, src in enumerate(cfg.sources):
-        src_tasks = expand_source(src, i)
-        check_record_keys(src, f"sources[{i}] ({src.path!r})", {t["format"] for t in src_tasks})
+        src_tasks, outputs = _outside_outputs(expand_source(src, i), src.path, Path(cfg.output_dir))
+        where = f"sources[{i}] ({src.path!r})"
+        if outputs:
+            skipped[f"sources[{i}]"] = outputs
+            logger.warning("prepare: %s holds the output directory %s: its %d files (earlier runs' outputs) are not "
+                           "read as input", where, cfg.output_dir, outputs)
+        check(bool(src_tasks), f"{where}: every file in it is under output_dir ({cfg.output_dir}), the outputs of "
+                               f"earlier runs")
+        check_record_keys(src, where, {t["format"] for t in src_tasks})
         tasks += src_tasks
     run_dir.mkdir(parents=True, exist_ok=True)
     check_inputs(run_dir, _inputs(cfg), "prepare",  # an interrupted run's inputs: changed?
-                 "it reuses the steps it finished" if any(run_dir.glob("_work/*/_SUCCESS")) else None)
+                 "it reuses the steps it finished" if any(run_dir.glob("_work/*/_SUCCESS")) else None,
+                 exclude=Path(cfg.output_dir))
     work = run_dir / "_work"
     work.mkdir(exist_ok=True)
     check_resources({"CPU": 1}, "prepare (Ray Data tasks of one CPU each)")
@@ -460,6 +482,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
                        "fuzzy": counts["dropped"].get("fuzzy_duplicate", 0)},
         "config": to_dict(cfg),
         "versions": _versions(),
+        "outputs_not_read": skipped,  # per source: files under output_dir (earlier runs' outputs) left out
         "seconds": round(time.time() - start, 2),
     }
     manifest["report"] = write_report(run_dir, manifest, clean_dir, final_dir)

@@ -374,7 +374,8 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
     finished = (run_dir / "summary.json").exists()
     # a corrected data file, or a model re-exported to the base's path, since this run was made: said
     changed = check_inputs(run_dir, _inputs(cfg, base), "finetune", FINISHED if finished else
-                           CHECKPOINT if any(run_dir.glob("ray/checkpoint_*/trainer_state.json")) else None)
+                           CHECKPOINT if any(run_dir.glob("ray/checkpoint_*/trainer_state.json")) else None,
+                           exclude=Path(cfg.output_dir))
     if finished:
         logger.info("finetune: %s is already complete (same config); not recomputing", run_dir)
         return {**json.loads((run_dir / "summary.json").read_text()), "cached": True,

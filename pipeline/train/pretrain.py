@@ -186,7 +186,8 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None, sweep_trial
     # a base model re-exported to the same path since this run was made: said, not reused in silence
     changed = check_inputs(run_dir, {"init_from": str(base_info[0])} if base_info else {}, "pretrain",
                            FINISHED if summary_path.exists() else
-                           CHECKPOINT if any(run_dir.glob("ray/checkpoint_*/trainer_state.json")) else None)
+                           CHECKPOINT if any(run_dir.glob("ray/checkpoint_*/trainer_state.json")) else None,
+                           exclude=Path(cfg.output_dir))
     if summary_path.exists():
         logger.info("pretrain: %s is already complete (same config); not recomputing", run_dir)
         return {**json.loads(summary_path.read_text()), "cached": True, **({"inputs_changed": changed} if changed else {})}

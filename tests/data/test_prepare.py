@@ -264,3 +264,32 @@ def test_a_small_class_the_hash_leaves_out_of_test_is_given_a_test_document(tmp_
         f.write(json.dumps({"id": "late", "text": document(rng, 2), "topic": "common"}) + "\n")
     again = run_prepare(cfg)
     assert [c.split(" (")[0] for c in again.pop("inputs_changed")] == ["sources[0]"] and again == m
+
+
+def test_an_output_directory_inside_the_corpus_directory_is_not_read_back(tmp_path):
+    """``--input . --output outputs``: a second run (another config) read the first run's shards,
+    work files and labeled splits as documents (2,039 inputs for 40 documents in a probe). The files
+    under output_dir are left out and counted; its own outputs are no change of input on a rerun."""
+    rng = random.Random(5)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"d{i}.txt").write_text(document(rng, 3))
+
+    def cfg(vocab: int) -> PrepareConfig:
+        return from_dict(PrepareConfig, {"name": "in", "output_dir": str(corpus / "out"), "sources": [str(corpus)],
+                                         "language": {"enabled": False}, "tokenizer": {"vocab_size": vocab}})
+
+    first = run_prepare(cfg(300))
+    assert first["counts"]["input_docs"] == 12 and first["outputs_not_read"] == {}
+    second = run_prepare(cfg(310))
+    assert second["counts"]["input_docs"] == 12 and second["outputs_not_read"]["sources[0]"] > 10
+    assert "not read: the files of earlier runs" in (cfg(310).run_dir / second["report"]).read_text()
+    assert "inputs_changed" not in run_prepare(cfg(310))  # its own outputs changed the directory, not its input
+    # a source with nothing but outputs in it is an error before any work
+    (tmp_path / "only" / "out").mkdir(parents=True)
+    (tmp_path / "only" / "out" / "x.jsonl").write_text('{"text": "an earlier output"}\n')
+    bad = from_dict(PrepareConfig, {"name": "x", "output_dir": str(tmp_path / "only" / "out"),
+                                    "sources": [str(tmp_path / "only")]})
+    with pytest.raises(ValueError, match=r"sources\[0\] .*every file in it is under output_dir"):
+        run_prepare(bad)
