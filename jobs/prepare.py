@@ -52,6 +52,11 @@ def summary(manifest: dict) -> str:
         "  quarantined per reason:",
         *[f"    {k:<40} {v}" for k, v in c["quarantined_by_reason"].items()],
         f"  kept by split: {c['kept_by_split']}",
+        *([f"  moved so that each class is in val / test: " + ", ".join(f"{m['label']} to {m['to']}" for m in c["split_moves"])]
+          if c.get("split_moves") else []),
+        *([f"  not read (earlier runs' outputs under output_dir): " + ", ".join(f"{k} {v} files" for k, v in
+                                                                          manifest["outputs_not_read"].items())]
+          if manifest.get("outputs_not_read") else []),
         f"  tokens: train {t['train']}, val {t['val']}, test {t['test']} (seq_len {t['seq_len']})",
         f"  shards: {len(manifest['shards'])}; tokenizer: {manifest['tokenizer']}",
         f"  report: {manifest['output_dir']}/{manifest['report']}; time: {manifest['seconds']} s",

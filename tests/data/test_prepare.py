@@ -258,6 +258,9 @@ def test_a_small_class_the_hash_leaves_out_of_test_is_given_a_test_document(tmp_
     # the LM shards are cut from the same split column: their test documents are the labeled test split
     assert m["tokens"]["per_split"]["test"]["num_docs"] == test.num_rows == m["counts"]["kept_by_split"]["test"]
     assert f"{moved} (rare) to test" in (cfg.run_dir / m["report"]).read_text()
+    from jobs.prepare import summary
+
+    assert "rare to test" in summary(m).split("moved so that each class is in val / test: ")[1].splitlines()[0]
     # a corrected corpus file, rerun with the same config: the finished run is reused, and says why
     assert "inputs_changed" not in run_prepare(cfg)
     with (tmp_path / "lab.jsonl").open("a") as f:
@@ -285,6 +288,10 @@ def test_an_output_directory_inside_the_corpus_directory_is_not_read_back(tmp_pa
     second = run_prepare(cfg(310))
     assert second["counts"]["input_docs"] == 12 and second["outputs_not_read"]["sources[0]"] > 10
     assert "not read: the files of earlier runs" in (cfg(310).run_dir / second["report"]).read_text()
+    from jobs.prepare import summary
+
+    assert f"not read (earlier runs' outputs under output_dir): sources[0] {second['outputs_not_read']['sources[0]']} files" \
+        in summary(second)
     assert "inputs_changed" not in run_prepare(cfg(310))  # its own outputs changed the directory, not its input
     # a source with nothing but outputs in it is an error before any work
     (tmp_path / "only" / "out").mkdir(parents=True)
