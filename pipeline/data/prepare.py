@@ -17,7 +17,7 @@ import platform
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -240,18 +240,39 @@ def _bundle(tasks: list[dict], target_bytes: int) -> list[list[dict]]:
     return bundles
 
 
-def _outside_outputs(tasks: list[dict], root: str, output_dir: Path) -> tuple[list[dict], int]:
-    """The tasks of a local directory or glob source without the files under ``output_dir`` (a corpus
-    directory that holds the output directory: a rerun would read the earlier runs' shards, audit and
-    labeled splits as documents), and how many were left out. A source named inside the output
-    directory (a file of an earlier run's output, say) is read as given."""
-    if "://" in root or "://" in str(output_dir):
-        return tasks, 0
-    out = output_dir.resolve()
-    if Path(root).resolve().is_relative_to(out):
-        return tasks, 0
-    kept = [t for t in tasks if "://" in t["path"] or not Path(t["path"]).resolve().is_relative_to(out)]
-    return kept, len(tasks) - len(kept)
+NOT_READ = {"under_output_dir": "under output_dir (earlier runs' outputs)",
+            "hidden": "hidden (a name starting with . or __: .git, .DS_Store, __pycache__)"}
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith("__") or name.startswith(".") and name not in (".", "..")
+
+
+def _files_to_read(tasks: list[dict], root: str, output_dir: Path) -> tuple[list[dict], dict[str, int]]:
+    """The tasks of a directory or glob source without the files that are no corpus, and how many of
+    each kind (``NOT_READ``) were left out:
+    - those under ``output_dir``: a corpus directory that holds the output directory would have a
+      rerun read the earlier runs' shards, audit and labeled splits as documents;
+    - hidden ones, as ``datasets`` and ``pyarrow`` leave them out of a directory: a dataset repository
+      cloned with git would add every object under ``.git`` to the quarantine.
+    What the source's own path names is read as given: a file inside the output directory, a hidden
+    file or a directory inside a hidden one."""
+    local = "://" not in root and "://" not in str(output_dir)
+    out = output_dir.resolve() if local and not Path(root).resolve().is_relative_to(output_dir.resolve()) else None
+    root_name = PurePosixPath(root.rstrip("/")).name
+    named_hidden = any(_hidden(part) for part in PurePosixPath(root).parts)
+    kept: list[dict] = []
+    left: dict[str, int] = {}
+    for t in tasks:
+        if out is not None and "://" not in t["path"] and Path(t["path"]).resolve().is_relative_to(out):
+            reason = "under_output_dir"
+        elif not named_hidden and t["rel"] != root_name and any(_hidden(p) for p in PurePosixPath(t["rel"]).parts):
+            reason = "hidden"
+        else:
+            kept.append(t)
+            continue
+        left[reason] = left.get(reason, 0) + 1
+    return kept, left
 
 
 def _inputs(cfg: PrepareConfig) -> dict[str, str]:
@@ -275,16 +296,15 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         return {**json.loads(manifest_path.read_text()), **({"inputs_changed": changed} if changed else {})}
     start = time.time()
     # 0) list inputs up front: a missing path fails now, not after hours (and leaves no run directory)
-    tasks, skipped = [], {}
+    tasks, not_read = [], {}
     for i, src in enumerate(cfg.sources):
-        src_tasks, outputs = _outside_outputs(expand_source(src, i), src.path, Path(cfg.output_dir))
+        src_tasks, left = _files_to_read(expand_source(src, i), src.path, Path(cfg.output_dir))
         where = f"sources[{i}] ({src.path!r})"
-        if outputs:
-            skipped[f"sources[{i}]"] = outputs
-            logger.warning("prepare: %s holds the output directory %s: its %d files (earlier runs' outputs) are not "
-                           "read as input", where, cfg.output_dir, outputs)
-        check(bool(src_tasks), f"{where}: every file in it is under output_dir ({cfg.output_dir}), the outputs of "
-                               f"earlier runs")
+        if left:
+            not_read[f"sources[{i}]"] = left
+            logger.warning("prepare: %s: files not read as documents: %s", where,
+                           ", ".join(f"{n} {NOT_READ[k]}" for k, n in left.items()))
+        check(bool(src_tasks), f"{where}: no file to read: " + ", ".join(f"{n} {NOT_READ[k]}" for k, n in left.items()))
         check_record_keys(src, where, {t["format"] for t in src_tasks})
         tasks += src_tasks
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -482,7 +502,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
                        "fuzzy": counts["dropped"].get("fuzzy_duplicate", 0)},
         "config": to_dict(cfg),
         "versions": _versions(),
-        "outputs_not_read": skipped,  # per source: files under output_dir (earlier runs' outputs) left out
+        "files_not_read": not_read,  # per source: files under output_dir or hidden, left out (NOT_READ)
         "seconds": round(time.time() - start, 2),
     }
     manifest["report"] = write_report(run_dir, manifest, clean_dir, final_dir)

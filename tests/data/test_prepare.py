@@ -269,34 +269,45 @@ def test_a_small_class_the_hash_leaves_out_of_test_is_given_a_test_document(tmp_
     assert [c.split(" (")[0] for c in again.pop("inputs_changed")] == ["sources[0]"] and again == m
 
 
-def test_an_output_directory_inside_the_corpus_directory_is_not_read_back(tmp_path):
+def test_an_output_directory_and_hidden_files_inside_the_corpus_directory_are_not_read(tmp_path):
     """``--input . --output outputs``: a second run (another config) read the first run's shards,
     work files and labeled splits as documents (2,039 inputs for 40 documents in a probe). The files
-    under output_dir are left out and counted; its own outputs are no change of input on a rerun."""
+    under output_dir are left out and counted, and so are hidden ones (a dataset cloned with git:
+    its .git objects went to the quarantine); its own outputs are no change of input on a rerun."""
     rng = random.Random(5)
     corpus = tmp_path / "corpus"
-    corpus.mkdir()
+    (corpus / ".git" / "objects").mkdir(parents=True)
     for i in range(12):
         (corpus / f"d{i}.txt").write_text(document(rng, 3))
+    (corpus / ".git" / "objects" / "ab12").write_bytes(b"\x78\x01binary")
+    (corpus / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (corpus / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (corpus / ".hidden.txt").write_text(document(rng, 3))
 
-    def cfg(vocab: int) -> PrepareConfig:
+    def cfg(vocab: int, **extra) -> PrepareConfig:
         return from_dict(PrepareConfig, {"name": "in", "output_dir": str(corpus / "out"), "sources": [str(corpus)],
-                                         "language": {"enabled": False}, "tokenizer": {"vocab_size": vocab}})
+                                         "language": {"enabled": False}, "tokenizer": {"vocab_size": vocab}, **extra})
 
     first = run_prepare(cfg(300))
-    assert first["counts"]["input_docs"] == 12 and first["outputs_not_read"] == {}
+    assert first["counts"]["input_docs"] == 12 and first["files_not_read"] == {"sources[0]": {"hidden": 4}}
+    assert first["counts"]["quarantined"] == 0
     second = run_prepare(cfg(310))
-    assert second["counts"]["input_docs"] == 12 and second["outputs_not_read"]["sources[0]"] > 10
-    assert "not read: the files of earlier runs" in (cfg(310).run_dir / second["report"]).read_text()
+    left = second["files_not_read"]["sources[0]"]
+    assert second["counts"]["input_docs"] == 12 and left["hidden"] == 4 and left["under_output_dir"] > 10
+    line = next(l for l in (cfg(310).run_dir / second["report"]).read_text().splitlines() if "files not read" in l)
+    assert line.startswith("- files not read as documents: sources[0]: ") and \
+        f"{left['under_output_dir']} under output_dir (earlier runs' outputs)" in line and "4 hidden (a name starting" in line
     from jobs.prepare import summary
 
-    assert f"not read (earlier runs' outputs under output_dir): sources[0] {second['outputs_not_read']['sources[0]']} files" \
-        in summary(second)
+    assert line[2:] in summary(second)
     assert "inputs_changed" not in run_prepare(cfg(310))  # its own outputs changed the directory, not its input
+    # a hidden file the source names itself is read
+    named = run_prepare(cfg(300, name="named", sources=[str(corpus / ".hidden.txt")], split={"val_fraction": 0.0}))
+    assert named["counts"]["input_docs"] == 1 and named["files_not_read"] == {}
     # a source with nothing but outputs in it is an error before any work
     (tmp_path / "only" / "out").mkdir(parents=True)
     (tmp_path / "only" / "out" / "x.jsonl").write_text('{"text": "an earlier output"}\n')
     bad = from_dict(PrepareConfig, {"name": "x", "output_dir": str(tmp_path / "only" / "out"),
                                     "sources": [str(tmp_path / "only")]})
-    with pytest.raises(ValueError, match=r"sources\[0\] .*every file in it is under output_dir"):
+    with pytest.raises(ValueError, match=r"sources\[0\] .*no file to read: 1 under output_dir"):
         run_prepare(bad)
