@@ -18,7 +18,7 @@ import sys
 
 from jobs.common import base_parser, config_data, run_job
 from pipeline.config import apply_overrides, from_dict
-from pipeline.data.prepare import NOT_READ, PrepareConfig, run_prepare
+from pipeline.data.prepare import PrepareConfig, not_read_text, run_prepare
 
 def parse_config(argv: list[str]) -> PrepareConfig:
     parser = base_parser(__doc__.splitlines()[0])
@@ -54,8 +54,7 @@ def summary(manifest: dict) -> str:
         f"  kept by split: {c['kept_by_split']}",
         *([f"  moved so that each class is in val / test: " + ", ".join(f"{m['label']} to {m['to']}" for m in c["split_moves"])]
           if c.get("split_moves") else []),
-        *([f"  files not read as documents: " + "; ".join(f"{src}: " + ", ".join(f"{n} {NOT_READ[k]}" for k, n in left.items())
-                                                         for src, left in manifest["files_not_read"].items())]
+        *([f"  files not read as documents: {not_read_text(manifest['files_not_read'])}"]
           if manifest.get("files_not_read") else []),
         f"  tokens: train {t['train']}, val {t['val']}, test {t['test']} (seq_len {t['seq_len']})",
         f"  shards: {len(manifest['shards'])}; tokenizer: {manifest['tokenizer']}",

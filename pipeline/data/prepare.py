@@ -35,12 +35,12 @@ from pipeline.data.harmful import HarmfulConfig
 from pipeline.data.language import LanguageConfig
 from pipeline.data.normalize import NormalizeConfig
 from pipeline.ray_utils import check_resources
-from pipeline.stamps import FINISHED, check_inputs
 from pipeline.data.pii import PIIConfig
 from pipeline.data.quality import QualityConfig
 from pipeline.data.sources import SourceConfig, check_record_keys, expand_source, read_file
 from pipeline.data.split import SplitConfig, coverage_moves, uncovered
 from pipeline.data.tokenizer import TokenizerConfig, copy_tokenizer, document_bos, train_tokenizer
+from pipeline.stamps import FINISHED, check_inputs
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -244,6 +244,15 @@ NOT_READ = {"under_output_dir": "under output_dir (earlier runs' outputs)",
             "hidden": "hidden (a name starting with . or __: .git, .DS_Store, __pycache__)"}
 
 
+def not_read_text(not_read: dict[str, dict[str, int]]) -> str:
+    """``files_not_read`` (source -> reason -> files) in words, for the log, the report and the summary."""
+    return "; ".join(f"{src}: {_left_text(left)}" for src, left in not_read.items())
+
+
+def _left_text(left: dict[str, int]) -> str:
+    return ", ".join(f"{n} {NOT_READ[k]}" for k, n in left.items())
+
+
 def _hidden(name: str) -> bool:
     return name.startswith("__") or name.startswith(".") and name not in (".", "..")
 
@@ -302,9 +311,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         where = f"sources[{i}] ({src.path!r})"
         if left:
             not_read[f"sources[{i}]"] = left
-            logger.warning("prepare: %s: files not read as documents: %s", where,
-                           ", ".join(f"{n} {NOT_READ[k]}" for k, n in left.items()))
-        check(bool(src_tasks), f"{where}: no file to read: " + ", ".join(f"{n} {NOT_READ[k]}" for k, n in left.items()))
+            logger.warning("prepare: files not read as documents: %s", not_read_text({where: left}))
+        check(bool(src_tasks), f"{where}: no file to read: {_left_text(left)}")
         check_record_keys(src, where, {t["format"] for t in src_tasks})
         tasks += src_tasks
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ def write_report(run_dir: Path, manifest: dict, clean_dir: Path, final_dir: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.data.prepare import NOT_READ
+    from pipeline.data.prepare import not_read_text
 
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
@@ -82,8 +82,7 @@ def write_report(run_dir: Path, manifest: dict, clean_dir: Path, final_dir: Path
         *([f"- moved so that each class is in every held-out split its size calls for: "
            + ", ".join(f"{m['doc_id']} ({m['label']}) to {m['to']}" for m in counts["split_moves"])]
           if counts.get("split_moves") else []),
-        *([f"- files not read as documents: " + "; ".join(f"{src}: " + ", ".join(f"{n} {NOT_READ[k]}" for k, n in left.items())
-                                                         for src, left in manifest["files_not_read"].items())]
+        *([f"- files not read as documents: {not_read_text(manifest['files_not_read'])}"]
           if manifest.get("files_not_read") else []),
         f"- dropped: {sum(counts['dropped'].values())}; quarantined: {counts['quarantined']}",
         f"- exact duplicates: {manifest['duplicates']['exact']}; fuzzy duplicates: {manifest['duplicates']['fuzzy']}",

@@ -16,12 +16,12 @@ from pipeline.config import check, check_name, config_hash, to_dict, without_def
 from pipeline.data.sources import hf_dict_splits
 from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled_rows
 from pipeline.finetune.sft import OUR_TEMPLATES, load_chat_examples, prepare_chat_tokenizer, stop_at_turn_end, tokenize_chat
-from pipeline.stamps import CHECKPOINT, FINISHED, check_inputs
+from pipeline.stamps import check_inputs
 from pipeline.train.checkpoint import write_json
 from pipeline.train.data import filler_row
 from pipeline.train.loop import LATER_LOOP_KEYS, LoopConfig, OptimConfig
 from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, equal_shares, filler_count
-from pipeline.train.runner import train_and_export
+from pipeline.train.runner import reused_work, train_and_export
 
 logger = logging.getLogger(__name__)
 
@@ -371,12 +371,9 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
 
     base = check_finetune(cfg)
     run_dir = finetune_run_dir(cfg)
-    finished = (run_dir / "summary.json").exists()
     # a corrected data file, or a model re-exported to the base's path, since this run was made: said
-    changed = check_inputs(run_dir, _inputs(cfg, base), "finetune", FINISHED if finished else
-                           CHECKPOINT if any(run_dir.glob("ray/checkpoint_*/trainer_state.json")) else None,
-                           exclude=Path(cfg.output_dir))
-    if finished:
+    changed = check_inputs(run_dir, _inputs(cfg, base), "finetune", reused_work(run_dir), exclude=Path(cfg.output_dir))
+    if (run_dir / "summary.json").exists():
         logger.info("finetune: %s is already complete (same config); not recomputing", run_dir)
         return {**json.loads((run_dir / "summary.json").read_text()), "cached": True,
                 **({"inputs_changed": changed} if changed else {})}

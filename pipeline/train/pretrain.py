@@ -15,12 +15,12 @@ from pathlib import Path
 
 from pipeline.config import check, check_name, config_hash, to_dict, without_defaults
 from pipeline.model.build import ModelConfig, build_model, flops_per_token
-from pipeline.stamps import CHECKPOINT, FINISHED, check_inputs
+from pipeline.stamps import check_inputs
 from pipeline.train.data import (LMBatcher, filler_row, load_manifest, prepared_tokenizer_dir, resolve_prepared, shard_paths,
                                  split_rows)
 from pipeline.train.loop import LATER_LOOP_KEYS, LoopConfig, OptimConfig
 from pipeline.train.ray_train import RunConfigCfg, ScalingConfig, equal_shares, filler_count
-from pipeline.train.runner import train_and_export
+from pipeline.train.runner import reused_work, train_and_export
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +185,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None, sweep_trial
     summary_path = run_dir / "summary.json"
     # a base model re-exported to the same path since this run was made: said, not reused in silence
     changed = check_inputs(run_dir, {"init_from": str(base_info[0])} if base_info else {}, "pretrain",
-                           FINISHED if summary_path.exists() else
-                           CHECKPOINT if any(run_dir.glob("ray/checkpoint_*/trainer_state.json")) else None,
-                           exclude=Path(cfg.output_dir))
+                           reused_work(run_dir), exclude=Path(cfg.output_dir))
     if summary_path.exists():
         logger.info("pretrain: %s is already complete (same config); not recomputing", run_dir)
         return {**json.loads(summary_path.read_text()), "cached": True, **({"inputs_changed": changed} if changed else {})}

@@ -27,6 +27,16 @@ def validation_warning(datasets: dict, loop: dict) -> str | None:
                                                if patience else ""))
 
 
+def reused_work(run_dir: Path) -> str | None:
+    """What a rerun of a training run reuses (``pipeline.stamps``): its finished result, its latest
+    checkpoint (Ray Train's storage ``run_dir/ray``, as ``train_and_export`` sets it), or nothing."""
+    from pipeline.stamps import CHECKPOINT, FINISHED
+
+    if (run_dir / "summary.json").exists():
+        return FINISHED
+    return CHECKPOINT if any(run_dir.glob("ray/checkpoint_*/trainer_state.json")) else None
+
+
 def train_and_export(run_dir: Path, datasets: dict, setup: Callable, config: dict, scaling: ScalingConfig,
                      run: RunConfigCfg, column: str | None, extra: dict, callbacks: list | None = None,
                      sweep_trial: bool = False) -> dict:
