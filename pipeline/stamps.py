@@ -10,10 +10,8 @@ compared."""
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -24,19 +22,20 @@ STAMPS = "inputs.json"  # in the run's directory
 
 def stamp(path: str, exclude: Path | None = None) -> dict | None:
     """``{"files", "bytes", "mtime_ns"}`` of a local file, directory (recursively) or glob, leaving out
-    the files under ``exclude`` (a job's output directory inside an input directory: its own outputs
-    are no change of input); None for a URI, a built-in name or a path that does not exist."""
+    the hidden files, which no job reads (``sources.hidden_below``: a ``git fetch`` is no change of
+    input), and those under ``exclude`` (a job's output directory inside an input directory: its own
+    outputs are no change of input); None for a URI, a built-in name or a path that does not exist."""
     if "://" in path:
         return None
+    import fsspec
+
+    from pipeline.data.sources import listed_files
+
     p = Path(path)
     if p.is_file():
         files = [p]
-    elif p.is_dir():
-        files = [Path(root) / name for root, _, names in os.walk(p) for name in names]
-    elif glob.has_magic(path):
-        files = [Path(f) for f in glob.glob(path, recursive=True)]
-        files = [f for f in files if f.is_file()] + [Path(root) / name for f in files if f.is_dir()
-                                                     for root, _, names in os.walk(f) for name in names]
+    elif (listed := listed_files(fsspec.filesystem("file"), str(p.absolute()))) is not None:
+        files = [Path(f) for f in listed[0]]
     else:
         return None
     if exclude is not None and "://" not in str(exclude) and not p.resolve().is_relative_to(exclude.resolve()):

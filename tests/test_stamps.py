@@ -20,6 +20,12 @@ def test_stamps_of_files_directories_and_globs_and_none_for_the_rest(tmp_path):
     (tmp_path / "d" / "out" / "shard.parquet").write_bytes(b"x" * 100)  # a job's own output inside its input
     assert stamp(str(tmp_path / "d"), exclude=tmp_path / "d" / "out")["files"] == 2
     assert stamp(str(tmp_path / "d"))["files"] == 3
+    before = stamp(str(tmp_path / "d"))
+    (tmp_path / "d" / ".git").mkdir()  # hidden files, which no job reads: a git fetch is no change of input
+    (tmp_path / "d" / ".git" / "FETCH_HEAD").write_text("abc")
+    (tmp_path / "d" / ".DS_Store").write_bytes(b"\0")
+    assert stamp(str(tmp_path / "d")) == before and stamp(str(tmp_path / "d" / "*"))["files"] == 1
+    assert stamp(str(tmp_path / "d" / ".git"))["files"] == 1  # what the path names itself counts
     assert stamp("s3://bucket/corpus/") is None and stamp("chatterbot") is None and stamp(str(tmp_path / "nope")) is None
 
 

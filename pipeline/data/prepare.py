@@ -37,7 +37,7 @@ from pipeline.data.normalize import NormalizeConfig
 from pipeline.ray_utils import check_resources
 from pipeline.data.pii import PIIConfig
 from pipeline.data.quality import QualityConfig
-from pipeline.data.sources import SourceConfig, check_record_keys, expand_source, read_file
+from pipeline.data.sources import HIDDEN, SourceConfig, check_record_keys, expand_source, read_file, visible
 from pipeline.data.split import SplitConfig, coverage_moves, uncovered
 from pipeline.data.tokenizer import TokenizerConfig, copy_tokenizer, document_bos, train_tokenizer
 from pipeline.stamps import FINISHED, check_inputs
@@ -240,8 +240,7 @@ def _bundle(tasks: list[dict], target_bytes: int) -> list[list[dict]]:
     return bundles
 
 
-NOT_READ = {"under_output_dir": "under output_dir (earlier runs' outputs)",
-            "hidden": "hidden (a name starting with . or __: .git, .DS_Store, __pycache__)"}
+NOT_READ = {"under_output_dir": "under output_dir (earlier runs' outputs)", "hidden": HIDDEN}
 
 
 def not_read_text(not_read: dict[str, dict[str, int]]) -> str:
@@ -253,29 +252,23 @@ def _left_text(left: dict[str, int]) -> str:
     return ", ".join(f"{n} {NOT_READ[k]}" for k, n in left.items())
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith("__") or name.startswith(".") and name not in (".", "..")
-
-
 def _files_to_read(tasks: list[dict], root: str, output_dir: Path) -> tuple[list[dict], dict[str, int]]:
     """The tasks of a directory or glob source without the files that are no corpus, and how many of
     each kind (``NOT_READ``) were left out:
     - those under ``output_dir``: a corpus directory that holds the output directory would have a
       rerun read the earlier runs' shards, audit and labeled splits as documents;
-    - hidden ones, as ``datasets`` and ``pyarrow`` leave them out of a directory: a dataset repository
-      cloned with git would add every object under ``.git`` to the quarantine.
+    - hidden ones (``sources.hidden_below``): a dataset repository cloned with git would add every
+      object under ``.git`` to the quarantine.
     What the source's own path names is read as given: a file inside the output directory, a hidden
-    file or a directory inside a hidden one."""
+    file, a glob of hidden names."""
     local = "://" not in root and "://" not in str(output_dir)
     out = output_dir.resolve() if local and not Path(root).resolve().is_relative_to(output_dir.resolve()) else None
-    root_name = PurePosixPath(root.rstrip("/")).name
-    named_hidden = any(_hidden(part) for part in PurePosixPath(root).parts)
     kept: list[dict] = []
     left: dict[str, int] = {}
     for t in tasks:
         if out is not None and "://" not in t["path"] and Path(t["path"]).resolve().is_relative_to(out):
             reason = "under_output_dir"
-        elif not named_hidden and t["rel"] != root_name and any(_hidden(p) for p in PurePosixPath(t["rel"]).parts):
+        elif t.get("hidden"):
             reason = "hidden"
         else:
             kept.append(t)
@@ -387,7 +380,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         dc = cfg.decontam
         texts = []
         for i, path in enumerate(dc.eval_paths):
-            for task in expand_source(SourceConfig(path=path, name=f"eval{i}", text_field=dc.text_field), i):
+            for task in visible(expand_source(SourceConfig(path=path, name=f"eval{i}", text_field=dc.text_field), i))[0]:
                 texts.extend(r[S.TEXT] for r in read_file(task, cfg.parse.max_doc_bytes) if r.get(S.TEXT))
         np.save(tmp / "ngrams.npy", NgramIndex.from_texts(texts, dc.ngram).hashes)
 

@@ -18,7 +18,7 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Literal
 
 from pipeline import schema as S
@@ -162,25 +162,65 @@ def expand_source(src: SourceConfig, index: int = 0) -> list[dict]:
         raise ValueError(f"{key}: cannot open this URI ({exc}); s3:// needs s3fs, gs:// needs gcsfs") from exc
     if fs.isdir(root) and (fmt == "hf" or _has_hf_marker(fs, root)):
         return [_task(src, src.path, posixpath.basename(root.rstrip("/")), "hf", 0)]
-    if any(ch in root for ch in "*?["):
-        infos = fs.glob(root, detail=True)
-        base = root.split("*")[0].rsplit("/", 1)[0]
-    elif fs.isdir(root):
-        infos = fs.find(root, detail=True)
-        base = root
-    elif fs.isfile(root):
-        infos = {root: fs.info(root)}
-        base = posixpath.dirname(root)
-    else:
+    listed = _list_files(fs, root)
+    if listed is None and fs.isfile(root):
+        listed = [(root, fs.info(root))], posixpath.dirname(root)
+    elif listed is None:
         raise ValueError(f"{key}: no such file, directory or glob match")
-    files = sorted((p, info) for p, info in infos.items() if info.get("type") != "directory")
+    files, base = listed
     check(bool(files), f"{key}: matched no files")
     tasks = []
     for p, info in files:
         rel = posixpath.relpath(p, base) if base else p
         file_fmt = fmt if fmt != "auto" else detect_format(p)
-        tasks.append(_task(src, fs.unstrip_protocol(p) if "://" in src.path else p, rel, file_fmt, info.get("size", 0)))
+        tasks.append(_task(src, fs.unstrip_protocol(p) if "://" in src.path else p, rel, file_fmt, info.get("size", 0))
+                     | {"hidden": hidden_below(rel, root, base)})
     return tasks
+
+
+HIDDEN = "hidden (a name starting with . or __: .git, .DS_Store, __pycache__)"
+
+
+def _hidden_name(name: str) -> bool:
+    return name.startswith("__") or name.startswith(".") and name not in (".", "..")
+
+
+def hidden_below(rel: str, root: str, base: str) -> bool:
+    """Whether a file that a directory or glob ``root`` lists (``rel``: its name below ``base``) is
+    hidden, left out as ``datasets`` and ``pyarrow`` leave such files out of a directory: a part of
+    ``rel`` starting with ``.`` or ``__`` (``.git/``, ``.DS_Store``, ``.ipynb_checkpoints/``,
+    ``__pycache__/``). What the path given names itself is read (a hidden file named as the source,
+    a glob ``data/.*/*.jsonl``); hidden directories above ``base`` (``~/.cache/corpus``) do not count."""
+    named = PurePosixPath(root[len(base):].lstrip("/")).parts if root.startswith(base) else ()
+    return not any(map(_hidden_name, named)) and any(map(_hidden_name, PurePosixPath(rel).parts))
+
+
+def visible(tasks: list[dict]) -> tuple[list[dict], int]:
+    """``expand_source``'s tasks without the hidden files (``hidden_below``), and how many those were."""
+    kept = [t for t in tasks if not t.get("hidden")]
+    return kept, len(tasks) - len(kept)
+
+
+def listed_files(fs, root: str) -> tuple[list[str], list[str]] | None:
+    """The files a glob or a directory (recursively) lists on ``fs``, sorted: those to read and the
+    hidden ones (``hidden_below``); None when ``root`` is neither."""
+    if (listed := _list_files(fs, root)) is None:
+        return None
+    files, base = listed
+    hidden = {p for p, _ in files if hidden_below(posixpath.relpath(p, base) if base else p, root, base)}
+    return [p for p, _ in files if p not in hidden], [p for p, _ in files if p in hidden]
+
+
+def _list_files(fs, root: str) -> tuple[list[tuple[str, dict]], str] | None:
+    """``(path, info)`` of the files a glob or a directory (recursively) lists, sorted, and the base
+    their names are relative to; None when ``root`` is neither."""
+    if any(ch in root for ch in "*?["):
+        infos, base = fs.glob(root, detail=True), root.split("*")[0].rsplit("/", 1)[0]
+    elif fs.isdir(root):
+        infos, base = fs.find(root, detail=True), root
+    else:
+        return None
+    return sorted((p, info) for p, info in infos.items() if info.get("type") != "directory"), base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,32 +271,33 @@ def path_kind(path: str) -> str:
     return "file"
 
 
-def file_set(path: str) -> list[str] | None:
+def file_set(path: str, hidden: list[str] | None = None) -> list[str] | None:
     """The files a directory (not a saved Hugging Face dataset) or a glob names, sorted, as a
-    prepare source lists them (a URI's files as URIs); None for one file, a saved dataset or a
-    path that does not exist. Fine-tuning and evaluation read such a set file by file."""
+    prepare source lists them (a URI's files as URIs), without the hidden ones (``hidden_below``),
+    which go to ``hidden`` when given; None for one file, a saved dataset or a path that does not
+    exist. Fine-tuning and evaluation read such a set file by file."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(path)
-    if any(ch in root for ch in "*?["):
-        infos = fs.glob(root, detail=True)
-    elif fs.isdir(root) and not _has_hf_marker(fs, root):
-        infos = fs.find(root, detail=True)
-    else:
+    if fs.isdir(root) and _has_hf_marker(fs, root) or (listed := listed_files(fs, root)) is None:
         return None
-    files = sorted(p for p, info in infos.items() if info.get("type") != "directory")
+    files, left_out = listed
+    if hidden is not None:
+        hidden += [fs.unstrip_protocol(p) if "://" in path else p for p in left_out]
     return [fs.unstrip_protocol(p) if "://" in path else p for p in files]
 
 
 def data_files(path: str, formats: tuple[str, ...], what: str, bad: list[dict]) -> list[str] | None:
     """The files of ``formats`` a directory or glob names (``file_set``), each other file there
-    recorded in ``bad`` as skipped (``what``: the files wanted, for its reason); None for one file
-    or a saved dataset. A set with no file at all is an error."""
-    files = file_set(path)
+    recorded in ``bad`` as skipped (``what``: the files wanted, for its reason), and so is each
+    hidden one; None for one file or a saved dataset. A set with no file at all is an error."""
+    hidden: list[str] = []
+    files = file_set(path, hidden)
     if files is None:
         return None
-    if not files:
+    if not files and not hidden:
         raise ValueError(f"data: {path}: no files there (an empty directory, or a glob that matches none)")
+    bad += [{"where": file, "reason": f"{HIDDEN}: not read"} for file in hidden]
     for file in files:
         if detect_format(file) not in formats:
             bad.append({"where": file, "reason": f"not {what} (compressed or not): skipped"})

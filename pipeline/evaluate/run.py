@@ -166,31 +166,34 @@ def _read_split(path: str, text_field: str, label_field: str, extra: str | None,
     return [{"idx": i, **r} for i, r in enumerate(read_labeled_rows(path, text_field, label_field, bad, extra))]
 
 
-def _lm_texts(c: LMEvalConfig) -> tuple[list[str], str, list[str]]:
-    """The documents of ``lm.text_file``, what they are ("lines" or "records"), and the reasons
-    of records that hold no usable text. A plain text file is one document per non-empty line;
+def _lm_texts(c: LMEvalConfig) -> tuple[list[str], str, list[str], int]:
+    """The documents of ``lm.text_file``, what they are ("lines" or "records"), the reasons
+    of records that hold no usable text, and how many hidden files a directory or glob held (not
+    read, as a prepare source leaves them out: ``.git``, ``.ipynb_checkpoints``). A plain text file is one document per non-empty line;
     JSONL / JSON / CSV / Parquet files and saved HF datasets are read as the prepare stage reads
     them, ``lm.text_field`` holding the text; so is a directory or a glob, every file in it as the
     prepare stage reads a directory source (a text file there is one document)."""
     from pipeline import schema as S
-    from pipeline.data.sources import SourceConfig, detect_format, expand_source, file_set, path_kind, read_file, text_lines
+    from pipeline.data.sources import (SourceConfig, detect_format, expand_source, file_set, path_kind, read_file,
+                                       text_lines, visible)
 
     path, kind = c.text_file, path_kind(c.text_file)  # a local path or a URI
     if kind == "missing" and file_set(path):  # a glob's files, read as a prepare source reads a directory's
         kind = "dir"
     check(kind != "missing", f"lm.text_file not found: {path}")
     if kind in ("hf", "dir") or kind == "file" and detect_format(path) in ("jsonl", "json", "csv", "parquet"):
-        records = [r for t in expand_source(SourceConfig(path=path, text_field=c.text_field)) for r in read_file(t, 1 << 30)]
+        tasks, hidden = visible(expand_source(SourceConfig(path=path, text_field=c.text_field)))
+        records = [r for t in tasks for r in read_file(t, 1 << 30)]
         texts = [r[S.TEXT] for r in records if r.get(S.STATUS) is None]
         rejected = [r[S.REASON] for r in records if r.get(S.STATUS) is not None]
         check(bool(texts), f"lm.text_file {path}: no record with text in {c.text_field!r} (lm.text_field)"
                            + (f"; rejected: {sorted(set(rejected))}" if rejected else ""))
-        return texts, "records", rejected
+        return texts, "records", rejected, hidden
     lines = list(text_lines(path))
     texts = [t for _, t in lines if t is not None]
     rejected = ["invalid_utf8"] * (len(lines) - len(texts))
     check(bool(texts), f"lm.text_file {path}: no non-empty UTF-8 line to score")
-    return texts, "lines", rejected
+    return texts, "lines", rejected, 0
 
 
 def check_evaluate(cfg: EvaluateConfig) -> None:
@@ -256,7 +259,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         else:
             from pipeline.train.data import sample_rows
 
-            texts, unit, rejected = _lm_texts(cfg.lm)
+            texts, unit, rejected, hidden = _lm_texts(cfg.lm)
             n_texts = len(texts)
             texts = sample_rows(texts, cfg.lm.max_rows, cfg.lm.seed)
             from pipeline.evaluate.lm import default_overlap
@@ -267,7 +270,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                 (f"disjoint windows of up to {cfg.lm.max_len} tokens" if checkpoint_kind(model_dir) == "masked" else
                  f"windows of up to {cfg.lm.max_len} tokens ({overlap} tokens of context carried into the next)") + \
                 (" (a seeded sample)" if len(texts) < n_texts else "") + \
-                (f"; {len(rejected)} {unit if len(rejected) > 1 else unit[:-1]} rejected ({', '.join(sorted(set(rejected)))})" if rejected else "")
+                (f"; {len(rejected)} {unit if len(rejected) > 1 else unit[:-1]} rejected ({', '.join(sorted(set(rejected)))})" if rejected else "") + \
+                (f"; {hidden} hidden file{'s' * (hidden > 1)} not read" if hidden else "")
             from pipeline.evaluate.ray_eval import score_texts
 
             res = score_texts(texts, str(model_dir), cfg.lm.max_len, cfg.actors, overlap=overlap)

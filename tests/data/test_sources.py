@@ -271,6 +271,30 @@ def test_missing_path_and_bad_uri_are_clear_errors(tmp_path):
         expand_source(SourceConfig(path="s3://bucket/key.jsonl"))
 
 
+def test_hidden_files_of_a_directory_or_glob_are_left_out_unless_the_path_names_them(tmp_path):
+    """As ``datasets`` and ``pyarrow`` list a directory: a notebook's checkpoint copy of a data file
+    (``.ipynb_checkpoints/train-checkpoint.jsonl``) would be read twice, ``.git`` objects rejected."""
+    from pipeline.data.sources import data_files, file_set, visible
+
+    root = tmp_path / ".cache" / "data"  # hidden directories above the path given do not count
+    (root / ".ipynb_checkpoints").mkdir(parents=True)
+    (root / "__pycache__").mkdir()
+    for rel in ("a.jsonl", "b.jsonl", ".ipynb_checkpoints/a-checkpoint.jsonl", "__pycache__/x.jsonl", ".DS_Store"):
+        (root / rel).write_text('{"text": "one"}\n')
+    hidden: list[str] = []
+    assert file_set(str(root), hidden) == [str(root / "a.jsonl"), str(root / "b.jsonl")] and len(hidden) == 3
+    assert file_set(str(root / "*.jsonl")) == [str(root / "a.jsonl"), str(root / "b.jsonl")]
+    assert file_set(str(root / ".ipynb_checkpoints" / "*.jsonl")) == [str(root / ".ipynb_checkpoints/a-checkpoint.jsonl")]
+    assert len(file_set(str(root / ".*" / "*.jsonl"))) == 1  # a glob of hidden names reads them
+    bad: list[dict] = []
+    assert data_files(str(root), ("jsonl",), "a JSONL file", bad) == [str(root / "a.jsonl"), str(root / "b.jsonl")]
+    assert sorted(b["where"] for b in bad) == sorted(hidden) and all(b["reason"].startswith("hidden") for b in bad)
+    tasks, n = visible(expand_source(SourceConfig(path=str(root))))
+    assert [t["rel"] for t in tasks] == ["a.jsonl", "b.jsonl"] and n == 3
+    only = expand_source(SourceConfig(path=str(root / ".DS_Store"), format="text"))
+    assert visible(only) == (only, 0)  # a hidden file named as the source is read
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-8-sig"])
 def test_a_byte_order_mark_names_the_encoding(tmp_path, encoding):
     """Files saved as UTF-16 / UTF-32 by Windows tools (PowerShell, Notepad) start with a byte-order

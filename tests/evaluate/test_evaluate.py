@@ -170,15 +170,17 @@ def test_lm_text_file_reads_plain_lines_or_records_of_a_field(toy, tmp_path, ray
     def read(name: str, **extra) -> tuple:
         return _lm_texts(from_dict(LMEvalConfig, {"model": "m", "text_file": f"file://{tmp_path / name}", **extra}))
 
-    assert read("docs.json", text_field="body") == (texts[:6], "records", [])
-    assert read("plain.txt.gz") == (texts[:6], "lines", ["invalid_utf8"])
+    assert read("docs.json", text_field="body") == (texts[:6], "records", [], 0)
+    assert read("plain.txt.gz") == (texts[:6], "lines", ["invalid_utf8"], 0)
     # a directory: every file as the prepare stage reads a directory source (a text file is one document)
     (tmp_path / "dir").mkdir()
     for i, t in enumerate(texts[:3]):
         (tmp_path / "dir" / f"{i}.txt").write_text(t)
     (tmp_path / "dir" / "more.jsonl").write_text(json.dumps({"text": texts[3]}) + "\n" + json.dumps({"x": 1}) + "\n")
-    docs, unit, rejected = read("dir")
-    assert (sorted(docs), unit, rejected) == (sorted(texts[:4]), "records", ["missing_text_field"])
+    (tmp_path / "dir" / ".ipynb_checkpoints").mkdir()  # hidden: left out, counted, as a prepare source leaves them
+    (tmp_path / "dir" / ".ipynb_checkpoints" / "more-checkpoint.jsonl").write_text(json.dumps({"text": texts[3]}))
+    docs, unit, rejected, hidden = read("dir")
+    assert (sorted(docs), unit, rejected, hidden) == (sorted(texts[:4]), "records", ["missing_text_field"], 1)
     assert sorted(read("dir/*.txt")[0]) == sorted(texts[:3])  # a glob: its matches, read the same way
     from pipeline.evaluate.run import check_evaluate
 
