@@ -194,6 +194,10 @@ def test_sources_need_distinct_names(tmp_path):
         from_dict(PrepareConfig, {"sources": [str(tmp_path / "a" / "x.jsonl"), str(tmp_path / "b" / "x.jsonl")]})
     cfg = from_dict(PrepareConfig, {"sources": [{"path": "a/x.jsonl", "name": "a"}, {"path": "b/x.jsonl", "name": "b"}]})
     assert [s.source_name for s in cfg.sources] == ["a", "b"]
+    # a glob's default name: its directory and what its pattern names (was "_" and "_.rst" here)
+    globs = from_dict(PrepareConfig, {"sources": ["docs/**/*.md", {"path": "docs/**/*.rst", "format": "text"},
+                                                  "s3://b/x/part-[0-9]*.jsonl.gz", "*.txt"]})
+    assert [s.source_name for s in globs.sources] == ["docs-md", "docs-rst", "x-part-jsonl-gz", "txt"]
     with pytest.raises(ValueError, match="sources must list"):
         from_dict(PrepareConfig, {"sources": []})
 

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Literal
@@ -90,11 +91,17 @@ class SourceConfig:
             return self.name
         if self.path in BUILTIN_SOURCES:
             return self.path
-        base = posixpath.basename(self.path.rstrip("/").split("://")[-1]) or "source"
+        parts = self.path.rstrip("/").split("://")[-1].split("/")
+        if any(ch in parts[-1] for ch in "*?["):  # a glob: its directory, then what its pattern names
+            folder = next((p for p in reversed(parts[:-1]) if p and not any(ch in p for ch in "*?[")), "")
+            literal = re.sub(r"[*?]|\[[^]]*]", "-", parts[-1]).replace(".", "-")
+            words = [w for w in re.split(r"[-_]+", literal) if w]
+            return "-".join(([folder] if folder else []) + words) or "source"
+        base = parts[-1] or "source"
         for suffix in COMPRESSIONS + tuple(EXTENSIONS):
             if base.endswith(suffix):
                 base = base[: -len(suffix)]
-        return base.replace("*", "_") or "source"
+        return base or "source"
 
 
 def _package_dir(package: str) -> Path:
