@@ -202,6 +202,12 @@ def hidden_below(rel: str, root: str, base: str) -> bool:
     return not any(map(_hidden_name, named)) and any(map(_hidden_name, PurePosixPath(rel).parts))
 
 
+def no_visible_file(hidden: int) -> str:
+    """Why a directory or glob whose files are all hidden gives nothing to read."""
+    return (f"its {hidden} file{'s are' if hidden > 1 else ' is'} {HIDDEN}, which {'are' if hidden > 1 else 'is'} "
+            f"not read unless the path names {'them' if hidden > 1 else 'it'} (a glob such as dir/.*/*.jsonl)")
+
+
 def visible(tasks: list[dict]) -> tuple[list[dict], int]:
     """``expand_source``'s tasks without the hidden files (``hidden_below``), and how many those were."""
     kept = [t for t in tasks if not t.get("hidden")]
@@ -302,8 +308,9 @@ def data_files(path: str, formats: tuple[str, ...], what: str, bad: list[dict]) 
     files = file_set(path, hidden)
     if files is None:
         return None
-    if not files and not hidden:
-        raise ValueError(f"data: {path}: no files there (an empty directory, or a glob that matches none)")
+    if not files:
+        raise ValueError(f"data: {path}: " + (f"no file to read: {no_visible_file(len(hidden))}" if hidden else
+                                              "no files there (an empty directory, or a glob that matches none)"))
     bad += [{"where": file, "reason": f"{HIDDEN}: not read"} for file in hidden]
     for file in files:
         if detect_format(file) not in formats:
@@ -312,8 +319,10 @@ def data_files(path: str, formats: tuple[str, ...], what: str, bad: list[dict]) 
 
 
 def input_exists(path: str) -> bool:
-    """A file, a directory or saved dataset, or a glob that matches at least one file."""
-    return path_kind(path) != "missing" or bool(file_set(path))
+    """A file, a directory or saved dataset, or a glob that matches at least one file (hidden ones
+    too: what is then read, or not, is counted where it is read)."""
+    hidden: list[str] = []
+    return path_kind(path) != "missing" or bool(file_set(path, hidden)) or bool(hidden)
 
 
 def _has_hf_marker(fs, root: str) -> bool:

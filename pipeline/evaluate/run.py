@@ -174,15 +174,16 @@ def _lm_texts(c: LMEvalConfig) -> tuple[list[str], str, list[str], int]:
     them, ``lm.text_field`` holding the text; so is a directory or a glob, every file in it as the
     prepare stage reads a directory source (a text file there is one document)."""
     from pipeline import schema as S
-    from pipeline.data.sources import (SourceConfig, detect_format, expand_source, file_set, path_kind, read_file,
-                                       text_lines, visible)
+    from pipeline.data.sources import (SourceConfig, detect_format, expand_source, input_exists, no_visible_file,
+                                       path_kind, read_file, text_lines, visible)
 
     path, kind = c.text_file, path_kind(c.text_file)  # a local path or a URI
-    if kind == "missing" and file_set(path):  # a glob's files, read as a prepare source reads a directory's
+    if kind == "missing" and input_exists(path):  # a glob's files, read as a prepare source reads a directory's
         kind = "dir"
     check(kind != "missing", f"lm.text_file not found: {path}")
     if kind in ("hf", "dir") or kind == "file" and detect_format(path) in ("jsonl", "json", "csv", "parquet"):
         tasks, hidden = visible(expand_source(SourceConfig(path=path, text_field=c.text_field)))
+        check(bool(tasks), f"lm.text_file {path}: no file to read: {no_visible_file(hidden)}")
         records = [r for t in tasks for r in read_file(t, 1 << 30)]
         texts = [r[S.TEXT] for r in records if r.get(S.STATUS) is None]
         rejected = [r[S.REASON] for r in records if r.get(S.STATUS) is not None]

@@ -274,7 +274,7 @@ def test_missing_path_and_bad_uri_are_clear_errors(tmp_path):
 def test_hidden_files_of_a_directory_or_glob_are_left_out_unless_the_path_names_them(tmp_path):
     """As ``datasets`` and ``pyarrow`` list a directory: a notebook's checkpoint copy of a data file
     (``.ipynb_checkpoints/train-checkpoint.jsonl``) would be read twice, ``.git`` objects rejected."""
-    from pipeline.data.sources import data_files, file_set, visible
+    from pipeline.data.sources import data_files, file_set, input_exists, visible
 
     root = tmp_path / ".cache" / "data"  # hidden directories above the path given do not count
     (root / ".ipynb_checkpoints").mkdir(parents=True)
@@ -291,6 +291,15 @@ def test_hidden_files_of_a_directory_or_glob_are_left_out_unless_the_path_names_
     assert sorted(b["where"] for b in bad) == sorted(hidden) and all(b["reason"].startswith("hidden") for b in bad)
     tasks, n = visible(expand_source(SourceConfig(path=str(root))))
     assert [t["rel"] for t in tasks] == ["a.jsonl", "b.jsonl"] and n == 3
+    (tmp_path / "h").mkdir()  # nothing but hidden files: a clear error, not "not found" or "no rows"
+    (tmp_path / "h" / ".a.jsonl").write_text('{"text": "one"}\n')
+    (tmp_path / "h" / ".b.jsonl").write_text('{"text": "two"}\n')
+    for path in (tmp_path / "h", tmp_path / "h" / "*.jsonl"):
+        assert input_exists(str(path))
+        with pytest.raises(ValueError, match=r"no file to read: its 2 files are hidden .* unless the path names them"):
+            data_files(str(path), ("jsonl",), "a JSONL file", [])
+    assert data_files(str(tmp_path / "h" / ".*.jsonl"), ("jsonl",), "a JSONL file", []) == \
+        [str(tmp_path / "h" / ".a.jsonl"), str(tmp_path / "h" / ".b.jsonl")]
     only = expand_source(SourceConfig(path=str(root / ".DS_Store"), format="text"))
     assert visible(only) == (only, 0)  # a hidden file named as the source is read
 

@@ -182,6 +182,8 @@ def test_lm_text_file_reads_plain_lines_or_records_of_a_field(toy, tmp_path, ray
     docs, unit, rejected, hidden = read("dir")
     assert (sorted(docs), unit, rejected, hidden) == (sorted(texts[:4]), "records", ["missing_text_field"], 1)
     assert sorted(read("dir/*.txt")[0]) == sorted(texts[:3])  # a glob: its matches, read the same way
+    with pytest.raises(ValueError, match=r"no file to read: its 1 file is hidden .* unless the path names it"):
+        read("dir/**/*-checkpoint.jsonl")
     from pipeline.evaluate.run import check_evaluate
 
     with pytest.raises(ValueError, match="lm.text_file not found"):
