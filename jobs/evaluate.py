@@ -23,7 +23,10 @@ def parse_config(argv: list[str]) -> EvaluateConfig:
 
 
 def render(summary: dict) -> str:
+    fit_on = (summary.get("classification") or {}).get("fit_on")
     return (f"results: {summary['output_dir']}/results.json, report: {summary['output_dir']}/report.md\n"
+            + (f"warning: classification scored the {fit_on} data the classifier was fine-tuned with: its figures "
+               f"are not a held-out measure\n" if fit_on else "")
             + json.dumps({k: {m: v.get(m) for m in ("perplexity", "accuracy", "f1_macro", "mean_gap")}
                           for k, v in summary.items() if isinstance(v, dict)}))
 

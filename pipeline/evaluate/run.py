@@ -356,6 +356,24 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     return results
 
 
+def _same_file(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _fit_on(model_dir: Path, path: str) -> str | None:
+    """The split of the classifier's own fine-tuning data that ``path`` is ("train", or "val",
+    which chose its checkpoint), as its run's summary records it; None when neither, or where the
+    model has no such record (a classifier from elsewhere)."""
+    summary = model_dir.parent / "summary.json"
+    try:
+        files = json.loads(summary.read_text()).get("data_files") or {}
+    except (OSError, ValueError):
+        return None
+    return next((s for s in ("train", "val") if isinstance(files.get(s), str) and _same_file(files[s], path)), None)
+
+
 def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple[dict, list[str]]:
     from pipeline.evaluate.bias import sliced_metrics
     from pipeline.evaluate.classify import classification_metrics, paired_comparison, plot_confusion, tfidf_baseline
@@ -383,9 +401,16 @@ def _eval_classification(c: ClassifyEvalConfig, actors: int, out: Path) -> tuple
     plot_confusion(m["confusion_matrix"], m["labels"], out / "confusion_matrix.png", "fine-tuned classifier")
     res = {"model": str(model_dir), "split": split, "rejected_rows": len(bad), "labels_unknown_to_model": unknown, **m}
     n_unknown = sum(y in unknown for y in y_true)
+    if fit_on := _fit_on(model_dir, split_path):  # a file the classifier was fit on scores it too well
+        res["fit_on"] = fit_on
+        logger.warning("classification: %s is the %s data of the classifier's own fine-tuning (%s), so its figures "
+                       "are not a held-out measure: score a split it never saw (a prepare output's test split, or "
+                       "classification.data set to another file)", split_path, fit_on, model_dir.parent / "summary.json")
     lines = ["## Classification", "", f"- model `{model_dir}`, {len(rows)} {split} examples"
              + (f"; labels the classifier was not trained on: {', '.join(unknown)} "
-                f"({n_unknown} example{'s' * (n_unknown != 1)}, all counted as errors)" if unknown else ""),
+                f"({n_unknown} example{'s' * (n_unknown != 1)}, all counted as errors)" if unknown else "")
+             + (f"; **not held out**: these rows are the {fit_on} data the classifier was fine-tuned with"
+                if fit_on else ""),
              "", "| | accuracy | macro-F1 | weighted-F1 |", "|---|---:|---:|---:|",
              f"| fine-tuned classifier | {m['accuracy']:.3f} | {m['f1_macro']:.3f} | {m['f1_weighted']:.3f} |"]
     if c.baseline:

@@ -199,6 +199,27 @@ def test_lm_text_file_reads_plain_lines_or_records_of_a_field(toy, tmp_path, ray
         run_evaluate(from_dict(EvaluateConfig, {**cfg, "lm": {"model": str(tmp_path / "lm"), "text_file": str(tmp_path / "docs.json")}}))
 
 
+def test_scoring_the_classifiers_own_fine_tuning_data_is_flagged(tmp_path, monkeypatch):
+    """A labeled file given as classification.data is scored whole: when it is the file the
+    classifier was fine-tuned on (its val rows split off by hash), the figures are not held out."""
+    import jobs.evaluate
+    from pipeline.evaluate.run import _fit_on
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "ft" / "clf-1"
+    (run / "model").mkdir(parents=True)
+    (tmp_path / "lab.csv").write_text("text,label\n")
+    (run / "summary.json").write_text(json.dumps({"data_files": {"train": "lab.csv", "val": "s3://b/val.jsonl",
+                                                                 "test": "t.parquet"}}))
+    assert _fit_on(run / "model", str(tmp_path / "lab.csv")) == "train"  # relative in the summary, absolute here
+    assert _fit_on(run / "model", "s3://b/val.jsonl") == "val"
+    assert _fit_on(run / "model", "t.parquet") is None and _fit_on(run / "model", "other.csv") is None
+    assert _fit_on(tmp_path / "elsewhere", "lab.csv") is None  # a classifier without our run's record
+    line = jobs.evaluate.render({"output_dir": "o", "classification": {"accuracy": 1.0, "fit_on": "train"}})
+    assert "warning: classification scored the train data the classifier was fine-tuned with" in line
+    assert "warning" not in jobs.evaluate.render({"output_dir": "o", "classification": {"accuracy": 1.0}})
+
+
 def test_sliced_metrics_largest_gap():
     out = sliced_metrics(list("aaaa"), list("aaab"), ["x", "x", "y", "y"], ["a", "b"])
     assert out["per_group"]["x"]["accuracy"] == 1.0 and out["per_group"]["y"]["accuracy"] == 0.5
