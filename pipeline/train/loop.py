@@ -271,9 +271,11 @@ def estimate_loss(model, batches: Iterator[dict], device: torch.device, precisio
         total = reduce(total)
     model.train(was_training)
     loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
-    metrics = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1])}
-    if total[3] > 0:
+    metrics = {"val_loss": loss, "val_tokens": int(total[1])}
+    if total[3] > 0:  # one label per row: a class's cross-entropy, whose exponential is no perplexity
         metrics["val_accuracy"] = float(total[2] / total[3])
+    else:
+        metrics["val_ppl"] = math.exp(min(loss, 50.0))
     return metrics
 
 
