@@ -146,6 +146,9 @@ def validate_messages(messages, where: str) -> list[dict]:
                                  f"{w!r} on a {role} message")
             if w == 0:
                 msg["learn"] = False
+        if learns(msg) and not content.strip():
+            raise ValueError(f"{where}: messages[{i}]: an empty assistant answer would teach the model to answer "
+                             f"nothing (to keep it as context only, give it 'weight': 0)")
         out.append(msg)
     if not any(learns(m) for m in out):
         raise ValueError(f"{where}: no assistant message to learn from")
@@ -170,7 +173,8 @@ def record_to_messages(obj: dict, where: str) -> list[dict]:
         return validate_messages([{"role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
                                   if isinstance(t, dict) else t for t in turns], where)
     if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
-        return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
+        return validate_messages([{"role": "user", "content": obj["prompt"]},
+                                  {"role": "assistant", "content": obj["completion"]}], where)
     if isinstance(obj.get("prompt"), list) and isinstance(obj.get("completion"), list):  # conversational prompt-completion
         return validate_messages(obj["prompt"] + obj["completion"], where)
     if isinstance(obj.get("instruction"), str) and isinstance(obj.get("output"), str):  # Alpaca
@@ -181,8 +185,21 @@ def record_to_messages(obj: dict, where: str) -> list[dict]:
         system = [{"role": "system", "content": obj["system"]}] if isinstance(obj.get("system"), str) and obj["system"] else []
         return validate_messages(system + [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}],
                                  where)
+    for a, b, kinds in (("prompt", "completion", "strings, or lists of messages"),
+                        ("instruction", "output", "strings (Alpaca)")):
+        if a in obj or b in obj:  # a record of a known shape with a field missing or of another type
+            raise ValueError(f"{where}: {a!r} and {b!r} must both be {kinds}; got {a} {_json_kind(obj, a)} and "
+                             f"{b} {_json_kind(obj, b)}")
     raise ValueError(f"{where}: expected 'messages', 'conversations' (ShareGPT), 'prompt' + 'completion' or "
-                     f"'instruction' (+ 'input') + 'output' (Alpaca)")
+                     f"'instruction' (+ 'input') + 'output' (Alpaca); got the keys {sorted(obj)[:10]}")
+
+
+def _json_kind(obj: dict, key: str) -> str:
+    if key not in obj:
+        return "missing"
+    value = obj[key]
+    return "null" if value is None else {str: "a string", list: "a list", dict: "an object", bool: "a boolean"}.get(
+        type(value), "a number")
 
 
 def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:

@@ -86,8 +86,21 @@ def test_chat_records_and_bad_ones(tmp_path):
     assert len(bad) == 4 and all(b["where"].startswith(str(path)) and b["reason"] for b in bad)
     with pytest.raises(ValueError, match="not found"):
         list(load_chat_examples(str(tmp_path / "missing.jsonl"), []))
-    with pytest.raises(ValueError, match="prompt"):
-        record_to_messages({"prompt": 1, "completion": "x"}, "here")
+    # a record of a known shape with a field missing or of another type says which
+    for rec, reason in [({"prompt": 1, "completion": "x"}, "got prompt a number and completion a string"),
+                        ({"prompt": "q", "completion": None}, "got prompt a string and completion null"),
+                        ({"instruction": "q"}, r"'instruction' and 'output' must both be strings \(Alpaca\); got "
+                                               "instruction a string and output missing"),
+                        ({"question": "q", "answer": "a"}, r"got the keys \['answer', 'question'\]"),
+                        ({"prompt": "q", "completion": " "}, "an empty assistant answer"),
+                        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+                         "an empty assistant answer")]:
+        with pytest.raises(ValueError, match=reason):
+            record_to_messages(rec, "here")
+    assert record_to_messages({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",
+                                                                                "weight": 0},
+                                            {"role": "user", "content": "r"}, {"role": "assistant", "content": "s"}]},
+                              "here")[1] == {"role": "assistant", "content": "", "learn": False}
 
 
 def test_alpaca_records_json_arrays_and_conversational_prompt_completion(tmp_path):
