@@ -92,8 +92,8 @@ class SourceConfig:
         if self.path in BUILTIN_SOURCES:
             return self.path
         parts = self.path.rstrip("/").split("://")[-1].split("/")
-        if any(ch in parts[-1] for ch in "*?["):  # a glob: its directory, then what its pattern names
-            folder = next((p for p in reversed(parts[:-1]) if p and not any(ch in p for ch in "*?[")), "")
+        if _magic(parts[-1]):  # a glob: its directory, then what its pattern names
+            folder = next((p for p in reversed(parts[:-1]) if p and not _magic(p)), "")
             literal = re.sub(r"[*?]|\[[^]]*]", "-", parts[-1]).replace(".", "-")
             words = [w for w in re.split(r"[-_]+", literal) if w]
             return "-".join(([folder] if folder else []) + words) or "source"
@@ -224,11 +224,16 @@ def listed_files(fs, root: str) -> tuple[list[str], list[str]] | None:
     return [p for p, _ in files if p not in hidden], [p for p, _ in files if p in hidden]
 
 
+def _magic(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
 def _list_files(fs, root: str) -> tuple[list[tuple[str, dict]], str] | None:
     """``(path, info)`` of the files a glob or a directory (recursively) lists, sorted, and the base
     their names are relative to; None when ``root`` is neither."""
-    if any(ch in root for ch in "*?["):
-        infos, base = fs.glob(root, detail=True), root.split("*")[0].rsplit("/", 1)[0]
+    if _magic(root):
+        parts = root.split("/")  # the base: the directories before the first with a wildcard
+        infos, base = fs.glob(root, detail=True), "/".join(parts[:next(i for i, p in enumerate(parts) if _magic(p))])
     elif fs.isdir(root):
         infos, base = fs.find(root, detail=True), root
     else:

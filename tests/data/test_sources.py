@@ -300,6 +300,12 @@ def test_hidden_files_of_a_directory_or_glob_are_left_out_unless_the_path_names_
             data_files(str(path), ("jsonl",), "a JSONL file", [])
     assert data_files(str(tmp_path / "h" / ".*.jsonl"), ("jsonl",), "a JSONL file", []) == \
         [str(tmp_path / "h" / ".a.jsonl"), str(tmp_path / "h" / ".b.jsonl")]
+    # names relative to the directories before the first wildcard, a bracket's too (was ../a.jsonl)
+    for d in ("a", "b"):
+        (tmp_path / "g" / d).mkdir(parents=True)
+        (tmp_path / "g" / d / "x.jsonl").write_text('{"text": "one"}\n')
+    assert [t["rel"] for t in expand_source(SourceConfig(path=str(tmp_path / "g" / "[ab]" / "x.jsonl")))] == \
+        ["a/x.jsonl", "b/x.jsonl"]
     only = expand_source(SourceConfig(path=str(root / ".DS_Store"), format="text"))
     assert visible(only) == (only, 0)  # a hidden file named as the source is read
 
