@@ -142,7 +142,8 @@ def check_pretrain(cfg: PretrainConfig) -> tuple[Path, dict, tuple[Path, str, st
         base = check_base(cfg, data_dir, seq_len)
     else:
         check(seq_len <= cfg.model.max_seq_len,
-              f"model.max_seq_len ({cfg.model.max_seq_len}) is shorter than the data's seq_len ({seq_len})")
+              f"model.max_seq_len ({cfg.model.max_seq_len}) is shorter than the data's seq_len ({seq_len}): raise "
+              f"it, or prepare the data with pack.seq_len={cfg.model.max_seq_len} ({data_dir} was packed to {seq_len})")
     if cfg.init_from is None and seq_len < cfg.model.max_seq_len:  # allowed (a context to fine-tune into later), but said
         logger.warning("model.max_seq_len (%d) is longer than the data's rows (seq_len %d): positions from %d on are "
                        "never trained, so the model reads text past %d tokens with %s", cfg.model.max_seq_len, seq_len,
