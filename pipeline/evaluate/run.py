@@ -169,10 +169,11 @@ def _read_split(path: str, text_field: str, label_field: str, extra: str | None,
 def _lm_texts(c: LMEvalConfig) -> tuple[list[str], str, list[str], int]:
     """The documents of ``lm.text_file``, what they are ("lines" or "records"), the reasons
     of records that hold no usable text, and how many hidden files a directory or glob held (not
-    read, as a prepare source leaves them out: ``.git``, ``.ipynb_checkpoints``). A plain text file is one document per non-empty line;
-    JSONL / JSON / CSV / Parquet files and saved HF datasets are read as the prepare stage reads
-    them, ``lm.text_field`` holding the text; so is a directory or a glob, every file in it as the
-    prepare stage reads a directory source (a text file there is one document)."""
+    read, as a prepare source leaves them out: ``.git``, ``.ipynb_checkpoints``). A plain text
+    file is one document per non-empty line; JSONL / JSON / CSV / Parquet files and saved HF
+    datasets are read as the prepare stage reads them, ``lm.text_field`` holding the text; so is a
+    directory or a glob, every file in it as the prepare stage reads a directory source (a text
+    file there is one document)."""
     from pipeline import schema as S
     from pipeline.data.sources import (SourceConfig, detect_format, expand_source, input_exists, no_visible_file,
                                        path_kind, read_file, text_lines, visible)
