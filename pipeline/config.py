@@ -251,6 +251,20 @@ def check_name(value: str, key: str = "name") -> None:
           f"{key} must be a plain, non-empty name (one path component), got {value!r}")
 
 
+def check_local(value: str | None, key: str) -> None:
+    """A directory a job writes (``output_dir``), or reads as a tree of files (a prepare output, a
+    model directory), is a local path: on a cluster, shared storage mounted at the same path on
+    every node. A URI there would be taken for a relative path (``s3:/bucket/...``): refused,
+    naming the key. Corpora and labeled or chat data files are read from URIs, elsewhere."""
+    if value is None or "://" not in str(value):
+        return
+    scheme, rest = str(value).split("://", 1)
+    check(False, f"{key}: {value} is a URI, but {key} names a local directory"
+                 + (f": write it as a path, /{rest.lstrip('/')}" if scheme == "file" else
+                    "; on a cluster, use shared storage mounted at the same path on every node (NFS; a bucket "
+                    "mounted with s3fs-fuse, gcsfuse or mountpoint-s3)"))
+
+
 def check_seed(value: int, key: str) -> None:
     """A seed every random generator the stages use accepts (a negative one fails deep in numpy)."""
     check(0 <= value <= SEED_MAX, f"{key} must be in [0, {SEED_MAX}], got {value}")
@@ -267,6 +281,6 @@ def check_at_least(value: float | None, low: float, key: str) -> None:
 
 
 __all__ = [
-    "apply_overrides", "check", "check_at_least", "check_fraction", "check_seed", "config_hash", "from_dict", "load_config", "load_yaml",
+    "apply_overrides", "check", "check_at_least", "check_fraction", "check_local", "check_seed", "config_hash", "from_dict", "load_config", "load_yaml",
     "parse_override", "to_dict", "typing", "without_defaults",
 ]

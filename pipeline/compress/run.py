@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import check, check_name, check_seed, config_hash, to_dict
+from pipeline.config import check, check_local, check_name, check_seed, config_hash, to_dict
 from pipeline.stamps import FINISHED, check_inputs
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         check_name(self.name, "models[].name")
+        check_local(self.path, f"models[{self.name}].path")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +95,8 @@ class CompressConfig:
     def __post_init__(self) -> None:
         check(bool(self.models), "models: name at least one model to compress")
         check_name(self.name)
+        check_local(self.output_dir, "output_dir")
+        check_local(self.eval.lm_data, "eval.lm_data")
         check(bool(self.variants), "variants: name at least one variant")
         for what, items in (("models", self.models), ("variants", self.variants)):
             names = [m.name for m in items]

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 import pipeline
 from pipeline import schema as S
-from pipeline.config import check, check_name, config_hash, to_dict
+from pipeline.config import check, check_local, check_name, config_hash, to_dict
 from pipeline.data import ray_ops
 from pipeline.data.clean import CleanConfig, ParseConfig
 from pipeline.data.decontam import DecontamConfig, NgramIndex
@@ -93,6 +93,7 @@ class PrepareConfig:
         dup = sorted({n for n in names if names.count(n) > 1})
         check(not dup, f"sources: two sources are named {dup}; give each a distinct 'name'")
         check_name(self.name)
+        check_local(self.output_dir, "output_dir")
 
     @property
     def clean(self) -> CleanConfig:

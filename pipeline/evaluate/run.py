@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import check, check_name, check_seed, config_hash, to_dict
+from pipeline.config import check, check_local, check_name, check_seed, config_hash, to_dict
 from pipeline.finetune.classify_data import label_name, read_labeled_rows
 from pipeline.train.checkpoint import write_json
 
@@ -112,6 +112,10 @@ class EvaluateConfig:
               "evaluate: enable at least one of lm, classification, fewshot, bias")
         check(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
         check_name(self.name)
+        check_local(self.output_dir, "output_dir")
+        for section in ("lm", "classification", "fewshot", "bias"):  # model directories (or YAMLs), lm.data
+            for key in ("model", "data") if section == "lm" else ("model",):
+                check_local(getattr(getattr(self, section), key, None), f"{section}.{key}")
 
 
 def _causal_dir(spec: str, where: str | None = None) -> Path:

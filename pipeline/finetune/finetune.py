@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import check, check_name, config_hash, to_dict, without_defaults
+from pipeline.config import check, check_local, check_name, config_hash, to_dict, without_defaults
 from pipeline.data.sources import hf_dict_splits
 from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled_rows
 from pipeline.finetune.sft import OUR_TEMPLATES, load_chat_examples, prepare_chat_tokenizer, stop_at_turn_end, tokenize_chat
@@ -96,6 +96,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         check(self.dropout is None or 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1) or null, got {self.dropout}")
         check_name(self.name)
+        for key in ("output_dir", "base_model"):
+            check_local(getattr(self, key), key)
         check(self.aux_lm_weight >= 0, f"aux_lm_weight must be >= 0, got {self.aux_lm_weight}")
         check(0 < self.aux_lm_share <= 1, f"aux_lm_share must be in (0, 1], got {self.aux_lm_share}")
         check(self.aux_lm_weight == 0 or (self.task == "classification" and self.data.window_training == "article"),

@@ -21,7 +21,7 @@ from typing import Literal
 
 from fastapi import Request
 
-from pipeline.config import check
+from pipeline.config import check, check_local
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class ServedModel:
     def __post_init__(self) -> None:
         check(bool(self.name) and self.name.replace("-", "").replace("_", "").replace(".", "").isalnum(),
               f"models[].name must be letters, digits, '-', '_' or '.', got {self.name!r}")
+        check_local(self.path, f"models[{self.name}].path")
         # every request waits in the replica's queue for the next batch, so a queue of 0 would refuse them all
         check(self.max_batch_size >= 1 and self.max_queue >= 1,
               f"models[{self.name}]: max_batch_size and max_queue must be >= 1, got {self.max_batch_size} and {self.max_queue}")

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import check, check_name, config_hash, to_dict, without_defaults
+from pipeline.config import check, check_local, check_name, config_hash, to_dict, without_defaults
 from pipeline.model.build import ModelConfig, build_model, flops_per_token
 from pipeline.stamps import check_inputs
 from pipeline.train.data import (LMBatcher, filler_row, load_manifest, prepared_tokenizer_dir, resolve_prepared, shard_paths,
@@ -43,6 +43,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         check(bool(self.data), "data must name a prepare output directory")
         check_name(self.name)
+        for key in ("output_dir", "data", "init_from"):
+            check_local(getattr(self, key), key)
         check(self.run.checkpoint_metric != "val_accuracy", "run.checkpoint_metric val_accuracy applies to "
               "classification fine-tuning only: pretraining reports val_loss (or last: the final checkpoint)")
         if self.init_from is not None:

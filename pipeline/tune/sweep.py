@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import apply_overrides, check, check_name, check_seed, config_hash, from_dict, load_yaml, to_dict
+from pipeline.config import apply_overrides, check, check_local, check_name, check_seed, config_hash, from_dict, load_yaml, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class TuneConfig:
         check(self.metric in METRICS, f"metric must be one of {sorted(METRICS)}, got {self.metric!r}")
         check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
         check_name(self.name)
+        check_local(self.output_dir, "output_dir")
         check(self.max_steps >= self.eval_every >= 1, f"max_steps ({self.max_steps}) must be >= eval_every ({self.eval_every}) >= 1")
         check(self.reduction_factor >= 2, f"reduction_factor must be >= 2, got {self.reduction_factor}")
         evaluations = -(-self.max_steps // self.eval_every)  # ASHA's max_t
