@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import ftfy
 
+from pipeline.data.quality import TERMINAL_PUNCT
+
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff]")
 _HSPACE = re.compile(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
 _TRAILING = re.compile(r" +\n")
@@ -34,6 +36,9 @@ class NormalizeConfig:
     remove_control_chars: bool = True
     lowercase: bool = False
     remove_special_chars: bool = False
+    # join the lines of hard-wrapped paragraphs (books, RFCs, e-mails, READMEs wrapped at a fixed
+    # width), so that the rules that judge lines (C4's, FineWeb's) judge sentences, not fragments
+    unwrap_paragraphs: bool = True
 
     def __post_init__(self) -> None:
         if self.unicode_form not in ("NFC", "NFKC", "NFD", "NFKD", "none"):
@@ -63,4 +68,34 @@ def normalize_text(text: str, cfg: NormalizeConfig) -> str:
         text = _TRAILING.sub("\n", text)
         text = "\n".join(line.strip() for line in text.split("\n"))
         text = _MANY_NEWLINES.sub("\n\n", text)
+    if cfg.unwrap_paragraphs:
+        text = unwrap_paragraphs(text)
     return text.strip()
+
+
+_SENTENCE_END = TERMINAL_PUNCT + (":",)  # a line that ends a sentence, or opens what follows
+# a line that opens a list item, heading, quote, table row, rule or code fence is a block of its own
+_BLOCK_START = re.compile(r"\s*([-*+\u2022]\s|[>|]|#{1,6}\s|\d{1,3}[.)]\s|`{3}|~{3}|[-=_*]{3})")
+MIN_WRAP_WIDTH = 40
+
+
+def hard_wrapped(lines: list[str]) -> bool:
+    """Whether the lines of one paragraph are prose wrapped at a width: at least 3 lines; every
+    line but the last at least ``MIN_WRAP_WIDTH`` characters and 0.6 times the longest of them; at
+    most a third of them ending a sentence (a line of its own, as a dialog's turns, mostly does);
+    none opening a list item, heading, quote, table row, rule or code fence."""
+    if len(lines) < 3:
+        return False
+    body = [line.rstrip() for line in lines[:-1]]
+    width = max(len(line) for line in body)
+    return (all(len(line) >= max(MIN_WRAP_WIDTH, 0.6 * width) for line in body)
+            and sum(line.endswith(_SENTENCE_END) for line in body) * 3 <= len(body)
+            and not any(_BLOCK_START.match(line) for line in lines))
+
+
+def unwrap_paragraphs(text: str) -> str:
+    """``text`` with each hard-wrapped paragraph (``hard_wrapped``; paragraphs are separated by
+    blank lines) joined into one line; other paragraphs are kept line for line."""
+    paragraphs = text.split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.split("\n")) if hard_wrapped(p.split("\n")) else p
+                         for p in paragraphs)

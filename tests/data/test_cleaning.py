@@ -21,6 +21,42 @@ def test_normalize_optional_lowercase_and_special_chars_are_off_by_default():
     assert normalize_text(text, NormalizeConfig(lowercase=True, remove_special_chars=True)) == "hello world 2024 1!"
 
 
+BOOK = """It is a truth universally acknowledged, that a single man in possession
+of a good fortune, must be in want of a wife. However little known the
+feelings or views of such a man may be on his first entering a
+neighbourhood, this truth is so well fixed in the minds of the
+surrounding families, that he is considered the rightful property."""
+
+
+def test_hard_wrapped_paragraphs_are_joined_so_that_line_rules_judge_sentences():
+    """A text file wrapped at a fixed width (a book, an RFC, a README) became fragments: C4 kept
+    only its lines that happen to end a sentence, stitched together (a probe on markdown files).
+    Each wrapped paragraph is now one line; lists, headings, code, dialogs and short lines are
+    kept line for line."""
+    from pipeline.data.quality import C4Config, c4_filter
+
+    joined = " ".join(BOOK.split("\n"))
+    assert normalize_text(BOOK + "\n\n" + BOOK, NormalizeConfig()) == joined + "\n\n" + joined
+    kept = c4_filter(normalize_text(BOOK, NormalizeConfig()), C4Config(min_sentences=1))
+    assert kept.keep and kept.text == joined  # the whole paragraph, not its last line
+    assert c4_filter(normalize_text(BOOK, NormalizeConfig(unwrap_paragraphs=False)), C4Config(min_sentences=1)).text \
+        == "surrounding families, that he is considered the rightful property."  # what C4 kept before
+    unchanged = [
+        "Hello, how are you doing today my friend?\nI am doing very well, thank you for asking me.\n"
+        "What have you been working on lately, then?\nMostly on a language model that reads news.",  # a dialog
+        "- the first item of a list that is long enough to wrap\n- the second item of that list, also long\n"
+        "- and a third item of the same list, just as long",
+        "## A heading that is long enough to be mistaken for text\nbody text that follows it on the next line\n"
+        "and one more line of that body text, long as well",
+        "```python\nresult = compute_something_long(argument_one, argument_two)\n"
+        "another_result = compute_more(argument_three, argument_four)\n```",
+        "Roses are red,\nViolets are blue,\nSugar is sweet", "two lines of wrapped text that are long enough\n"
+        "to be joined but a paragraph of two is kept",
+    ]
+    for text in unchanged:
+        assert normalize_text(text, NormalizeConfig()) == text, text
+
+
 @pytest.mark.parametrize(
     "text, expected, kind",
     [
