@@ -83,13 +83,16 @@ def hard_wrapped(lines: list[str]) -> bool:
     """Whether the lines of one paragraph are prose wrapped at a width: at least 3 lines; every
     line but the last at least ``MIN_WRAP_WIDTH`` characters and 0.6 times the longest of them; at
     most a third of them ending a sentence (a line of its own, as a dialog's turns, mostly does);
-    none opening a list item, heading, quote, table row, rule or code fence."""
+    at least half of the lines after the first going on in lower case (a break inside a sentence;
+    a page's menu, titles and headlines above its text open in capitals); none opening a list item,
+    heading, quote, table row, rule or code fence."""
     if len(lines) < 3:
         return False
     body = [line.rstrip() for line in lines[:-1]]
     width = max(len(line) for line in body)
     return (all(len(line) >= max(MIN_WRAP_WIDTH, 0.6 * width) for line in body)
             and sum(line.endswith(_SENTENCE_END) for line in body) * 3 <= len(body)
+            and sum(line.lstrip()[:1].islower() for line in lines[1:]) * 2 >= len(lines) - 1
             and not any(_BLOCK_START.match(line) for line in lines))
 
 

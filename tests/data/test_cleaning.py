@@ -50,6 +50,9 @@ def test_hard_wrapped_paragraphs_are_joined_so_that_line_rules_judge_sentences()
         "and one more line of that body text, long as well",
         "```python\nresult = compute_something_long(argument_one, argument_two)\n"
         "another_result = compute_more(argument_three, argument_four)\n```",
+        # a page's menu and headline above its text: joined, C4 would keep them with the sentence
+        "Home About Contact Privacy Policy Terms of Service Blog\nLatest News From The World Of Technology Today\n"
+        "The first sentence of the article itself ends here.",
         "Roses are red,\nViolets are blue,\nSugar is sweet", "two lines of wrapped text that are long enough\n"
         "to be joined but a paragraph of two is kept",
     ]
