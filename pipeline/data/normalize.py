@@ -99,6 +99,6 @@ def hard_wrapped(lines: list[str]) -> bool:
 def unwrap_paragraphs(text: str) -> str:
     """``text`` with each hard-wrapped paragraph (``hard_wrapped``; paragraphs are separated by
     blank lines) joined into one line; other paragraphs are kept line for line."""
-    paragraphs = text.split("\n\n")
-    return "\n\n".join(" ".join(line.strip() for line in p.split("\n")) if hard_wrapped(p.split("\n")) else p
-                         for p in paragraphs)
+    paragraphs = [p.split("\n") for p in text.split("\n\n")]
+    return "\n\n".join(" ".join(line.strip() for line in lines) if hard_wrapped(lines) else "\n".join(lines)
+                         for lines in paragraphs)
