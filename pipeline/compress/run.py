@@ -197,7 +197,7 @@ def _lm_rows(e: CompressEvalConfig, split: str = "val", n: int | None = None) ->
     from pipeline.train.data import load_manifest, resolve_prepared, sample_shard_rows, shard_paths
 
     prepared = resolve_prepared(e.lm_data)
-    files = shard_paths(prepared, load_manifest(prepared), split)
+    files = shard_paths(prepared, load_manifest(prepared, "eval.lm_data"), split)
     check(bool(files), f"eval.lm_data {e.lm_data}: no {split} shards")
     rows = sample_shard_rows(files, e.lm_rows if n is None else n, e.seed)
     return [r[: e.max_len] for r in rows]
@@ -289,11 +289,13 @@ def check_compress(cfg: CompressConfig) -> dict:
     on it, and every variant applies to it."""
     models = {m.name: (m, resolve_model(m.path)) for m in cfg.models}
     if cfg.eval.lm_data:  # its token rows score (and calibrate) the causal models
-        from pipeline.train.data import check_same_tokenizer, resolve_prepared
+        from pipeline.train.data import check_same_tokenizer, load_manifest, resolve_prepared
 
+        prepared = resolve_prepared(cfg.eval.lm_data)
+        load_manifest(prepared, "eval.lm_data")
         for spec, src in models.values():
             if spec.kind == "causal":
-                check_same_tokenizer(resolve_prepared(cfg.eval.lm_data), src, f"eval.lm_data (model {spec.name})")
+                check_same_tokenizer(prepared, src, f"eval.lm_data (model {spec.name})")
     _check_variants(cfg, models)
     if any(v.method == "int8" and v.calibration_rows for v in cfg.variants):  # calibration data exists
         _check_calibration_data(cfg, models)
@@ -309,7 +311,7 @@ def _check_calibration_data(cfg: CompressConfig, models: dict) -> None:
     if "causal" in kinds:
         check(bool(e.lm_data), f"int8 calibration of a causal LM reads train rows of eval.lm_data: set it, {fix}")
         prepared = resolve_prepared(e.lm_data)
-        check(bool(shard_paths(prepared, load_manifest(prepared), "train")),
+        check(bool(shard_paths(prepared, load_manifest(prepared, "eval.lm_data"), "train")),
               f"eval.lm_data {e.lm_data}: no train shards to calibrate int8 on; {fix}")
     if "classifier" in kinds:
         if e.classify_train_data:

@@ -14,6 +14,7 @@ import codecs
 import csv
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import posixpath
@@ -43,7 +44,7 @@ def split_role(name: Any) -> str | None:
 BUILTIN_SOURCES = ("bbc-news", "chatterbot")
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 EXTENSIONS = {
-    ".txt": "text", ".text": "text", ".md": "text",
+    ".txt": "text", ".text": "text", ".md": "text", ".markdown": "text", ".rst": "text",
     ".html": "html", ".htm": "html", ".xhtml": "html",
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
     ".parquet": "parquet", ".pq": "parquet",
@@ -755,18 +756,28 @@ def _read_parquet(task: dict, max_bytes: int) -> Iterator[dict]:
         yield from _table_records(task, _arrow_rows(pf.iter_batches(batch_size=1024)), max_bytes)
 
 
+def csv_delimiter(header: str, tsv: bool = False) -> str:
+    """A CSV file's field separator, read from its header line: a comma, unless the header holds
+    none and holds a semicolon (what spreadsheets write where the decimal separator is a comma), a
+    tab or a vertical bar; a tab in a TSV."""
+    if tsv or "," in header:
+        return "\t" if tsv else ","
+    return next((d for d in (";", "\t", "|") if d in header), ",")
+
+
 def csv_rows(path: str, encoding: str = "utf-8", max_field: int = 1 << 20) -> Iterator[dict]:
     """The rows of a CSV (or, by its name, TSV) file as dicts of strings, in a text ``encoding``
-    (UTF-8 with or without a byte-order mark by default). Bytes the encoding cannot decode stay in
-    the values as lone surrogates (surrogateescape), so that only the rows holding them are
-    rejected; ``csv.Error`` on a malformed file. In a CSV, spaces after a comma are skipped
-    (``text, label`` headers, ``a, "b, c"`` rows: without that the quotes would not be seen); a
-    TSV keeps them."""
+    (UTF-8 with or without a byte-order mark by default), fields separated as ``csv_delimiter``
+    finds in the header. Bytes the encoding cannot decode stay in the values as lone surrogates
+    (surrogateescape), so that only the rows holding them are rejected; ``csv.Error`` on a
+    malformed file. Spaces after a comma or semicolon are skipped (``text, label`` headers,
+    ``a, "b, c"`` rows: without that the quotes would not be seen); a tab-separated file keeps them."""
     csv.field_size_limit(max(max_field, 1 << 20))
-    tsv = ".tsv" in path.lower()
     with _open(path) as f:
         stream = _text_stream(f, path, encoding, "surrogateescape", newline="")
-        yield from csv.DictReader(stream, delimiter="\t" if tsv else ",", skipinitialspace=not tsv)
+        header = stream.readline()
+        sep = csv_delimiter(header, ".tsv" in path.lower())
+        yield from csv.DictReader(itertools.chain([header], stream), delimiter=sep, skipinitialspace=sep != "\t")
 
 
 def _read_csv(task: dict, max_bytes: int) -> Iterator[dict]:

@@ -170,6 +170,9 @@ def _read_split(path: str, text_field: str, label_field: str, extra: str | None,
     return [{"idx": i, **r} for i, r in enumerate(read_labeled_rows(path, text_field, label_field, bad, extra))]
 
 
+LM_TEXT_HINT = "; to score raw files (text, JSONL, CSV, Parquet, a directory), set lm.text_file instead"
+
+
 def _lm_texts(c: LMEvalConfig) -> tuple[list[str], str, list[str], int]:
     """The documents of ``lm.text_file``, what they are ("lines" or "records"), the reasons
     of records that hold no usable text, and how many hidden files a directory or glob held (not
@@ -211,6 +214,10 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
         from pipeline.data.sources import input_exists
 
         check(input_exists(cfg.lm.text_file), f"lm.text_file not found: {cfg.lm.text_file}")
+    elif cfg.lm is not None:
+        from pipeline.train.data import load_manifest, resolve_prepared
+
+        load_manifest(resolve_prepared(cfg.lm.data), "lm.data", LM_TEXT_HINT)
     for name, section in (("lm", cfg.lm), ("bias", cfg.bias)):  # causal or masked: both are scored
         if section is not None:
             path = _causal_dir(section.model)
@@ -248,7 +255,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         model_dir = _causal_dir(cfg.lm.model)
         if cfg.lm.data is not None:
             data_dir = resolve_prepared(cfg.lm.data)
-            manifest = load_manifest(data_dir)
+            manifest = load_manifest(data_dir, "lm.data", LM_TEXT_HINT)
             files = shard_paths(data_dir, manifest, cfg.lm.split)
             check(bool(files), f"lm.data {data_dir}: no {cfg.lm.split} shards (lm.split; a test split holds labeled "
                                f"sources' documents, or those a source's own test split or split_field names)")

@@ -25,10 +25,13 @@ def resolve_prepared(data: str) -> Path:
     return Path(data)
 
 
-def load_manifest(prepared_dir: str | Path) -> dict:
+def load_manifest(prepared_dir: str | Path, key: str = "data", hint: str = "") -> dict:
+    """A prepare output's manifest; an error naming the config ``key`` (and ``hint``, another way
+    to give the input) when ``prepared_dir`` is not a finished prepare output."""
     path = Path(prepared_dir) / "manifest.json"
     if not path.is_file():
-        raise ValueError(f"data: {prepared_dir} is not a finished prepare output (no manifest.json); run jobs.prepare first")
+        raise ValueError(f"{key}: {prepared_dir} is not a finished prepare output (no manifest.json); run jobs.prepare "
+                         f"first{hint}")
     return json.loads(path.read_text())
 
 

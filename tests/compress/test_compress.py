@@ -336,3 +336,5 @@ def test_int8_calibration_data_is_checked_before_any_work(tok, tmp_path):
     check_compress(job(cls, {"classify_data": str(tmp_path / "test.jsonl")}, rows=0))
     with pytest.raises(ValueError, match="causal LM reads train rows of eval.lm_data: set it"):
         check_compress(job([{"name": "lm", "path": str(lm)}], {}))
+    with pytest.raises(ValueError, match=f"eval.lm_data: {tmp_path} is not a finished prepare output"):
+        check_compress(job([{"name": "lm", "path": str(lm)}], {"lm_data": str(tmp_path)}))

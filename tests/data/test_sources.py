@@ -29,13 +29,14 @@ def test_text_dir_with_bad_files(tmp_path):
     (tmp_path / "a.txt").write_text("A good document.")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("Another one.")
+    (tmp_path / "sub" / "c.rst").write_text("Docs in reStructuredText.\n==========\n")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")  # Latin-1, not UTF-8
     (tmp_path / "empty.txt").write_text("  \n ")
     (tmp_path / "big.txt").write_bytes(b"word " * 2_100_000)  # 10.5 MB
     (tmp_path / "notes.xyz").write_text("unknown extension")
     recs = read_all(SourceConfig(path=str(tmp_path), name="d"))
     docs = {r[S.DOC_ID]: r for r in recs if r.get(S.STATUS) is None}
-    assert set(docs) == {"d:a.txt", "d:sub/b.md"}
+    assert set(docs) == {"d:a.txt", "d:sub/b.md", "d:sub/c.rst"}
     assert docs["d:a.txt"][S.TEXT] == "A good document." and docs["d:a.txt"][S.SOURCE] == "d"
     assert reasons(recs) == ["empty_text", "invalid_utf8", "too_large", "unsupported_format"]
     bad = next(r for r in recs if r.get(S.REASON) == "invalid_utf8")
@@ -147,6 +148,21 @@ def test_parquet_csv_hf_and_file_uri(tmp_path):
     recs = read_all(SourceConfig(path=str(tmp_path / "t.csv"), text_field="content", label_field="y"))
     assert [r.get(S.TEXT) for r in recs] == ["CSV doc, with comma.", "multi\nline", None]
     assert reasons(recs) == ["empty_text"]
+    # a spreadsheet's semicolon-separated export (its header holds no comma), or one by vertical bars;
+    # a comma in the header keeps commas, whatever the rows hold
+    (tmp_path / "semi.csv").write_text('content; y\n"Doc; one, with both.";a\nDoc two;b\n')
+    (tmp_path / "bar.csv").write_text('content|y\nDoc one, a; b|a\n')
+    (tmp_path / "comma.csv").write_text('content,y\nDoc; one|a,b\n')
+    for name, want in (("semi", [("Doc; one, with both.", "a"), ("Doc two", "b")]), ("bar", [("Doc one, a; b", "a")]),
+                       ("comma", [("Doc; one|a", "b")])):
+        recs = read_all(SourceConfig(path=str(tmp_path / f"{name}.csv"), text_field="content", label_field="y"))
+        assert [(r[S.TEXT], r[S.LABEL]) for r in recs] == want, name
+    # finetune's labeled-file reader takes the same files
+    from pipeline.finetune.classify_data import read_labeled_rows
+
+    bad: list = []
+    rows = read_labeled_rows(str(tmp_path / "semi.csv"), "content", "y", bad)
+    assert [(r["text"], r["label"]) for r in rows] == [("Doc; one, with both.", "a"), ("Doc two", "b")] and not bad
 
     recs = read_all(SourceConfig(path=str(tmp_path / "hf"), text_field="content", label_field="y"))
     assert [(r[S.TEXT], r[S.LABEL]) for r in recs] == [("HF doc.", "z")]

@@ -644,6 +644,14 @@ def test_jobs_refuse_a_model_of_the_wrong_kind_before_ray_starts(toy, tmp_path, 
     (tmp_path / "ev.yaml").write_text(f"bias: {{model: {tmp_path / 'mlm'}, pairs_path: {tmp_path / 'long.jsonl'}}}\n")
     assert jobs.evaluate.main(["--config", str(tmp_path / "ev.yaml"), f"output_dir={tmp_path / 'ev'}"]) == 2
     assert "context" in capsys.readouterr().err and not (tmp_path / "ev").exists()
+    # lm.data given a directory of raw text files: the error names the key and lm.text_file
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.txt").write_text("some text\n")
+    (tmp_path / "ev.yaml").write_text(f"lm: {{model: {tmp_path / 'mlm'}, data: {tmp_path / 'raw'}}}\n")
+    assert jobs.evaluate.main(["--config", str(tmp_path / "ev.yaml"), f"output_dir={tmp_path / 'ev'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"lm.data: {tmp_path / 'raw'} is not a finished prepare output" in err and "set lm.text_file" in err
+    assert not (tmp_path / "ev").exists()
     # every section takes the config YAML that made its model, as the demo's evaluation does: they
     # resolve (no "unknown config key"), and name the missing run (an empty working directory)
     import shutil
