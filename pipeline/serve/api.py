@@ -235,6 +235,16 @@ class ClassifyRequest(_Strict):
     input: StrictStr | list[StrictStr]
     model: StrictStr | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_input(cls, data):
+        # ``text``, the field /predict takes, names the input here too; one of the two, not both
+        if isinstance(data, dict) and "text" in data:
+            if "input" in data:
+                raise ValueError("set input or text (the same field), not both")
+            data = {("input" if k == "text" else k): v for k, v in data.items()}
+        return data
+
     @field_validator("input")
     @classmethod
     def _inputs(cls, v):

@@ -517,6 +517,12 @@ def test_classify_and_predict(serve_app):
     assert len(data) == 2 and all(d["label"] in ("business", "sport", "tech") for d in data)
     assert all(abs(sum(d["probabilities"].values()) - 1) < 1e-4 for d in data)
     assert r.json()["id"].startswith("clf-")
+    # "text", /predict's field, names the input too; both at once is a 400
+    r = post(serve_app, "/v1/classify", {"model": "topics", "text": "stocks fell sharply"})
+    assert r.status_code == 200 and r.json()["data"][0]["label"] == data[0]["label"], r.text
+    r = post(serve_app, "/v1/classify", {"model": "topics", "text": "a", "input": "b"})
+    assert_openai_error(r, 400)
+    assert "set input or text (the same field), not both" in r.json()["error"]["message"]
     r = post(serve_app, "/predict", {"text": "the market"})
     assert r.status_code == 200 and isinstance(r.json()["response"], str) and r.json()["id"]
 
