@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from jobs.common import parse_typed, run_job
 from pipeline.finetune.finetune import FinetuneConfig, check_finetune, run_finetune
@@ -25,7 +26,12 @@ def parse_config(argv: list[str]) -> FinetuneConfig:
 
 
 def render(summary: dict) -> str:
-    return json.dumps({k: summary.get(k) for k in ("task", "model_dir", "steps", "best_val_loss", "exported", "examples", "rejected")})
+    line = json.dumps({k: summary.get(k) for k in ("task", "model_dir", "steps", "best_val_loss", "exported", "examples",
+                                                   "rejected")})
+    if summary.get("rejected") and summary.get("model_dir"):
+        line += f"\n{summary['rejected']} record(s) rejected, each with its reason: " \
+                f"{Path(summary['model_dir']).parent / 'rejected.json'}"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -396,6 +396,9 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list | None = None, sweep_trial
     tok.save_pretrained(str(tok_dir))
     rows, info, bad = build_examples(cfg, tok)
     write_json(run_dir / "rejected.json", {"count": len(bad), "records": bad[:1000]})
+    if bad:
+        logger.warning("finetune: %d record(s) rejected, each with its reason in %s; the first: %s", len(bad),
+                       run_dir / "rejected.json", bad[0]["reason"])
     n_train, workers = len(rows.get("train", [])), cfg.scaling.num_workers
     check(n_train >= 1, "data.train: no training example")
     share = -(-n_train // workers)

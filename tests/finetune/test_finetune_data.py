@@ -1090,3 +1090,14 @@ def test_article_training_can_read_a_random_subset_of_windows(tmp_path):
     dirs = {k: finetune_run_dir(from_dict(FinetuneConfig, {**base, "data": {**article, "train_windows": k}}))
             for k in (0, 2)}
     assert dirs[0] == finetune_run_dir(from_dict(FinetuneConfig, {**base, "data": article})) and dirs[0] != dirs[2]
+
+
+def test_the_job_summary_names_the_rejected_records_file():
+    """The finetune job's last lines: the summary as JSON, then, when records were rejected, where
+    each one's reason is."""
+    import jobs.finetune
+
+    line = jobs.finetune.render({"task": "sft", "model_dir": "/o/run/model", "rejected": 2})
+    assert json.loads(line.splitlines()[0])["rejected"] == 2
+    assert line.splitlines()[1] == "2 record(s) rejected, each with its reason: /o/run/rejected.json"
+    assert len(jobs.finetune.render({"task": "sft", "model_dir": "/o/run/model", "rejected": 0}).splitlines()) == 1
