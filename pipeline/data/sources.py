@@ -784,8 +784,8 @@ def csv_rows(path: str, encoding: str = "utf-8", max_field: int = 1 << 20) -> It
     (UTF-8 with or without a byte-order mark by default), fields separated as ``csv_delimiter``
     finds in the header. Bytes the encoding cannot decode stay in the values as lone surrogates
     (surrogateescape), so that only the rows holding them are rejected; ``csv.Error`` on a
-    malformed file. Spaces after a comma or semicolon are skipped (``text, label`` headers,
-    ``a, "b, c"`` rows: without that the quotes would not be seen); a tab-separated file keeps them."""
+    malformed file. Spaces after a separator are skipped (``text, label`` headers, ``a, "b, c"``
+    rows: without that the quotes would not be seen); a tab-separated file keeps them."""
     csv.field_size_limit(max(max_field, 1 << 20))
     with _open(path) as f:
         stream = _text_stream(f, path, encoding, "surrogateescape", newline="")
