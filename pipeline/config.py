@@ -265,6 +265,18 @@ def check_local(value: str | None, key: str) -> None:
                     "mounted with s3fs-fuse, gcsfuse or mountpoint-s3)"))
 
 
+def check_output_outside(output_dir: str, value: str | None, key: str) -> None:
+    """A job's ``output_dir`` inside a data directory it reads (``key``): the next run would read
+    this one's outputs (JSON, JSONL, Parquet) as data. Refused, naming both keys. (The prepare
+    stage instead leaves its output directory out of a corpus directory, and counts what it left.)"""
+    if value is None or "://" in str(value):
+        return
+    data = Path(value).expanduser().resolve()
+    check(not (data.is_dir() and Path(output_dir).expanduser().resolve().is_relative_to(data)),
+          f"output_dir ({output_dir}) is inside {key} ({value}), a directory read as data: every run's outputs "
+          f"there would be read as {key} by the next; write output_dir elsewhere")
+
+
 def check_seed(value: int, key: str) -> None:
     """A seed every random generator the stages use accepts (a negative one fails deep in numpy)."""
     check(0 <= value <= SEED_MAX, f"{key} must be in [0, {SEED_MAX}], got {value}")

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import check, check_local, check_name, check_seed, config_hash, to_dict
+from pipeline.config import check, check_local, check_name, check_output_outside, check_seed, config_hash, to_dict
 from pipeline.finetune.classify_data import label_name, read_labeled_rows
 from pipeline.train.checkpoint import write_json
 
@@ -237,6 +237,12 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
         _eval_files("fewshot", f.data, f.split, f.train_data, True)
     if cfg.bias is not None:  # the pairs parse and fit the model's context
         _bias_pairs(cfg.bias)
+    data_keys = {"lm.text_file": cfg.lm and cfg.lm.text_file,
+                 "classification.data": cfg.classification and cfg.classification.data,
+                 "classification.train_data": cfg.classification and cfg.classification.train_data,
+                 "fewshot.data": cfg.fewshot and cfg.fewshot.data, "fewshot.train_data": cfg.fewshot and cfg.fewshot.train_data}
+    for key, value in data_keys.items():
+        check_output_outside(cfg.output_dir, value or None, key)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import check, check_local, check_name, config_hash, to_dict, without_defaults
+from pipeline.config import check, check_local, check_name, check_output_outside, config_hash, to_dict, without_defaults
 from pipeline.data.sources import hf_dict_splits
 from pipeline.finetune.classify_data import encode_classification, end_with_eos, ensure_pad_token, read_labeled_rows
 from pipeline.finetune.sft import OUR_TEMPLATES, load_chat_examples, prepare_chat_tokenizer, stop_at_turn_end, tokenize_chat
@@ -335,6 +335,8 @@ def check_finetune(cfg: FinetuneConfig) -> Path:
 
     from pipeline.model.build import ENCODER_TYPES, context_length, require_causal
 
+    for key in ("train", "val", "test"):
+        check_output_outside(cfg.output_dir, getattr(cfg.data, key), f"data.{key}")
     base = resolve_model_dir(cfg.base_model)
     check((base / "config.json").exists(), f"base_model: {base} is not a Hugging Face model directory (train it first)")
     if cfg.task == "sft":

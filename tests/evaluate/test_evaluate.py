@@ -652,6 +652,11 @@ def test_jobs_refuse_a_model_of_the_wrong_kind_before_ray_starts(toy, tmp_path, 
     err = capsys.readouterr().err
     assert f"lm.data: {tmp_path / 'raw'} is not a finished prepare output" in err and "set lm.text_file" in err
     assert not (tmp_path / "ev").exists()
+    # an output directory inside a data directory it reads: the next run would read this one's results
+    (tmp_path / "ev.yaml").write_text(f"lm: {{model: {tmp_path / 'mlm'}, text_file: {tmp_path / 'raw'}}}\n")
+    assert jobs.evaluate.main(["--config", str(tmp_path / "ev.yaml"), f"output_dir={tmp_path / 'raw' / 'ev'}"]) == 2
+    assert f"output_dir ({tmp_path / 'raw' / 'ev'}) is inside lm.text_file" in capsys.readouterr().err
+    assert not (tmp_path / "raw" / "ev").exists()
     # every section takes the config YAML that made its model, as the demo's evaluation does: they
     # resolve (no "unknown config key"), and name the missing run (an empty working directory)
     import shutil

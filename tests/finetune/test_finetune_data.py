@@ -1101,3 +1101,20 @@ def test_the_job_summary_names_the_rejected_records_file():
     assert json.loads(line.splitlines()[0])["rejected"] == 2
     assert line.splitlines()[1] == "2 record(s) rejected, each with its reason: /o/run/rejected.json"
     assert len(jobs.finetune.render({"task": "sft", "model_dir": "/o/run/model", "rejected": 0}).splitlines()) == 1
+
+
+@pytest.mark.parametrize("key", ["train", "val"])
+def test_an_output_dir_inside_a_data_directory_is_refused(tmp_path, key):
+    """A data directory is read recursively: a run writing inside it would have the next one read
+    its summary, metrics and rejected records as data. Refused before any work, naming both keys."""
+    from pipeline.config import from_dict
+    from pipeline.finetune.finetune import FinetuneConfig, check_finetune
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chat.jsonl").write_text('{"prompt": "hi", "completion": "hello"}\n')
+    data = {"train": str(tmp_path / "chat.jsonl"), key: str(tmp_path / "data")}
+    cfg = {"task": "sft", "base_model": str(tmp_path / "none"), "data": data}
+    with pytest.raises(ValueError, match=rf"output_dir \(.*runs\) is inside data.{key} \(.*data\), a directory read"):
+        check_finetune(from_dict(FinetuneConfig, {**cfg, "output_dir": str(tmp_path / "data" / "runs")}))
+    with pytest.raises(ValueError, match="base_model"):  # elsewhere, the check passes (and the next one speaks)
+        check_finetune(from_dict(FinetuneConfig, {**cfg, "output_dir": str(tmp_path / "runs")}))
