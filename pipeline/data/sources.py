@@ -678,12 +678,90 @@ def _starts_json_array(path: str) -> bool:
     return head.decode(encoding, errors="ignore").lstrip(" \t\r\n").startswith("[")
 
 
+JSON_OBJECT_MAX_BYTES = 1 << 30  # a .json file holding one object is parsed whole
+
+
+def json_layout(path: str, encoding: str = "utf-8") -> str:
+    """How a ``.json`` file holds its records: ``array`` (one JSON array), ``object`` (one JSON
+    object, pretty-printed over many lines or alone on one) or ``lines`` (JSON Lines under a
+    .json name; also a file whose first line is not JSON and does not open an object)."""
+    if _starts_json_array(path):
+        return "array"
+    lines = text_lines(path, encoding)
+    first = next(lines, (0, None))[1]
+    if first is None:
+        return "lines"
+    try:
+        value = json.loads(first)
+    except json.JSONDecodeError:
+        return "object" if first.lstrip().startswith("{") else "lines"
+    return "object" if isinstance(value, dict) and next(lines, None) is None else "lines"
+
+
+def object_records(obj: dict, fields: tuple[str, ...]) -> tuple[list[tuple[str, Any]] | None, str]:
+    """The records of a ``.json`` file holding one object ``obj``, as ``(where, record)``: the
+    object itself when it holds one of ``fields`` (the fields a reader takes: a text field, a
+    label, ``messages``); else the records of its one list of objects (``{"version": 1, "data":
+    [...]}``, the layout ``datasets``' json loader reads with ``field="data"``). None and the
+    reason when there is no such list, or more than one."""
+    if any(field_value(obj, f) is not MISSING for f in fields):
+        return [("", obj)], ""
+    lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    if len(lists) == 1:
+        return [(f"{lists[0]}[{i}]", rec) for i, rec in enumerate(obj[lists[0]])], ""
+    named = " or ".join(repr(f) for f in fields)
+    return None, (f"one JSON object without {named}, holding lists of objects under {lists}: which one holds the "
+                  f"records is unclear; write them as JSON Lines or as one JSON array" if lists else
+                  f"one JSON object without {named} and without a list of records "
+                  f"(keys: {sorted(obj)[:20]})")
+
+
+def _load_json_object(path: str, encoding: str) -> dict | str:
+    """A .json file holding one object, parsed whole; the reason (a string) when it cannot be."""
+    with _open(path) as f:
+        data = f.read(JSON_OBJECT_MAX_BYTES + 1)
+    if len(data) > JSON_OBJECT_MAX_BYTES:
+        return (f"one JSON object of more than {JSON_OBJECT_MAX_BYTES} bytes, read whole; write its records as "
+                f"JSON Lines or one JSON array (both are streamed)")
+    try:
+        value = json.loads(data.decode(bom_encoding(data[:4], encoding)))
+    except UnicodeDecodeError as exc:
+        return f"not valid {encoding} ({exc})"
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc})"
+    return value if isinstance(value, dict) else f"expected a JSON object, got {type(value).__name__}"
+
+
+def _read_json_object(task: dict, max_bytes: int) -> Iterator[dict]:
+    doc_id = f"{task['source']}:{task['rel']}"
+    obj = _load_json_object(task["path"], _encoding(task))
+    if isinstance(obj, str):
+        yield quarantine(task, doc_id, "too_large" if "bytes, read whole" in obj else "malformed_json", obj)
+        return
+    fields = tuple(f for f in (task["text_field"], task["label_field"]) if f)
+    records, reason = object_records(obj, fields)
+    if records is None:
+        yield quarantine(task, doc_id, "missing_text_field", reason, json.dumps(obj, ensure_ascii=False)[:EXCERPT_CHARS])
+        return
+    for where, rec in records:
+        raw = json.dumps(rec, ensure_ascii=False)
+        rec_id = f"{doc_id}:{where}" if where else doc_id
+        if len(raw.encode("utf-8", errors="surrogatepass")) > max_bytes:
+            yield quarantine(task, rec_id, "too_large", f"{len(raw)} bytes > parse.max_doc_bytes={max_bytes}", raw)
+        elif not isinstance(rec, dict):
+            yield quarantine(task, rec_id, "malformed_json", f"expected a JSON object, got {type(rec).__name__}", raw)
+        else:
+            yield _field_record(task, rec_id, rec, raw)
+
+
 def _read_json(task: dict, max_bytes: int) -> Iterator[dict]:
-    """A ``.json`` file: a JSON array of objects, streamed element by element, or JSON Lines under
-    a .json name. Where the array breaks (bad syntax, bytes the encoding cannot decode), the
-    rest of the file is one quarantine record with the reason."""
-    if not _starts_json_array(task["path"]):
-        yield from _read_jsonl(task, max_bytes)
+    """A ``.json`` file (``json_layout``): a JSON array of objects, streamed element by element;
+    one JSON object, a record itself or holding a list of them (``object_records``); or JSON
+    Lines under a .json name. Where the array breaks (bad syntax, bytes the encoding cannot
+    decode), the rest of the file is one quarantine record with the reason."""
+    layout = json_layout(task["path"], _encoding(task))
+    if layout != "array":
+        yield from (_read_json_object if layout == "object" else _read_jsonl)(task, max_bytes)
         return
     n = 0  # elements read
     try:  # bytes the encoding cannot decode stay as lone surrogates: only the elements holding them are rejected
@@ -715,13 +793,24 @@ def valid_text(text: str) -> bool:
         return False
 
 
-def json_records(path: str | Path, bad: list[dict]) -> Iterator[tuple[str, Any]]:
-    """(where, value) for each record of a JSON Lines file, or of a file holding one JSON array
-    (Alpaca-style ``.json`` datasets), a local path or URI, compressed or not; records that do
-    not parse or are not UTF-8 go to ``bad`` with the reason."""
+def json_records(path: str | Path, bad: list[dict], fields: tuple[str, ...] = ("text",)) -> Iterator[tuple[str, Any]]:
+    """(where, value) for each record of a JSON Lines file, of a file holding one JSON array
+    (Alpaca-style ``.json`` datasets), or of a ``.json`` file holding one object (a record itself
+    when it holds one of ``fields``, the fields the caller reads, else its one list of records:
+    ``object_records``), a local path or URI, compressed or not; records that do not parse or are
+    not UTF-8 go to ``bad`` with the reason."""
     path = str(path)
     not_utf8 = "not valid UTF-8 (save the file as UTF-8)"
-    if _starts_json_array(path):
+    layout = json_layout(path) if detect_format(path) == "json" else "array" if _starts_json_array(path) else "lines"
+    if layout == "object":
+        obj = _load_json_object(path, "utf-8")
+        records, reason = (None, obj) if isinstance(obj, str) else object_records(obj, fields)
+        if records is None:
+            bad.append({"where": path, "reason": reason})
+        for where, rec in records or []:
+            yield (f"{path}: {where}" if where else path), rec
+        return
+    if layout == "array":
         n = 0
         try:  # undecodable bytes stay as lone surrogates: only the elements holding them are rejected
             for obj in iter_json_array(_text_chunks(path, "utf-8", errors="surrogateescape")):

@@ -77,7 +77,7 @@ def _located_rows(path: str, label_field: str, bad: list[dict]):
         except csv.Error as exc:
             raise ValueError(f"{path}: not a readable CSV file ({exc})") from exc
     elif fmt in ("jsonl", "json"):
-        for where, obj in json_records(path, bad):
+        for where, obj in json_records(path, bad, (label_field,)):
             if isinstance(obj, dict):
                 yield where, obj
             else:

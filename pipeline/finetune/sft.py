@@ -163,6 +163,11 @@ def learns(message: dict) -> bool:
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
+# the fields a chat record is read from (record_to_messages): a .json file holding one object
+# holding none of them is a wrapper of records ({"data": [...]}: sources.object_records)
+CHAT_FIELDS = ("messages", "conversations", "prompt", "instruction")
+
+
 def record_to_messages(obj: dict, where: str) -> list[dict]:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: a JSON {type(obj).__name__}, not an object")
@@ -237,7 +242,7 @@ def load_chat_examples(path: str, bad: list[dict]) -> Iterator[list[dict]]:
             table = pq.read_table(f)
         records = ((f"{path}:{i}", row) for i, row in enumerate(table.to_pylist()))
     elif kind == "file":
-        records = json_records(path, bad)
+        records = json_records(path, bad, CHAT_FIELDS)
     else:
         raise ValueError(f"{path}: not found (data.train / data.val: a JSONL, JSON or Parquet file, a saved Hugging Face "
                          f"dataset directory, or chatterbot)")

@@ -108,6 +108,53 @@ def test_json_arrays_and_json_lines_under_a_json_name(tmp_path, suffix):
     assert [r[S.TEXT] for r in read_all(SourceConfig(path=str(tmp_path / "latin.json"), encoding="latin-1"))][1] == "caf\u00e9"
 
 
+@pytest.mark.parametrize("suffix", [".json", ".json.gz"])
+def test_a_json_file_holding_one_object(tmp_path, suffix):
+    """A ``.json`` file holding one object, pretty-printed or on one line, is one record when it
+    holds the text field, else its one list of records is read (``{"version": 1, "data": [...]}``,
+    as ``datasets`` reads with ``field="data"``); an ambiguous or broken one is one quarantine
+    record with the reason, not one per line."""
+    def write(name, value, indent=2):
+        raw = json.dumps(value, indent=indent).encode()
+        (tmp_path / f"{name}{suffix}").write_bytes(gzip.compress(raw) if suffix.endswith(".gz") else raw)
+        return read_all(SourceConfig(path=str(tmp_path / f"{name}{suffix}"), label_field="label"))
+
+    recs = write("single", {"text": "One document,\nwritten pretty.", "label": "a", "meta": {"n": [1, 2]}})
+    assert [(r[S.DOC_ID], r[S.TEXT], r[S.LABEL]) for r in recs] == [
+        (f"single:single{suffix}", "One document,\nwritten pretty.", "a")]
+    rows = [{"text": "First record.", "label": "a"}, {"text": ""}, {"text": "Third record.", "label": "b"}]
+    for indent in (2, None):  # pretty-printed, or the whole object on one line
+        recs = write("wrapped", {"version": 1, "tags": ["x"], "data": rows}, indent)
+        assert [(r[S.DOC_ID], r.get(S.TEXT)) for r in recs] == [
+            (f"wrapped:wrapped{suffix}:data[0]", "First record."), (f"wrapped:wrapped{suffix}:data[1]", None),
+            (f"wrapped:wrapped{suffix}:data[2]", "Third record.")]
+        assert reasons(recs) == ["empty_text"]
+    recs = write("two", {"train": rows, "test": rows})
+    assert reasons(recs) == ["missing_text_field"] and "lists of objects under ['train', 'test']" in recs[0][S.DETAIL]
+    recs = write("none", {"title": "no text", "n": 3})
+    assert reasons(recs) == ["missing_text_field"] and "without a list of records" in recs[0][S.DETAIL]
+    (tmp_path / "broken.json").write_text('{\n  "text": "cut off",\n  "label": \n')
+    recs = read_all(SourceConfig(path=str(tmp_path / "broken.json")))
+    assert reasons(recs) == ["malformed_json"] and len(recs) == 1 and "not valid JSON" in recs[0][S.DETAIL]
+    # fine-tuning's readers take the same files: labeled rows, and chat records (one pretty-printed
+    # chat is a record, its messages list no wrapper)
+    from pipeline.finetune.classify_data import read_labeled_rows
+    from pipeline.finetune.sft import load_chat_examples
+
+    bad: list = []
+    labeled = read_labeled_rows(str(tmp_path / f"wrapped{suffix}"), "text", "label", bad)
+    assert [(r["text"], r["label"]) for r in labeled] == [("First record.", "a"), ("Third record.", "b")] and len(bad) == 1
+    chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    (tmp_path / "chat.json").write_text(json.dumps(chat, indent=2))
+    (tmp_path / "chats.json").write_text(json.dumps({"data": [chat, chat]}, indent=2))
+    bad = []
+    assert len(list(load_chat_examples(str(tmp_path / "chat.json"), bad))) == 1 and not bad
+    assert len(list(load_chat_examples(str(tmp_path / "chats.json"), bad))) == 2 and not bad
+    (tmp_path / "odd.json").write_text(json.dumps({"a": [chat], "b": [chat]}, indent=2))
+    assert not list(load_chat_examples(str(tmp_path / "odd.json"), bad))
+    assert "lists of objects under ['a', 'b']" in bad[0]["reason"] and bad[0]["where"].endswith("odd.json")
+
+
 def test_json_array_stream_matches_json_loads_at_any_chunking():
     """Elements cut anywhere between chunks (inside strings, numbers, escapes) parse as a whole."""
     import random
