@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             ("TF-IDF + LogReg macro-F1 (same split)", f"{b['f1_macro']:.3f} (accuracy {b['accuracy']:.3f}); on the "
              f"classifier's reading ({c['baseline_tfidf_logreg_same_reading']['reading']}): "
              f"{c['baseline_tfidf_logreg_same_reading']['f1_macro']:.3f}"),
-            ("classifier vs TF-IDF (paired)", f"{c['classifier_vs_baseline']['only_a_correct']} articles right only by "
+            ("classifier vs TF-IDF (paired)", f"{c['classifier_vs_baseline']['only_a_correct']} article(s) right only by "
              f"the classifier, {c['classifier_vs_baseline']['only_b_correct']} only by TF-IDF; McNemar p = "
              f"{c['classifier_vs_baseline']['mcnemar_exact_p']:.2f}, F1 difference 95% interval "
              + " to ".join(f"{x:+.3f}" for x in c['classifier_vs_baseline']['f1_macro_diff_ci95'])),
