@@ -120,7 +120,8 @@ def read_labeled_rows(path: str, text_field: str, label_field: str, bad: list[di
 
 def end_with_eos(tok) -> bool:
     """Make ``tok`` append its end-of-text token to every encoded text, when it adds no special
-    tokens of its own (our BPE tokenizers, GPT-2's). A causal LM classifies from its last token:
+    tokens of its own (our BPE tokenizers, GPT-2's) or only a BOS (Llama's, Mistral's:
+    ``_bos_template_with_eos``). A causal LM classifies from its last token:
     without an end marker that is whatever word truncation cut at; with one, the model learns to
     summarize the text at a fixed token. The change is in the tokenizer's post-processor, so it is
     saved with the classifier and every later encoding (evaluation, serving, any HF user) matches.
@@ -131,7 +132,9 @@ def end_with_eos(tok) -> bool:
     probe = "a b"
     with_special, plain = tok(probe)["input_ids"], tok(probe, add_special_tokens=False)["input_ids"]
     if with_special != plain:  # the tokenizer has its own template (BERT's [CLS]/[SEP], Llama's BOS)
-        return bool(with_special) and with_special[-1] == tok.eos_token_id
+        if bool(with_special) and with_special[-1] == tok.eos_token_id:
+            return True
+        return _bos_template_with_eos(tok, probe, plain, with_special)
     backend = getattr(tok, "_tokenizer", None)
     if backend is None:  # a slow (Python) tokenizer: no post-processor to set
         return False
@@ -140,6 +143,31 @@ def end_with_eos(tok) -> bool:
     backend.post_processor = TemplateProcessing(
         single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1", special_tokens=[(eos, tok.eos_token_id)])
     return tok(probe)["input_ids"] == plain + [tok.eos_token_id]
+
+
+def _bos_template_with_eos(tok, probe: str, plain: list[int], with_special: list[int]) -> bool:
+    """A template that only prepends BOS (Llama's, Mistral's) gets EOS appended too, through the
+    tokenizer's ``add_bos_token`` / ``add_eos_token`` flags: transformers rebuilds the template
+    from them, and saves them with the tokenizer, so every later load encodes the same. Any other
+    template (BERT's [CLS] ... [SEP]: its classifier reads [CLS]) is left as it is; so is a
+    tokenizer the flags do not turn into BOS + text + EOS (its template is restored)."""
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    if bos is None or bos == eos or with_special != [bos] + plain or not hasattr(tok, "add_eos_token"):
+        return False
+    backend = getattr(tok, "_tokenizer", None)
+    saved = backend.post_processor if backend is not None else None
+    flags = {name: getattr(tok, name) for name in ("add_bos_token", "add_eos_token") if hasattr(tok, name)}
+    try:
+        tok.add_bos_token, tok.add_eos_token = True, True
+        if tok(probe)["input_ids"] == [bos] + plain + [eos]:
+            return True
+    except (AttributeError, TypeError, ValueError):  # a tokenizer whose flags are read-only or rebuild nothing
+        pass
+    for name, value in flags.items():
+        setattr(tok, name, value)
+    if saved is not None:
+        backend.post_processor = saved
+    return False
 
 
 def ensure_pad_token(tok) -> bool:

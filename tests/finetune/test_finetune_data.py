@@ -1118,3 +1118,38 @@ def test_an_output_dir_inside_a_data_directory_is_refused(tmp_path, key):
         check_finetune(from_dict(FinetuneConfig, {**cfg, "output_dir": str(tmp_path / "data" / "runs")}))
     with pytest.raises(ValueError, match="base_model"):  # elsewhere, the check passes (and the next one speaks)
         check_finetune(from_dict(FinetuneConfig, {**cfg, "output_dir": str(tmp_path / "runs")}))
+
+
+def test_a_bos_only_template_gets_eos_and_keeps_it_after_reload(tmp_path):
+    """A Llama-style tokenizer (its template prepends BOS only) ends classifier texts with EOS too,
+    BOS kept, through its saved add_bos_token / add_eos_token flags; BERT's template is left as is."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    from pipeline.finetune.classify_data import Windowing, encode_windows, end_with_eos
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(["hello world, the market fell and shares rose"] * 20,
+                                trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    tok = transformers.LlamaTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    plain = tok("hello world", add_special_tokens=False)["input_ids"]
+    assert tok("hello world")["input_ids"] == [1] + plain
+    assert end_with_eos(tok)
+    assert tok("hello world")["input_ids"] == [1] + plain + [2]
+    enc, _ = encode_windows(tok, ["the market fell " * 10], Windowing(8, windows=3, overlap=2), padding=False)
+    assert all(ids[0] == 1 and ids[-1] == 2 and len(ids) <= 8 for ids in enc["input_ids"]) and len(enc["input_ids"]) > 1
+    tok.save_pretrained(str(tmp_path / "t"))
+    again = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "t"))
+    assert again("hello world")["input_ids"] == [1] + plain + [2] and end_with_eos(again)
+    bert = transformers.BertTokenizerFast(vocab_file=_bert_vocab(tmp_path))
+    before = bert("hello world")["input_ids"]
+    assert not end_with_eos(bert) and bert("hello world")["input_ids"] == before
+
+
+def _bert_vocab(tmp_path) -> str:
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]) + "\n")
+    return str(path)
