@@ -104,6 +104,9 @@ class PrepareConfig:
         data = to_dict(self)
         for key in ("output_dir", "name", "runtime"):
             data.pop(key)
+        for src in data["sources"]:  # a key added later: at its default, earlier runs keep their directories
+            if isinstance(src, dict) and src.get("sample_by") == "document":
+                del src["sample_by"]
         return config_hash(data)
 
     @property

@@ -68,6 +68,9 @@ class SourceConfig:
     encoding: str = "utf-8"  # of text / JSON(L) / CSV files: latin-1, cp1252, utf-16-le, ... (utf-8: a UTF-16/32 BOM wins)
     split_field: str | None = None  # column naming each record's split (train / validation|valid|dev / test)
     splits: Literal["source", "hash"] = "source"  # source: a saved DatasetDict's splits and split_field decide; hash: ignore them
+    # what one document of a text file is (datasets' text loader's sample_by): the whole file, each
+    # non-blank line (a corpus written one document per line), or each run of lines between blank ones
+    sample_by: Literal["document", "line", "paragraph"] = "document"
 
     def __post_init__(self) -> None:
         check(bool(self.path and self.path.strip()), "sources[].path must be a non-empty string")
@@ -129,6 +132,7 @@ def _task(src: SourceConfig, path: str, rel: str, fmt: str, size: int, label: st
         "text_field": src.text_field, "label_field": src.label_field or "", "id_field": src.id_field or "",
         "label": label or "", "encoding": src.encoding,
         "split_field": (src.split_field or "") if src.splits == "source" else "", "keep_splits": src.splits == "source",
+        "sample_by": src.sample_by,
     }
 
 
@@ -145,6 +149,9 @@ def check_record_keys(src: SourceConfig, key: str, formats: set[str]) -> None:
           f"{key}: {', '.join(given)} name{'s' * (len(given) == 1)} fields of records (JSONL, JSON, CSV, Parquet, a saved "
           f"Hugging Face dataset), but it holds {', '.join(sorted(formats))} files only, each one document "
           f"(set format to read them as records)")
+    check(src.sample_by == "document" or "text" in formats,
+          f"{key}: sample_by {src.sample_by} splits text files into documents, but it holds "
+          f"{', '.join(sorted(formats))} files only")
 
 
 def expand_source(src: SourceConfig, index: int = 0) -> list[dict]:
@@ -474,12 +481,56 @@ def _text_record(task: dict, doc_id: str, data: bytes, max_bytes: int) -> dict:
 
 def _read_text(task: dict, max_bytes: int) -> Iterator[dict]:
     doc_id = f"{task['source']}:{task['rel']}"
+    if task.get("sample_by", "document") != "document":
+        yield from _read_text_units(task, max_bytes)
+        return
     if task["size"] > max_bytes:  # do not even load it
-        yield quarantine(task, doc_id, "too_large", f"{task['size']} bytes > parse.max_doc_bytes={max_bytes}")
+        yield quarantine(task, doc_id, "too_large", f"{task['size']} bytes > parse.max_doc_bytes={max_bytes} (a file "
+                         f"of one document per line or paragraph: set the source's sample_by)")
         return
     with _open(task["path"]) as f:
         data = f.read(max_bytes + 1)
     yield _text_record(task, doc_id, data, max_bytes)
+
+
+def _read_text_units(task: dict, max_bytes: int) -> Iterator[dict]:
+    """The documents of a text file read ``sample_by`` line (each non-blank line) or paragraph
+    (each run of non-blank lines, joined by newlines), streamed; ids end with the first line's
+    number. A line the encoding cannot decode is quarantined with its unit (a paragraph holding it)."""
+    by_line = task["sample_by"] == "line"
+    unit: list[str] = []
+    first, bad = 0, None  # the unit's first line number, the first undecodable line in it
+
+    def flush() -> Iterator[dict]:
+        doc_id = f"{task['source']}:{task['rel']}:{first}"
+        if bad is not None:
+            yield quarantine(task, doc_id, _undecodable(task), _decode_error(bad, _encoding(task)), bad)
+            return
+        text = "\n".join(unit)
+        size = len(text.encode("utf-8", errors="surrogatepass"))
+        if size > max_bytes:
+            yield quarantine(task, doc_id, "too_large", f"{size} bytes > parse.max_doc_bytes={max_bytes}", text)
+        else:
+            yield _doc(task, doc_id, text)
+
+    for lineno, line in _lines(task["path"], _encoding(task)):
+        text = _line_text(line, _encoding(task))
+        if text is not None and not text.strip():  # a blank line ends a paragraph
+            if unit or bad is not None:
+                yield from flush()
+                unit, bad = [], None
+            continue
+        if not unit and bad is None:
+            first = lineno
+        if text is None:
+            bad = line if bad is None else bad
+        else:
+            unit.append(text.rstrip("\r"))
+        if by_line:
+            yield from flush()
+            unit, bad = [], None
+    if unit or bad is not None:
+        yield from flush()
 
 
 def _read_html(task: dict, max_bytes: int) -> Iterator[dict]:

@@ -43,6 +43,38 @@ def test_text_dir_with_bad_files(tmp_path):
     assert "byte 3" in bad[S.DETAIL] and bad[S.RAW_EXCERPT].startswith("caf")
 
 
+@pytest.mark.parametrize("suffix", [".txt", ".txt.gz"])
+def test_text_files_sampled_by_line_or_paragraph(tmp_path, suffix):
+    """``sample_by: line`` makes each non-blank line of a text file a document (a corpus written one
+    document per line), ``paragraph`` each run of lines between blank ones; an undecodable line is
+    quarantined with its unit only, an oversized unit alone. The default, a file per document,
+    names the setting when a file is too large."""
+    raw = (b"First document, one line.\r\nSecond document\n\n\nThird, a paragraph\nof two lines.\n"
+           b"caf\xe9 is Latin-1\n\n" + b"long " * 30 + b"\n")
+    path = tmp_path / f"corpus{suffix}"
+    path.write_bytes(gzip.compress(raw) if suffix.endswith(".gz") else raw)
+    recs = read_all(SourceConfig(path=str(path), sample_by="line"))
+    assert [(r[S.DOC_ID].rsplit(":", 1)[1], r.get(S.TEXT)) for r in recs] == [
+        ("1", "First document, one line."), ("2", "Second document"), ("5", "Third, a paragraph"),
+        ("6", "of two lines."), ("7", None), ("9", ("long " * 30).rstrip() + " ")]
+    assert reasons(recs) == ["invalid_utf8"]
+    recs = read_all(SourceConfig(path=str(path), sample_by="paragraph"))
+    assert [(r[S.DOC_ID].rsplit(":", 1)[1], r.get(S.TEXT)) for r in recs] == [
+        ("1", "First document, one line.\nSecond document"), ("5", None), ("9", "long " * 30)]
+    assert reasons(recs) == ["invalid_utf8"]
+    assert [r.get(S.REASON) for r in (r for t in expand_source(SourceConfig(path=str(path), sample_by="line"))
+                                      for r in read_file(t, 100))] == [None] * 4 + ["invalid_utf8", "too_large"]
+    whole = [r for t in expand_source(SourceConfig(path=str(path))) for r in read_file(t, 100)]
+    assert reasons(whole) == ["too_large"] and "set the source's sample_by" in whole[0][S.DETAIL]
+    # a key that would be ignored is an error naming it
+    from pipeline.data.sources import check_record_keys
+
+    with pytest.raises(ValueError, match="sample_by line splits text files into documents, but it holds jsonl"):
+        check_record_keys(SourceConfig(path="x.jsonl", sample_by="line"), "sources[0]", {"jsonl"})
+    with pytest.raises(ValueError, match="sample_by"):
+        from_dict(SourceConfig, {"path": "x", "sample_by": "sentence"})
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
 def test_jsonl_with_malformed_lines(tmp_path, suffix):
     lines = [
