@@ -47,9 +47,9 @@ def summary(manifest: dict) -> str:
         f"  duplicates found: exact {manifest['duplicates']['exact']}, fuzzy {manifest['duplicates']['fuzzy']}",
         *[f"    {src:<20} exact {r.get('exact_duplicate', 0)}, fuzzy {r.get('fuzzy_duplicate', 0)}"
           for src, r in c["removed_by_source"].items()],
-        "  dropped per reason:",
+        "  dropped per reason:" + ("" if c["dropped"] else " none"),
         *[f"    {k:<40} {v}" for k, v in sorted(c["dropped"].items(), key=lambda kv: -kv[1])],
-        "  quarantined per reason:",
+        "  quarantined per reason:" + ("" if c["quarantined_by_reason"] else " none"),
         *[f"    {k:<40} {v}" for k, v in c["quarantined_by_reason"].items()],
         f"  kept by split: {c['kept_by_split']}",
         *([f"  moved so that each class is in val / test: " + ", ".join(f"{m['label']} to {m['to']}" for m in c["split_moves"])]

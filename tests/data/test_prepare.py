@@ -261,6 +261,9 @@ def test_a_small_class_the_hash_leaves_out_of_test_is_given_a_test_document(tmp_
     from jobs.prepare import summary
 
     assert "rare to test" in summary(m).split("moved so that each class is in val / test: ")[1].splitlines()[0]
+    counts = {**m["counts"], "quarantined_by_reason": {}}  # a corpus with nothing quarantined says so
+    assert "  quarantined per reason: none\n" in summary({**m, "counts": counts})
+    assert "  quarantined per reason:\n" in summary({**m, "counts": {**counts, "quarantined_by_reason": {"x": 1}}})
     # a corrected corpus file, rerun with the same config: the finished run is reused, and says why
     assert "inputs_changed" not in run_prepare(cfg)
     with (tmp_path / "lab.jsonl").open("a") as f:
