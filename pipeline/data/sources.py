@@ -41,6 +41,19 @@ def split_role(name: Any) -> str | None:
     if key in SPLIT_NAMES:
         return SPLIT_NAMES[key]
     return next((role for prefix, role in SPLIT_NAMES.items() if key.startswith(prefix)), None)
+def file_split(rel: str) -> str | None:
+    """The split a data file's place below its source's root names, as the Hugging Face Hub lays
+    datasets out: a directory, or the start of the file's name, that is a split name up to the
+    first ``-``, ``_`` or ``.`` (``data/train/part-0.jsonl``, ``test.jsonl``,
+    ``validation-00000-of-00001.parquet``, ``dev_matched.csv``); None elsewhere (``testimonials.txt``
+    names none). The deepest such name wins."""
+    for part in reversed(PurePosixPath(rel).parts):
+        head = re.split(r"[-_.]", part.strip().lower(), maxsplit=1)[0]
+        if head in SPLIT_NAMES:
+            return SPLIT_NAMES[head]
+    return None
+
+
 BUILTIN_SOURCES = ("bbc-news", "chatterbot")
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 EXTENSIONS = {
@@ -180,11 +193,16 @@ def expand_source(src: SourceConfig, index: int = 0) -> list[dict]:
     files, base = listed
     check(bool(files), f"{key}: matched no files")
     tasks = []
+    by_name = src.splits == "source" and not src.split_field and len(files) > 1  # a directory or glob's files
     for p, info in files:
         rel = posixpath.relpath(p, base) if base else p
         file_fmt = fmt if fmt != "auto" else detect_format(p)
-        tasks.append(_task(src, fs.unstrip_protocol(p) if "://" in src.path else p, rel, file_fmt, info.get("size", 0))
-                     | {"hidden": hidden_below(rel, root, base)})
+        task = _task(src, fs.unstrip_protocol(p) if "://" in src.path else p, rel, file_fmt, info.get("size", 0))
+        tasks.append(task | {"hidden": hidden_below(rel, root, base), "source_split": file_split(rel) if by_name else None})
+    named = {t["source_split"] for t in tasks if t["source_split"]}
+    if named:
+        logger.info("%s: files whose names say their split keep it (splits: source): %s", key,
+                    ", ".join(f"{sum(t['source_split'] == s for t in tasks)} {s}" for s in sorted(named)))
     return tasks
 
 
@@ -266,6 +284,7 @@ def _printable(text: str) -> str:
 
 def _doc(task: dict, doc_id: str, text: str, label: Any = None, split: Any = None) -> dict:
     label = task["label"] or label
+    split = task.get("source_split") if split is None else split
     return {
         S.DOC_ID: _printable(doc_id), S.SOURCE: task["source"], S.PATH: task["path"],
         S.LABEL: None if label in (None, "") else str(label), S.TEXT: text,

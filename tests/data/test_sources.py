@@ -43,6 +43,32 @@ def test_text_dir_with_bad_files(tmp_path):
     assert "byte 3" in bad[S.DETAIL] and bad[S.RAW_EXCERPT].startswith("caf")
 
 
+def test_file_and_directory_names_give_splits_as_the_hub_lays_them_out(tmp_path):
+    """A directory as the Hugging Face Hub lays a dataset out (``data/train-00000-of-00001.parquet``,
+    ``test.jsonl``, ``validation/part.jsonl``) keeps those splits under ``splits: source``; a name
+    that only starts with the letters (``testimonials``) names none; ``splits: hash``, a
+    ``split_field`` or a single file given alone leave every record to the hash."""
+    from pipeline.data.sources import file_split
+
+    assert [file_split(r) for r in ("data/train-00000-of-00001.parquet", "test.jsonl", "validation/part-0.jsonl",
+                                     "dev_matched.csv", "testimonials.txt", "train/notes/testing.txt", "x/y.txt")] == [
+        "train", "test", "val", "val", None, "test", None]
+    (tmp_path / "validation").mkdir()
+    for rel, text in (("train.jsonl", "Train record."), ("test.jsonl", "Test record."),
+                      ("validation/part-0.jsonl", "Val record."), ("testimonials.jsonl", "Unnamed record.")):
+        (tmp_path / rel).write_text(json.dumps({"text": text, "part": "test"}) + "\n")
+    (tmp_path / "test-notes.txt").write_text("A text file named for the test split.")
+
+    def splits(**kw):
+        return {r[S.TEXT]: r[S.SPLIT] for r in read_all(SourceConfig(path=str(tmp_path), **kw)) if not r.get(S.STATUS)}
+
+    assert splits() == {"Train record.": "train", "Test record.": "test", "Val record.": "val",
+                        "Unnamed record.": None, "A text file named for the test split.": "test"}
+    assert set(splits(splits="hash").values()) == {None}
+    assert set(splits(split_field="part", format="jsonl").values()) == {"test"}  # the field decides, not the names
+    assert read_all(SourceConfig(path=str(tmp_path / "test.jsonl")))[0][S.SPLIT] is None
+
+
 @pytest.mark.parametrize("suffix", [".txt", ".txt.gz"])
 def test_text_files_sampled_by_line_or_paragraph(tmp_path, suffix):
     """``sample_by: line`` makes each non-blank line of a text file a document (a corpus written one
