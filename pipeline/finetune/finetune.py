@@ -166,6 +166,24 @@ def labeled_splits(spec: str) -> dict[str, str] | None:
     return {s: str(root / f"{s}.parquet") for s in ("train", "val", "test") if (root / f"{s}.parquet").exists()}
 
 
+def held_out_files(path: str) -> list[str]:
+    """The files of a data directory or glob (not a prepare output, a saved dataset or a built-in
+    corpus) whose names say a validation or test split, as the Hugging Face Hub lays datasets out
+    (``sources.file_split``: ``data/test-00000-of-00001.parquet``); a prepare source keeps such
+    splits, but a fine-tuning run reads every file of ``data.train`` as training data."""
+    from pipeline.data.sources import BUILTIN_SOURCES, SourceConfig, expand_source, path_kind, visible
+
+    if path in BUILTIN_SOURCES or path.endswith((".yaml", ".yml")) or "://" not in path and Path(path, "manifest.json").exists():
+        return []
+    if path_kind(path) not in ("dir", "missing"):  # one file, or a saved dataset (its own splits)
+        return []
+    try:
+        tasks, _ = visible(expand_source(SourceConfig(path=path)))
+    except ValueError:  # nothing there: the readers' error, later, names it
+        return []
+    return [t["rel"] for t in tasks if t.get("source_split") in ("val", "test")]
+
+
 def _hash01(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
@@ -337,6 +355,11 @@ def check_finetune(cfg: FinetuneConfig) -> Path:
 
     for key in ("train", "val", "test"):
         check_output_outside(cfg.output_dir, getattr(cfg.data, key), f"data.{key}")
+    held_out = held_out_files(cfg.data.train)
+    check(not held_out, f"data.train: {cfg.data.train} holds files named for held-out splits ({', '.join(held_out[:5])}"
+                        f"{', ...' if len(held_out) > 5 else ''}), which training would read: give data.train its "
+                        f"train files (a glob, such as {cfg.data.train.rstrip('/')}/**/train*), and data.val / "
+                        f"data.test the others")
     base = resolve_model_dir(cfg.base_model)
     check((base / "config.json").exists(), f"base_model: {base} is not a Hugging Face model directory (train it first)")
     if cfg.task == "sft":

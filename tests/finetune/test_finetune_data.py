@@ -1153,3 +1153,25 @@ def _bert_vocab(tmp_path) -> str:
     path = tmp_path / "vocab.txt"
     path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]) + "\n")
     return str(path)
+
+
+def test_a_training_directory_holding_held_out_files_is_refused(tmp_path):
+    """A dataset directory as the Hub lays it out (``data/train-*.parquet``, ``data/test-*.parquet``)
+    given as ``data.train``: every file would be trained on, its test split too. Refused before any
+    work, naming the files; its train files alone (a glob) pass."""
+    from pipeline.config import from_dict
+    from pipeline.finetune.finetune import FinetuneConfig, check_finetune, held_out_files
+
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    for name in ("train-00000-of-00001.jsonl", "test-00000-of-00001.jsonl"):
+        (tmp_path / "repo" / "data" / name).write_text('{"text": "a", "label": "b"}\n')
+    (tmp_path / "repo" / "testimonials.jsonl").write_text('{"text": "a", "label": "b"}\n')
+    assert held_out_files(str(tmp_path / "repo")) == ["data/test-00000-of-00001.jsonl"]
+    assert held_out_files(str(tmp_path / "repo" / "data" / "train-*.jsonl")) == []
+    assert held_out_files(str(tmp_path / "repo" / "data" / "test-00000-of-00001.jsonl")) == []  # one file: as given
+    cfg = {"task": "classification", "base_model": str(tmp_path / "none"), "output_dir": str(tmp_path / "out")}
+    with pytest.raises(ValueError, match=r"data.train: .*repo holds files named for held-out splits "
+                                         r"\(data/test-00000-of-00001.jsonl\)"):
+        check_finetune(from_dict(FinetuneConfig, {**cfg, "data": {"train": str(tmp_path / "repo")}}))
+    with pytest.raises(ValueError, match="base_model"):  # the train files alone pass this check
+        check_finetune(from_dict(FinetuneConfig, {**cfg, "data": {"train": str(tmp_path / "repo/data/train-*.jsonl")}}))
