@@ -657,6 +657,21 @@ def test_jobs_refuse_a_model_of_the_wrong_kind_before_ray_starts(toy, tmp_path, 
     assert jobs.evaluate.main(["--config", str(tmp_path / "ev.yaml"), f"output_dir={tmp_path / 'raw' / 'ev'}"]) == 2
     assert f"output_dir ({tmp_path / 'raw' / 'ev'}) is inside lm.text_file" in capsys.readouterr().err
     assert not (tmp_path / "raw" / "ev").exists()
+    # a dataset directory as the Hub lays it out: its train and test files would be scored as one set
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for name in ("train-00000-of-00001.csv", "test-00000-of-00001.csv"):
+        (tmp_path / "hub" / "data" / name).write_text("text,label\nrain today,LABEL_0\n")
+    (tmp_path / "ev.yaml").write_text(f"classification: {{model: {tmp_path / 'clf'}, data: {tmp_path / 'hub'}, "
+                                      f"baseline: false}}\n")
+    assert jobs.evaluate.main(["--config", str(tmp_path / "ev.yaml"), f"output_dir={tmp_path / 'ev'}"]) == 2
+    err = capsys.readouterr().err
+    assert "classification.data: " in err and "holds files named for several splits (" in err
+    assert "train: data/train-00000-of-00001.csv" in err and "test: data/test-00000-of-00001.csv" in err
+    (tmp_path / "ev.yaml").write_text(f"classification: {{model: {tmp_path / 'clf'}, data: {tmp_path / 'hub/data/test-*'}, "
+                                      f"baseline: false}}\n")
+    from pipeline.evaluate.run import check_evaluate
+
+    check_evaluate(jobs.evaluate.parse_config(["--config", str(tmp_path / "ev.yaml")]))  # one split's files pass
     # every section takes the config YAML that made its model, as the demo's evaluation does: they
     # resolve (no "unknown config key"), and name the missing run (an empty working directory)
     import shutil
