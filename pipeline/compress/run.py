@@ -296,6 +296,11 @@ def check_compress(cfg: CompressConfig) -> dict:
         for spec, src in models.values():
             if spec.kind == "causal":
                 check_same_tokenizer(prepared, src, f"eval.lm_data (model {spec.name})")
+    from pipeline.finetune.finetune import check_one_split
+
+    for key in ("classify_data", "classify_train_data"):  # labeled data: one split's files
+        if getattr(cfg.eval, key):
+            check_one_split(getattr(cfg.eval, key), f"eval.{key}")
     _check_variants(cfg, models)
     if any(v.method == "int8" and v.calibration_rows for v in cfg.variants):  # calibration data exists
         _check_calibration_data(cfg, models)

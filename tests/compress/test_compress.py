@@ -338,3 +338,8 @@ def test_int8_calibration_data_is_checked_before_any_work(tok, tmp_path):
         check_compress(job([{"name": "lm", "path": str(lm)}], {}))
     with pytest.raises(ValueError, match=f"eval.lm_data: {tmp_path} is not a finished prepare output"):
         check_compress(job([{"name": "lm", "path": str(lm)}], {"lm_data": str(tmp_path)}))
+    (tmp_path / "hub").mkdir()  # a Hub-layout directory: its train and test files would be scored as one set
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / "hub" / name).write_text((tmp_path / "test.jsonl").read_text())
+    with pytest.raises(ValueError, match="eval.classify_data: .*hub holds files named for several splits"):
+        check_compress(job(cls, {"classify_data": str(tmp_path / "hub"), "classify_train_data": str(tmp_path / "test.jsonl")}))
