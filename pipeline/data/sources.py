@@ -41,6 +41,8 @@ def split_role(name: Any) -> str | None:
     if key in SPLIT_NAMES:
         return SPLIT_NAMES[key]
     return next((role for prefix, role in SPLIT_NAMES.items() if key.startswith(prefix)), None)
+
+
 def file_split(rel: str) -> str | None:
     """The split a data file's place below its source's root names, as the Hugging Face Hub lays
     datasets out: a directory, or the start of the file's name, that is a split name up to the
@@ -518,37 +520,37 @@ def _read_text_units(task: dict, max_bytes: int) -> Iterator[dict]:
     number. A line the encoding cannot decode is quarantined with its unit (a paragraph holding it)."""
     by_line = task["sample_by"] == "line"
     unit: list[str] = []
-    first, bad = 0, None  # the unit's first line number, the first undecodable line in it
+    first, size, bad = 0, 0, None  # the unit's first line number, its bytes, the first undecodable line in it
 
     def flush() -> Iterator[dict]:
         doc_id = f"{task['source']}:{task['rel']}:{first}"
         if bad is not None:
             yield quarantine(task, doc_id, _undecodable(task), _decode_error(bad, _encoding(task)), bad)
-            return
-        text = "\n".join(unit)
-        size = len(text.encode("utf-8", errors="surrogatepass"))
-        if size > max_bytes:
-            yield quarantine(task, doc_id, "too_large", f"{size} bytes > parse.max_doc_bytes={max_bytes}", text)
+        elif size > max_bytes:  # its lines were not kept past the limit: a unit is never held whole in memory
+            yield quarantine(task, doc_id, "too_large", f"{size} bytes > parse.max_doc_bytes={max_bytes}",
+                             "\n".join(unit))
         else:
-            yield _doc(task, doc_id, text)
+            yield _doc(task, doc_id, "\n".join(unit))
 
     for lineno, line in _lines(task["path"], _encoding(task)):
         text = _line_text(line, _encoding(task))
         if text is not None and not text.strip():  # a blank line ends a paragraph
-            if unit or bad is not None:
+            if first:
                 yield from flush()
-                unit, bad = [], None
+                unit, first, size, bad = [], 0, 0, None
             continue
-        if not unit and bad is None:
-            first = lineno
+        first = first or lineno
         if text is None:
             bad = line if bad is None else bad
         else:
-            unit.append(text.rstrip("\r"))
+            text = text.rstrip("\r")
+            size += len(text.encode("utf-8", errors="surrogatepass")) + (1 if size else 0)
+            if size <= max_bytes or not unit:  # beyond the limit, the excerpt needs its start only
+                unit.append(text)
         if by_line:
             yield from flush()
-            unit, bad = [], None
-    if unit or bad is not None:
+            unit, first, size, bad = [], 0, 0, None
+    if first:
         yield from flush()
 
 

@@ -90,6 +90,12 @@ def test_text_files_sampled_by_line_or_paragraph(tmp_path, suffix):
     assert reasons(recs) == ["invalid_utf8"]
     assert [r.get(S.REASON) for r in (r for t in expand_source(SourceConfig(path=str(path), sample_by="line"))
                                       for r in read_file(t, 100))] == [None] * 4 + ["invalid_utf8", "too_large"]
+    assert [r.get(S.REASON) for r in (r for t in expand_source(SourceConfig(path=str(path), sample_by="paragraph"))
+                                      for r in read_file(t, 50))] == [None, "invalid_utf8", "too_large"]
+    (tmp_path / "big.txt").write_text("a line of words\n" * 1000)  # one paragraph, held only up to the limit
+    big = [r for t in expand_source(SourceConfig(path=str(tmp_path / "big.txt"), sample_by="paragraph"))
+           for r in read_file(t, 100)]
+    assert reasons(big) == ["too_large"] and big[0][S.DETAIL].startswith("15999 bytes > ")
     whole = [r for t in expand_source(SourceConfig(path=str(path))) for r in read_file(t, 100)]
     assert reasons(whole) == ["too_large"] and "set the source's sample_by" in whole[0][S.DETAIL]
     # a key that would be ignored is an error naming it
