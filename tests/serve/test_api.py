@@ -96,3 +96,19 @@ def test_chat_parameters_clients_send_at_neutral_values_are_accepted_and_others_
             ChatRequest(messages=msgs, **{field: value})
         err = validation_error(exc.value)
         assert err.status == 400 and err.param == field, (field, err.param, err.message)
+
+
+@pytest.mark.parametrize("body, where, words", [
+    ({"text": 5}, "input", "valid string"),
+    ({"text": ""}, "input", "non-empty"),
+    ({"text": "a", "input": "b"}, None, "not both"),
+    ({"texts": "a"}, "input", "Field required"),
+])
+def test_classify_takes_text_or_input_and_names_a_bad_one(body, where, words):
+    from pipeline.serve.api import ClassifyRequest
+
+    assert ClassifyRequest.model_validate({"text": "a"}).input == ClassifyRequest.model_validate({"input": "a"}).input
+    with pytest.raises(ValidationError) as exc:
+        ClassifyRequest.model_validate(body)
+    err = validation_error(exc.value)
+    assert err.status == 400 and err.param == where and words in err.message, (err.param, err.message)
