@@ -296,7 +296,7 @@ def check_compress(cfg: CompressConfig) -> dict:
         for spec, src in models.values():
             if spec.kind == "causal":
                 check_same_tokenizer(prepared, src, f"eval.lm_data (model {spec.name})")
-    from pipeline.finetune.finetune import check_one_split
+    from pipeline.data.sources import check_one_split
 
     for key in ("classify_data", "classify_train_data"):  # labeled data: one split's files
         if getattr(cfg.eval, key):

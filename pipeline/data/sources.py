@@ -856,6 +856,36 @@ def _read_json(task: dict, max_bytes: int) -> Iterator[dict]:
                          f"{exc} (elements from {exc.index} on are not read)")
 
 
+def named_split_files(path: str) -> dict[str, list[str]]:
+    """The files of a data directory or glob (not a prepare output, a saved dataset or a built-in
+    corpus) whose names say a split, by split, as the Hugging Face Hub lays datasets out
+    (``file_split``: ``data/test-00000-of-00001.parquet``). A prepare source keeps such
+    splits; a fine-tuning or evaluation data key reads every file of the directory as one set."""
+    if path in BUILTIN_SOURCES or path.endswith((".yaml", ".yml")) or "://" not in path and Path(path, "manifest.json").exists():
+        return {}
+    if path_kind(path) not in ("dir", "missing"):  # one file, or a saved dataset (its own splits)
+        return {}
+    try:
+        tasks, _ = visible(expand_source(SourceConfig(path=path)))
+    except ValueError:  # nothing there: the readers' error, later, names it
+        return {}
+    out: dict[str, list[str]] = {}
+    for t in tasks:
+        if t.get("source_split"):
+            out.setdefault(t["source_split"], []).append(t["rel"])
+    return out
+
+
+def check_one_split(path: str, key: str) -> None:
+    """An evaluation data directory whose files name more than one split (a Hub-layout dataset)
+    would be scored whole, its train files with its test files: refused, naming them."""
+    named = named_split_files(path)
+    check(len(named) <= 1, f"{key}: {path} holds files named for several splits ("
+                           + "; ".join(f"{s}: {', '.join(f[:3])}{', ...' if len(f) > 3 else ''}" for s, f in named.items())
+                           + f"), which would be read as one set: point {key} at one split's files (a glob, such as "
+                             f"{path.rstrip('/')}/**/test*)")
+
+
 def valid_text(text: str) -> bool:
     """False for text holding lone surrogates: undecodable bytes read with surrogateescape."""
     try:

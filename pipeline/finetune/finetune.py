@@ -166,42 +166,13 @@ def labeled_splits(spec: str) -> dict[str, str] | None:
     return {s: str(root / f"{s}.parquet") for s in ("train", "val", "test") if (root / f"{s}.parquet").exists()}
 
 
-def named_split_files(path: str) -> dict[str, list[str]]:
-    """The files of a data directory or glob (not a prepare output, a saved dataset or a built-in
-    corpus) whose names say a split, by split, as the Hugging Face Hub lays datasets out
-    (``sources.file_split``: ``data/test-00000-of-00001.parquet``). A prepare source keeps such
-    splits; a fine-tuning or evaluation data key reads every file of the directory as one set."""
-    from pipeline.data.sources import BUILTIN_SOURCES, SourceConfig, expand_source, path_kind, visible
-
-    if path in BUILTIN_SOURCES or path.endswith((".yaml", ".yml")) or "://" not in path and Path(path, "manifest.json").exists():
-        return {}
-    if path_kind(path) not in ("dir", "missing"):  # one file, or a saved dataset (its own splits)
-        return {}
-    try:
-        tasks, _ = visible(expand_source(SourceConfig(path=path)))
-    except ValueError:  # nothing there: the readers' error, later, names it
-        return {}
-    out: dict[str, list[str]] = {}
-    for t in tasks:
-        if t.get("source_split"):
-            out.setdefault(t["source_split"], []).append(t["rel"])
-    return out
-
-
 def held_out_files(path: str) -> list[str]:
-    """The files of ``named_split_files`` that name a validation or test split."""
+    """The files of a data directory or glob that name a validation or test split
+    (``sources.named_split_files``): a fine-tuning run reads every file of ``data.train``."""
+    from pipeline.data.sources import named_split_files
+
     named = named_split_files(path)
     return named.get("val", []) + named.get("test", [])
-
-
-def check_one_split(path: str, key: str) -> None:
-    """An evaluation data directory whose files name more than one split (a Hub-layout dataset)
-    would be scored whole, its train files with its test files: refused, naming them."""
-    named = named_split_files(path)
-    check(len(named) <= 1, f"{key}: {path} holds files named for several splits ("
-                           + "; ".join(f"{s}: {', '.join(f[:3])}{', ...' if len(f) > 3 else ''}" for s, f in named.items())
-                           + f"), which would be read as one set: point {key} at one split's files (a glob, such as "
-                             f"{path.rstrip('/')}/**/test*)")
 
 
 def _hash01(key: str) -> float:
