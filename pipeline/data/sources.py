@@ -1011,8 +1011,12 @@ def _saved_splits(path: str) -> list[str]:
     if fs.exists(dict_file):
         with fs.open(dict_file, "r") as f:
             names = [str(name) for name in json.load(f)["splits"]]
-    else:
+    elif fs.exists(posixpath.join(root, "state.json")):
         names = [""]
+    else:  # dataset_info.json alone: the cache load_dataset builds (name-split.arrow files), not a saved dataset
+        raise ValueError(f"{path}: a datasets cache directory (dataset_info.json and .arrow files, no state.json), not "
+                         f"a dataset written by save_to_disk: save it with datasets.load_dataset(...).save_to_disk(DIR) "
+                         f"and give DIR")
     kept = []
     for name in names:
         with fs.open(posixpath.join(root, name, "state.json"), "r") as f:

@@ -43,6 +43,27 @@ def test_text_dir_with_bad_files(tmp_path):
     assert "byte 3" in bad[S.DETAIL] and bad[S.RAW_EXCERPT].startswith("caf")
 
 
+def test_a_load_dataset_cache_directory_is_named_as_such(tmp_path):
+    """``load_dataset``'s cache (``dataset_info.json`` beside ``name-split.arrow`` files) is no
+    ``save_to_disk`` directory: the reason says what it is and how to save it, wherever it is read."""
+    import datasets
+
+    datasets.load_dataset("json", data_files={"train": _json_file(tmp_path)}, cache_dir=str(tmp_path / "cache"))
+    cache = next((tmp_path / "cache").rglob("dataset_info.json")).parent
+    recs = read_all(SourceConfig(path=str(cache)))
+    assert reasons(recs) == ["unreadable_file"] and "a datasets cache directory" in recs[0][S.DETAIL]
+    assert "save_to_disk(DIR)" in recs[0][S.DETAIL]
+    from pipeline.finetune.classify_data import read_labeled_rows
+
+    with pytest.raises(ValueError, match="a datasets cache directory"):
+        read_labeled_rows(str(cache), "text", "label", [])
+
+
+def _json_file(tmp_path) -> str:
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "A document.", "label": "a"}) + "\n")
+    return str(tmp_path / "rows.jsonl")
+
+
 def test_file_and_directory_names_give_splits_as_the_hub_lays_them_out(tmp_path):
     """A directory as the Hugging Face Hub lays a dataset out (``data/train-00000-of-00001.parquet``,
     ``test.jsonl``, ``validation/part.jsonl``) keeps those splits under ``splits: source``; a name
