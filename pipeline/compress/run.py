@@ -296,11 +296,12 @@ def check_compress(cfg: CompressConfig) -> dict:
         for spec, src in models.values():
             if spec.kind == "causal":
                 check_same_tokenizer(prepared, src, f"eval.lm_data (model {spec.name})")
-    from pipeline.data.sources import check_one_split
+    from pipeline.data.sources import check_not_cache, check_one_split
 
     for key in ("classify_data", "classify_train_data"):  # labeled data: one split's files
         if getattr(cfg.eval, key):
             check_one_split(getattr(cfg.eval, key), f"eval.{key}")
+            check_not_cache(getattr(cfg.eval, key), f"eval.{key}")
     _check_variants(cfg, models)
     if any(v.method == "int8" and v.calibration_rows for v in cfg.variants):  # calibration data exists
         _check_calibration_data(cfg, models)

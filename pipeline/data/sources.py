@@ -876,6 +876,16 @@ def named_split_files(path: str) -> dict[str, list[str]]:
     return out
 
 
+def check_not_cache(path: str | None, key: str) -> None:
+    """Fine-tuning and evaluation take a saved dataset's splits by path (train, validation, test):
+    a ``load_dataset`` cache directory has no such paths, so its held-out splits could not be kept
+    apart. Refused, naming the key and the way to save it (the prepare stage reads such a cache)."""
+    if path and cache_splits(path) is not None:
+        raise ValueError(f"{key}: {path} is a datasets cache directory (dataset_info.json and .arrow files): save "
+                         f"it with datasets.load_dataset(...).save_to_disk(DIR) and give DIR (its splits are then "
+                         f"used as such), or prepare it")
+
+
 def check_one_split(path: str, key: str) -> None:
     """An evaluation data directory whose files name more than one split (a Hub-layout dataset)
     would be scored whole, its train files with its test files: refused, naming them."""
@@ -1013,10 +1023,9 @@ def _saved_splits(path: str) -> list[str]:
             names = [str(name) for name in json.load(f)["splits"]]
     elif fs.exists(posixpath.join(root, "state.json")):
         names = [""]
-    else:  # dataset_info.json alone: the cache load_dataset builds (name-split.arrow files), not a saved dataset
-        raise ValueError(f"{path}: a datasets cache directory (dataset_info.json and .arrow files, no state.json), not "
-                         f"a dataset written by save_to_disk: save it with datasets.load_dataset(...).save_to_disk(DIR) "
-                         f"and give DIR")
+    else:  # dataset_info.json alone, and no split file: not a dataset written by save_to_disk
+        raise ValueError(f"{path}: neither a dataset written by save_to_disk (no state.json) nor a datasets cache "
+                         f"directory with .arrow files of the splits its dataset_info.json lists")
     kept = []
     for name in names:
         with fs.open(posixpath.join(root, name, "state.json"), "r") as f:
@@ -1051,11 +1060,33 @@ def hf_dict_splits(path: str) -> dict[str, str] | None:
     return out
 
 
+def cache_splits(path: str) -> list[tuple[str, list[str]]] | None:
+    """The splits of a cache directory ``datasets.load_dataset`` builds (``dataset_info.json``
+    beside ``NAME-SPLIT.arrow`` or ``NAME-SPLIT-00000-of-00003.arrow`` files, no ``state.json``),
+    each with its files, for the splits the info lists that have files; None for any other path."""
+    if "://" in path or not Path(path, "dataset_info.json").is_file() or Path(path, "state.json").exists() \
+            or Path(path, "dataset_dict.json").exists():
+        return None
+    splits = json.loads(Path(path, "dataset_info.json").read_text()).get("splits") or {}
+    arrows = sorted(p.name for p in Path(path).glob("*.arrow"))
+    out = []
+    for split in splits:
+        pattern = re.compile(rf"-{re.escape(str(split))}(-\d+-of-\d+)?\.arrow$")
+        if files := [str(Path(path, a)) for a in arrows if pattern.search(a)]:
+            out.append((str(split), files))
+    return out or None
+
+
 def hf_splits(path: str) -> Iterator[tuple[str, Any]]:
     """``(split name, datasets.Dataset)`` for each split holding rows of a dataset saved with
-    ``save_to_disk`` (one ``("", ds)`` for a plain Dataset), loaded one by one."""
+    ``save_to_disk`` (one ``("", ds)`` for a plain Dataset), or of a ``load_dataset`` cache
+    directory (``cache_splits``), loaded one by one."""
     import datasets
 
+    if (cache := cache_splits(path)) is not None:
+        for split, files in cache:
+            yield split, datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
+        return
     for split in _saved_splits(path):
         yield split, datasets.load_from_disk(_split_path(path, split))
 

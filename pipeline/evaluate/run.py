@@ -241,10 +241,11 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
                  "classification.data": cfg.classification and cfg.classification.data,
                  "classification.train_data": cfg.classification and cfg.classification.train_data,
                  "fewshot.data": cfg.fewshot and cfg.fewshot.data, "fewshot.train_data": cfg.fewshot and cfg.fewshot.train_data}
-    from pipeline.data.sources import check_one_split
+    from pipeline.data.sources import check_not_cache, check_one_split
 
     for key, value in data_keys.items():
         check_output_outside(cfg.output_dir, value or None, key)
+        check_not_cache(value or None, key)
         if value and key != "lm.text_file":  # labeled data: one split's files
             check_one_split(value, key)
 

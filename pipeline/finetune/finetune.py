@@ -344,8 +344,11 @@ def check_finetune(cfg: FinetuneConfig) -> Path:
 
     from pipeline.model.build import ENCODER_TYPES, context_length, require_causal
 
+    from pipeline.data.sources import check_not_cache
+
     for key in ("train", "val", "test"):
         check_output_outside(cfg.output_dir, getattr(cfg.data, key), f"data.{key}")
+        check_not_cache(getattr(cfg.data, key), f"data.{key}")
     held_out = held_out_files(cfg.data.train)
     check(not held_out, f"data.train: {cfg.data.train} holds files named for held-out splits ({', '.join(held_out[:5])}"
                         f"{', ...' if len(held_out) > 5 else ''}), which training would read: give data.train its "

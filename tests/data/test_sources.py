@@ -43,25 +43,30 @@ def test_text_dir_with_bad_files(tmp_path):
     assert "byte 3" in bad[S.DETAIL] and bad[S.RAW_EXCERPT].startswith("caf")
 
 
-def test_a_load_dataset_cache_directory_is_named_as_such(tmp_path):
-    """``load_dataset``'s cache (``dataset_info.json`` beside ``name-split.arrow`` files) is no
-    ``save_to_disk`` directory: the reason says what it is and how to save it, wherever it is read."""
+def test_a_load_dataset_cache_directory(tmp_path):
+    """``load_dataset``'s cache (``dataset_info.json`` beside ``NAME-SPLIT.arrow`` files, no
+    ``state.json``) is read by a prepare source, each split's records keeping it (``ClassLabel``
+    names too); fine-tuning, which takes splits by path, refuses it naming the way to save it."""
     import datasets
 
-    datasets.load_dataset("json", data_files={"train": _json_file(tmp_path)}, cache_dir=str(tmp_path / "cache"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"Document {i}.", "label": i % 2}) + "\n" for i in range(4)))
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    datasets.load_dataset("json", data_files={"train": str(rows), "test": str(rows)}, features=features,
+                          cache_dir=str(tmp_path / "cache"))
     cache = next((tmp_path / "cache").rglob("dataset_info.json")).parent
-    recs = read_all(SourceConfig(path=str(cache)))
-    assert reasons(recs) == ["unreadable_file"] and "a datasets cache directory" in recs[0][S.DETAIL]
-    assert "save_to_disk(DIR)" in recs[0][S.DETAIL]
-    from pipeline.finetune.classify_data import read_labeled_rows
+    recs = read_all(SourceConfig(path=str(cache), label_field="label"))
+    assert sorted((r[S.SPLIT], r[S.TEXT], r[S.LABEL]) for r in recs)[:2] == [("test", "Document 0.", "neg"),
+                                                                             ("test", "Document 1.", "pos")]
+    assert [r[S.SPLIT] for r in recs].count("train") == 4 and not reasons(recs)
+    from pipeline.data.sources import check_not_cache
 
-    with pytest.raises(ValueError, match="a datasets cache directory"):
-        read_labeled_rows(str(cache), "text", "label", [])
-
-
-def _json_file(tmp_path) -> str:
-    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "A document.", "label": "a"}) + "\n")
-    return str(tmp_path / "rows.jsonl")
+    with pytest.raises(ValueError, match=r"data.train: .* is a datasets cache directory .*save_to_disk\(DIR\)"):
+        check_not_cache(str(cache), "data.train")
+    check_not_cache(str(rows), "data.train")
+    for arrow in cache.glob("*.arrow"):  # a dataset_info.json alone: the reason says what is missing
+        arrow.unlink()
+    assert "neither a dataset written by save_to_disk" in read_all(SourceConfig(path=str(cache)))[0][S.DETAIL]
 
 
 def test_file_and_directory_names_give_splits_as_the_hub_lays_them_out(tmp_path):

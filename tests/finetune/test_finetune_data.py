@@ -1175,3 +1175,12 @@ def test_a_training_directory_holding_held_out_files_is_refused(tmp_path):
         check_finetune(from_dict(FinetuneConfig, {**cfg, "data": {"train": str(tmp_path / "repo")}}))
     with pytest.raises(ValueError, match="base_model"):  # the train files alone pass this check
         check_finetune(from_dict(FinetuneConfig, {**cfg, "data": {"train": str(tmp_path / "repo/data/train-*.jsonl")}}))
+    # a load_dataset cache directory: its splits have no paths to keep them apart; refused by name
+    import datasets
+
+    datasets.load_dataset("json", data_files={"train": str(tmp_path / "repo" / "testimonials.jsonl")},
+                          cache_dir=str(tmp_path / "cache"))
+    cache = next((tmp_path / "cache").rglob("dataset_info.json")).parent
+    with pytest.raises(ValueError, match=r"data.val: .* is a datasets cache directory"):
+        check_finetune(from_dict(FinetuneConfig, {**cfg, "data": {"train": str(tmp_path / "repo/data/train-*.jsonl"),
+                                                                  "val": str(cache)}}))
